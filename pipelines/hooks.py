@@ -1,0 +1,92 @@
+"""Kedro hooks: readable MLflow run names and the lineage tags every run carries.
+
+kedro-mlflow opens one MLflow run per ``kedro run`` (conf/*/mlflow.yml) and logs flattened
+parameters; this hook names the run and tags it (pipeline, env, dataset, git commit, DVC hash of
+the curated data), so runs can be filtered and traced from a registered model back to code and data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from kedro.framework.hooks import hook_impl
+
+log = logging.getLogger(__name__)
+
+
+def git_commit(root: Path = Path(".")) -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                             timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return out + ("-dirty" if dirty else "")
+    except Exception:  # noqa: BLE001 - not a git checkout: say so rather than fail the run
+        return "unknown"
+
+
+def file_md5(path: Path) -> str:
+    """The md5 DVC records for a file (its content hash), or "absent"."""
+    if not path.is_file():
+        return "absent"
+    digest = hashlib.md5()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class LineageHooks:
+    def __init__(self) -> None:
+        self._run_params: dict[str, Any] = {}
+        self._tagged = False
+        self._catalog = None
+
+    @hook_impl
+    def before_pipeline_run(self, run_params: dict[str, Any], pipeline, catalog) -> None:
+        self._run_params, self._tagged, self._catalog = run_params, False, catalog
+
+    def _param(self, key: str) -> Any:
+        try:
+            return self._catalog.load(f"params:{key}")
+        except Exception:  # noqa: BLE001 - a pipeline may run without that parameter group
+            return None
+
+    def run_tags(self) -> dict[str, str]:
+        rp = self._run_params
+        pipelines = rp.get("pipeline_names") or [rp.get("pipeline_name") or "__default__"]
+        data = self._param("data") or {}
+        pretrain = self._param("pretrain") or {}
+        arch = (pretrain.get("backbone") or {}).get("arch", "vit")
+        patch = (pretrain.get("backbone") or {}).get("patch_size", "")
+        dataset = data.get("source", "fashion_mnist")
+        if data.get("path"):
+            dataset += f":{Path(str(data['path'])).name}"
+        return {
+            "dinoflow.pipeline": "+".join(p or "__default__" for p in pipelines),
+            "dinoflow.env": str(rp.get("env") or "local"),
+            "dinoflow.dataset": dataset,
+            "dinoflow.model": f"{arch}/{patch}",
+            "dinoflow.git_commit": git_commit(),
+            "dinoflow.curated_data_md5": file_md5(Path("data/03_primary/curated_manifest.csv")),
+            "dinoflow.kedro_session": str(rp.get("session_id", "")),
+        }
+
+    @hook_impl
+    def before_node_run(self, node, catalog, inputs) -> None:
+        if self._tagged:
+            return
+        import mlflow
+
+        run = mlflow.active_run()
+        if run is None:
+            return
+        tags = self.run_tags()
+        pipeline = tags["dinoflow.pipeline"].replace("__default__", "default")
+        name = f"{pipeline} | {tags['dinoflow.model']} | {tags['dinoflow.dataset']} | {run.info.run_id[:6]}"
+        mlflow.set_tags({**tags, "mlflow.runName": name})
+        self._tagged = True

@@ -1,0 +1,238 @@
+"""Validated configuration: every knob of DINOV2.md is a named value here.
+
+Defaults are the reference recipe (the GPU profile, ``conf/gpu``). The CPU profile
+(``conf/base``) and the smoke profile (``conf/smoke``) override some of them in YAML.
+Every model forbids unknown keys, so a typo is one clear error naming the key, before any work.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(Strict):
+    """Where images come from and how they are split (shared by every pipeline)."""
+
+    source: Literal["fashion_mnist", "image_folder"] = "fashion_mnist"
+    path: str | None = None
+    val_size: int | float = Field(5000, gt=0)
+    test_fraction: float = Field(0.1, gt=0, lt=1)
+    seed: int = 0
+    channels: Literal[1, 3] | None = None  # None: the source's own (1 for Fashion-MNIST, 3 folders)
+    allow_download: bool = True
+
+
+class CropsConfig(Strict):
+    """Multi-crop views (DINOV2.md section 1)."""
+
+    global_size: int = Field(224, ge=8)
+    local_size: int = Field(96, ge=4)
+    n_local: int = Field(8, ge=0)
+    global_scale: tuple[float, float] = (0.32, 1.0)
+    local_scale: tuple[float, float] = (0.05, 0.32)
+    flip_p: float = Field(0.5, ge=0, le=1)
+    jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)
+    jitter_p: float = Field(0.8, ge=0, le=1)
+    grayscale_p: float = Field(0.2, ge=0, le=1)
+    blur_kernel: int = Field(9, ge=1)
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    blur_p: tuple[float, float, float] = (1.0, 0.1, 0.5)  # global 1, global 2, each local
+    solarize_threshold: int = Field(128, ge=0, le=255)
+    solarize_p: float = Field(0.2, ge=0, le=1)
+    reference_blur_bug: bool = False  # reproduce the reference code's inverted 0.0 / 0.9 / 0.5
+
+    @field_validator("global_scale", "local_scale")
+    @classmethod
+    def _scale_range(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < v[0] <= v[1] <= 1:
+            raise ValueError(f"scale range must satisfy 0 < low <= high <= 1, got {v}")
+        return v
+
+
+class BackboneConfig(Strict):
+    """The ViT (DINOV2.md section 2). ``arch`` picks a size preset; explicit values override it."""
+
+    arch: Literal["vit_tiny", "vit_small", "vit_base", "vit_large", "vit_giant", "custom"] = "vit_small"
+    patch_size: int = Field(14, ge=1)
+    embed_dim: int | None = Field(None, ge=8)
+    depth: int | None = Field(None, ge=1)
+    num_heads: int | None = Field(None, ge=1)
+    mlp_ratio: float = Field(4.0, gt=0)
+    num_register_tokens: int = Field(0, ge=0)
+    layerscale_init: float = 1e-5
+    drop_path_rate: float = Field(0.3, ge=0, lt=1)
+    layer_norm_eps: float = 1e-6
+    ffn: Literal["mlp", "swiglu"] = "mlp"
+
+    @model_validator(mode="after")
+    def _custom_needs_sizes(self) -> BackboneConfig:
+        if self.arch == "custom" and None in (self.embed_dim, self.depth, self.num_heads):
+            raise ValueError("arch=custom needs embed_dim, depth and num_heads")
+        if self.embed_dim is not None and self.num_heads and self.embed_dim % self.num_heads:
+            raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
+        return self
+
+
+class HeadConfig(Strict):
+    """DINO head and iBOT head (shared by default)."""
+
+    n_prototypes: int = Field(65536, ge=2)
+    hidden_dim: int = Field(2048, ge=1)
+    bottleneck_dim: int = Field(256, ge=1)
+    nlayers: int = Field(3, ge=1)
+    separate_ibot_head: bool = False
+    ibot_n_prototypes: int | None = Field(None, ge=2)  # separate head only; None: n_prototypes
+
+
+class MaskingConfig(Strict):
+    """iBOT block masking (DINOV2.md section 3)."""
+
+    mask_probability: float = Field(0.5, ge=0, le=1)
+    ratio_min: float = Field(0.1, ge=0, le=1)
+    ratio_max: float = Field(0.5, ge=0, le=1)
+    max_mask_ratio: float = Field(0.5, gt=0, le=1)
+    min_num_patches: int = Field(4, ge=1)
+    min_aspect: float = Field(0.3, gt=0)
+    max_attempts: int = Field(10, ge=1)
+
+
+class LossConfig(Strict):
+    """Loss terms and targets (DINOV2.md section 4)."""
+
+    dino_weight: float = Field(1.0, ge=0)
+    ibot_weight: float = Field(1.0, ge=0)
+    koleo_weight: float = Field(0.1, ge=0)
+    student_temp: float = Field(0.1, gt=0)
+    center_momentum: float = Field(0.9, ge=0, le=1)
+    centering: Literal["softmax", "sinkhorn_knopp"] = "softmax"
+    sinkhorn_iterations: int = Field(3, ge=1)
+    koleo_eps: float = Field(1e-8, gt=0)
+
+
+class OptimConfig(Strict):
+    """AdamW, layer-wise decay and every schedule (DINOV2.md section 5)."""
+
+    base_lr: float = Field(0.004, gt=0)
+    lr_scaling: Literal["sqrt", "none"] = "sqrt"  # lr = base_lr * sqrt(global_batch / 1024)
+    min_lr: float = Field(1e-6, ge=0)
+    warmup_epochs: float = Field(10, ge=0)
+    weight_decay_start: float = Field(0.04, ge=0)
+    weight_decay_end: float = Field(0.4, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    layer_decay: float = Field(0.9, gt=0, le=1)
+    patch_embed_lr_mult: float = Field(0.2, ge=0)
+    freeze_last_layer_epochs: float = Field(1, ge=0)
+    clip_grad: float | None = Field(3.0, gt=0)
+    momentum_teacher_start: float = Field(0.992, ge=0, le=1)
+    momentum_teacher_end: float = Field(1.0, ge=0, le=1)
+    teacher_temp_start: float = Field(0.04, gt=0)
+    teacher_temp_end: float = Field(0.07, gt=0)
+    teacher_temp_warmup_epochs: float = Field(30, ge=0)
+    max_warmup_fraction: float = Field(0.3, gt=0, le=1)  # short runs: warm-ups capped to this
+
+
+class TrainConfig(Strict):
+    """The loop: length, batch, devices, checkpoints, monitoring cadence."""
+
+    epochs: float = Field(100, gt=0)
+    steps_per_epoch: int | None = Field(None, ge=1)  # None: real epochs; 1250 = the reference
+    max_steps: int | None = Field(None, ge=1)  # stop early (tuning budgets); schedules unchanged
+    batch_size: int = Field(64, ge=1)  # per process
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    num_workers: int = Field(0, ge=0)
+    pin_memory: bool = False
+    fused_optimizer: bool = False  # fused AdamW (CUDA)
+    compile: bool = False
+    threads: int | None = Field(None, ge=1)  # torch intra-op threads on CPU; None: torch's default
+    use_curated_manifest: bool = True  # train on curation's output when it exists
+    run_dir: str = "data/06_models"
+    checkpoint_every_steps: int = Field(200, ge=1)
+    resume: bool = True
+    log_every_steps: int = Field(10, ge=1)
+    knn_every_epochs: float = Field(1, gt=0)
+    knn_bank_size: int = Field(5000, ge=10)
+    knn_query_size: int = Field(1000, ge=10)
+    progress: bool = True
+
+
+class MonitorConfig(Strict):
+    """Collapse detection thresholds (DINOV2.md section 7)."""
+
+    uniform_entropy_fraction: float = Field(0.95, gt=0, le=1)  # entropy > this * ln(K): uniform
+    onehot_entropy: float = Field(0.05, ge=0)  # mean entropy below this (nats): one-hot
+    check_after_steps: int = Field(50, ge=0)
+
+
+class LauncherConfig(Strict):
+    """How processes are started: in process, torchrun (elastic), or SLURM (submitit)."""
+
+    type: Literal["local", "torchrun", "slurm"] = "local"
+    nproc_per_node: int = Field(1, ge=1)
+    nnodes: int = Field(1, ge=1)
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    master_port: int = Field(29500, ge=1, le=65535)
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    partition: str | None = None
+    gpus_per_node: int = Field(1, ge=0)
+    cpus_per_task: int = Field(10, ge=1)
+    timeout_min: int = Field(60 * 24, ge=1)
+    slurm_folder: str = "data/09_slurm"
+
+
+class InitConfig(Strict):
+    """Start from weights (continued pretraining) instead of random init."""
+
+    weights: str | None = None  # local file: official DINOv2 layout, timm or dinoflow state dict
+    allow_missing: list[str] = []
+    head_warmup_steps: int = Field(0, ge=0)  # backbone frozen while heads and centers settle
+    head_warmup_backbone_lr_mult: float = Field(0.0, ge=0)  # 0: frozen; >0: a tiny lr instead
+
+
+class PretrainConfig(Strict):
+    crops: CropsConfig = CropsConfig()
+    backbone: BackboneConfig = BackboneConfig()
+    head: HeadConfig = HeadConfig()
+    masking: MaskingConfig = MaskingConfig()
+    loss: LossConfig = LossConfig()
+    optim: OptimConfig = OptimConfig()
+    train: TrainConfig = TrainConfig()
+    monitor: MonitorConfig = MonitorConfig()
+    launcher: LauncherConfig = LauncherConfig()
+    init: InitConfig = InitConfig()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PretrainConfig:
+        p = self.backbone.patch_size
+        for name, size in (("global_size", self.crops.global_size), ("local_size", self.crops.local_size)):
+            if size % p:
+                raise ValueError(f"crops.{name}={size} is not a multiple of backbone.patch_size={p}")
+        if self.masking.ratio_min > self.masking.ratio_max:
+            raise ValueError("masking.ratio_min must be <= masking.ratio_max")
+        return self
+
+
+class ConfigError(ValueError):
+    """A parameter problem, with every offending key named."""
+
+
+def validate(model: type[BaseModel], params: dict | None, where: str) -> BaseModel:
+    """Validate ``params`` (e.g. Kedro's ``params:pretrain``) into ``model`` with one clear error."""
+    try:
+        return model.model_validate(params or {})
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            key = ".".join(str(p) for p in (where, *err["loc"]))
+            value = err.get("input")
+            shown = "" if isinstance(value, dict) else f" (got {value!r})"
+            msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+            lines.append(f"  {key}: {msg}{shown}")
+        raise ConfigError(f"invalid parameters in {where}:\n" + "\n".join(lines)) from None

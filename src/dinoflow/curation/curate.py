@@ -1,0 +1,329 @@
+"""The curation steps on one metadata table (a row per item of train/val/test), in order.
+
+ingest -> validate -> quality -> embed -> deduplicate (exact, eval decontamination, near)
+-> balanced sampling -> outputs. Each step returns a new table; a row leaves the curated set by
+getting a ``reason`` (and a ``detail``), never by being deleted, so the quarantine lists every
+dropped file. Only train rows form the pretraining pool; val/test rows are the references for
+decontamination. The Kedro nodes (``dinoflow.pipelines.curation``) call these one by one;
+``curate`` runs them all.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from dinoflow.curation import dedup as dd
+from dinoflow.curation.config import CurationConfig
+from dinoflow.curation.decontam import eval_matches, expand_to_components
+from dinoflow.curation.embed import model_embeddings, pixel_embeddings
+from dinoflow.curation.ingest import ingest_splits, list_skipped_files, load_rgb
+from dinoflow.curation.quality import apply_quality
+from dinoflow.curation.sampling import (
+    balance_stats,
+    hierarchical_kmeans,
+    hierarchical_sample,
+    top_level_labels,
+)
+from dinoflow.curation.validate import validate_metadata
+from dinoflow.data import Split
+
+log = logging.getLogger(__name__)
+
+QUALITY_REASONS = ["unreadable", "too_large", "too_small", "extreme_aspect", "low_information"]
+DEDUP_REASONS = ["exact_duplicate", "eval_duplicate", "eval_duplicate_component", "near_duplicate"]
+ALL_REASONS = [*QUALITY_REASONS, *DEDUP_REASONS, "not_sampled"]
+
+
+def ingest(splits: dict[str, Split], cfg: CurationConfig) -> tuple[pd.DataFrame, np.ndarray]:
+    """Metadata table and (N, s, s, 3) thumbnails of all splits (train rows first)."""
+    meta, thumbs = ingest_splits(
+        splits,
+        cfg.embedding.pixel_size,
+        min(cfg.ingest.max_pixels, cfg.quality.max_pixels),
+        cfg.ingest.compute_phash,
+        cfg.show_progress,
+    )
+    for col, default in (("component", -1), ("dup_of", ""), ("cluster", -1)):
+        meta[col] = default
+    return meta, thumbs
+
+
+def validate(meta: pd.DataFrame, n_classes: int, cfg: CurationConfig) -> dict:
+    """The GX suite (``validate_metadata``); {"skipped": True} when disabled."""
+    if not cfg.validation.enabled:
+        return {"skipped": True}
+    return validate_metadata(meta, n_classes, cfg.validation, cfg.quality)
+
+
+def quality(meta: pd.DataFrame, cfg: CurationConfig) -> pd.DataFrame:
+    """Reasons unreadable / too_large / too_small / extreme_aspect / low_information."""
+    return apply_quality(meta, cfg.quality)
+
+
+def _pool(meta: pd.DataFrame) -> np.ndarray:
+    return ((meta["split"] == "train") & (meta["reason"] == "")).to_numpy()
+
+
+def _eval_rows(meta: pd.DataFrame) -> np.ndarray:
+    """Readable val/test rows: every evaluation image counts, whatever its quality."""
+    return ((meta["split"] != "train") & meta["readable"].astype(bool)).to_numpy()
+
+
+def _dataset_mean_std(thumbs: np.ndarray, rows: np.ndarray) -> tuple[list[float], list[float]]:
+    x = thumbs[rows].reshape(-1, 3).astype(np.float64) / 255.0 if rows.any() else np.zeros((1, 3))
+    return x.mean(0).tolist(), np.maximum(x.std(0), 1e-3).tolist()
+
+
+def embed(
+    meta: pd.DataFrame, thumbs: np.ndarray, splits: dict[str, Split] | None, cfg: CurationConfig
+) -> np.ndarray:
+    """(N, D) float32 L2-normalised embeddings of pool and eval rows (other rows zero)."""
+    e = cfg.embedding
+    pool, evals = _pool(meta), _eval_rows(meta)
+    use = pool | evals
+    if e.kind == "pixels":
+        return pixel_embeddings(thumbs, pool, use, e.pca_dim, e.pca_max_fit, cfg.sampling.seed)
+    if splits is None:
+        raise ValueError(f"curation.embedding.kind={e.kind} needs the image splits to re-decode")
+    max_px = min(cfg.ingest.max_pixels, cfg.quality.max_pixels)
+    split_col, index_col = meta["split"].to_numpy(), meta["index"].to_numpy()
+
+    def load(row: int) -> np.ndarray:
+        rgb = load_rgb(splits[split_col[row]], int(index_col[row]), max_px)
+        if rgb is None:  # decoded at ingest, so this file changed since
+            raise ValueError(f"curation: {meta['item_id'].iat[row]} can no longer be decoded")
+        return rgb
+
+    mean, std = _dataset_mean_std(thumbs, pool)
+    return model_embeddings(e, load, np.flatnonzero(use), len(meta), mean, std, cfg.show_progress)
+
+
+def _phash_ok(meta: pd.DataFrame, cfg: CurationConfig) -> list[str]:
+    """pHash where meaningful (both sides >= phash_min_side), "" elsewhere."""
+    small = meta[["width", "height"]].min(axis=1) < cfg.dedup.phash_min_side
+    return meta["phash"].where(~small, "").fillna("").astype(str).tolist()
+
+
+def deduplicate(meta: pd.DataFrame, emb: np.ndarray, cfg: CurationConfig) -> pd.DataFrame:
+    """Exact duplicates, eval decontamination (with whole components), then near duplicates."""
+    meta = meta.copy()
+    reason = meta["reason"].to_numpy(dtype=object, copy=True)
+    detail = meta["detail"].to_numpy(dtype=object, copy=True)
+    ids = meta["item_id"].to_numpy(dtype=object)
+    dup_of = meta["dup_of"].to_numpy(dtype=object, copy=True)
+    component = meta["component"].to_numpy(dtype=np.int64, copy=True)
+    priority = -(meta["width"].to_numpy(np.int64) * meta["height"].to_numpy(np.int64))
+    d = cfg.dedup
+
+    # 1. exact duplicates in the pool (identical decoded pixels): keep the first, largest.
+    pool_idx = np.flatnonzero(_pool(meta))
+    if d.exact and len(pool_idx):
+        keep, twin = dd.exact_duplicates(meta["sha256"].iloc[pool_idx], priority[pool_idx])
+        gone = pool_idx[~keep]
+        reason[gone], dup_of[gone] = "exact_duplicate", ids[pool_idx[twin[~keep]]]
+        detail[gone] = [f"same pixels as {t}" for t in dup_of[gone]]
+
+    # 2. near-duplicate graph over the remaining pool.
+    pool_idx = np.flatnonzero((meta["split"] == "train").to_numpy() & (reason == ""))
+    ph = _phash_ok(meta, cfg)
+    src, dst = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
+    if d.embedding and len(pool_idx) > 1:
+        s, t, _ = dd.similarity_edges(
+            emb[pool_idx], d.cosine_threshold, d.k_neighbors, d, progress=cfg.show_progress
+        )
+        src.append(s)
+        dst.append(t)
+    if d.phash:
+        local = np.array([k for k, r in enumerate(pool_idx) if ph[r]], dtype=np.int64)
+        if len(local) > 1:
+            s, t, _ = dd.hamming_edges(
+                dd.phash_bytes([ph[pool_idx[k]] for k in local]), d.phash_max_distance, d.k_neighbors
+            )
+            src.append(local[s])
+            dst.append(local[t])
+    comp = dd.connected_components(len(pool_idx), np.concatenate(src), np.concatenate(dst))
+    sizes = np.bincount(comp) if len(comp) else np.zeros(0, np.int64)
+    component[pool_idx] = np.where(sizes[comp] > 1, comp, -1) if len(comp) else -1
+
+    # 3. eval decontamination: direct hits, then their whole component.
+    dc = cfg.decontam
+    eval_idx = np.flatnonzero(_eval_rows(meta))
+    if dc.enabled and len(pool_idx) and len(eval_idx):
+        sha = meta["sha256"].astype(str).to_numpy()
+        use_emb = d.embedding or cfg.embedding.kind != "pixels"
+        match, how = eval_matches(
+            sha[pool_idx].tolist(),
+            sha[eval_idx].tolist(),
+            emb[pool_idx] if use_emb else None,
+            emb[eval_idx] if use_emb else None,
+            [ph[r] for r in pool_idx] if d.phash else None,
+            [ph[r] for r in eval_idx] if d.phash else None,
+            dc,
+            d,
+        )
+        hit = match >= 0
+        rows = pool_idx[hit]
+        reason[rows] = "eval_duplicate"
+        dup_of[rows] = ids[eval_idx[match[hit]]]
+        detail[rows] = [f"{h} with {e}" for h, e in zip(np.asarray(how, object)[hit], dup_of[rows], strict=True)]
+        if dc.remove_component:
+            spread = expand_to_components(hit, comp) & ~hit
+            first_hit = {}
+            for k in np.flatnonzero(hit):
+                first_hit.setdefault(comp[k], pool_idx[k])
+            rows = pool_idx[spread]
+            reason[rows] = "eval_duplicate_component"
+            dup_of[rows] = [dup_of[first_hit[c]] for c in comp[spread]]
+            detail[rows] = [
+                f"near duplicate of {ids[first_hit[c]]}, which matches {dup_of[first_hit[c]]}"
+                for c in comp[spread]
+            ]
+
+    # 4. near duplicates: one image kept per remaining component.
+    alive = reason[pool_idx] == ""
+    if alive.any():
+        sub = pool_idx[alive]
+        keep = dd.representatives(comp[alive], priority[sub])
+        kept_of = {c: r for c, r in zip(comp[alive][keep], sub[keep], strict=True)}
+        gone = sub[~keep]
+        reason[gone] = "near_duplicate"
+        dup_of[gone] = [ids[kept_of[c]] for c in comp[alive][~keep]]
+        detail[gone] = [
+            f"near duplicate of {ids[kept_of[c]]} (component of {sizes[c]})" for c in comp[alive][~keep]
+        ]
+    meta["reason"], meta["detail"], meta["dup_of"], meta["component"] = reason, detail, dup_of, component
+    return meta
+
+
+def balanced_sampling(meta: pd.DataFrame, emb: np.ndarray, cfg: CurationConfig) -> tuple[pd.DataFrame, dict]:
+    """Cluster the remaining pool, sample it to target_size; returns (table, balance report)."""
+    s = cfg.sampling
+    meta = meta.copy()
+    pool_idx = np.flatnonzero(_pool(meta))
+    if not s.enabled or len(pool_idx) < 2:
+        return meta, {"skipped": True, "n_pool": len(pool_idx)}
+    x = emb[pool_idx]
+    n_clusters, n = [], len(x)
+    for k in s.n_clusters:  # small pools (smoke runs, tests): no more clusters than points
+        n = min(k, n)
+        n_clusters.append(n)
+    t0 = time.perf_counter()
+    levels = hierarchical_kmeans(
+        x, n_clusters, s.resampling_steps, s.resample_sizes, s.kmeans_iters, s.seed,
+        s.kmeans_init, s.max_points_per_centroid, cfg.show_progress,
+    )  # fmt: skip
+    top = top_level_labels(levels)
+    chosen = hierarchical_sample(levels, s.target_size, s.strategy, s.seed)
+    k_top = len(levels[-1].centroids)
+    before = np.bincount(top, minlength=k_top)
+    after = np.bincount(top[chosen], minlength=k_top)
+    cluster = meta["cluster"].to_numpy(np.int64, copy=True)
+    cluster[pool_idx] = top
+    meta["cluster"] = cluster
+    dropped = np.setdiff1d(np.arange(len(pool_idx)), chosen)
+    rows = pool_idx[dropped]
+    meta.loc[rows, "reason"] = "not_sampled"
+    meta.loc[rows, "detail"] = [
+        f"cluster {c}: {after[c]} of {before[c]} kept (target {s.target_size})" for c in top[dropped]
+    ]
+    report = {
+        "skipped": False,
+        "n_pool": len(pool_idx),
+        "n_selected": len(chosen),
+        "target_size": s.target_size,
+        "n_clusters_per_level": [len(lvl.centroids) for lvl in levels],
+        "sizes_before": before.tolist(),
+        "sizes_after": after.tolist(),
+        "before": balance_stats(before),
+        "after": balance_stats(after),
+        "finest_before": balance_stats(np.bincount(levels[0].assignment)),
+        "finest_after": balance_stats(np.bincount(levels[0].assignment[chosen], minlength=len(levels[0].centroids))),
+        "seconds": time.perf_counter() - t0,
+    }
+    return meta, report
+
+
+@dataclass
+class CurationResult:
+    """What curation hands on: manifest, quarantine, report dict, and the full table."""
+
+    manifest: pd.DataFrame
+    quarantine: pd.DataFrame
+    report: dict
+    metadata: pd.DataFrame
+    extra: dict = field(default_factory=dict)
+
+
+def manifest_of(meta: pd.DataFrame) -> pd.DataFrame:
+    """The curated set: item_id, label, cluster of the train rows without a reason."""
+    kept = meta[(meta["split"] == "train") & (meta["reason"] == "")]
+    return kept[["item_id", "label", "cluster"]].reset_index(drop=True).astype(
+        {"item_id": str, "label": int, "cluster": int}
+    )
+
+
+def quarantine_of(meta: pd.DataFrame, root: str | Path | None = None) -> pd.DataFrame:
+    """Every dropped item: item_id, path, split, reason, detail, duplicate_of (+ skipped files)."""
+    bad = meta[meta["reason"] != ""]
+    q = pd.DataFrame(
+        {
+            "item_id": bad["item_id"].astype(str),
+            "path": bad["path"].astype(str),
+            "split": bad["split"].astype(str),
+            "reason": bad["reason"].astype(str),
+            "detail": bad["detail"].astype(str),
+            "duplicate_of": bad["dup_of"].astype(str),
+        }
+    )
+    if root is not None:
+        skipped = list_skipped_files(root)
+        if skipped:
+            root_p = Path(root)
+            extra = pd.DataFrame(
+                {
+                    "item_id": [Path(p).relative_to(root_p).as_posix() for p, _, _ in skipped],
+                    "path": [p for p, _, _ in skipped],
+                    "split": "",
+                    "reason": [r for _, r, _ in skipped],
+                    "detail": [t for _, _, t in skipped],
+                    "duplicate_of": "",
+                }
+            )
+            q = pd.concat([q, extra], ignore_index=True)
+    return q.reset_index(drop=True)
+
+
+def curate(
+    splits: dict[str, Split],
+    cfg: CurationConfig,
+    root: str | Path | None = None,
+    report_dir: str | Path | None = None,
+) -> CurationResult:
+    """All steps; writes the report (PNG, JSON, GX Data Docs) under report_dir (or cfg's)."""
+    from dinoflow.curation.report import build_report
+
+    timings: dict[str, float] = {}
+
+    def timed(name, fn, *args):
+        t0 = time.perf_counter()
+        out = fn(*args)
+        timings[name] = time.perf_counter() - t0
+        log.info("curation: %s done in %.1fs", name, timings[name])
+        return out
+
+    meta, thumbs = timed("ingest", ingest, splits, cfg)
+    n_classes = len(splits["train"].class_names)
+    validation = timed("validate", validate, meta, n_classes, cfg)
+    meta = timed("quality", quality, meta, cfg)
+    emb = timed("embed", embed, meta, thumbs, splits, cfg)
+    meta = timed("deduplicate", deduplicate, meta, emb, cfg)
+    meta, balance = timed("sampling", balanced_sampling, meta, emb, cfg)
+    manifest, quarantine = manifest_of(meta), quarantine_of(meta, root)
+    report = build_report(meta, quarantine, validation, balance, splits, cfg, report_dir, timings)
+    return CurationResult(manifest, quarantine, report, meta, {"embeddings": emb})

@@ -1,0 +1,59 @@
+"""Quality filters on the ingested metadata, each with its own quarantine reason.
+
+Order of precedence (the first that applies is the reason): unreadable, too_large (both set at
+ingest), too_small, extreme_aspect, low_information.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from dinoflow.curation.config import QualityConfig
+
+
+def quality_reasons(meta: pd.DataFrame, cfg: QualityConfig) -> tuple[pd.Series, pd.Series]:
+    """(reason, detail) per row; reason "" keeps the row. Ingest reasons are kept as they are."""
+    reason = meta["reason"].fillna("").astype(str).copy()
+    detail = meta["detail"].fillna("").astype(str).copy()
+    w = meta["width"].to_numpy(dtype=np.float64)
+    h = meta["height"].to_numpy(dtype=np.float64)
+    open_ = (reason == "").to_numpy() & meta["readable"].to_numpy(dtype=bool)
+    # A row with no reason that could not be read (should not happen) is unreadable all the same.
+    lost = (reason == "").to_numpy() & ~meta["readable"].to_numpy(dtype=bool)
+    reason[lost], detail[lost] = "unreadable", "no pixels decoded"
+
+    def mark(mask: np.ndarray, name: str, texts: list[str]) -> None:
+        nonlocal open_
+        hit = open_ & mask
+        reason[hit] = name
+        detail[hit] = np.asarray(texts, dtype=object)[hit]
+        open_ = open_ & ~hit
+
+    sizes = [f"{int(a)}x{int(b)}" for a, b in zip(w, h, strict=True)]
+    mark(w * h > cfg.max_pixels, "too_large", [f"{s} > {cfg.max_pixels} pixels" for s in sizes])
+    short, long_ = np.minimum(w, h), np.maximum(w, h)
+    mark(short < cfg.min_side, "too_small", [f"{s}: side < {cfg.min_side}" for s in sizes])
+    aspect = long_ / np.maximum(short, 1)
+    mark(
+        aspect > cfg.max_aspect,
+        "extreme_aspect",
+        [f"{s}: aspect {a:.2f} > {cfg.max_aspect}" for s, a in zip(sizes, aspect, strict=True)],
+    )
+    std = meta["std"].to_numpy(dtype=np.float64)
+    ent = meta["entropy"].to_numpy(dtype=np.float64)
+    low = (std < cfg.min_std) | (ent < cfg.min_entropy_bits)
+    mark(
+        low,
+        "low_information",
+        [f"grey std {s:.2f} (min {cfg.min_std}), entropy {e:.2f} bits (min {cfg.min_entropy_bits})"
+         for s, e in zip(std, ent, strict=True)],
+    )  # fmt: skip
+    return reason, detail
+
+
+def apply_quality(meta: pd.DataFrame, cfg: QualityConfig) -> pd.DataFrame:
+    """A copy of the table with reason/detail filled by the quality filters."""
+    out = meta.copy()
+    out["reason"], out["detail"] = quality_reasons(meta, cfg)
+    return out

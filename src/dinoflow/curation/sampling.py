@@ -1,0 +1,206 @@
+"""Balanced sampling: hierarchical k-means with resampling, then top-down balanced sampling.
+
+Vo et al., 2024, "Automatic Data Curation for Self-Supervised Learning: A Clustering-Based
+Approach". Level 1 clusters the embeddings, level t clusters the centroids of level t - 1, so
+the top level holds few, coarse concepts. Within a level, each resampling step takes the
+``r`` points closest to every centroid, re-runs k-means on that union (each cluster now weighs
+the same, so dense regions stop attracting centroids) and re-assigns every point. Sampling is
+top-down: a target is split over the top clusters as evenly as their sizes allow (a cluster
+smaller than its share gives all it has, the rest goes to the others), recursively down to the
+level-1 clusters, which give their quota at random or closest-to-centroid first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class Level:
+    """One level: centroids (k, D) and the assignment (n_in,) of its input points to them."""
+
+    centroids: np.ndarray
+    assignment: np.ndarray
+    distances: np.ndarray  # (n_in,) squared L2 distance of each input point to its centroid
+
+
+def kmeans_pp_init(x: np.ndarray, k: int, rng: np.random.Generator, max_points: int = 100_000) -> np.ndarray:
+    """k-means++ seeding (Arthur & Vassilvitskii, 2007) on at most max_points rows: (k, D)."""
+    sample = x if len(x) <= max_points else x[rng.choice(len(x), max_points, replace=False)]
+    sample = sample.astype(np.float32)
+    centres = np.empty((k, x.shape[1]), dtype=np.float32)
+    centres[0] = sample[rng.integers(len(sample))]
+    d2 = ((sample - centres[0]) ** 2).sum(1).astype(np.float64)
+    for c in range(1, k):
+        total = d2.sum()
+        # All remaining points coincide with a centre: any choice is as good.
+        pick = rng.integers(len(sample)) if total <= 0 else rng.choice(len(sample), p=d2 / total)
+        centres[c] = sample[pick]
+        d2 = np.minimum(d2, ((sample - centres[c]) ** 2).sum(1))
+    return centres
+
+
+def assign(x: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(nearest centroid (N,) int64, squared L2 distance (N,)) by exact faiss search."""
+    import faiss
+
+    index = faiss.IndexFlatL2(centroids.shape[1])
+    index.add(np.ascontiguousarray(centroids, dtype=np.float32))
+    d, i = index.search(np.ascontiguousarray(x, dtype=np.float32), 1)
+    return i[:, 0].astype(np.int64), d[:, 0]
+
+
+def kmeans(
+    x: np.ndarray,
+    k: int,
+    niter: int = 25,
+    seed: int = 0,
+    init: str = "kmeans++",
+    max_points_per_centroid: int = 256,
+) -> np.ndarray:
+    """Lloyd's k-means (faiss, L2) on x (N, D): centroids (min(k, N), D)."""
+    import faiss
+
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    k = min(k, len(x))
+    rng = np.random.default_rng(seed)
+    km = faiss.Kmeans(
+        x.shape[1], k, niter=niter, seed=seed, verbose=False,
+        max_points_per_centroid=max_points_per_centroid, min_points_per_centroid=1,
+    )  # fmt: skip
+    init_c = kmeans_pp_init(x, k, rng) if init == "kmeans++" else None
+    km.train(x, init_centroids=init_c)
+    return km.centroids.copy()
+
+
+def _compact(centroids: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Drop centroids no point is assigned to and renumber labels 0..k'-1."""
+    used = np.unique(labels)
+    remap = np.full(len(centroids), -1, dtype=np.int64)
+    remap[used] = np.arange(len(used))
+    return centroids[used], remap[labels]
+
+
+def hierarchical_kmeans(
+    x: np.ndarray,
+    n_clusters: list[int],
+    resampling_steps: list[int],
+    resample_sizes: list[int],
+    niter: int = 25,
+    seed: int = 0,
+    init: str = "kmeans++",
+    max_points_per_centroid: int = 256,
+    progress: bool = False,
+) -> list[Level]:
+    """Levels finest first. resample_sizes[t] = 0 means half the level's mean cluster size."""
+    from tqdm.auto import tqdm
+
+    levels: list[Level] = []
+    points = np.ascontiguousarray(x, dtype=np.float32)
+    for t, k in enumerate(n_clusters):
+        lvl_seed = seed + 1000 * t
+        cents = kmeans(points, k, niter, lvl_seed, init, max_points_per_centroid)
+        labels, dist = assign(points, cents)
+        steps = resampling_steps[t]
+        r = resample_sizes[t] or max(1, len(points) // max(len(cents), 1) // 2)
+        for step in tqdm(range(steps), desc=f"level {t + 1} resampling", disable=not progress):
+            if r <= 1:
+                break  # one point per cluster reproduces the centroids (the reference skips it)
+            order = np.lexsort((dist, labels))  # by cluster, closest first
+            sorted_labels = labels[order]
+            starts = np.searchsorted(sorted_labels, sorted_labels, side="left")
+            rank = np.arange(len(order)) - starts
+            subset = points[order[rank < r]]
+            cents = kmeans(subset, len(cents), niter, lvl_seed + step + 1, init, max_points_per_centroid)
+            labels, dist = assign(points, cents)
+        cents, labels = _compact(cents, labels)
+        levels.append(Level(centroids=cents, assignment=labels, distances=dist))
+        points = cents
+    return levels
+
+
+def split_quota(sizes: np.ndarray, target: int, rng: np.random.Generator) -> np.ndarray:
+    """Quotas q (len(sizes),) with q <= sizes, sum q = min(target, sum sizes), as even as possible.
+
+    The largest cut c with sum(min(c, sizes)) <= target; the remainder goes one each to random
+    clusters still larger than c.
+    """
+    sizes = np.asarray(sizes, dtype=np.int64)
+    if target >= sizes.sum():
+        return sizes.copy()
+    lo, hi = 0, int(sizes.max())
+    while lo < hi:  # largest c with sum(min(c, sizes)) <= target
+        mid = (lo + hi + 1) // 2
+        if np.minimum(mid, sizes).sum() <= target:
+            lo = mid
+        else:
+            hi = mid - 1
+    quota = np.minimum(lo, sizes)
+    remainder = int(target - quota.sum())
+    if remainder:
+        candidates = np.flatnonzero(sizes > lo)
+        quota[rng.choice(candidates, remainder, replace=False)] += 1
+    return quota
+
+
+def hierarchical_sample(
+    levels: list[Level], target: int, strategy: str = "random", seed: int = 0
+) -> np.ndarray:
+    """Indices (sorted) of the data points chosen by top-down balanced sampling."""
+    rng = np.random.default_rng(seed)
+    sizes = [np.bincount(levels[0].assignment, minlength=len(levels[0].centroids))]
+    for lvl in levels[1:]:
+        sizes.append(np.bincount(lvl.assignment, weights=sizes[-1], minlength=len(lvl.centroids)).astype(np.int64))
+    quota = split_quota(sizes[-1], target, rng)
+    for t in range(len(levels) - 1, 0, -1):  # quotas of level t's children (level t - 1 clusters)
+        child_quota = np.zeros(len(levels[t - 1].centroids), dtype=np.int64)
+        parent = levels[t].assignment
+        for c in np.flatnonzero(quota):
+            children = np.flatnonzero(parent == c)
+            child_quota[children] = split_quota(sizes[t - 1][children], int(quota[c]), rng)
+        quota = child_quota
+    labels, dist = levels[0].assignment, levels[0].distances
+    order = np.lexsort((dist, labels))
+    bounds = np.searchsorted(labels[order], np.arange(len(quota) + 1))
+    chosen = []
+    for c in np.flatnonzero(quota):
+        members = order[bounds[c] : bounds[c + 1]]  # closest to the centroid first
+        q = int(quota[c])
+        chosen.append(members[:q] if strategy == "closest" else rng.choice(members, q, replace=False))
+    return np.sort(np.concatenate(chosen)) if chosen else np.zeros(0, dtype=np.int64)
+
+
+def top_level_labels(levels: list[Level]) -> np.ndarray:
+    """The top-level cluster (N,) of each data point (composition of the level assignments)."""
+    labels = levels[0].assignment
+    for lvl in levels[1:]:
+        labels = lvl.assignment[labels]
+    return labels
+
+
+def balance_stats(sizes: np.ndarray) -> dict[str, float]:
+    """Balance of cluster sizes: imbalance factor (max / min non-zero), entropy (nats),
+    normalised entropy (entropy / ln K, 1 = uniform), Gini (0 = equal sizes), K and empties."""
+    sizes = np.asarray(sizes, dtype=np.float64)
+    k = len(sizes)
+    nz = sizes[sizes > 0]
+    total = sizes.sum()
+    if k == 0 or total == 0:
+        return {"n_clusters": k, "n_empty": k, "imbalance_factor": float("nan"), "entropy": 0.0,
+                "normalized_entropy": float("nan"), "gini": float("nan"), "total": 0.0}  # fmt: skip
+    p = nz / total
+    entropy = float(-(p * np.log(p)).sum())
+    xs = np.sort(sizes)
+    i = np.arange(1, k + 1)
+    gini = float(((2 * i - k - 1) * xs).sum() / (k * total))
+    return {
+        "n_clusters": k,
+        "n_empty": int(k - len(nz)),
+        "imbalance_factor": float(nz.max() / nz.min()),
+        "entropy": entropy,
+        "normalized_entropy": float(entropy / np.log(k)) if k > 1 else 1.0,
+        "gini": gini,
+        "total": float(total),
+    }

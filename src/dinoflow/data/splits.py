@@ -1,0 +1,159 @@
+"""The train/val/test split every pipeline uses, and per-dataset normalisation statistics."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dinoflow.data import fashion_mnist
+from dinoflow.data.image_folder import list_image_folder
+
+
+@dataclass
+class Split:
+    """One split of a source: in-memory uint8 images (Fashion-MNIST) or image paths (folders).
+
+    ids: stable item ids ("train/000123" or the path relative to the folder root).
+    labels: int64 (N,), -1 where unlabelled. channels: 1 (grayscale) or 3 (RGB) for load().
+    """
+
+    ids: list[str]
+    labels: np.ndarray
+    class_names: list[str]
+    channels: int
+    images: np.ndarray | None = None
+    paths: list[Path] | None = None
+    name: str = ""
+    extra: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def load(self, i: int) -> torch.Tensor:
+        """Image i as a uint8 tensor (C, H, W)."""
+        if self.images is not None:
+            img = torch.from_numpy(np.ascontiguousarray(self.images[i]))
+            return img.unsqueeze(0) if img.ndim == 2 else img.permute(2, 0, 1)
+        return decode_image(self.paths[i], self.channels)
+
+    def subset(self, indices: np.ndarray | list[int]) -> Split:
+        """A new split holding the given rows, in the given order."""
+        indices = np.asarray(indices, dtype=np.int64)
+        return Split(
+            ids=[self.ids[i] for i in indices],
+            labels=self.labels[indices],
+            class_names=self.class_names,
+            channels=self.channels,
+            images=None if self.images is None else self.images[indices],
+            paths=None if self.paths is None else [self.paths[i] for i in indices],
+            name=self.name,
+        )
+
+    @property
+    def labelled(self) -> bool:
+        return bool(len(self.labels)) and bool((self.labels >= 0).all())
+
+
+def decode_image(path: Path, channels: int) -> torch.Tensor:
+    """Decode an image file to uint8 (C, H, W) with C = channels; names the file on failure."""
+    from PIL import Image, ImageOps
+
+    try:
+        with Image.open(path) as im:
+            im.seek(0)  # animated: first frame
+            im = ImageOps.exif_transpose(im)
+            im = im.convert("L" if channels == 1 else "RGB")
+            arr = np.asarray(im, dtype=np.uint8)
+    except Exception as exc:
+        raise ValueError(f"cannot read image {path}: {exc}") from exc
+    tensor = torch.from_numpy(arr.copy())
+    return tensor.unsqueeze(0) if tensor.ndim == 2 else tensor.permute(2, 0, 1)
+
+
+def _carve(n: int, size: int | float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Split range(n) into (rest, carved) with a fixed seed; size is a count or a fraction."""
+    count = int(round(size * n)) if isinstance(size, float) and size < 1 else int(size)
+    if not 0 <= count < n:
+        raise ValueError(f"cannot carve {count} items out of {n}")
+    order = np.random.default_rng(seed).permutation(n)
+    return np.sort(order[count:]), np.sort(order[:count])
+
+
+def load_splits(
+    source: str = "fashion_mnist",
+    path: str | None = None,
+    val_size: int | float = 5000,
+    test_fraction: float = 0.1,
+    seed: int = 0,
+    channels: int | None = None,
+    allow_download: bool = True,
+) -> dict[str, Split]:
+    """{"train", "val", "test"}: val carved from train with ``seed``; the same for every pipeline.
+
+    fashion_mnist: the official 60k/10k train/test; ``path`` overrides the local lookup folder.
+    image_folder: any tree of images under ``path``; test is ``test_fraction`` of it.
+    """
+    if source == "fashion_mnist":
+        local = Path(path) if path else fashion_mnist.DEFAULT_LOCAL_DIR
+        arrays = fashion_mnist.load_fashion_mnist(
+            fashion_mnist.find_fashion_mnist(local_dir=local, allow_download=allow_download)
+        )
+        names = fashion_mnist.CLASS_NAMES
+        full_train = Split(
+            ids=[f"train/{i:06d}" for i in range(len(arrays["train_labels"]))],
+            labels=arrays["train_labels"].astype(np.int64),
+            class_names=names, channels=1, images=arrays["train_images"], name="train",
+        )  # fmt: skip
+        test = Split(
+            ids=[f"test/{i:06d}" for i in range(len(arrays["test_labels"]))],
+            labels=arrays["test_labels"].astype(np.int64),
+            class_names=names, channels=1, images=arrays["test_images"], name="test",
+        )  # fmt: skip
+    elif source == "image_folder":
+        if not path:
+            raise ValueError("data.path: required when data.source=image_folder")
+        root = Path(path)
+        paths, label_names, class_names = list_image_folder(root)
+        if not paths:
+            raise ValueError(f"data.path: no images under {root}")
+        index = {name: i for i, name in enumerate(class_names)}
+        labels = np.array([index.get(name, -1) for name in label_names], dtype=np.int64)
+        everything = Split(
+            ids=[p.relative_to(root).as_posix() for p in paths],
+            labels=labels, class_names=class_names, channels=channels or 3, paths=paths,
+        )  # fmt: skip
+        rest, test_idx = _carve(len(everything), float(test_fraction), seed + 1)
+        full_train, test = everything.subset(rest), everything.subset(test_idx)
+        test.name = "test"
+    else:
+        raise ValueError(f"data.source: unknown source {source!r} (fashion_mnist or image_folder)")
+    if isinstance(val_size, float) or source == "image_folder":
+        val_size = val_size if isinstance(val_size, float) else min(val_size, len(full_train) // 10)
+    train_idx, val_idx = _carve(len(full_train), val_size, seed)
+    train, val = full_train.subset(train_idx), full_train.subset(val_idx)
+    train.name, val.name = "train", "val"
+    return {"train": train, "val": val, "test": test}
+
+
+def channel_stats(split: Split, max_images: int = 10000, seed: int = 0) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std in [0, 1] over (a sample of) a split: the normalisation."""
+    n = len(split)
+    idx = np.random.default_rng(seed).permutation(n)[: min(n, max_images)]
+    if split.images is not None:
+        x = split.images[np.sort(idx)].astype(np.float64) / 255.0
+        axes = tuple(range(x.ndim - 1)) if x.ndim == 4 else None
+        mean, std = x.mean(axis=axes), x.std(axis=axes)
+        return np.atleast_1d(mean).tolist(), np.atleast_1d(std).tolist()
+    sums = np.zeros(split.channels)
+    sq = np.zeros(split.channels)
+    count = 0
+    for i in idx:
+        x = split.load(int(i)).double().div(255.0).flatten(1).numpy()
+        sums += x.sum(1)
+        sq += (x**2).sum(1)
+        count += x.shape[1]
+    mean = sums / count
+    return mean.tolist(), np.sqrt(np.maximum(sq / count - mean**2, 1e-12)).tolist()

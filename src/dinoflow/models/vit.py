@@ -1,0 +1,301 @@
+"""DINOv2 Vision Transformer backbone built on timm's ``VisionTransformer``.
+
+DINOv2 specifics (DINOV2.md section 2) on top of timm:
+- ``dynamic_img_size=True``: global and local crops of different sizes go through the same model
+  (in separate forward calls); patch position embeddings are resampled bicubically to each
+  crop's grid by timm's ``_pos_embed`` / ``resample_abs_pos_embed``.
+- ``no_embed_class=True``: only patches carry position embeddings. The reference model has a
+  position embedding for CLS too, but it is a constant added to a learned constant, so it is
+  folded into ``cls_token`` (see ``dinoflow.weights``). Register tokens carry none.
+- a learnable ``mask_token`` (zero init) replaces masked patch embeddings BEFORE the position
+  embeddings are added (iBOT).
+- LayerScale (init 1e-5), LayerNorm eps 1e-6, uniform drop-path over all blocks.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from timm.layers import DropPath, GluMlp
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+
+__all__ = [
+    "BACKBONE_FORMAT",
+    "VIT_PRESETS",
+    "DinoVisionTransformer",
+    "SwiGLUFFN",
+    "build_backbone",
+    "load_backbone",
+    "save_backbone",
+]
+
+BACKBONE_FORMAT = "dinoflow-backbone-v1"
+
+# name -> (embed_dim, depth, num_heads), the DINOv2 model family
+VIT_PRESETS: dict[str, tuple[int, int, int]] = {
+    "vit_tiny": (192, 12, 3),
+    "vit_small": (384, 12, 6),
+    "vit_base": (768, 12, 12),
+    "vit_large": (1024, 24, 16),
+    "vit_giant": (1536, 40, 24),
+}
+
+
+class SwiGLUFFN(GluMlp):
+    """DINOv2's fused SwiGLU FFN (``SwiGLUFFNFused``): ``w3(silu(x1) * x2)``, ``[x1, x2] = w12(x)``.
+
+    The hidden width follows the reference: ``(int(hidden * 2 / 3) + 7) // 8 * 8`` with
+    ``hidden = dim * mlp_ratio`` (1536 * 4 -> 4096 for ViT-g). ``fc1`` is the packed ``w12``
+    (out 2 * hidden, gate first) and ``fc2`` is ``w3``, as in timm's ``SwiGLUPacked``.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        hidden_features: int | None = None,
+        out_features: int | None = None,
+        act_layer: type[nn.Module] | None = None,
+        norm_layer: type[nn.Module] | None = None,
+        bias: bool = True,
+        drop: float = 0.0,
+        device: Any = None,
+        dtype: Any = None,
+    ) -> None:
+        hidden = (int((hidden_features or in_features) * 2 / 3) + 7) // 8 * 8
+        super().__init__(
+            in_features,
+            hidden_features=2 * hidden,
+            out_features=out_features,
+            act_layer=nn.SiLU,  # SwiGLU: always SiLU, whatever the block's activation
+            norm_layer=norm_layer,
+            bias=bias,
+            drop=drop,
+            gate_last=False,  # silu(first half) * second half, as the reference chunk(2)
+            device=device,
+            dtype=dtype,
+        )
+
+    def init_weights(self) -> None:
+        """Plain trunc-normal init like every other Linear (timm's GLU gate init is not DINOv2's)."""
+        nn.init.trunc_normal_(self.fc1.weight, std=0.02)
+        if self.fc1.bias is not None:
+            nn.init.zeros_(self.fc1.bias)
+
+
+class DinoVisionTransformer(nn.Module):
+    """ViT backbone for DINOv2 training. Inputs (B, C, H, W) with H, W multiples of patch_size.
+
+    Args:
+        img_size: side of the global crop; sets the stored position-embedding grid
+            (img_size // patch_size per side). Other crop sizes are resampled on the fly.
+        patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio: usual ViT sizes.
+        num_register_tokens: register tokens after CLS (no position embedding).
+        layerscale_init: LayerScale initial value (None or 0 disables LayerScale).
+        drop_path_rate: stochastic-depth probability, the same for every block (DINOv2).
+        layer_norm_eps: LayerNorm epsilon.
+        qkv_bias: bias in the qkv projection.
+        ffn: "mlp" (GELU MLP) or "swiglu" (DINOv2's fused SwiGLU, used by ViT-g).
+    """
+
+    def __init__(
+        self,
+        img_size: int = 224,
+        patch_size: int = 14,
+        in_chans: int = 3,
+        embed_dim: int = 384,
+        depth: int = 12,
+        num_heads: int = 6,
+        mlp_ratio: float = 4.0,
+        num_register_tokens: int = 0,
+        layerscale_init: float | None = 1e-5,
+        drop_path_rate: float = 0.0,
+        layer_norm_eps: float = 1e-6,
+        qkv_bias: bool = True,
+        ffn: str = "mlp",
+    ) -> None:
+        super().__init__()
+        if ffn not in ("mlp", "swiglu"):
+            raise ValueError(f"ffn must be 'mlp' or 'swiglu', got {ffn!r}")
+        if img_size % patch_size != 0:
+            raise ValueError(f"img_size {img_size} is not a multiple of patch_size {patch_size}")
+        if not 0.0 <= drop_path_rate < 1.0:
+            raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate}")
+        self._kwargs: dict[str, Any] = dict(
+            img_size=img_size,
+            patch_size=patch_size,
+            in_chans=in_chans,
+            embed_dim=embed_dim,
+            depth=depth,
+            num_heads=num_heads,
+            mlp_ratio=mlp_ratio,
+            num_register_tokens=num_register_tokens,
+            layerscale_init=layerscale_init,
+            drop_path_rate=drop_path_rate,
+            layer_norm_eps=layer_norm_eps,
+            qkv_bias=qkv_bias,
+            ffn=ffn,
+        )
+        self.embed_dim = embed_dim
+        self.patch_size = patch_size
+        self.depth = depth
+        self.num_register_tokens = num_register_tokens
+        self.in_chans = in_chans
+        self.img_size = img_size
+
+        mlp_kwargs: dict[str, Any] = {}
+        if ffn == "swiglu":
+            mlp_kwargs = dict(mlp_layer=SwiGLUFFN, act_layer=nn.SiLU)
+        self.vit = VisionTransformer(
+            img_size=img_size,
+            patch_size=patch_size,
+            in_chans=in_chans,
+            num_classes=0,
+            global_pool="token",
+            embed_dim=embed_dim,
+            depth=depth,
+            num_heads=num_heads,
+            mlp_ratio=mlp_ratio,
+            qkv_bias=qkv_bias,
+            init_values=layerscale_init or None,
+            class_token=True,
+            no_embed_class=True,
+            reg_tokens=num_register_tokens,
+            dynamic_img_size=True,
+            drop_path_rate=0.0,  # timm decays linearly; DINOv2 is uniform: set below
+            norm_layer=partial(nn.LayerNorm, eps=layer_norm_eps),  # partial: picklable
+            **mlp_kwargs,
+        )
+        for blk in self.vit.blocks:
+            blk.drop_path1 = DropPath(drop_path_rate) if drop_path_rate > 0 else nn.Identity()
+            blk.drop_path2 = DropPath(drop_path_rate) if drop_path_rate > 0 else nn.Identity()
+        self.mask_token = nn.Parameter(torch.zeros(1, embed_dim))
+
+    # ------------------------------------------------------------------ helpers
+    def backbone_kwargs(self) -> dict[str, Any]:
+        """Constructor kwargs that rebuild this architecture (used by save/load)."""
+        return dict(self._kwargs)
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        """CLS + registers."""
+        return 1 + self.num_register_tokens
+
+    def _tokens(self, x: torch.Tensor, masks: torch.Tensor | None) -> torch.Tensor:
+        """Patch-embed, mask, add position embeddings, prepend CLS/registers.
+
+        x (B, C, H, W), masks (B, N) bool or None -> (B, 1 + R + N, D)
+        """
+        vit = self.vit
+        x = vit.patch_embed(x)  # (B, h, w, D): dynamic_img_size keeps the grid for pos-embed
+        if masks is not None:
+            b, h, w, d = x.shape
+            if masks.shape != (b, h * w):
+                raise ValueError(f"masks must have shape {(b, h * w)}, got {tuple(masks.shape)}")
+            m = masks.to(device=x.device, dtype=torch.bool).view(b, h, w, 1)
+            x = torch.where(m, self.mask_token.to(x.dtype).view(1, 1, 1, d), x)
+        x = vit._pos_embed(x)  # + resampled patch pos-embed, then cat [CLS, regs, patches]
+        x = vit.patch_drop(x)
+        return vit.norm_pre(x)
+
+    # ------------------------------------------------------------------ forwards
+    def forward_features(
+        self, x: torch.Tensor, masks: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor | None]:
+        """x (B, C, H, W), masks (B, N) bool | None -> dict of normalised tokens.
+
+        Returns x_norm_clstoken (B, D), x_norm_regtokens (B, R, D), x_norm_patchtokens (B, N, D)
+        with N = (H/p)(W/p), and the masks passed in.
+        """
+        x = self._tokens(x, masks)
+        x = self.vit.blocks(x)
+        x = self.vit.norm(x)
+        r = self.num_register_tokens
+        return {
+            "x_norm_clstoken": x[:, 0],
+            "x_norm_regtokens": x[:, 1 : 1 + r],
+            "x_norm_patchtokens": x[:, 1 + r :],
+            "masks": masks,
+        }
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, C, H, W) -> CLS embedding after the final norm (B, D)."""
+        return self.forward_features(x)["x_norm_clstoken"]
+
+    def forward_patches(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, C, H, W) -> patch tokens after the final norm (B, N, D)."""
+        return self.forward_features(x)["x_norm_patchtokens"]
+
+    def get_intermediate_layers(
+        self, x: torch.Tensor, n: int = 1
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Outputs of the last n blocks, each through the final norm.
+
+        x (B, C, H, W) -> list (oldest first) of n tuples (patch tokens (B, N, D), cls (B, D)).
+        """
+        if not 1 <= n <= self.depth:
+            raise ValueError(f"n must be in [1, {self.depth}], got {n}")
+        x = self._tokens(x, None)
+        outs: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for i, blk in enumerate(self.vit.blocks):
+            x = blk(x)
+            if i >= self.depth - n:
+                y = self.vit.norm(x)
+                outs.append((y[:, self.num_prefix_tokens :], y[:, 0]))
+        return outs
+
+
+def build_backbone(arch: str | None = None, **overrides: Any) -> DinoVisionTransformer:
+    """Build a backbone from a preset name (see VIT_PRESETS) and/or explicit kwargs.
+
+    ``vit_giant`` defaults to the SwiGLU FFN, as the released ViT-g/14. Explicit overrides win.
+    """
+    kwargs: dict[str, Any] = {}
+    if arch is not None:
+        if arch not in VIT_PRESETS:
+            raise ValueError(f"unknown arch {arch!r}; known: {sorted(VIT_PRESETS)}")
+        embed_dim, depth, num_heads = VIT_PRESETS[arch]
+        kwargs = dict(embed_dim=embed_dim, depth=depth, num_heads=num_heads)
+        if arch == "vit_giant":
+            kwargs["ffn"] = "swiglu"
+    kwargs.update(overrides)
+    return DinoVisionTransformer(**kwargs)
+
+
+def save_backbone(model: DinoVisionTransformer, path: str | os.PathLike[str]) -> None:
+    """Write {"format", "kwargs", "state_dict"} atomically (temp file in the same dir + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "format": BACKBONE_FORMAT,
+        "kwargs": model.backbone_kwargs(),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+    }
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def load_backbone(
+    path: str | os.PathLike[str], map_location: str | torch.device = "cpu"
+) -> DinoVisionTransformer:
+    """Rebuild a backbone written by ``save_backbone`` (weights_only load)."""
+    payload = torch.load(path, map_location=map_location, weights_only=True)
+    if not isinstance(payload, dict) or payload.get("format") != BACKBONE_FORMAT:
+        raise ValueError(f"{path}: not a {BACKBONE_FORMAT} file")
+    model = DinoVisionTransformer(**payload["kwargs"])
+    model.load_state_dict(payload["state_dict"])
+    return model
