@@ -40,6 +40,31 @@ def file_md5(path: Path) -> str:
     return digest.hexdigest()
 
 
+# Catalog inputs that record the MLflow run which made them -> the tag naming that parent run.
+# So the evaluation run points at its pretrain run and the registration run at both.
+PARENT_RUN_TAGS = {
+    "pretrain_summary": "dinoflow.pretrain_run_id",
+    "metrics": "dinoflow.evaluation_run_id",
+}
+
+
+def tag_parent_runs(inputs: dict[str, Any]) -> dict[str, str]:
+    """Tag the active MLflow run with the runs its node inputs came from; returns the tags set."""
+    import mlflow
+
+    run = mlflow.active_run()
+    if run is None:
+        return {}
+    tags = {}
+    for name, tag in PARENT_RUN_TAGS.items():
+        value = inputs.get(name)
+        if isinstance(value, dict) and value.get("mlflow_run_id"):
+            tags[tag] = str(value["mlflow_run_id"])
+    if tags:
+        mlflow.set_tags(tags)
+    return tags
+
+
 class LineageHooks:
     def __init__(self) -> None:
         self._run_params: dict[str, Any] = {}
@@ -78,6 +103,7 @@ class LineageHooks:
 
     @hook_impl
     def before_node_run(self, node, catalog, inputs) -> None:
+        tag_parent_runs(inputs)
         if self._tagged:
             return
         import mlflow

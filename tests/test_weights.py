@@ -95,12 +95,84 @@ def test_cls_position_is_added_to_cls_token_exactly(tmp_path) -> None:
     assert any("CLS position" in n for n in report.notes)
 
 
-def test_pos_embed_resized_from_16x16_to_4x4(tmp_path) -> None:
+def released_forward(sd: dict, blocks, norm, x: torch.Tensor, patch: int = 4) -> torch.Tensor:
+    """The released DinoVisionTransformer.forward_features (x_norm of every token), written from
+    the official code: patch conv, cat(CLS), + interpolate_pos_encoding (bicubic with scale
+    factor (grid + 0.1) / M, no antialias), registers inserted after CLS, blocks, norm."""
+    b, _, h, w = x.shape
+    tokens = torch.nn.functional.conv2d(
+        x, sd["patch_embed.proj.weight"], sd["patch_embed.proj.bias"], stride=patch
+    )
+    tokens = torch.cat([sd["cls_token"].expand(b, -1, -1), tokens.flatten(2).transpose(1, 2)], 1)
+    pos = sd["pos_embed"]
+    n = pos.shape[1] - 1
+    if tokens.shape[1] - 1 != n or h != w:
+        m, dim = int(n**0.5), pos.shape[-1]
+        h0, w0 = h // patch + 0.1, w // patch + 0.1
+        grid = torch.nn.functional.interpolate(
+            pos[:, 1:].reshape(1, m, m, dim).permute(0, 3, 1, 2),
+            scale_factor=(h0 / m, w0 / m),
+            mode="bicubic",
+        )
+        pos = torch.cat([pos[:, :1], grid.permute(0, 2, 3, 1).reshape(1, -1, dim)], 1)
+    tokens = tokens + pos
+    if "register_tokens" in sd:
+        regs = sd["register_tokens"].expand(b, -1, -1)
+        tokens = torch.cat([tokens[:, :1], regs, tokens[:, 1:]], 1)
+    for blk in blocks:
+        tokens = blk(tokens)
+    return norm(tokens)
+
+
+@pytest.mark.parametrize("n_reg", [0, 4])
+def test_official_file_resized_like_the_released_model(tmp_path, n_reg: int) -> None:
+    """An 8x8-grid release loaded at a 4x4 grid: the forward equals the released model's own
+    forward on a 16 px input (which resizes its position embeddings at run time)."""
+    src = randomised(img_size=32, num_register_tokens=n_reg)
+    sd = official_state_dict(src)
+    sd["pos_embed"][:, :1] = torch.randn(1, 1, 16)  # a real release has a non-zero CLS position
+    path = tmp_path / "release.pth"
+    torch.save(sd, path)
+    dst = fresh(img_size=16, num_register_tokens=n_reg)
+    report = load_released_weights(dst, path)
+    assert report.ok and report.pos_embed_resized == ((8, 8), (4, 4))
+    assert any("interpolate_pos_encoding" in n for n in report.notes)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        ref = released_forward(sd, src.vit.blocks, src.vit.norm, x)
+        out = dst.forward_features(x)
+        # timm's antialiased resize is another function: the check above can tell them apart
+        timm_pe = resample_abs_pos_embed(sd["pos_embed"][:, 1:], [4, 4], [8, 8], 0)
+    torch.testing.assert_close(out["x_norm_clstoken"], ref[:, 0], rtol=0, atol=1e-5)
+    torch.testing.assert_close(out["x_norm_regtokens"], ref[:, 1 : 1 + n_reg], rtol=0, atol=1e-5)
+    torch.testing.assert_close(out["x_norm_patchtokens"], ref[:, 1 + n_reg :], rtol=0, atol=1e-5)
+    assert (timm_pe - dst.vit.pos_embed.detach()).abs().max() > 0.05
+    # at the native size the released forward uses pos_embed unchanged: a round trip is exact
+    native = fresh(img_size=32, num_register_tokens=n_reg)
+    load_released_weights(native, path)
+    x32 = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref32 = released_forward(sd, src.vit.blocks, src.vit.norm, x32)
+        torch.testing.assert_close(native.forward_features(x32)["x_norm_clstoken"], ref32[:, 0],
+                                   rtol=0, atol=1e-5)  # fmt: skip
+    save_official_layout(native, tmp_path / "again.pth")
+    again = torch.load(tmp_path / "again.pth", weights_only=True)
+    assert again.keys() == sd.keys()
+    for k in ("blocks.1.mlp.fc2.weight", "patch_embed.proj.weight", "mask_token"):
+        assert torch.equal(again[k], sd[k])
+    # the CLS position is folded into cls_token, so the file's (CLS token + CLS position) holds
+    torch.testing.assert_close(again["cls_token"] + again["pos_embed"][:, :1],
+                               sd["cls_token"] + sd["pos_embed"][:, :1], rtol=0, atol=0)  # fmt: skip
+
+
+def test_timm_file_resized_from_16x16_to_4x4(tmp_path) -> None:
+    """timm/dinoflow files are resized with timm's resample, as those models do at run time."""
     src = randomised(img_size=64)  # 16x16 grid
-    path = tmp_path / "big_grid.pth"
-    save_official_layout(src, path)
+    path = tmp_path / "big_grid_timm.pth"
+    torch.save(src.vit.state_dict(), path)
     dst = fresh(img_size=16)  # 4x4 grid
     report = load_released_weights(dst, path)
+    assert report.source_format == "timm"
     assert report.pos_embed_resized == ((16, 16), (4, 4))
     expect = resample_abs_pos_embed(
         src.vit.pos_embed.detach(), new_size=[4, 4], old_size=[16, 16], num_prefix_tokens=0
@@ -113,6 +185,39 @@ def test_pos_embed_resized_from_16x16_to_4x4(tmp_path) -> None:
     torch.testing.assert_close(
         outputs(dst, x)["x_norm_clstoken"], outputs(src, x)["x_norm_clstoken"], rtol=0, atol=1e-5
     )
+
+
+def test_allow_missing_registers_for_a_release_without_them(tmp_path) -> None:
+    src = randomised(num_register_tokens=0)
+    path = tmp_path / "no_registers.pth"
+    save_official_layout(src, path)
+    dst = fresh(num_register_tokens=2)
+    reg_init = dst.vit.reg_token.detach().clone()
+    with pytest.raises(ValueError, match=r"missing in file: vit\.reg_token"):
+        load_released_weights(dst, path)
+    with pytest.raises(ValueError, match=r"missing in file: vit\.reg_token"):
+        load_released_weights(dst, path, allow_missing=["blocks.*"])  # does not match
+    report = load_released_weights(dst, path, allow_missing=["reg_token"])
+    assert report.ok and report.missing == [] and report.allowed_missing == ["vit.reg_token"]
+    assert torch.equal(dst.vit.reg_token, reg_init)  # kept as initialised
+    assert torch.equal(dst.vit.blocks[0].attn.qkv.weight, src.vit.blocks[0].attn.qkv.weight)
+    assert "allowed missing, kept as initialised: vit.reg_token" in report.summary()
+    # the prefixed name and a wildcard work too
+    assert load_released_weights(fresh(num_register_tokens=2), path,
+                                 allow_missing=["vit.reg_*"]).allowed_missing == ["vit.reg_token"]
+
+
+def test_summary_and_missing_file(tmp_path) -> None:
+    src = randomised(img_size=32)
+    path = tmp_path / "r.pth"
+    save_official_layout(src, path)
+    report = load_released_weights(fresh(), path)
+    lines = report.summary().splitlines()
+    n_tensors = len(fresh().state_dict())
+    assert lines[0] == f"official layout: {n_tensors} backbone tensors loaded"
+    assert lines[1] == "patch position embeddings resized 8x8 -> 4x4"
+    with pytest.raises(FileNotFoundError, match="never downloaded"):
+        load_released_weights(fresh(), tmp_path / "dinov2_vits14_pretrain.pth")
 
 
 def test_wrong_key_reported_by_name(tmp_path) -> None:

@@ -13,12 +13,13 @@ import pandas as pd
 
 from dinoflow import curation
 from dinoflow.config import DataConfig, validate
-from dinoflow.data import Split, load_splits
+from dinoflow.data import Split
+from dinoflow.workflow import load_data
 
 
 def _splits(data: dict) -> tuple[dict[str, Split], str | None]:
     cfg = validate(DataConfig, data, "data")
-    splits = load_splits(**cfg.model_dump())
+    splits = load_data(cfg)
     return splits, (cfg.path if cfg.source == "image_folder" else None)
 
 

@@ -26,6 +26,9 @@ class DataConfig(Strict):
     seed: int = 0
     channels: Literal[1, 3] | None = None  # None: the source's own (1 for Fashion-MNIST, 3 folders)
     allow_download: bool = True
+    # Keep a fixed random subset (smoke runs, quick experiments); None keeps everything.
+    train_limit: int | None = Field(None, ge=10)
+    test_limit: int | None = Field(None, ge=10)
 
 
 class CropsConfig(Strict):
@@ -131,6 +134,7 @@ class OptimConfig(Strict):
     clip_grad: float | None = Field(3.0, gt=0)
     momentum_teacher_start: float = Field(0.992, ge=0, le=1)
     momentum_teacher_end: float = Field(1.0, ge=0, le=1)
+    momentum_teacher_shape: Literal["cosine", "linear"] = "cosine"  # start -> end over the run
     teacher_temp_start: float = Field(0.04, gt=0)
     teacher_temp_end: float = Field(0.07, gt=0)
     teacher_temp_warmup_epochs: float = Field(30, ge=0)

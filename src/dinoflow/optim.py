@@ -49,22 +49,22 @@ def param_groups(
     """
     named = [n for n, p in backbone.named_parameters() if p.requires_grad]
     depth = 1 + max((b for b in map(_block_index, named) if b is not None), default=-1)
-    entries: list[tuple[str, nn.Parameter, float, bool]] = []
+    entries: list[tuple[str, nn.Parameter, float, bool, bool]] = []
     for name, p in backbone.named_parameters():
         if p.requires_grad:
-            entries.append(
-                (name, p, _lr_multiplier(name, depth, layer_decay, patch_embed_lr_mult), False)
-            )
+            lr_mult = _lr_multiplier(name, depth, layer_decay, patch_embed_lr_mult)
+            entries.append((name, p, lr_mult, False, True))
     for head_name, head in heads.items():
         for name, p in head.named_parameters():
             if p.requires_grad:
-                entries.append((f"{head_name}.{name}", p, 1.0, "last_layer" in name))
+                entries.append((f"{head_name}.{name}", p, 1.0, "last_layer" in name, False))
 
-    # one group per distinct setting keeps the optimiser's foreach/fused kernels batched
-    groups: dict[tuple[float, float, bool], dict] = {}
-    for name, p, lr_mult, last in entries:
+    # one group per distinct setting keeps the optimiser's foreach/fused kernels batched;
+    # backbone and heads never share a group (the head warm-up scales the backbone's lr alone)
+    groups: dict[tuple[float, float, bool, bool], dict] = {}
+    for name, p, lr_mult, last, in_backbone in entries:
         wd_mult = 0.0 if _no_weight_decay(name, p) else 1.0
-        key = (round(lr_mult, 12), wd_mult, last)
+        key = (round(lr_mult, 12), wd_mult, last, in_backbone)
         if key not in groups:
             groups[key] = {
                 "params": [],
@@ -72,7 +72,10 @@ def param_groups(
                 "lr_multiplier": lr_mult,
                 "wd_multiplier": wd_mult,
                 "is_last_layer": last,
-                "name": f"lr{lr_mult:.4g}_wd{wd_mult:g}" + ("_last_layer" if last else ""),
+                "is_backbone": in_backbone,
+                "name": ("backbone_" if in_backbone else "head_")
+                + f"lr{lr_mult:.4g}_wd{wd_mult:g}"
+                + ("_last_layer" if last else ""),
             }
         groups[key]["params"].append(p)
         groups[key]["param_names"].append(name)
@@ -94,13 +97,18 @@ def build_optimizer(
 
 
 def apply_schedules(
-    optimizer: torch.optim.Optimizer, lr: float, wd: float, freeze_last_layer: bool
+    optimizer: torch.optim.Optimizer,
+    lr: float,
+    wd: float,
+    freeze_last_layer: bool,
+    backbone_lr_scale: float = 1.0,
 ) -> None:
     """Set each group's lr = lr * lr_multiplier (0 for the last layer while frozen) and
     weight_decay = wd * wd_multiplier."""
     for group in optimizer.param_groups:
         frozen = freeze_last_layer and group.get("is_last_layer", False)
-        group["lr"] = 0.0 if frozen else float(lr) * group.get("lr_multiplier", 1.0)
+        scale = backbone_lr_scale if group.get("is_backbone", False) else 1.0
+        group["lr"] = 0.0 if frozen else float(lr) * group.get("lr_multiplier", 1.0) * scale
         group["weight_decay"] = float(wd) * group.get("wd_multiplier", 1.0)
 
 
@@ -122,5 +130,6 @@ def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
     if len(t_params) != len(s_params):
         raise ValueError(f"teacher has {len(t_params)} parameters, student {len(s_params)}")
     m = float(momentum)
-    torch._foreach_mul_(t_params, m)
-    torch._foreach_add_(t_params, s_params, alpha=1.0 - m)
+    # lerp t + (1 - m) * (s - t): exactly t where t == s (mul + add drifts by an ulp), so a
+    # teacher that equals a frozen student stays bit-identical (continued-pretraining warm-up)
+    torch._foreach_lerp_(t_params, s_params, 1.0 - m)

@@ -33,6 +33,11 @@ def cosine_schedule(
     return np.concatenate([warmup, cosine]).astype(np.float64)
 
 
+def linear_schedule(base: float, final: float, total_steps: int) -> np.ndarray:
+    """(total_steps,) straight line base -> final; step 0 is ``base``, the last step ``final``."""
+    return base + (final - base) * np.arange(total_steps) / max(total_steps - 1, 1)
+
+
 def linear_warmup_then_constant(
     start: float, end: float, warmup_steps: int, total_steps: int
 ) -> np.ndarray:
@@ -89,13 +94,18 @@ def build_schedules(
     teacher_temp_warmup_epochs: float,
     freeze_last_layer_epochs: float,
     max_warmup_fraction: float = 0.3,
+    momentum_shape: str = "cosine",
 ) -> tuple[Schedules, list[str]]:
     """All training schedules plus human-readable notes about any capping, for the logs.
 
     base_lr is the peak lr (already scaled with ``scaled_lr``). Warm-ups (lr, teacher
     temperature, last-layer freeze) longer than max_warmup_fraction of the run are capped to
     that fraction so that a short run still reaches its peak lr and final temperature.
+    The teacher momentum goes start -> end over the whole run, ``momentum_shape`` "cosine"
+    (the reference) or "linear".
     """
+    if momentum_shape not in ("cosine", "linear"):
+        raise ValueError(f"momentum_shape must be 'cosine' or 'linear', got {momentum_shape!r}")
     if total_steps < 1 or steps_per_epoch < 1:
         raise ValueError(
             f"total_steps ({total_steps}) and steps_per_epoch ({steps_per_epoch}) must be >= 1"
@@ -129,7 +139,9 @@ def build_schedules(
     schedules = Schedules(
         lr=cosine_schedule(base_lr, min_lr, total_steps, warmup_steps=lr_warmup),
         wd=cosine_schedule(wd_start, wd_end, total_steps),
-        momentum=cosine_schedule(momentum_start, momentum_end, total_steps),
+        momentum=(cosine_schedule if momentum_shape == "cosine" else linear_schedule)(
+            momentum_start, momentum_end, total_steps
+        ),
         teacher_temp=linear_warmup_then_constant(
             teacher_temp_start, teacher_temp_end, temp_warmup, total_steps
         ),

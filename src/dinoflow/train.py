@@ -19,7 +19,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -217,8 +217,11 @@ def train_step(
     masks = batch["masks"].to(device, non_blocking=True)
     n_global, b = global_crops.shape[0], batch["batch_size"]
     temp = float(schedules.teacher_temp[step])
+    # continued pretraining: the backbone stays frozen (or nearly) while fresh heads settle
+    warming_up = step < cfg.init.head_warmup_steps
     apply_schedules(optimizer, schedules.lr[step], schedules.wd[step],
-                    freeze_last_layer=bool(schedules.last_layer_lr_zero[step]))
+                    freeze_last_layer=bool(schedules.last_layer_lr_zero[step]),
+                    backbone_lr_scale=cfg.init.head_warmup_backbone_lr_mult if warming_up else 1.0)
 
     with autocast_for(cfg, device):
         with torch.inference_mode():
@@ -271,9 +274,12 @@ class PretrainResult:
     std: list[float] = field(default_factory=list)
 
 
-def run_fingerprint(cfg: PretrainConfig, n_images: int) -> str:
+def run_fingerprint(cfg: PretrainConfig, n_images: int, world_size: int = 1) -> str:
+    """Hash of what the run computes. The global batch (not the per-process one) enters it, so
+    a checkpoint written by N processes resumes in M processes with the same global batch."""
     d = cfg.model_dump(mode="json")
     d["train"] = {k: v for k, v in d["train"].items() if k not in _NOT_IN_FINGERPRINT}
+    d["train"]["batch_size"] = cfg.train.batch_size * world_size
     d.pop("launcher")
     return fingerprint({"cfg": d, "n_images": n_images})
 
@@ -292,10 +298,13 @@ def pretrain(
     knn_bank: Split | None = None,
     knn_queries: Split | None = None,
     stop_after_steps: int | None = None,
+    on_knn: Callable[[int, float], None] | None = None,
 ) -> PretrainResult:
     """Train a DINOv2 student/teacher on ``train``; write the teacher backbone and heads.
 
     ``stop_after_steps`` ends the process early after a checkpoint (tests of resumption).
+    ``on_knn(step, top1)`` is called after each online kNN check (e.g. an Optuna pruner); it may
+    raise to stop the run. A fresh run checks kNN at step 0 too: the starting point.
     """
     rank, world_size = world()
     device = resolve_device(cfg)
@@ -306,7 +315,7 @@ def pretrain(
     n = len(train)
     total_steps, steps_per_epoch = total_steps_for(cfg, n, world_size)
     last_step = min(total_steps, t.max_steps or total_steps)
-    fp = run_fingerprint(cfg, n)
+    fp = run_fingerprint(cfg, n, world_size)
     ckpt_path = run_dir / "checkpoints" / f"{fp}.pt"
 
     torch.manual_seed(t.seed)
@@ -314,8 +323,14 @@ def pretrain(
     if cfg.init.weights:
         from dinoflow.weights import load_released_weights
 
-        report = load_released_weights(student.backbone, cfg.init.weights)
-        log.info("initialised the backbone from %s: %s", cfg.init.weights, report)
+        # before make_teacher: the teacher starts from the same loaded weights
+        report = load_released_weights(student.backbone, cfg.init.weights,
+                                       allow_missing=cfg.init.allow_missing)
+        log.info("initialised the backbone from %s: %s", cfg.init.weights, report.summary())
+        tracking.log_text(f"{cfg.init.weights}\n{report.summary()}", "init_weights_report.txt")
+        if cfg.init.head_warmup_steps == 0:
+            log.warning("pretrain.init.head_warmup_steps=0: the fresh heads' gradients reach the "
+                        "loaded backbone from step 0 (docs/continue_pretraining.md)")
     teacher = make_teacher(student)
     o = cfg.optim
     global_batch = t.batch_size * world_size
@@ -324,6 +339,7 @@ def pretrain(
         total_steps=total_steps, steps_per_epoch=steps_per_epoch, base_lr=peak_lr, min_lr=o.min_lr,
         warmup_epochs=o.warmup_epochs, wd_start=o.weight_decay_start, wd_end=o.weight_decay_end,
         momentum_start=o.momentum_teacher_start, momentum_end=o.momentum_teacher_end,
+        momentum_shape=o.momentum_teacher_shape,
         teacher_temp_start=o.teacher_temp_start, teacher_temp_end=o.teacher_temp_end,
         teacher_temp_warmup_epochs=o.teacher_temp_warmup_epochs,
         freeze_last_layer_epochs=o.freeze_last_layer_epochs, max_warmup_fraction=o.max_warmup_fraction,
@@ -355,6 +371,10 @@ def pretrain(
         start_step, history = state["step"], state["history"]
         log.info("resuming %s from step %d of %d (checkpoint %s)", fp, start_step, last_step, ckpt_path)
     resumed_from = start_step
+    if world_size > 1:
+        # the weights are equal on every rank (DDP broadcasts rank 0's); the random streams
+        # (drop-path) must not be, or every rank would drop the same paths for its images
+        torch.manual_seed((t.seed * 1_000_003 + start_step) * 1_009 + rank)
 
     model: nn.Module = student
     if world_size > 1:
@@ -383,6 +403,19 @@ def pretrain(
         tracking.set_tags({"dinoflow.fingerprint": fp, "dinoflow.world_size": world_size})
         tracking.log_text("\n".join(notes) or "no schedule capping", "schedule_notes.txt")
     knn_every = max(1, int(round(t.knn_every_epochs * steps_per_epoch)))
+
+    def knn_check(done: int) -> None:
+        acc = online_knn(teacher.backbone, knn_bank, knn_queries, mean, std, cfg.crops.global_size, device)
+        history.append({"step": done, "knn/top1_k20": acc})
+        if main:
+            tracking.log_metrics({"knn/top1_k20": acc}, step=done)
+            log.info("step %d: online kNN top-1 (k=20) %.4f", done, acc)
+        if on_knn is not None:
+            on_knn(done, acc)
+
+    has_knn = knn_bank is not None and knn_queries is not None
+    if has_knn and start_step == 0:
+        knn_check(0)  # the starting point: random init, or the loaded weights
     progress = _progress(main and t.progress, start_step, last_step)
     pending: list[dict[str, torch.Tensor]] = []
     t0, images_done, warned = time.perf_counter(), 0, False
@@ -418,12 +451,8 @@ def pretrain(
                 log.warning("step %d: %s", done, message)
                 tracking.set_tags({"dinoflow.collapse_warning": message[:250]})
                 warned = True
-        if knn_bank is not None and knn_queries is not None and (done % knn_every == 0 or done == last_step):
-            acc = online_knn(teacher.backbone, knn_bank, knn_queries, mean, std, cfg.crops.global_size, device)
-            history.append({"step": done, "knn/top1_k20": acc})
-            if main:
-                tracking.log_metrics({"knn/top1_k20": acc}, step=done)
-                progress.note(f"step {done}: online kNN top-1 (k=20) {acc:.4f}")
+        if has_knn and (done % knn_every == 0 or done == last_step):
+            knn_check(done)
         if done % t.checkpoint_every_steps == 0 or done == last_step:
             if main:
                 atomic_torch_save({
@@ -459,9 +488,15 @@ def pretrain(
 
 
 def _reduce(pending: list[dict[str, torch.Tensor]]) -> dict[str, float]:
-    """Mean of each metric over the steps since the last log (one sync per log, not per step)."""
-    keys = pending[0].keys()
-    return {k: float(torch.stack([p[k].float() for p in pending]).mean()) for k in keys}
+    """Mean of each metric over the steps since the last log and over the processes (one sync
+    per log, not per step): the loss of the global batch, as one process would log it."""
+    keys = list(pending[0].keys())
+    device = pending[0]["loss/total"].device  # the training device (NCCL reduces CUDA tensors)
+    means = torch.stack([torch.stack([p[k].float() for p in pending]).mean().to(device) for k in keys])
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(means)  # equal local batches: the mean of the means is the global mean
+        means /= dist.get_world_size()
+    return dict(zip(keys, means.tolist(), strict=True))
 
 
 @torch.inference_mode()

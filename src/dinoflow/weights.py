@@ -12,26 +12,39 @@ Accepted files (read with ``torch.load(weights_only=True)``, nothing downloaded)
 
 Mapping to dinoflow's timm backbone (``no_embed_class=True``): the CLS position embedding is a
 constant added to the learned CLS token, so it is folded into ``cls_token`` (exactly the
-reference's ``cat(cls, patches) + pos_embed`` for the CLS row); patch position embeddings are
-resized bicubically (timm ``resample_abs_pos_embed``) to the backbone's grid when they differ.
+reference's ``cat(cls, patches) + pos_embed`` for the CLS row). Patch position embeddings are
+resized once, at load time, to the backbone's grid when they differ, the way the source model
+itself resizes them at run time: official files exactly like the released model's
+``interpolate_pos_encoding`` (bicubic, scale factor (grid + 0.1) / old grid, no antialias), so
+the loaded backbone's forward equals the released model's forward at the configured image
+size; timm and dinoflow files with timm's ``resample_abs_pos_embed`` (bicubic, antialiased).
 """
 
 from __future__ import annotations
 
+import fnmatch
 import math
 import os
 import re
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from timm.layers import resample_abs_pos_embed
 
 from dinoflow.models.vit import BACKBONE_FORMAT, DinoVisionTransformer
 
-__all__ = ["LoadReport", "load_released_weights", "save_official_layout"]
+__all__ = [
+    "LoadReport",
+    "load_released_weights",
+    "official_state_dict",
+    "resize_pos_embed_official",
+    "save_official_layout",
+]
 
 _CHUNK_RE = re.compile(r"^blocks\.\d+\.(\d+)\.")  # blocks.{chunk}.{global index}.
 _WRAPPER_KEYS = ("teacher", "model", "state_dict")
@@ -45,6 +58,8 @@ class LoadReport:
     source_format: "official", "timm" or "dinoflow".
     loaded: backbone state-dict keys set from the file.
     missing: backbone keys the file does not provide (left as initialised).
+    allowed_missing: missing backbone keys the caller allowed (``allow_missing``), left as
+        initialised; they do not make the report fail.
     unexpected: file keys (as named in the file) that the backbone has no place for.
     mismatched: (file key, file shape, backbone shape) for keys present in both.
     pos_embed_resized: (file grid, backbone grid) when the patch position embeddings were resized.
@@ -54,6 +69,7 @@ class LoadReport:
     source_format: str
     loaded: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
+    allowed_missing: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
     mismatched: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = field(default_factory=list)
     pos_embed_resized: tuple[tuple[int, int], tuple[int, int]] | None = None
@@ -72,6 +88,20 @@ class LoadReport:
             f"shape mismatch: {k} file {list(a)} vs backbone {list(b)}"
             for k, a, b in self.mismatched
         ]
+        return "\n".join(lines)
+
+    def summary(self) -> str:
+        """A few lines for a log: counts, adaptations, then every problem key by name."""
+        head = f"{self.source_format} layout: {len(self.loaded)} backbone tensors loaded"
+        lines = [head]
+        if self.pos_embed_resized:
+            (a, b), (c, d) = self.pos_embed_resized
+            lines.append(f"patch position embeddings resized {a}x{b} -> {c}x{d}")
+        if self.allowed_missing:
+            lines.append("allowed missing, kept as initialised: " + ", ".join(self.allowed_missing))
+        lines += self.notes
+        if not self.ok:
+            lines.append(self.problems())
         return "\n".join(lines)
 
 
@@ -99,18 +129,45 @@ def _square_side(n: int) -> int | None:
     return s if s > 0 and s * s == n else None
 
 
+def resize_pos_embed_official(
+    pe: torch.Tensor, new_grid: tuple[int, int], offset: float = 0.1
+) -> torch.Tensor:
+    """Patch position embeddings (1, M*M, D) -> (1, H*W, D) as the released DINOv2 models do
+    in ``interpolate_pos_encoding`` (hub models: interpolate_offset 0.1, no antialias)."""
+    m = _square_side(pe.shape[1])
+    if m is None:
+        raise ValueError(f"pos_embed has {pe.shape[1]} patch rows, not a square grid")
+    d = pe.shape[-1]
+    grid = pe.float().reshape(1, m, m, d).permute(0, 3, 1, 2)
+    # the scale factor (not the size) sets the sampling positions, as in the reference
+    scale = ((new_grid[0] + offset) / m, (new_grid[1] + offset) / m)
+    out = F.interpolate(grid, scale_factor=scale, mode="bicubic", antialias=False)
+    if tuple(out.shape[-2:]) != tuple(new_grid):
+        raise ValueError(f"official resize of a {m}x{m} grid gave {tuple(out.shape[-2:])}")
+    return out.permute(0, 2, 3, 1).reshape(1, -1, d)
+
+
 def load_released_weights(
     backbone: DinoVisionTransformer,
     path: str | os.PathLike[str],
     strict_report: bool = True,
+    allow_missing: Sequence[str] = (),
 ) -> LoadReport:
     """Load a released/official, timm or dinoflow backbone checkpoint into ``backbone``.
 
     strict_report=True: any missing, unexpected or shape-mismatched key raises ValueError naming
     every one of them, and nothing is loaded. False: the matching keys are loaded and the
-    report lists the rest. A 3-channel patch embedding loaded into a 1-channel backbone is
-    summed over the colour channels (timm's adapt_input_conv), noted in the report.
+    report lists the rest. ``allow_missing``: fnmatch patterns of backbone keys (with or
+    without the ``vit.`` prefix, e.g. ``reg_token`` to add registers to a release without them)
+    that may be absent from the file; they keep their initial values and are reported in
+    ``allowed_missing`` instead of ``missing``. A 3-channel patch embedding loaded into a
+    1-channel backbone is summed over the colour channels (timm's adapt_input_conv), noted in
+    the report.
     """
+    if not Path(path).is_file():
+        raise FileNotFoundError(
+            f"{path}: no such file (weights are read from a local file, never downloaded)"
+        )
     raw = torch.load(path, map_location="cpu", weights_only=True)
     sd, is_dinoflow = _unwrap(raw, str(path))
     if any(k.startswith("vit.") for k in sd):  # dinoflow state dict without the wrapper
@@ -156,10 +213,16 @@ def load_released_weights(
         assert side is not None
         grid = tuple(backbone.vit.patch_embed.grid_size)
         if (side, side) != grid and pe.shape[-1] == model_sd["vit.pos_embed"].shape[-1]:
-            pe = resample_abs_pos_embed(
-                pe, new_size=list(grid), old_size=[side, side], num_prefix_tokens=0
-            )
+            if report.source_format == "official":
+                pe = resize_pos_embed_official(pe, (int(grid[0]), int(grid[1])))
+                how = "as the released model's interpolate_pos_encoding (offset 0.1)"
+            else:
+                pe = resample_abs_pos_embed(
+                    pe, new_size=list(grid), old_size=[side, side], num_prefix_tokens=0
+                )
+                how = "with timm resample_abs_pos_embed"
             report.pos_embed_resized = ((side, side), (int(grid[0]), int(grid[1])))
+            report.notes.append(f"patch position embeddings resized bicubically {how}")
         mapped["pos_embed"] = pe.to(mapped["pos_embed"].dtype)
 
     # --- colour -> grayscale patch embedding
@@ -194,12 +257,20 @@ def load_released_weights(
         if k == "mask_token":  # timm files have none; it is zero-initialised and trained
             report.notes.append("no mask_token in the file: kept the zero init")
             continue
+        if any(
+            fnmatch.fnmatchcase(name, pat)
+            for pat in allow_missing
+            for name in (k, k.removeprefix("vit."))
+        ):
+            report.allowed_missing.append(k)
+            continue
         report.missing.append(k)
 
     if strict_report and not report.ok:
         raise ValueError(
             f"{path} ({report.source_format} layout) does not fit the backbone:\n"
-            f"{report.problems()}\n(pass strict_report=False to load the matching keys anyway)"
+            f"{report.problems()}\n(keys that may stay as initialised: pretrain.init.allow_missing;"
+            " strict_report=False loads the matching keys anyway)"
         )
     backbone.load_state_dict(to_load, strict=False)
     report.loaded = sorted(to_load)

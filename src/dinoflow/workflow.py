@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
@@ -17,7 +18,8 @@ log = logging.getLogger(__name__)
 def load_data(data: DataConfig) -> dict[str, Split]:
     return load_splits(source=data.source, path=data.path, val_size=data.val_size,
                        test_fraction=data.test_fraction, seed=data.seed, channels=data.channels,
-                       allow_download=data.allow_download)
+                       allow_download=data.allow_download, train_limit=data.train_limit,
+                       test_limit=data.test_limit)
 
 
 def apply_manifest(train: Split, manifest_ids: list[str] | None) -> Split:
@@ -45,15 +47,20 @@ def knn_subsets(splits: dict[str, Split], bank_size: int, query_size: int, seed:
 
 
 def run_pretraining(data: DataConfig, cfg: PretrainConfig, manifest_ids: list[str] | None = None,
-                    stop_after_steps: int | None = None) -> dict[str, Any]:
-    """Load the data, train, and return a JSON-able summary (paths, steps, losses, kNN, speed)."""
+                    stop_after_steps: int | None = None,
+                    on_knn: Callable[[int, float], None] | None = None) -> dict[str, Any]:
+    """Load the data, train, and return a JSON-able summary (paths, steps, losses, kNN, speed).
+
+    ``on_knn(step, top1)`` is passed to ``pretrain`` (tuning reports it to its pruner).
+    """
     from dinoflow.train import pretrain
 
     splits = load_data(data)
     train = apply_manifest(splits["train"], manifest_ids if cfg.train.use_curated_manifest else None)
     mean, std = channel_stats(train)
     bank, queries = knn_subsets(splits, cfg.train.knn_bank_size, cfg.train.knn_query_size, cfg.train.seed)
-    result = pretrain(cfg, train, mean, std, bank, queries, stop_after_steps=stop_after_steps)
+    result = pretrain(cfg, train, mean, std, bank, queries, stop_after_steps=stop_after_steps,
+                      on_knn=on_knn)
     summary = asdict(result)
     summary.update({"n_train_images": len(train), "data": data.model_dump(mode="json"),
                     "channels": train.channels, "image_size": cfg.crops.global_size})

@@ -46,8 +46,9 @@ def ingest(splits: dict[str, Split], cfg: CurationConfig) -> tuple[pd.DataFrame,
         splits,
         cfg.embedding.pixel_size,
         min(cfg.ingest.max_pixels, cfg.quality.max_pixels),
-        cfg.ingest.compute_phash,
+        cfg.ingest.compute_phash and cfg.dedup.phash,
         cfg.show_progress,
+        cfg.dedup.phash_min_side,
     )
     for col, default in (("component", -1), ("dup_of", ""), ("cluster", -1)):
         meta[col] = default

@@ -30,15 +30,14 @@ def build_index(base: np.ndarray, cfg: DedupConfig, seed: int = 0):
         index.add(base)
         return index
     nlist = cfg.ivf_nlist or max(1, int(4 * np.sqrt(n)))
-    nlist = min(nlist, n)
+    nlist = max(1, min(nlist, n // 39))  # faiss wants >= 39 training points per list
     quantizer = faiss.IndexFlatIP(d)
     index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
     rng = np.random.default_rng(seed)
-    n_train = min(n, 64 * nlist)
+    n_train = min(n, 40 * nlist)
     index.train(base[np.sort(rng.choice(n, n_train, replace=False))] if n_train < n else base)
     index.add(base)
     index.nprobe = min(cfg.ivf_nprobe, nlist)
-    index.quantizer_ref = quantizer  # keep the quantizer alive as long as the index
     return index
 
 

@@ -173,8 +173,13 @@ def ingest_split(
     max_pixels: int,
     compute_phash: bool = True,
     progress: bool = True,
+    phash_min_side: int = 0,
 ) -> tuple[pd.DataFrame, np.ndarray]:
-    """Metadata rows (COLUMNS) and thumbnails (N, s, s, 3) uint8 for every item of a split."""
+    """Metadata rows (COLUMNS) and thumbnails (N, s, s, 3) uint8 for every item of a split.
+
+    pHash is computed only for images whose short side is at least phash_min_side (dedup ignores
+    it below; skipping it saves a third of the ingest time on Fashion-MNIST).
+    """
     from tqdm.auto import tqdm
 
     n = len(split)
@@ -202,7 +207,8 @@ def ingest_split(
             row["reason"], row["detail"] = decoded.reason, decoded.detail
             rgb = decoded.rgb
         if rgb is not None:
-            info, thumbs[i] = describe(rgb, thumb_size, compute_phash)
+            want_phash = compute_phash and min(rgb.shape[:2]) >= phash_min_side
+            info, thumbs[i] = describe(rgb, thumb_size, want_phash)
             row.update(info, readable=True)
         rows.append(row)
     frame = pd.DataFrame(rows, columns=COLUMNS)
@@ -215,12 +221,15 @@ def ingest_splits(
     max_pixels: int,
     compute_phash: bool = True,
     progress: bool = True,
+    phash_min_side: int = 0,
 ) -> tuple[pd.DataFrame, np.ndarray]:
     """All splits stacked (train first): one metadata table and aligned thumbnails."""
     frames, thumbs = [], []
     for name in ("train", "val", "test"):
         if name in splits:
-            f, t = ingest_split(splits[name], name, thumb_size, max_pixels, compute_phash, progress)
+            f, t = ingest_split(
+                splits[name], name, thumb_size, max_pixels, compute_phash, progress, phash_min_side
+            )
             frames.append(f)
             thumbs.append(t)
     frame = pd.concat(frames, ignore_index=True)

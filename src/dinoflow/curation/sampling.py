@@ -31,14 +31,23 @@ def kmeans_pp_init(x: np.ndarray, k: int, rng: np.random.Generator, max_points: 
     sample = x if len(x) <= max_points else x[rng.choice(len(x), max_points, replace=False)]
     sample = sample.astype(np.float32)
     centres = np.empty((k, x.shape[1]), dtype=np.float32)
+    sq = (sample.astype(np.float64) ** 2).sum(1)
+
+    def dist2(c: np.ndarray) -> np.ndarray:  # |s - c|^2 by one mat-vec, no (n, D) temporary
+        return np.maximum(sq - 2.0 * (sample @ c) + float(c.astype(np.float64) @ c), 0.0)
+
     centres[0] = sample[rng.integers(len(sample))]
-    d2 = ((sample - centres[0]) ** 2).sum(1).astype(np.float64)
+    d2 = dist2(centres[0])
     for c in range(1, k):
         total = d2.sum()
         # All remaining points coincide with a centre: any choice is as good.
-        pick = rng.integers(len(sample)) if total <= 0 else rng.choice(len(sample), p=d2 / total)
+        if total <= 0:
+            pick = int(rng.integers(len(sample)))
+        else:
+            pick = int(np.searchsorted(np.cumsum(d2), rng.random() * total, side="right"))
+            pick = min(pick, len(sample) - 1)
         centres[c] = sample[pick]
-        d2 = np.minimum(d2, ((sample - centres[c]) ** 2).sum(1))
+        d2 = np.minimum(d2, dist2(centres[c]))
     return centres
 
 

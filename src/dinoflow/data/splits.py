@@ -90,6 +90,8 @@ def load_splits(
     seed: int = 0,
     channels: int | None = None,
     allow_download: bool = True,
+    train_limit: int | None = None,
+    test_limit: int | None = None,
 ) -> dict[str, Split]:
     """{"train", "val", "test"}: val carved from train with ``seed``; the same for every pipeline.
 
@@ -134,7 +136,11 @@ def load_splits(
         val_size = val_size if isinstance(val_size, float) else min(val_size, len(full_train) // 10)
     train_idx, val_idx = _carve(len(full_train), val_size, seed)
     train, val = full_train.subset(train_idx), full_train.subset(val_idx)
-    train.name, val.name = "train", "val"
+    if train_limit is not None and train_limit < len(train):
+        train = train.subset(_carve(len(train), train_limit, seed + 2)[1])
+    if test_limit is not None and test_limit < len(test):
+        test = test.subset(_carve(len(test), test_limit, seed + 3)[1])
+    train.name, val.name, test.name = "train", "val", "test"
     return {"train": train, "val": val, "test": test}
 
 

@@ -103,7 +103,7 @@ def load_batch(split: ImageSource, start: int, stop: int, image_size: int | None
     ``image_size`` one by one so they can be stacked. In-memory arrays are sliced directly."""
     images = getattr(split, "images", None)
     if isinstance(images, np.ndarray):
-        x = torch.from_numpy(np.ascontiguousarray(images[start:stop]))
+        x = torch.from_numpy(np.array(images[start:stop]))  # a copy: sources may be read-only
         return x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2)
     items = [split.load(i) for i in range(start, stop)]
     if len({tuple(t.shape) for t in items}) > 1:

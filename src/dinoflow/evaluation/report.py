@@ -94,6 +94,7 @@ class EvalSettings:
     seg_epochs: int = 10
     seg_lr: float = 1e-3
     seg_batch_size: int = 64
+    seg_feature_batch_size: int = 64  # patch-token extraction on the (larger) scenes
     seg_image_size: int | None = None  # None: the canvas (or mask-folder image) size
     # baselines
     baselines: tuple[str, ...] = BASELINES
@@ -243,7 +244,8 @@ def _segment(backbone: nn.Module, bench: tuple, cfg: EvalSettings) -> dict[str, 
     return train_linear_segmentation(
         backbone, tr_x, tr_y, te_x, te_y, cfg.mean, cfg.std, len(names), epochs=cfg.seg_epochs,
         lr=cfg.seg_lr, batch_size=cfg.seg_batch_size, image_size=cfg.seg_image_size,
-        n_examples=cfg.n_pictures, seed=cfg.seed, device=cfg.device, progress=cfg.progress,
+        n_examples=cfg.n_pictures, seed=cfg.seed, feature_batch_size=cfg.seg_feature_batch_size,
+        device=cfg.device, progress=cfg.progress,
     )  # fmt: skip
 
 

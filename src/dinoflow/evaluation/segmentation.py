@@ -70,7 +70,10 @@ def extract_patch_maps(
     x_all = _as_nchw(images)
     patch = backbone.patch_size
     patch = int(patch[0] if isinstance(patch, tuple) else patch)
-    size = (grid_size(x_all.shape[-2], patch, image_size), grid_size(x_all.shape[-1], patch, image_size))
+    size = (
+        grid_size(x_all.shape[-2], patch, image_size),
+        grid_size(x_all.shape[-1], patch, image_size),
+    )
     channels = int(getattr(backbone, "in_chans", x_all.shape[1]))
     h, w = size[0] // patch, size[1] // patch
     was_training = backbone.training

@@ -1,0 +1,325 @@
+"""Benchmark (not a test): one full DINOv2 pretraining step, dinoflow vs lightly's DINOv2 parts.
+
+    python benchmarks/bench_step.py                       # CPU profile + ViT-S/14 shape, JSON out
+    python benchmarks/bench_step.py --profiles cpu --repeats 3 --threads 2
+
+A step is: teacher forward on the 2 global crops (no grad), student forward on global crops
+(masked) and local crops, DINO + iBOT + KoLeo losses, backward, AdamW, teacher EMA.
+
+Contenders, built from the same config (backbone, crops, batch, head sizes) and fed the same
+batches and masks:
+- ``dinoflow``: ``dinoflow.train.train_step`` with the student, teacher, optimiser, losses and
+  schedules set up as ``dinoflow.train.pretrain`` does.
+- ``lightly``: the step of lightly's ``examples/pytorch/dinov2.py`` (lightly 1.6):
+  ``MaskedVisionTransformerTIMM`` student/teacher over the same timm ``VisionTransformer``,
+  ``DINOv2ProjectionHead`` (shared DINO/iBOT head unless the config separates them),
+  ``DINOLoss``, ``IBOTPatchLoss``, ``KoLeoLoss`` (weight 0.1), ``AdamW(model.parameters())``,
+  the weight-decay loop and ``update_momentum`` on backbone and heads.
+
+Profiles:
+- ``cpu``: ``conf/base/parameters_pretrain.yml`` ``pretrain:`` as it is at benchmark time
+  (1-channel Fashion-MNIST crops).
+- ``vit_s14``: the ViT-S/14 shape (embed 384, depth 12, 6 heads, patch 14) at a size 2 cores can
+  run: global crops 112, local crops 42 (multiples of 14), 2 + 4 crops, batch 8, K = 8192
+  prototypes (head hidden 2048, bottleneck 256), RGB; other settings from the CPU profile.
+
+Reported per profile: median seconds per step and images/s of each contender and their ratio;
+FLOPs of one dinoflow step (``torch.utils.flop_counter.FlopCounterMode``: student forward +
+backward, teacher forward, losses; matmul-class ops) and the model FLOP utilisation = FLOPs /
+median step time / fp32 matmul rate measured in the same process; peak resident memory above
+the starting point during one step of each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+from common import (ROOT, PeakRSS, interleaved_times, machine_info, matmul_rate,  # noqa: I001
+                    median)
+from dinoflow.config import PretrainConfig
+from dinoflow.losses import DINOLoss, IBOTPatchLoss, KoLeoLoss
+from dinoflow.masking import sample_masks
+from dinoflow.optim import build_optimizer, param_groups
+from dinoflow.schedules import build_schedules, scaled_lr
+from dinoflow.student_teacher import make_teacher
+from dinoflow.train import Losses, MaskingCollate, build_backbone, build_student, train_step
+
+VIT_S14 = {
+    "crops": {"global_size": 112, "local_size": 42, "n_local": 4},
+    "backbone": {"arch": "custom", "patch_size": 14, "embed_dim": 384, "depth": 12,
+                 "num_heads": 6},
+    "head": {"n_prototypes": 8192, "hidden_dim": 2048, "bottleneck_dim": 256},
+    "train": {"batch_size": 8},
+}  # fmt: skip
+
+# a step in the middle of the run: last layer unfrozen, teacher temperature warmed up
+_TOTAL_STEPS, _STEP0 = 10_000, 5_000
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        out[k] = _merge(out.get(k, {}), v) if isinstance(v, dict) else v
+    return out
+
+
+def profile_config(name: str) -> tuple[PretrainConfig, int]:
+    """(config, image channels) of a benchmark profile, read from conf/ now."""
+    params = yaml.safe_load((ROOT / "conf/base/parameters_pretrain.yml").read_text())["pretrain"]
+    params = _merge(params, {"train": {"device": "cpu", "compile": params["train"]["compile"]}})
+    if name == "cpu":
+        return PretrainConfig.model_validate(params), 1
+    if name == "vit_s14":
+        return PretrainConfig.model_validate(_merge(params, VIT_S14)), 3
+    raise ValueError(f"unknown profile {name!r}: cpu or vit_s14")
+
+
+def make_batches(cfg: PretrainConfig, channels: int, n: int, seed: int = 0) -> list[dict[str, Any]]:
+    """n synthetic collated batches (normalised crops, training masks drawn as in training)."""
+    g = torch.Generator().manual_seed(seed)
+    b, c = cfg.train.batch_size, cfg.crops
+    masking = MaskingCollate(cfg, 0, 1)
+    batches = []
+    for i in range(n):
+        rng = np.random.default_rng([seed, i, 7])
+        m = cfg.masking
+        masks = sample_masks(2 * b, masking.grid, masking.generator, rng, m.mask_probability,
+                             (m.ratio_min, m.ratio_max))
+        batches.append({
+            "global_crops": torch.randn(2 * b, channels, c.global_size, c.global_size, generator=g),
+            "local_crops": torch.randn(c.n_local * b, channels, c.local_size, c.local_size,
+                                       generator=g),
+            "masks": masks, "n_local": c.n_local, "batch_size": b, "step": i,
+        })  # fmt: skip
+    return batches
+
+
+# --------------------------------------------------------------------------- dinoflow
+@dataclass
+class DinoflowStep:
+    """``dinoflow.train.train_step`` set up as ``pretrain`` sets it up (single process, CPU)."""
+
+    cfg: PretrainConfig
+    channels: int
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        cfg, o = self.cfg, self.cfg.optim
+        torch.manual_seed(self.seed)
+        self.student = build_student(cfg, self.channels)
+        self.teacher = make_teacher(self.student)
+        self.model: torch.nn.Module = torch.compile(self.student) if cfg.train.compile else self.student
+        steps_per_epoch = _TOTAL_STEPS // max(1, int(cfg.train.epochs))
+        self.schedules, _ = build_schedules(
+            total_steps=_TOTAL_STEPS, steps_per_epoch=steps_per_epoch,
+            base_lr=scaled_lr(o.base_lr, cfg.train.batch_size), min_lr=o.min_lr,
+            warmup_epochs=o.warmup_epochs, wd_start=o.weight_decay_start, wd_end=o.weight_decay_end,
+            momentum_start=o.momentum_teacher_start, momentum_end=o.momentum_teacher_end,
+            teacher_temp_start=o.teacher_temp_start, teacher_temp_end=o.teacher_temp_end,
+            teacher_temp_warmup_epochs=o.teacher_temp_warmup_epochs,
+            freeze_last_layer_epochs=o.freeze_last_layer_epochs,
+            max_warmup_fraction=o.max_warmup_fraction,
+        )  # fmt: skip
+        groups = param_groups(self.student.backbone, self.student.heads(), o.layer_decay,
+                              o.patch_embed_lr_mult)
+        self.optimizer = build_optimizer(groups, o.betas, fused=cfg.train.fused_optimizer or None)
+        lc, k = cfg.loss, cfg.head.n_prototypes
+        k_ibot = (cfg.head.ibot_n_prototypes or k) if cfg.head.separate_ibot_head else k
+        self.losses = Losses(
+            dino=DINOLoss(k, lc.student_temp, lc.center_momentum, lc.centering,
+                          lc.sinkhorn_iterations),
+            ibot=IBOTPatchLoss(k_ibot, lc.student_temp, lc.center_momentum, lc.centering,
+                               lc.sinkhorn_iterations),
+            koleo=KoLeoLoss(lc.koleo_eps),
+        )  # fmt: skip
+
+    def __call__(self, batch: dict[str, Any], i: int) -> torch.Tensor:
+        self.teacher.train(False)
+        self.model.train(True)
+        out = train_step(batch, _STEP0 + i, self.model, self.teacher, self.losses, self.optimizer,
+                         self.schedules, self.cfg, torch.device("cpu"))
+        return out["loss/total"]
+
+
+# --------------------------------------------------------------------------- lightly
+class LightlyStep:
+    """The training step of lightly's examples/pytorch/dinov2.py, sized by the same config."""
+
+    def __init__(self, cfg: PretrainConfig, channels: int, seed: int = 0):
+        from functools import partial
+
+        from lightly.loss import DINOLoss as LDINOLoss
+        from lightly.loss import IBOTPatchLoss as LIBOTPatchLoss
+        from lightly.loss import KoLeoLoss as LKoLeoLoss
+        from lightly.models.modules import DINOv2ProjectionHead, MaskedVisionTransformerTIMM
+        from lightly.models.utils import update_drop_path_rate, update_momentum
+        from lightly.utils.scheduler import cosine_schedule
+
+        self.cfg, self.update_momentum, self.cosine_schedule = cfg, update_momentum, cosine_schedule
+        torch.manual_seed(seed)
+        h = cfg.head
+        # the same timm VisionTransformer as dinoflow's backbone (sizes, no_embed_class,
+        # LayerScale, eps), without drop-path: lightly sets that on the student below
+        vit = build_backbone(cfg.model_copy(update={"backbone": cfg.backbone.model_copy(
+            update={"drop_path_rate": 0.0})}), channels).vit
+        self.teacher_backbone = MaskedVisionTransformerTIMM(
+            vit=vit, antialias=False, pos_embed_initialization="skip")
+        self.student_backbone = copy.deepcopy(self.teacher_backbone)
+        update_drop_path_rate(self.student_backbone.vit, drop_path_rate=cfg.backbone.drop_path_rate,
+                              mode="uniform")
+        head = partial(DINOv2ProjectionHead, input_dim=vit.embed_dim, hidden_dim=h.hidden_dim,
+                       bottleneck_dim=h.bottleneck_dim, output_dim=h.n_prototypes)
+        self.student_dino, self.teacher_dino = head(), head()
+        if h.separate_ibot_head:
+            ibot = partial(head, output_dim=h.ibot_n_prototypes or h.n_prototypes)
+            self.student_ibot, self.teacher_ibot = ibot(), ibot()
+        else:
+            self.student_ibot, self.teacher_ibot = self.student_dino, self.teacher_dino
+        self.student_head = torch.nn.ModuleList([self.student_dino, self.student_ibot])
+        self.teacher_head = torch.nn.ModuleList([self.teacher_dino, self.teacher_ibot])
+        for module in (self.teacher_backbone, self.teacher_head):  # freeze_eval_module
+            module.requires_grad_(False)
+            module.eval()
+        self.model = torch.nn.ModuleList([self.teacher_backbone, self.student_backbone,
+                                          self.student_head, self.teacher_head])
+        lc = cfg.loss
+        k_ibot = (h.ibot_n_prototypes or h.n_prototypes) if h.separate_ibot_head else h.n_prototypes
+        self.dino_criterion = LDINOLoss(output_dim=h.n_prototypes, student_temp=lc.student_temp,
+                                        center_momentum=lc.center_momentum)
+        self.ibot_criterion = LIBOTPatchLoss(output_dim=k_ibot, student_temp=lc.student_temp,
+                                             center_momentum=lc.center_momentum)
+        self.koleo_criterion = LKoLeoLoss()
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=0.001)
+
+    def __call__(self, batch: dict[str, Any], i: int) -> torch.Tensor:
+        o = self.cfg.optim
+        step = _STEP0 + i
+        global_views, local_views = batch["global_crops"], batch["local_crops"]
+        n_views = 2 + batch["n_local"]
+        n = len(global_views)
+        seq_len = self.teacher_backbone.sequence_length
+        hh, ww = self.teacher_backbone.vit.patch_embed.grid_size
+        block_mask = batch["masks"].view(n, hh, ww)
+        mask = global_views.new_zeros((n, seq_len), dtype=torch.bool)
+        mask[:, 1:] = block_mask.flatten(start_dim=1)
+
+        with torch.no_grad():
+            features = self.teacher_backbone.encode(global_views)
+            teacher_cls_out = self.teacher_dino(features[:, 0])
+            teacher_masked_out = self.teacher_ibot(features[mask])
+        features = self.student_backbone.encode(global_views, mask=mask)
+        student_global_cls_token = features[:, 0]
+        student_global_cls_out = self.student_dino(student_global_cls_token)
+        student_global_masked_out = self.student_ibot(features[mask])
+        student_local_cls_out = self.student_dino(self.student_backbone.encode(local_views)[:, 0])
+        student_cls_out = torch.cat([student_global_cls_out, student_local_cls_out])
+
+        teacher_temp = o.teacher_temp_end
+        dino_loss = self.dino_criterion(teacher_out=teacher_cls_out.chunk(2),
+                                        student_out=student_cls_out.chunk(n_views),
+                                        teacher_temp=teacher_temp)
+        ibot_loss = self.ibot_criterion(teacher_out=teacher_masked_out,
+                                        student_out=student_global_masked_out, mask=block_mask,
+                                        teacher_temp=teacher_temp)
+        koleo_loss = 0.1 * sum(self.koleo_criterion(t) for t in student_global_cls_token.chunk(2))
+        loss = dino_loss + ibot_loss + koleo_loss
+        loss.backward()
+        weight_decay = self.cosine_schedule(step=step, max_steps=_TOTAL_STEPS,
+                                            start_value=o.weight_decay_start,
+                                            end_value=o.weight_decay_end)
+        for group in self.optimizer.param_groups:
+            if group["weight_decay"] != 0.0:
+                group["weight_decay"] = weight_decay
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+        momentum = self.cosine_schedule(step=step, max_steps=_TOTAL_STEPS,
+                                        start_value=o.momentum_teacher_start,
+                                        end_value=o.momentum_teacher_end)
+        self.update_momentum(self.student_backbone, self.teacher_backbone, m=momentum)
+        self.update_momentum(self.student_head, self.teacher_head, m=momentum)
+        return loss.detach()
+
+
+# --------------------------------------------------------------------------- measuring
+def count_flops(step: Any, batch: dict[str, Any]) -> int:
+    """FLOPs of one full step (FlopCounterMode: matmuls, attention, convolutions)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        step(batch, 0)
+    return int(counter.get_total_flops())
+
+
+def bench_profile(name: str, repeats: int, threads: int, with_lightly: bool = True) -> dict:
+    """Interleaved dinoflow / lightly steps of one profile -> a result dict."""
+    cfg, channels = profile_config(name)
+    batches = make_batches(cfg, channels, n=4)
+    contenders: dict[str, Any] = {"dinoflow": DinoflowStep(cfg, channels)}
+    if with_lightly:
+        contenders["lightly"] = LightlyStep(cfg, channels)
+    flops = {k: count_flops(step, batches[0]) for k, step in contenders.items()}
+    peak = {}
+    for k, step in contenders.items():
+        with PeakRSS() as mem:
+            step(batches[1], 1)
+        peak[k] = mem.extra
+    rate_before = matmul_rate()
+    times = interleaved_times(
+        {k: (lambda i, s=s: s(batches[i % len(batches)], i)) for k, s in contenders.items()},
+        repeats=repeats, warmup=1)
+    rate = max(rate_before, matmul_rate())
+    b = cfg.train.batch_size
+    out: dict[str, Any] = {
+        "profile": name,
+        "config": {
+            "global_size": cfg.crops.global_size, "local_size": cfg.crops.local_size,
+            "n_local": cfg.crops.n_local, "batch_size": b, "channels": channels,
+            "patch_size": cfg.backbone.patch_size, "embed_dim": build_backbone(cfg, channels).embed_dim,
+            "depth": build_backbone(cfg, channels).depth, "n_prototypes": cfg.head.n_prototypes,
+            "head_hidden_dim": cfg.head.hidden_dim, "bottleneck_dim": cfg.head.bottleneck_dim,
+            "separate_ibot_head": cfg.head.separate_ibot_head, "compile": cfg.train.compile,
+        },
+        "threads": threads, "repeats": repeats,
+        "matmul_gflops": rate / 1e9,
+    }  # fmt: skip
+    for k in contenders:
+        med = median(times[k])
+        out[k] = {
+            "step_s_median": med, "step_s_all": times[k], "images_per_s": b / med,
+            "gflop_per_step": flops[k] / 1e9, "achieved_gflops": flops[k] / med / 1e9,
+            "peak_rss_extra_mb": peak[k] / 2**20,
+        }
+    out["mfu"] = flops["dinoflow"] / median(times["dinoflow"]) / rate
+    if with_lightly:
+        out["step_ratio_vs_lightly"] = median(times["lightly"]) / median(times["dinoflow"])
+        # per-repetition ratios (A and B ran back to back): a noise-robust second estimate
+        pairs = [lt / dt for lt, dt in zip(times["lightly"], times["dinoflow"], strict=True)]
+        out["step_ratio_vs_lightly_pairwise_median"] = median(pairs)
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--profiles", nargs="+", default=["cpu", "vit_s14"])
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-lightly", action="store_true")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    result = {"machine": machine_info(args.threads),
+              "profiles": {p: bench_profile(p, args.repeats, args.threads, not args.no_lightly)
+                           for p in args.profiles}}
+    print(json.dumps(result, indent=1))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,142 @@
+"""Shared benchmark helpers: machine description, fp32 matmul rate, peak-RSS sampling, A/B timing.
+
+Timings on a shared machine are noisy, so every comparison runs in one process, interleaves the
+contenders (A B, B A, A B, ...) and reports medians and their ratio.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT / "src") not in sys.path:  # benchmarks run from a checkout, installed or not
+    sys.path.insert(0, str(ROOT / "src"))
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (platform.processor() is often empty)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info(threads: int) -> dict[str, object]:
+    """Machine, threads and library versions a benchmark ran with."""
+    import timm
+
+    info: dict[str, object] = {
+        "cpu": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": threads,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "mkldnn": torch.backends.mkldnn.is_available(),
+        "load_average_1m": os.getloadavg()[0],
+    }
+    try:
+        import lightly
+
+        info["lightly"] = lightly.__version__
+    except ImportError:
+        info["lightly"] = None
+    return info
+
+
+def matmul_rate(sizes: tuple[int, ...] = (1024, 2048), repeats: int = 5) -> float:
+    """Best fp32 torch.mm rate (FLOP/s) over square sizes and repeats, in this process.
+
+    "Best of" estimates what the cores deliver when not interrupted by other processes, which
+    makes the utilisation computed from it conservative.
+    """
+    best = 0.0
+    for n in sizes:
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        out = torch.empty(n, n)
+        torch.mm(a, b, out=out)  # warm-up: MKL/oneDNN kernel selection, page faults
+        inner = max(1, int(2e9 // (2 * n**3)))  # ~2 GFLOP per timed call
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            for _ in range(inner):
+                torch.mm(a, b, out=out)
+            best = max(best, inner * 2 * n**3 / (time.perf_counter() - t0))
+    return best
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class PeakRSS:
+    """Peak resident memory while the block runs (a sampling thread; bytes above the start).
+
+    ``with PeakRSS() as m: ...`` then ``m.peak`` (absolute bytes) and ``m.extra`` (peak - start).
+    """
+
+    def __init__(self, interval_s: float = 0.002):
+        self.interval_s = interval_s
+        self.start = self.peak = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, _rss_bytes())
+            time.sleep(self.interval_s)
+
+    def __enter__(self) -> PeakRSS:
+        self.start = self.peak = _rss_bytes()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        assert self._thread is not None
+        self._thread.join()
+        self.peak = max(self.peak, _rss_bytes())
+
+    @property
+    def extra(self) -> int:
+        return self.peak - self.start
+
+
+def interleaved_times(contenders: dict[str, Callable[[int], object]], repeats: int,
+                      warmup: int = 1) -> dict[str, list[float]]:
+    """Seconds per call of each contender, called in alternating order (ABAB..., then BA...).
+
+    ``contenders[name](i)`` runs one unit of work (i = repetition index). Warm-up calls are not
+    timed. Alternating the order cancels slow drifts of the machine's load.
+    """
+    names = list(contenders)
+    for i in range(warmup):
+        for name in names:
+            contenders[name](i)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(repeats):
+        order = names if r % 2 == 0 else names[::-1]
+        for name in order:
+            t0 = time.perf_counter()
+            contenders[name](warmup + r)
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def median(xs: list[float]) -> float:
+    s = sorted(xs)
+    n = len(s)
+    return s[n // 2] if n % 2 else 0.5 * (s[n // 2 - 1] + s[n // 2])

@@ -1,0 +1,15 @@
+from dinoflow.pipelines.registration.nodes import register_backbone
+from kedro.pipeline import Node, Pipeline
+
+
+def create_pipeline(**kwargs) -> Pipeline:
+    return Pipeline(
+        [
+            Node(
+                register_backbone,
+                inputs=["pretrain_summary", "metrics", "params:registration"],
+                outputs="registration_summary",
+                name="register_backbone",
+            )
+        ]
+    )

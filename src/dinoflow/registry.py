@@ -1,0 +1,524 @@
+"""MLflow model registry: the registered backbone, champion/challenger promotion, the model card.
+
+The registered model ``dinoflow-backbone`` (CONTRACT.md) is a ``RegisteredBackbone``: the teacher
+backbone plus the preprocessing it was trained with. It is logged with ``mlflow.pytorch`` in the
+pickle format (``torch.export``'s "pt2" keeps only ``forward`` and fixes the image size; the
+contract also needs ``forward_patches`` and any multiple of the patch size). The class lives here,
+in the library, so unpickling it in a fresh process only needs ``import dinoflow.registry``; the
+package source also travels with the model (``code_paths``) for machines without dinoflow.
+
+Promotion: a new version takes the alias ``champion`` only if its kNN top-1 beats the current
+champion's *on the same evaluation data* (same ``eval_data_id``); otherwise it gets
+``challenger``. The numbers, the data identities and the decision are kept as version tags, so
+each decision can be checked later from the registry alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "CHALLENGER",
+    "CHAMPION",
+    "EXPERIMENT",
+    "MODEL_NAME",
+    "RegisteredBackbone",
+    "RegistrationConfig",
+    "eval_data_id",
+    "log_and_register",
+    "model_card",
+    "promote",
+    "register_pretrained",
+]
+
+MODEL_NAME = "dinoflow-backbone"
+EXPERIMENT = "dinoflow"
+CHAMPION = "champion"
+CHALLENGER = "challenger"
+# Model-version tags: what promotion compares, and where the version came from.
+TAG_METRIC = "dinoflow.knn_top1"
+TAG_EVAL_DATA = "dinoflow.eval_data_id"
+TAG_DECISION = "dinoflow.decision"
+MAX_DESCRIPTION = 4900  # MLflow's SQL store keeps descriptions in a 5000-character column
+
+PREPROCESSING = (
+    "images: uint8 (B, C, H, W) or (B, H, W) -> model.preprocess(images): channels matched to "
+    "in_chans (grey repeated / RGB to luma), resized to image_size x image_size (antialiased), "
+    "scaled to [0, 1], normalised with mean/std (per channel) -> float32 (B, in_chans, S, S). "
+    "forward / forward_patches take that tensor; any H, W that are multiples of patch_size work "
+    "(position embeddings are resampled)."
+)
+
+
+class RegistrationConfig(BaseModel):
+    """``params:registration`` (conf/base/parameters_registration.yml)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model_name: str = MODEL_NAME
+    metric: str = "knn_top1"  # key in metrics.json that promotion compares (higher is better)
+    min_improvement: float = Field(0.0, ge=0.0)  # champion moves only if new > old + this
+    pictures: list[str] = Field(default_factory=list)  # glob patterns of PNGs for the model card
+    input_example_batch: int = Field(2, ge=1)
+    log_code: bool = True  # ship src/dinoflow with the model (code_paths)
+
+
+class RegisteredBackbone(nn.Module):
+    """The registered model: a DINOv2 backbone and its preprocessing.
+
+    forward(x (B, C, H, W) float, preprocessed) -> CLS embedding after the final norm (B, D)
+    forward_patches(x) -> patch tokens after the final norm (B, N, D), N = (H/p)(W/p)
+    preprocess(uint8 images) -> x as the backbone saw it in training (see ``preprocessing``)
+    embed(uint8 images) -> forward(preprocess(images))
+
+    Attributes: mean, std (in [0, 1] units, one per channel or one for all), image_size,
+    in_chans, patch_size, embed_dim, depth, preprocessing (the text above).
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        mean: Sequence[float],
+        std: Sequence[float],
+        image_size: int,
+        channels: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.mean = tuple(float(v) for v in mean)
+        self.std = tuple(float(v) for v in std)
+        if len(self.mean) != len(self.std) or not self.mean:
+            raise ValueError(f"mean {self.mean} and std {self.std} must have the same length")
+        self.image_size = int(image_size)
+        self.in_chans = int(channels or getattr(backbone, "in_chans", len(self.mean)))
+        self.patch_size = int(backbone.patch_size)
+        self.embed_dim = int(backbone.embed_dim)
+        self.depth = int(backbone.depth)
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size {image_size} is not a multiple of {self.patch_size}")
+        self.preprocessing = PREPROCESSING
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, C, H, W) preprocessed -> CLS embedding (B, D)."""
+        return self.backbone.forward_features(x)["x_norm_clstoken"]
+
+    def forward_patches(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, C, H, W) preprocessed -> patch tokens (B, N, D)."""
+        return self.backbone.forward_features(x)["x_norm_patchtokens"]
+
+    def get_intermediate_layers(
+        self, x: torch.Tensor, n: int = 1
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The backbone's last n blocks: n tuples (patch tokens (B, N, D), CLS (B, D))."""
+        return self.backbone.get_intermediate_layers(x, n)
+
+    def preprocess(self, images: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """uint8 (B, C, H, W) or (B, H, W) -> float32 (B, in_chans, image_size, image_size)."""
+        from dinoflow.evaluation.features import preprocess
+
+        x = torch.as_tensor(np.asarray(images)) if isinstance(images, np.ndarray) else images
+        if x.ndim == 3:
+            x = x.unsqueeze(1)
+        if x.dtype != torch.uint8:
+            raise TypeError(f"preprocess takes uint8 images, got {x.dtype}")
+        return preprocess(x, self.image_size, self.mean, self.std, self.in_chans)
+
+    @torch.inference_mode()
+    def embed(self, images: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """uint8 images -> CLS embeddings (B, D), in eval mode."""
+        device = next(self.parameters()).device
+        return self(self.preprocess(images).to(device))
+
+    @classmethod
+    def from_summary(cls, summary: Mapping[str, Any]) -> RegisteredBackbone:
+        """From pretrain_summary.json: the teacher backbone file and its mean/std/size/channels."""
+        from dinoflow.models.vit import load_backbone
+
+        path = summary.get("teacher_backbone")
+        if not path or not Path(path).is_file():
+            raise FileNotFoundError(
+                f"pretrain_summary.teacher_backbone: {path!r} does not exist "
+                "(run the pretrain pipeline first)"
+            )
+        backbone = load_backbone(path).eval()
+        return cls(backbone, summary["mean"], summary["std"], summary["image_size"],
+                   summary.get("channels"))  # fmt: skip
+
+
+def eval_data_id(splits: Mapping[str, Sequence[str]], **protocol: Any) -> str:
+    """The identity of an evaluation: item ids per split (order-free) and protocol settings.
+
+    Two kNN numbers are comparable only if their ids are equal. 16 hex digits of a sha256.
+    """
+    payload = {name: sorted(str(i) for i in ids) for name, ids in sorted(splits.items())}
+    blob = json.dumps({"splits": payload, "protocol": protocol}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _example_input(model: RegisteredBackbone, batch: int) -> np.ndarray:
+    """A fixed, normalised-looking input (batch, C, S, S) float32 for the signature/example."""
+    rng = np.random.default_rng(0)
+    s = model.image_size
+    return rng.standard_normal((batch, model.in_chans, s, s)).astype(np.float32)
+
+
+def _signature(model: RegisteredBackbone):
+    """Tensor signature with a free batch and free H, W (multiples of the patch size).
+
+    Unnamed specs: a named one makes the serving input a dict, which the PyTorch flavor rejects.
+    """
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    return ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, model.in_chans, -1, -1))]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, model.embed_dim))]),
+    )
+
+
+def _requirements() -> list[str]:
+    """Pinned to the versions that made the model: inference would be slow (a subprocess)."""
+    from importlib.metadata import version
+
+    reqs = []
+    for pkg in ("torch", "torchvision", "timm", "numpy", "pydantic"):
+        try:
+            reqs.append(f"{pkg}=={version(pkg)}")
+        except Exception:  # noqa: BLE001 - not installed as a distribution: leave it unpinned
+            reqs.append(pkg)
+    return reqs
+
+
+def log_and_register(
+    model: RegisteredBackbone,
+    model_name: str = MODEL_NAME,
+    tags: Mapping[str, Any] | None = None,
+    metadata: Mapping[str, Any] | None = None,
+    input_example_batch: int = 2,
+    log_code: bool = True,
+):
+    """Log ``model`` to the active MLflow run (artifact ``backbone``) and register it.
+
+    Returns the ``ModelVersion`` (its ``version`` is a string); ``tags`` go on the version.
+    Needs an active run (``mlflow.start_run`` or kedro-mlflow's).
+    """
+    import mlflow
+
+    if mlflow.active_run() is None:
+        raise RuntimeError("log_and_register needs an active MLflow run")
+    model = model.eval()
+    example = _example_input(model, input_example_batch)
+    code_paths = [str(Path(__file__).resolve().parent)] if log_code else None
+    info = mlflow.pytorch.log_model(
+        model,
+        name="backbone",
+        serialization_format="pickle",
+        signature=_signature(model),
+        input_example=example,
+        pip_requirements=_requirements(),
+        code_paths=code_paths,
+        metadata={
+            "dinoflow": {
+                "mean": list(model.mean), "std": list(model.std), "image_size": model.image_size,
+                "in_chans": model.in_chans, "patch_size": model.patch_size,
+                "embed_dim": model.embed_dim, "preprocessing": model.preprocessing,
+                **(metadata or {}),
+            }
+        },
+    )  # fmt: skip
+    version = mlflow.register_model(
+        info.model_uri, model_name, tags={k: str(v) for k, v in (tags or {}).items()}
+    )
+    log.info("registered %s version %s (%s)", model_name, version.version, info.model_uri)
+    return version
+
+
+def _alias_version(client, model_name: str, alias: str):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias(model_name, alias)
+    except MlflowException:
+        return None
+
+
+def promote(
+    version: str | int,
+    metric_value: float,
+    data_id: str,
+    model_name: str = MODEL_NAME,
+    min_improvement: float = 0.0,
+    client=None,
+) -> dict[str, Any]:
+    """Give ``version`` the alias champion if it beats the champion on the same data, else challenger.
+
+    ``metric_value`` (kNN top-1, higher is better) and ``data_id`` (``eval_data_id``) are stored
+    as tags of the version; the champion's are read from its tags. Returns the decision:
+    {version, alias, promoted, metric, champion_metric, champion_version, eval_data_id,
+    champion_eval_data_id, reason}. A champion measured on other data is not comparable: the new
+    version then stays challenger (re-evaluate the champion, or move the alias by hand).
+    """
+    from mlflow import MlflowClient
+
+    client = client or MlflowClient()
+    version = str(version)
+    metric_value = float(metric_value)
+    if not math.isfinite(metric_value):
+        raise ValueError(f"promote: metric value {metric_value} is not finite")
+    client.set_model_version_tag(model_name, version, TAG_METRIC, repr(metric_value))
+    client.set_model_version_tag(model_name, version, TAG_EVAL_DATA, data_id)
+    champ = _alias_version(client, model_name, CHAMPION)
+    champ_metric: float | None = None
+    champ_data: str | None = None
+    if champ is not None and str(champ.version) != version:
+        raw = champ.tags.get(TAG_METRIC)
+        champ_metric = float(raw) if raw is not None else None
+        champ_data = champ.tags.get(TAG_EVAL_DATA)
+    if champ is None:
+        promoted, reason = True, "no champion yet"
+    elif str(champ.version) == version:
+        promoted, reason = True, "already the champion"
+    elif champ_metric is None:
+        promoted, reason = False, f"champion v{champ.version} has no recorded {TAG_METRIC}"
+    elif champ_data != data_id:
+        promoted = False
+        reason = (f"not comparable: champion v{champ.version} was evaluated on other data "
+                  f"({champ_data} != {data_id})")  # fmt: skip
+    elif metric_value > champ_metric + min_improvement:
+        promoted = True
+        reason = f"beats champion v{champ.version}: {metric_value:.4f} > {champ_metric:.4f}"
+        if min_improvement:
+            reason += f" + {min_improvement}"
+    else:
+        promoted = False
+        reason = (f"does not beat champion v{champ.version}: {metric_value:.4f} <= "
+                  f"{champ_metric:.4f}" + (f" + {min_improvement}" if min_improvement else ""))  # fmt: skip
+    alias = CHAMPION if promoted else CHALLENGER
+    client.set_registered_model_alias(model_name, alias, version)
+    decision = {
+        "model_name": model_name,
+        "version": version,
+        "alias": alias,
+        "promoted": promoted,
+        "metric": metric_value,
+        "champion_metric": champ_metric,
+        "champion_version": None if champ is None else str(champ.version),
+        "eval_data_id": data_id,
+        "champion_eval_data_id": champ_data,
+        "reason": reason,
+    }
+    client.set_model_version_tag(model_name, version, TAG_DECISION, f"{alias}: {reason}")
+    log.info("%s v%s -> %s (%s)", model_name, version, alias, reason)
+    return decision
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return str(value)
+
+
+def model_card(
+    model_name: str,
+    decision: Mapping[str, Any],
+    summary: Mapping[str, Any],
+    metrics: Mapping[str, Any],
+    lineage: Mapping[str, Any],
+    backbone_kwargs: Mapping[str, Any],
+    pictures: Sequence[str] = (),
+) -> str:
+    """Markdown: how to use the version, data version, code, params, metrics, pictures.
+
+    ``pictures`` are file names relative to the card (logged next to it).
+    """
+    v = decision["version"]
+    data = summary.get("data") or {}
+    lines = [
+        f"# {model_name} v{v}",
+        "",
+        f"**Alias:** `{decision['alias']}` ({decision['reason']}).",
+        "",
+        "## Use",
+        "```python",
+        "import mlflow",
+        f'model = mlflow.pytorch.load_model("models:/{model_name}/{v}")',
+        "x = model.preprocess(images_uint8)       # (B, C, H, W) uint8 -> normalised float32",
+        "cls = model(x)                          # (B, D) CLS embedding",
+        "patches = model.forward_patches(x)      # (B, N, D) patch tokens",
+        "```",
+        f"Preprocessing: {PREPROCESSING}",
+        f"mean {list(summary.get('mean', []))}, std {list(summary.get('std', []))}, "
+        f"image_size {summary.get('image_size')}, channels {summary.get('channels')}.",
+        "",
+        "## Data",
+        f"- source: `{data.get('source')}`, path: `{data.get('path')}`, seed {data.get('seed')}, "
+        f"val_size {data.get('val_size')}",
+        f"- curated data (DVC md5 of data/03_primary/curated_manifest.csv): "
+        f"`{lineage.get('curated_data_md5', 'unknown')}`",
+        f"- training images: {summary.get('n_train_images')}",
+        f"- evaluation data id: `{decision.get('eval_data_id')}`",
+        "",
+        "## Code and runs",
+        f"- git commit (pretrain): `{lineage.get('pretrain_git_commit', 'unknown')}`",
+        f"- git commit (registration): `{lineage.get('git_commit', 'unknown')}`",
+        f"- pretrain run: `{lineage.get('pretrain_run_id')}`, evaluation run: "
+        f"`{lineage.get('evaluation_run_id')}`, registration run: "
+        f"`{lineage.get('registration_run_id')}`",
+        f"- Kedro env: `{lineage.get('kedro_env', 'unknown')}`; config fingerprint "
+        f"`{summary.get('fingerprint')}`",
+        "",
+        "## Architecture",
+        "| key | value |",
+        "|---|---|",
+        *(f"| {k} | {_fmt(val)} |" for k, val in backbone_kwargs.items()),
+        "",
+        "## Training",
+        f"- steps: {summary.get('steps')}, images/s: {_fmt(summary.get('images_per_second'))}",
+        *(f"- final {k}: {_fmt(val)}" for k, val in (summary.get("final") or {}).items()
+          if k.startswith("loss/")),
+        "",
+        "## Metrics",
+        "| metric | value |",
+        "|---|---|",
+        *(f"| {k} | {val:.4f} |" for k, val in sorted(metrics.items())
+          if isinstance(val, int | float) and not isinstance(val, bool)),
+        "",
+        "## Promotion",
+        f"- this version: {decision['metric']:.4f}; champion before: "
+        + ("none" if decision.get("champion_metric") is None
+           else f"{decision['champion_metric']:.4f} (v{decision['champion_version']})"),
+        "",
+    ]  # fmt: skip
+    if pictures:
+        lines += ["## Pictures", *(f"![{Path(p).stem}]({p})" for p in pictures), ""]
+    return "\n".join(lines)
+
+
+@contextlib.contextmanager
+def _active_run(experiment: str = EXPERIMENT) -> Iterator[Any]:
+    """The active run, or a new one in ``experiment`` (closed on exit)."""
+    import mlflow
+
+    run = mlflow.active_run()
+    if run is not None:
+        yield run
+        return
+    mlflow.set_experiment(experiment)
+    with mlflow.start_run(run_name="registration") as run:
+        yield run
+
+
+def _run_tags(client, run_id: str | None) -> dict[str, str]:
+    if not run_id:
+        return {}
+    try:
+        return dict(client.get_run(run_id).data.tags)
+    except Exception:  # noqa: BLE001 - a run from another tracking store: lineage says unknown
+        log.warning("registration: run %s not found in this tracking store", run_id)
+        return {}
+
+
+def _pictures(summary: Mapping[str, Any], patterns: Sequence[str]) -> list[Path]:
+    """Training curves from the pretrain run dir, then the files matching ``patterns``."""
+    found: list[Path] = []
+    run_dir = summary.get("run_dir")
+    if run_dir and (Path(run_dir) / "training_curves.png").is_file():
+        found.append(Path(run_dir) / "training_curves.png")
+    for pattern in patterns:
+        found += sorted(p for p in Path(".").glob(pattern) if p.is_file())
+    unique: dict[str, Path] = {}
+    for p in found:
+        unique.setdefault(p.name, p)  # the card refers to pictures by file name
+    return list(unique.values())
+
+
+def register_pretrained(
+    summary: Mapping[str, Any],
+    metrics: Mapping[str, Any],
+    cfg: RegistrationConfig | None = None,
+    git_commit: str = "unknown",
+) -> dict[str, Any]:
+    """The registration job: log + register the teacher backbone, promote it, attach the card.
+
+    summary: pretrain_summary.json (teacher_backbone, mean, std, image_size, channels,
+    mlflow_run_id, fingerprint, data, n_train_images, ...). metrics: metrics.json
+    (``cfg.metric``, ``eval_data_id``, ``mlflow_run_id``). Runs in the active MLflow run or a new
+    one. Returns the registration summary (version, alias, both numbers, reason, lineage).
+    """
+    import mlflow
+    from mlflow import MlflowClient
+
+    cfg = cfg or RegistrationConfig()
+    if cfg.metric not in metrics:
+        raise KeyError(
+            f"registration.metric: {cfg.metric!r} is not in metrics.json "
+            f"(keys: {sorted(metrics)}); run the evaluation pipeline first"
+        )
+    value = float(metrics[cfg.metric])
+    data_id = metrics.get("eval_data_id")
+    if not data_id:
+        # older metrics files: the data config fixes the splits for a given source
+        data_id = "data:" + eval_data_id({}, data=summary.get("data"))
+        log.warning("metrics.json has no eval_data_id: using %s (from the data config)", data_id)
+    model = RegisteredBackbone.from_summary(summary)
+    client = MlflowClient()
+    with _active_run() as run:
+        run_id = run.info.run_id
+        own_tags = _run_tags(client, run_id)
+        pretrain_tags = _run_tags(client, summary.get("mlflow_run_id"))
+        lineage = {
+            "pretrain_run_id": summary.get("mlflow_run_id"),
+            "evaluation_run_id": metrics.get("mlflow_run_id"),
+            "registration_run_id": run_id,
+            "curated_data_md5": pretrain_tags.get("dinoflow.curated_data_md5", "unknown"),
+            "pretrain_git_commit": pretrain_tags.get("dinoflow.git_commit", "unknown"),
+            "git_commit": git_commit,
+            "kedro_env": own_tags.get("dinoflow.env", pretrain_tags.get("dinoflow.env", "unknown")),
+            "fingerprint": summary.get("fingerprint", ""),
+        }
+        mlflow.set_tags({f"dinoflow.{k}": str(v) for k, v in lineage.items()
+                         if k in ("pretrain_run_id", "evaluation_run_id")})  # fmt: skip
+        version = log_and_register(
+            model, cfg.model_name,
+            tags={f"dinoflow.{k}": v for k, v in lineage.items()},
+            metadata={"fingerprint": summary.get("fingerprint", "")},
+            input_example_batch=cfg.input_example_batch, log_code=cfg.log_code,
+        )  # fmt: skip
+        decision = promote(version.version, value, data_id, cfg.model_name, cfg.min_improvement,
+                           client)  # fmt: skip
+        pictures = _pictures(summary, cfg.pictures)
+        card = model_card(cfg.model_name, decision, summary, metrics, lineage,
+                          model.backbone.backbone_kwargs(), [p.name for p in pictures])  # fmt: skip
+        for p in pictures:
+            mlflow.log_artifact(str(p), artifact_path="model_card")
+        mlflow.log_text(card, "model_card/model_card.md")
+        description = card
+        if len(description) > MAX_DESCRIPTION:
+            description = card[:MAX_DESCRIPTION] + "\n\n(truncated: model_card/model_card.md)"
+        client.update_model_version(cfg.model_name, version.version, description=description)
+        numbers = {"registration/metric": value, "registration/promoted": float(decision["promoted"]),
+                   "registration/version": float(version.version)}  # fmt: skip
+        if decision["champion_metric"] is not None:
+            numbers["registration/champion_metric"] = decision["champion_metric"]
+        mlflow.log_metrics(numbers)
+        mlflow.set_tags({"dinoflow.registered_version": f"{cfg.model_name}/{version.version}",
+                         "dinoflow.registration_decision": decision["alias"]})  # fmt: skip
+        result = {**decision, "metric_name": cfg.metric,
+                  "model_uri": f"models:/{cfg.model_name}/{version.version}",
+                  "lineage": lineage}  # fmt: skip
+        mlflow.log_dict(result, "registration/decision.json")
+    return result

@@ -1,0 +1,76 @@
+"""Embedders: pixels + PCA, a dinoflow backbone file (a trained teacher), a timm local file."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dinoflow.curation.config import EmbeddingConfig
+from dinoflow.curation.embed import model_embeddings, pca_fit, pixel_embeddings
+
+
+def _images(n: int = 5, size: int = 20) -> list[np.ndarray]:
+    rng = np.random.default_rng(0)
+    return [rng.integers(0, 256, (size, size + 4, 3), dtype=np.uint8) for _ in range(n)]
+
+
+def _direct(model: torch.nn.Module, rgb: np.ndarray, size: int, mean, std) -> np.ndarray:
+    """The embedder's preprocessing written out for one image (RGB models)."""
+    x = torch.from_numpy(rgb).permute(2, 0, 1).float()[None] / 255.0
+    x = F.interpolate(x, size=(size, size), mode="bicubic", antialias=True).clamp(0, 1)
+    x = (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    with torch.inference_mode():
+        f = model(x)[0].numpy()
+    return f / np.linalg.norm(f)
+
+
+def test_pca_matches_svd() -> None:
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(200, 5)) * np.array([5.0, 3.0, 1.0, 0.5, 0.1])
+    mean, comps = pca_fit(x, 2)
+    _, _, vt = np.linalg.svd(x - x.mean(0), full_matrices=False)
+    assert np.allclose(np.abs(comps.T @ vt[:2].T), np.eye(2), atol=1e-6)
+    thumbs = rng.integers(0, 256, (30, 4, 4, 3), dtype=np.uint8)
+    use = np.ones(30, bool)
+    use[0] = False
+    emb = pixel_embeddings(thumbs, np.ones(30, bool), use, 8, 100, 0)
+    assert emb.shape == (30, 8) and np.allclose(np.linalg.norm(emb[1:], axis=1), 1, atol=1e-5)
+    assert not emb[0].any()
+
+
+def test_dinoflow_checkpoint_embedder(tmp_path) -> None:
+    vit = pytest.importorskip("dinoflow.models.vit")
+    torch.manual_seed(0)
+    model = vit.DinoVisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2)
+    vit.save_backbone(model, tmp_path / "teacher.pt")
+    imgs = _images()
+    cfg = EmbeddingConfig(kind="dinoflow", checkpoint=str(tmp_path / "teacher.pt"), image_size=32,
+                          batch_size=2, mean=[0.5, 0.5, 0.5], std=[0.25, 0.25, 0.25])  # fmt: skip
+    rows = np.array([0, 2, 3])
+    emb = model_embeddings(cfg, lambda r: imgs[r], rows, 5, [0.0] * 3, [1.0] * 3, progress=False)
+    assert emb.shape == (5, 32) and not emb[1].any() and not emb[4].any()
+    model.eval()
+    for r in rows:
+        assert np.allclose(emb[r], _direct(model, imgs[r], 32, [0.5] * 3, [0.25] * 3), atol=1e-5)
+
+
+def test_timm_local_weights_embedder(tmp_path) -> None:
+    import timm
+
+    kwargs = {"img_size": 32, "patch_size": 8, "embed_dim": 24, "depth": 1, "num_heads": 2}
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, **kwargs)
+    torch.save(model.state_dict(), tmp_path / "w.pth")
+    imgs = _images(3)
+    cfg = EmbeddingConfig(kind="timm", timm_name="vit_tiny_patch16_224", timm_weights=str(tmp_path / "w.pth"),
+                          timm_kwargs=kwargs, image_size=32, batch_size=4)  # fmt: skip
+    emb = model_embeddings(cfg, lambda r: imgs[r], np.arange(3), 3, [0.0] * 3, [1.0] * 3, progress=False)
+    model.eval()
+    mean, std = model.pretrained_cfg["mean"], model.pretrained_cfg["std"]
+    assert np.allclose(emb[1], _direct(model, imgs[1], 32, mean, std), atol=1e-5)
+    torch.save({"not": torch.zeros(1)}, tmp_path / "bad.pth")
+    bad = cfg.model_copy(update={"timm_weights": str(tmp_path / "bad.pth")})
+    with pytest.raises(ValueError, match="lacks"):
+        model_embeddings(bad, lambda r: imgs[r], np.arange(1), 1, [0.0] * 3, [1.0] * 3, progress=False)
