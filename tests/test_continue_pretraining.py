@@ -162,3 +162,33 @@ def test_file_that_does_not_fit_is_named_and_allow_missing_is_honoured(tmp_path:
             MEAN,
             STD,
         )
+
+
+def test_gpu_continue_profile_takes_a_vits14_reg4_release(tmp_path: Path) -> None:
+    """conf/gpu_continue is self-contained, valid, and fits dinov2_vits14_reg4_pretrain.pth
+    (a 37x37 position grid for 518 px, resized once to the profile's 16x16 at 224 px)."""
+    import yaml
+
+    conf = Path(__file__).resolve().parents[1] / "conf" / "gpu_continue"
+    params = yaml.safe_load((conf / "parameters_pretrain.yml").read_text())["pretrain"]
+    cfg = PretrainConfig.model_validate(params)
+    assert set(params) == set(PretrainConfig.model_fields)  # every group set explicitly
+    assert cfg.init.weights and cfg.init.head_warmup_steps == 1250
+    assert cfg.init.head_warmup_backbone_lr_mult == 0.0
+    assert cfg.optim.teacher_temp_start == cfg.optim.teacher_temp_end == 0.07
+    assert cfg.optim.momentum_teacher_start == 0.999
+    data = yaml.safe_load((conf / "parameters_data.yml").read_text())["data"]
+    assert data["source"] == "image_folder" and data["path"] is None
+
+    # the release's tensor shapes (values do not matter here): ViT-S/14, 4 registers, 518 px
+    backbone = build_backbone(cfg, in_chans=3)
+    release = {
+        k.removeprefix("vit."): torch.zeros(v.shape) for k, v in backbone.state_dict().items()
+    }
+    release["pos_embed"] = torch.zeros(1, 1 + 37 * 37, 384)
+    release["register_tokens"] = release.pop("reg_token")
+    path = tmp_path / "dinov2_vits14_reg4_pretrain.pth"
+    torch.save(release, path)
+    report = load_released_weights(backbone, path)
+    assert report.ok and report.source_format == "official"
+    assert report.pos_embed_resized == ((37, 37), (16, 16))

@@ -14,7 +14,7 @@ import math
 import os
 import socket
 import sys
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import numpy as np
@@ -35,12 +35,12 @@ def tiny_split(n: int = 24) -> Split:
     """n random 16x16 grayscale images (the same in every process)."""
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, size=(n, 16, 16), dtype=np.uint8)
-    return Split(ids=[f"img/{i}" for i in range(n)], labels=np.zeros(n, dtype=np.int64),
-                 class_names=["x"], channels=1, images=images)
+    return Split(ids=[f"img/{i}" for i in range(n)], labels=np.arange(n, dtype=np.int64) % 2,
+                 class_names=["a", "b"], channels=1, images=images)
 
 
 def tiny_cfg(run_dir: Path, batch_size: int, centering: str = "softmax", koleo: float = 0.0,
-             checkpoint_every: int = 100) -> PretrainConfig:
+             checkpoint_every: int = 100, strategy: str = "ddp") -> PretrainConfig:
     return PretrainConfig.model_validate({
         "crops": {"global_size": 16, "local_size": 8, "n_local": 2},
         "backbone": {"arch": "custom", "patch_size": 4, "embed_dim": 32, "depth": 2,
@@ -49,19 +49,26 @@ def tiny_cfg(run_dir: Path, batch_size: int, centering: str = "softmax", koleo: 
         "loss": {"koleo_weight": koleo, "centering": centering},
         # a large lr so that every gradient difference shows in the weights within 6 steps
         "optim": {"base_lr": 0.02, "lr_scaling": "none", "warmup_epochs": 0,
-                  "freeze_last_layer_epochs": 0, "teacher_temp_warmup_epochs": 0.25,
+                  "freeze_last_layer_epochs": 0, "teacher_temp_warmup_epochs": 1 / 6,
                   "momentum_teacher_start": 0.9},
         "train": {"epochs": 1, "steps_per_epoch": STEPS, "batch_size": batch_size,
                   "device": "cpu", "num_workers": 0, "log_every_steps": 1, "progress": False,
                   "checkpoint_every_steps": checkpoint_every, "run_dir": str(run_dir)},
+        "launcher": {"strategy": strategy},
     })  # fmt: skip
 
 
-def run(cfg: PretrainConfig, stop_after: int | None = None) -> None:
+def knn_splits() -> tuple[Split, Split]:
+    """Online kNN bank (16 images) and queries (8) for the runs that check it."""
+    split = tiny_split()
+    return split.subset(np.arange(16)), split.subset(np.arange(16, 24))
+
+
+def run(cfg: PretrainConfig, stop_after: int | None = None, knn: bool = False) -> None:
     from dinoflow.train import pretrain
 
     if stop_after is None:
-        pretrain(cfg, tiny_split(), [0.5], [0.25])
+        pretrain(cfg, tiny_split(), [0.5], [0.25], *(knn_splits() if knn else ()))
         return
     with pytest.raises(SystemExit, match="stopped after step"):
         pretrain(cfg, tiny_split(), [0.5], [0.25], stop_after_steps=stop_after)
@@ -115,13 +122,12 @@ def _worker(rank: int, init_file: str, jobs: list[dict], out: str) -> None:
             try:
                 with sabotaged(job.get("sabotage")):
                     if job.get("stop_after"):
-                        try:
+                        with suppress(SystemExit):  # "stopped after step 3" as asked
                             train_mod.pretrain(cfg, tiny_split(), [0.5], [0.25],
                                                stop_after_steps=job["stop_after"])
-                        except SystemExit:
-                            pass
                     else:
-                        train_mod.pretrain(cfg, tiny_split(), [0.5], [0.25])
+                        knn = knn_splits() if job.get("knn") else ()
+                        train_mod.pretrain(cfg, tiny_split(), [0.5], [0.25], *knn)
             finally:
                 train_mod.KoLeoLoss = saved
             if job.get("record_koleo"):
@@ -164,9 +170,10 @@ def runs(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("dist")
     torch.set_num_threads(1)
     # 1 process, global batch 8: the references, and a run stopped at step 3 for 2 to resume
-    run(tiny_cfg(root / "one_softmax", 8))
+    run(tiny_cfg(root / "one_softmax", 8), knn=True)
     run(tiny_cfg(root / "one_sinkhorn", 8, "sinkhorn_knopp"))
-    run(tiny_cfg(root / "resume_1to2", 8, checkpoint_every=3), stop_after=3)
+    for name in ("resume_1to2", "resume_1to2_fsdp"):
+        run(tiny_cfg(root / name, 8, checkpoint_every=3), stop_after=3)
     RecordingKoLeo.calls = []
     import dinoflow.train as train_mod
 
@@ -178,36 +185,49 @@ def runs(tmp_path_factory) -> Path:
     torch.save(RecordingKoLeo.calls, root / "koleo_one.pt")
 
     def job(name: str, **kw) -> dict:
-        cfg_kw = {k: kw.pop(k) for k in ("centering", "koleo", "checkpoint_every") if k in kw}
+        cfg_kw = {k: kw.pop(k) for k in ("centering", "koleo", "checkpoint_every", "strategy")
+                  if k in kw}
         return {"cfg": tiny_cfg(root / name, 4, **cfg_kw).model_dump(mode="json"), **kw}
 
     jobs = [
-        job("two_softmax"),
+        job("two_softmax", knn=True),
         job("two_sinkhorn", centering="sinkhorn_knopp"),
         job("two_softmax_no_center_reduce", sabotage="centering"),
         job("two_sinkhorn_no_sums_reduce", centering="sinkhorn_knopp", sabotage="centering"),
         job("two_softmax_no_ddp", sabotage="ddp"),
         job("two_koleo_rec", koleo=0.1, record_koleo=True),
+        job("two_fsdp", strategy="fsdp", knn=True),
         job("resume_1to2", checkpoint_every=3),  # continues the 1-process checkpoint
+        job("resume_1to2_fsdp", checkpoint_every=3, strategy="fsdp"),
         job("resume_2to1", checkpoint_every=3, stop_after=3),
+        job("resume_2to1_fsdp", checkpoint_every=3, strategy="fsdp", stop_after=3),
     ]
     mp.spawn(_worker, args=(str(root / "init"), jobs, str(root)), nprocs=2, join=True)
-    run(tiny_cfg(root / "resume_2to1", 8, checkpoint_every=3))  # 1 process continues
+    for name in ("resume_2to1", "resume_2to1_fsdp"):  # 1 process continues
+        run(tiny_cfg(root / name, 8, checkpoint_every=3))
     return root
 
 
 TOL = 2e-5
 
 
-@pytest.mark.parametrize("centering", ["softmax", "sinkhorn"])
-def test_two_processes_equal_one(runs: Path, centering: str) -> None:
-    """Same losses step by step and same final teacher weights, within float tolerance."""
-    one, two = runs / f"one_{centering}", runs / f"two_{centering}"
+@pytest.mark.parametrize("centering,two", [("softmax", "two_softmax"),
+                                           ("sinkhorn", "two_sinkhorn"),
+                                           ("softmax", "two_fsdp")])
+def test_two_processes_equal_one(runs: Path, centering: str, two: str) -> None:
+    """Same losses step by step and same final teacher weights, within float tolerance
+    (DDP with both centerings, and FSDP2: sharded student and teacher)."""
+    one, two = runs / f"one_{centering}", runs / two
     assert max_loss_diff(one, two) < TOL
     assert max_weight_diff(one, two) < TOL
     # the runs do move: step 6 is not step 1, and the teacher left its start
     h = history(one)
     assert abs(h[-1]["loss/total"] - h[0]["loss/total"]) > 1e-3
+    if centering == "softmax":  # online kNN of the teacher at steps 0 and 6 (FSDP: gathered)
+        knn_one, knn_two = (
+            [(e["step"], e["knn/top1_k20"]) for e in json.loads((d / "history.json").read_text())
+             if "knn/top1_k20" in e] for d in (one, two))
+        assert [s for s, _ in knn_one] == [0, STEPS] and knn_one == knn_two
 
 
 @pytest.mark.parametrize("sabotaged_run,reference", [
@@ -251,9 +271,11 @@ def test_koleo_is_computed_on_the_local_batch(runs: Path) -> None:
     assert max_weight_diff(runs / "one_koleo_rec", runs / "two_koleo_rec") > TOL
 
 
-@pytest.mark.parametrize("name", ["resume_1to2", "resume_2to1"])
+@pytest.mark.parametrize("name", ["resume_1to2", "resume_2to1", "resume_1to2_fsdp",
+                                  "resume_2to1_fsdp"])
 def test_checkpoint_resumes_in_another_world_size(runs: Path, name: str) -> None:
-    """Stopped at step 3 with N processes, finished with M: the uninterrupted run's result."""
+    """Stopped at step 3 with N processes, finished with M: the uninterrupted run's result
+    (FSDP2 gathers its shards into the same plain checkpoint and loads one into shards)."""
     assert max_loss_diff(runs / "one_softmax", runs / name) < TOL
     assert max_weight_diff(runs / "one_softmax", runs / name) < TOL
     assert not list((runs / name / "checkpoints").glob("*.pt"))  # finished: removed

@@ -152,7 +152,13 @@ def test_evaluate_backbone_reports_every_metric_and_baseline(tmp_path):
         assert 0.0 <= metrics[key] <= 1.0, key
     assert metrics["knn_top1"] == metrics["knn_top1_k20"]
     assert metrics["baseline_pixels_knn_top1"] > 0.9  # bright quadrant: trivially separable pixels
-    for name in ("confusion_matrix", "segmentation", "pca_features", "pca_features_random"):
+    for name in (
+        "confusion_matrix",
+        "segmentation",
+        "pca_features",
+        "pca_scenes",
+        "pca_features_random",
+    ):
         png_size(files[name])
     details = json.loads(files["details"].read_text())
     assert details["metrics"] == pytest.approx(metrics)

@@ -203,8 +203,9 @@ def test_allow_missing_registers_for_a_release_without_them(tmp_path) -> None:
     assert torch.equal(dst.vit.blocks[0].attn.qkv.weight, src.vit.blocks[0].attn.qkv.weight)
     assert "allowed missing, kept as initialised: vit.reg_token" in report.summary()
     # the prefixed name and a wildcard work too
-    assert load_released_weights(fresh(num_register_tokens=2), path,
-                                 allow_missing=["vit.reg_*"]).allowed_missing == ["vit.reg_token"]
+    assert load_released_weights(
+        fresh(num_register_tokens=2), path, allow_missing=["vit.reg_*"]
+    ).allowed_missing == ["vit.reg_token"]
 
 
 def test_summary_and_missing_file(tmp_path) -> None:

@@ -35,7 +35,7 @@ class CropsConfig(Strict):
     """Multi-crop views (DINOV2.md section 1)."""
 
     global_size: int = Field(224, ge=8)
-    local_size: int = Field(96, ge=4)
+    local_size: int = Field(98, ge=4)  # reference 96 px at patch 16; 98 = 7 x 14 for /14 models
     n_local: int = Field(8, ge=0)
     global_scale: tuple[float, float] = (0.32, 1.0)
     local_scale: tuple[float, float] = (0.05, 0.32)

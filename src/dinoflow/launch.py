@@ -45,7 +45,7 @@ def write_job_spec(data: DataConfig, cfg: PretrainConfig, manifest_ids: list[str
     The folder defaults to ``<run_dir>/launch/<UTC time>-<pid>``.
     """
     if folder is None:
-        stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
+        stamp = _dt.datetime.now(_dt.UTC).strftime("%Y%m%d-%H%M%S")
         folder = Path(cfg.train.run_dir) / "launch" / f"{stamp}-{os.getpid()}"
     folder = Path(folder).absolute()
     folder.mkdir(parents=True, exist_ok=True)
@@ -175,6 +175,84 @@ def distributed_main(argv: list[str] | None = None) -> None:
                         help="log to a new MLflow run in this experiment (rank 0; MLFLOW_TRACKING_URI)")
     args = parser.parse_args(argv)
     run_job(args.config, args.output, args.mlflow_experiment)
+
+
+# --------------------------------------------------------------------------- FSDP2
+def shard_ssl_model(model, device_type: str) -> None:
+    """FSDP2 (``fully_shard``) in place: each ViT block, the backbone, each head, the root.
+
+    Parameters become DTensors sharded over all processes; each unit is gathered for its
+    forward and its gradients reduce-scattered in backward. ``forward_features`` and
+    ``teacher_forward`` are not ``forward``: they are registered so they gather too.
+    """
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+    mesh = init_device_mesh(device_type, (dist.get_world_size(),))
+    for block in model.backbone.vit.blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model.backbone, mesh=mesh)
+    register_fsdp_forward_method(model.backbone, "forward_features")
+    register_fsdp_forward_method(model.backbone, "get_intermediate_layers")  # online kNN
+    for head in model.heads().values():
+        fully_shard(head, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    register_fsdp_forward_method(model, "teacher_forward")
+
+
+def _fqn_order(optimizer) -> list[str]:
+    """Model paths of the optimizer's parameters in its own order (its state-dict indices).
+
+    ``param_groups`` names backbone parameters relative to the backbone, heads by their key.
+    """
+    return [name if group.get("is_backbone") is False else f"backbone.{name}"
+            for group in optimizer.param_groups for name in group["param_names"]]
+
+
+def gather_full_state(model, optimizer=None) -> tuple[dict, dict | None]:
+    """Unsharded (model, optimizer) state dicts on CPU, in the plain single-process layout
+    (optimizer state keyed by index, as ``optimizer.state_dict()``); a collective call.
+    """
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_sd = get_model_state_dict(model, options=options)
+    if optimizer is None:
+        return model_sd, None
+    by_fqn = get_optimizer_state_dict(model, optimizer, options=options)
+    index = {fqn: i for i, fqn in enumerate(_fqn_order(optimizer))}
+    plain = optimizer.state_dict()  # param_groups (hyper-parameters, names) with index lists
+    plain["state"] = {index[fqn]: v for fqn, v in by_fqn.get("state", {}).items()}
+    return model_sd, plain
+
+
+def load_full_state(model, model_sd: dict, optimizer=None, optim_sd: dict | None = None) -> None:
+    """Load plain (unsharded) state dicts, as ``gather_full_state`` or one process writes them,
+    into a sharded model and its optimizer; every process calls it with the same dicts."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(model, model_sd, options=options)
+    if optimizer is None or optim_sd is None:
+        return
+    fqns = _fqn_order(optimizer)
+    groups, start = [], 0
+    for saved, live in zip(optim_sd["param_groups"], optimizer.param_groups, strict=True):
+        n = len(live["params"])
+        groups.append({**saved, "params": fqns[start:start + n]})
+        start += n
+    by_fqn = {"state": {fqns[int(i)]: v for i, v in optim_sd["state"].items()},
+              "param_groups": groups}
+    set_optimizer_state_dict(model, optimizer, by_fqn, options=options)
 
 
 # --------------------------------------------------------------------------- launchers

@@ -490,11 +490,11 @@ def register_pretrained(
             "kedro_env": own_tags.get("dinoflow.env", pretrain_tags.get("dinoflow.env", "unknown")),
             "fingerprint": summary.get("fingerprint", ""),
         }
-        mlflow.set_tags({f"dinoflow.{k}": str(v) for k, v in lineage.items()
-                         if k in ("pretrain_run_id", "evaluation_run_id")})  # fmt: skip
+        known = {f"dinoflow.{k}": str(v) for k, v in lineage.items() if v not in (None, "")}
+        parents = ("dinoflow.pretrain_run_id", "dinoflow.evaluation_run_id")
+        mlflow.set_tags({k: v for k, v in known.items() if k in parents})
         version = log_and_register(
-            model, cfg.model_name,
-            tags={f"dinoflow.{k}": v for k, v in lineage.items()},
+            model, cfg.model_name, tags=known,
             metadata={"fingerprint": summary.get("fingerprint", "")},
             input_example_batch=cfg.input_example_batch, log_code=cfg.log_code,
         )  # fmt: skip

@@ -35,12 +35,16 @@ class SSLModel(nn.Module):
         Returns global_logits (2B, K), local_logits (N*B, K), masked_logits (M, K) for the M masked
         patches in row-major (crop, patch) order, global_cls (2B, D) backbone CLS (for KoLeo).
         """
-        out_g = self.backbone.forward_features(global_crops, masks=masks)
-        cls_g = out_g["x_norm_clstoken"]
-        masked_tokens = out_g["x_norm_patchtokens"][masks]
+        # select: only CLS and the masked patches leave the backbone (its last block skips the rest)
+        out_g = self.backbone.forward_features(global_crops, masks=masks, select=masks)
+        cls_g, masked_tokens = out_g["x_norm_clstoken"], out_g["x_norm_selected"]
         cls_l = None
         if local_crops is not None and local_crops.numel():
-            cls_l = self.backbone.forward_features(local_crops)["x_norm_clstoken"]
+            n_patches = (local_crops.shape[-2] // self.backbone.patch_size) * (
+                local_crops.shape[-1] // self.backbone.patch_size)
+            cls_only = torch.zeros(local_crops.shape[0], n_patches, dtype=torch.bool,
+                                   device=local_crops.device)
+            cls_l = self.backbone.forward_features(local_crops, select=cls_only)["x_norm_clstoken"]
         n_g, n_l = cls_g.shape[0], 0 if cls_l is None else cls_l.shape[0]
         if self.ibot_head is None:  # shared head: one pass over every token that needs it
             tokens = torch.cat([cls_g] + ([cls_l] if cls_l is not None else []) + [masked_tokens])
@@ -59,8 +63,8 @@ class SSLModel(nn.Module):
 
     def teacher_forward(self, global_crops: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Teacher pass on unmasked global crops: CLS logits (2B, K), logits at masked positions (M, K)."""
-        out = self.backbone.forward_features(global_crops)
-        cls, patches = out["x_norm_clstoken"], out["x_norm_patchtokens"][masks]
+        out = self.backbone.forward_features(global_crops, select=masks)
+        cls, patches = out["x_norm_clstoken"], out["x_norm_selected"]
         if self.ibot_head is None:
             logits = self.dino_head(torch.cat([cls, patches]))
             return logits[: cls.shape[0]], logits[cls.shape[0] :]

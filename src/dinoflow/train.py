@@ -332,6 +332,14 @@ def pretrain(
             log.warning("pretrain.init.head_warmup_steps=0: the fresh heads' gradients reach the "
                         "loaded backbone from step 0 (docs/continue_pretraining.md)")
     teacher = make_teacher(student)
+    # FSDP2: student and teacher sharded alike (the EMA then runs shard by shard); the
+    # optimizer is built on the sharded parameters
+    fsdp = world_size > 1 and cfg.launcher.strategy == "fsdp"
+    if fsdp:
+        from dinoflow.launch import shard_ssl_model
+
+        shard_ssl_model(student, device.type)
+        shard_ssl_model(teacher, device.type)
     o = cfg.optim
     global_batch = t.batch_size * world_size
     peak_lr = scaled_lr(o.base_lr, global_batch) if o.lr_scaling == "sqrt" else o.base_lr
@@ -362,9 +370,15 @@ def pretrain(
     start_step, history = 0, []
     state = load_checkpoint(ckpt_path) if t.resume else None
     if state is not None:
-        student.load_state_dict(state["student"])
-        teacher.load_state_dict(state["teacher"])
-        optimizer.load_state_dict(state["optimizer"])
+        if fsdp:  # the checkpoint holds plain (unsharded) state, whoever wrote it
+            from dinoflow.launch import load_full_state
+
+            load_full_state(student, state["student"], optimizer, state["optimizer"])
+            load_full_state(teacher, state["teacher"])
+        else:
+            student.load_state_dict(state["student"])
+            teacher.load_state_dict(state["teacher"])
+            optimizer.load_state_dict(state["optimizer"])
         losses.dino.load_state_dict(state["dino_loss"])
         losses.ibot.load_state_dict(state["ibot_loss"])
         set_rng_state(state["rng"])
@@ -377,7 +391,7 @@ def pretrain(
         torch.manual_seed((t.seed * 1_000_003 + start_step) * 1_009 + rank)
 
     model: nn.Module = student
-    if world_size > 1:
+    if world_size > 1 and not fsdp:
         model = nn.parallel.DistributedDataParallel(
             student, device_ids=[device.index] if device.type == "cuda" else None)
     if t.compile:
@@ -405,7 +419,22 @@ def pretrain(
     knn_every = max(1, int(round(t.knn_every_epochs * steps_per_epoch)))
 
     def knn_check(done: int) -> None:
-        acc = online_knn(teacher.backbone, knn_bank, knn_queries, mean, std, cfg.crops.global_size, device)
+        if fsdp:  # rank 0 evaluates an unsharded copy of the teacher backbone
+            from dinoflow.launch import gather_full_state
+
+            full = gather_full_state(teacher.backbone)[0]
+            top1 = torch.zeros(1, dtype=torch.float64, device=device)
+            if main:
+                with torch.random.fork_rng(devices=[]):
+                    backbone = build_backbone(cfg, train.channels).to(device)
+                backbone.load_state_dict(full)
+                top1 += online_knn(backbone, knn_bank, knn_queries, mean, std,
+                                   cfg.crops.global_size, device)
+            dist.broadcast(top1, 0)
+            acc = float(top1)
+        else:
+            acc = online_knn(teacher.backbone, knn_bank, knn_queries, mean, std,
+                             cfg.crops.global_size, device)
         history.append({"step": done, "knn/top1_k20": acc})
         if main:
             tracking.log_metrics({"knn/top1_k20": acc}, step=done)
@@ -454,10 +483,18 @@ def pretrain(
         if has_knn and (done % knn_every == 0 or done == last_step):
             knn_check(done)
         if done % t.checkpoint_every_steps == 0 or done == last_step:
+            if fsdp:  # every rank takes part in gathering the shards; rank 0 writes
+                from dinoflow.launch import gather_full_state
+
+                student_sd, optim_sd = gather_full_state(student, optimizer)
+                teacher_sd = gather_full_state(teacher)[0]
+            elif main:
+                student_sd, teacher_sd = student.state_dict(), teacher.state_dict()
+                optim_sd = optimizer.state_dict()
             if main:
                 atomic_torch_save({
-                    "step": done, "student": student.state_dict(), "teacher": teacher.state_dict(),
-                    "optimizer": optimizer.state_dict(), "dino_loss": losses.dino.state_dict(),
+                    "step": done, "student": student_sd, "teacher": teacher_sd,
+                    "optimizer": optim_sd, "dino_loss": losses.dino.state_dict(),
                     "ibot_loss": losses.ibot.state_dict(), "rng": rng_state(), "history": history,
                     "config": cfg.model_dump(mode="json"), "fingerprint": fp,
                 }, ckpt_path)  # fmt: skip
@@ -469,10 +506,23 @@ def pretrain(
     ips = images_done / elapsed if elapsed > 0 else 0.0
 
     backbone_path, heads_path = run_dir / "teacher_backbone.pt", run_dir / "teacher_heads.pt"
+    export = teacher
+    if fsdp:  # gathered on every rank, written from an unsharded copy on rank 0
+        from dinoflow.launch import gather_full_state
+
+        teacher_sd = gather_full_state(teacher)[0]
+        if main:
+            export = make_teacher(build_student(cfg, train.channels))
+            export.load_state_dict(teacher_sd)
     if main:
-        save_backbone(teacher.backbone, backbone_path)
-        atomic_torch_save({k: m.state_dict() for k, m in teacher.heads().items()}, heads_path)
+        save_backbone(export.backbone, backbone_path)
+        atomic_torch_save({k: m.state_dict() for k, m in export.heads().items()}, heads_path)
         (run_dir / "history.json").write_text(json.dumps(history))
+        # DVC plots (dvc.yaml) need records that share their keys: losses and kNN apart
+        for name, key in (("history_train.json", "loss/total"), ("history_knn.json", "knn/top1_k20")):
+            rows = [h for h in history if key in h]
+            common = set.intersection(*(set(h) for h in rows)) if rows else set()
+            (run_dir / name).write_text(json.dumps([{k: v for k, v in h.items() if k in common} for h in rows]))
         curve = plot_training_curves(history, run_dir / "training_curves.png")
         tracking.log_artifact(curve, "pretrain")
         tracking.log_text(json.dumps(cfg.model_dump(mode="json"), indent=2), "pretrain/resolved_config.json")
@@ -548,9 +598,14 @@ def plot_training_curves(history: list[dict[str, float]], path: Path) -> Path:
 class _progress:
     """A rich progress bar with loss, images/s and ETA (quiet on other ranks or when disabled)."""
 
+    _active: _progress | None = None  # a run that raised (e.g. a pruned trial) leaves its bar open
+
     def __init__(self, enabled: bool, start: int, total: int):
         self.bar = None
+        if _progress._active is not None:
+            _progress._active.close()
         if enabled:
+            _progress._active = self
             from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                                        TimeElapsedColumn, TimeRemainingColumn)
 

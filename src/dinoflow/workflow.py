@@ -72,3 +72,92 @@ def run_pretraining(data: DataConfig, cfg: PretrainConfig, manifest_ids: list[st
     except Exception:  # noqa: BLE001
         summary["mlflow_run_id"] = None
     return summary
+
+
+def split_identity(split: Split) -> str:
+    """A short hash of a split's item ids: "the same evaluation data" for champion comparisons."""
+    import hashlib
+
+    return hashlib.sha256("\n".join(split.ids).encode()).hexdigest()[:16]
+
+
+def load_model_for_evaluation(model: str | None, pretrain_summary: dict | None):
+    """(backbone, info) from a registered-model URI, a checkpoint path, or pretrain's summary.
+
+    info: {"source", "mean", "std", "image_size", "pretrain_run_id"} (None where unknown).
+    """
+    import torch
+
+    from dinoflow.models.vit import DinoVisionTransformer, load_backbone
+
+    summary = pretrain_summary or {}
+    info: dict[str, Any] = {"mean": summary.get("mean"), "std": summary.get("std"),
+                            "image_size": summary.get("image_size"),
+                            "pretrain_run_id": summary.get("mlflow_run_id")}
+    source = model or summary.get("teacher_backbone")
+    if not source:
+        raise ValueError("evaluation.model: no model to evaluate. Run the pretrain pipeline first, or "
+                         "pass --params evaluation.model=<checkpoint path or models:/name@alias>")
+    info["source"] = str(source)
+    if str(source).startswith(("models:/", "runs:/")):
+        import mlflow
+
+        wrapper = mlflow.pytorch.load_model(str(source), map_location="cpu")
+        backbone = getattr(wrapper, "backbone", wrapper)
+        for key in ("mean", "std", "image_size"):
+            if getattr(wrapper, key, None) is not None:
+                info[key] = list(getattr(wrapper, key)) if key != "image_size" else int(wrapper.image_size)
+        if not isinstance(backbone, DinoVisionTransformer):
+            raise ValueError(f"evaluation.model: {source} does not hold a dinoflow backbone")
+        return backbone.eval(), info
+    from pathlib import Path
+
+    if not Path(source).is_file():
+        raise FileNotFoundError(f"evaluation.model: checkpoint {source} does not exist")
+    with torch.no_grad():
+        backbone = load_backbone(source)
+    return backbone.eval(), info
+
+
+def run_evaluation(data: DataConfig, params: dict[str, Any], pretrain_summary: dict | None,
+                   out_dir: str = "data/08_reporting") -> tuple[dict[str, float], dict[str, Any]]:
+    """Evaluate a teacher backbone (kNN, linear, segmentation, baselines, pictures).
+
+    Returns (metrics for metrics.json, report with details, files and provenance).
+    """
+    from dataclasses import fields
+
+    from dinoflow.evaluation.report import EvalSettings, evaluate_backbone
+    from dinoflow.models.vit import DinoVisionTransformer
+
+    params = dict(params or {})
+    model = params.pop("model", None)
+    known = {f.name for f in fields(EvalSettings)} - {"out_dir", "mean", "std"}
+    unknown = sorted(set(params) - known)
+    if unknown:
+        raise ValueError(f"invalid parameters in evaluation: unknown key(s) {', '.join('evaluation.' + k for k in unknown)}")
+    backbone, info = load_model_for_evaluation(model, pretrain_summary)
+    splits = load_data(data)
+    if info["mean"] is None or info["std"] is None:
+        info["mean"], info["std"] = channel_stats(splits["train"])
+    if params.get("image_size") is None and info.get("image_size"):
+        params["image_size"] = int(info["image_size"])
+    from pydantic import TypeAdapter, ValidationError
+
+    try:
+        settings = TypeAdapter(EvalSettings).validate_python(
+            {**params, "out_dir": out_dir, "mean": info["mean"], "std": info["std"]})
+    except ValidationError as exc:
+        lines = [f"  evaluation.{'.'.join(map(str, e['loc']))}: {e['msg']} (got {e.get('input')!r})"
+                 for e in exc.errors()]
+        raise ValueError("invalid parameters in evaluation:\n" + "\n".join(lines)) from None
+    kwargs = backbone.backbone_kwargs()
+    metrics, files = evaluate_backbone(backbone, splits, settings,
+                                       random_backbone_factory=lambda: DinoVisionTransformer(**kwargs))
+    report = {
+        "model": info["source"], "pretrain_run_id": info["pretrain_run_id"],
+        "eval_data_id": split_identity(splits["test"]), "val_data_id": split_identity(splits["val"]),
+        "data": data.model_dump(mode="json"), "files": {k: str(v) for k, v in files.items()},
+        "metrics": metrics,
+    }
+    return metrics, report

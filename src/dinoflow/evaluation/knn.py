@@ -50,8 +50,11 @@ def _iter_scores(
 ) -> Iterator[tuple[int, int, dict[int, torch.Tensor]]]:
     """Yield (start, stop, {k: class scores (stop - start, n_classes)}) per test chunk."""
     keep = train_labels >= 0  # unlabelled train rows cannot vote
-    train = F.normalize(train_feats[keep].float(), dim=1).to(device)
-    labels = train_labels[keep].to(device)
+    if not bool(keep.all()):
+        train_feats, train_labels = train_feats[keep], train_labels[keep]
+    # one normalised copy of the train set (the only full-size temporary)
+    train = F.normalize(train_feats.to(device=device, dtype=torch.float32), dim=1)
+    labels = train_labels.to(device)
     if train.shape[0] == 0:
         raise ValueError("kNN: the train set has no labelled rows")
     max_k = min(max(ks), train.shape[0])

@@ -129,12 +129,14 @@ def linear_probe(
     lrs = [float(lr) for lr in lrs]
 
     generator = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)  # head initialisation
     heads = nn.ModuleDict()
+    with torch.random.fork_rng(devices=[]):  # seeded head init, the caller's RNG untouched
+        torch.manual_seed(seed)
+        for variant in variants:
+            dim = variant_features(train, variant, train_rows[:1]).shape[1]
+            heads[variant] = _VariantHeads(dim, n_classes, len(lrs))
     groups = []
     for variant in variants:
-        dim = variant_features(train, variant, train_rows[:1]).shape[1]
-        heads[variant] = _VariantHeads(dim, n_classes, len(lrs))
         for head, lr in zip(heads[variant].heads, lrs, strict=True):
             groups.append({"params": list(head.parameters()), "lr": lr * batch_size / 256})
     optimizer = torch.optim.SGD(groups, momentum=0.9, weight_decay=0.0)

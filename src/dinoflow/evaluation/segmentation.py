@@ -206,9 +206,10 @@ def train_linear_segmentation(
     y_test = torch.as_tensor(np.asarray(test_masks), dtype=torch.long)
     size = (int(y_train.shape[-2]), int(y_train.shape[-1]))
 
-    torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
-    head = LinearSegHead(train_maps.shape[1], n_classes).to(device)
+    with torch.random.fork_rng(devices=[]):  # seeded head init, the caller's RNG untouched
+        torch.manual_seed(seed)
+        head = LinearSegHead(train_maps.shape[1], n_classes).to(device)
     optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
     total = epochs * math.ceil(len(train_maps) / batch_size)
     scheduler = torch.optim.lr_scheduler.LambdaLR(

@@ -10,6 +10,14 @@ DINOv2 specifics (DINOV2.md section 2) on top of timm:
 - a learnable ``mask_token`` (zero init) replaces masked patch embeddings BEFORE the position
   embeddings are added (iBOT).
 - LayerScale (init 1e-5), LayerNorm eps 1e-6, uniform drop-path over all blocks.
+
+Training shortcuts that compute the same numbers with less work (``DinoBlock``):
+- drop-path on CPU runs a residual branch only on the samples that keep it (the keep/drop draws
+  are timm's ``DropPath`` draws, in the same order), instead of computing it for every sample and
+  multiplying the dropped ones by 0;
+- ``forward_features(x, select=...)`` runs the last block only for the tokens whose output is
+  used (CLS and the selected patches, e.g. the masked ones): every other token still serves as a
+  key and value, so the kept outputs are unchanged.
 """
 
 from __future__ import annotations
@@ -21,13 +29,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from timm.layers import DropPath, GluMlp
-from timm.models.vision_transformer import VisionTransformer
+from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
 __all__ = [
     "BACKBONE_FORMAT",
     "VIT_PRESETS",
+    "DinoBlock",
     "DinoVisionTransformer",
     "SwiGLUFFN",
     "build_backbone",
@@ -86,6 +96,75 @@ class SwiGLUFFN(GluMlp):
         nn.init.trunc_normal_(self.fc1.weight, std=0.02)
         if self.fc1.bias is not None:
             nn.init.zeros_(self.fc1.bias)
+
+
+def _keep_scale(drop_path: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """Per-sample residual scale of a DropPath (B,): 0 (dropped) or 1/keep_prob; None if inactive.
+
+    Drawn exactly as timm's ``drop_path`` draws it (a (B, 1, 1) Bernoulli from the global RNG).
+    """
+    p = float(getattr(drop_path, "drop_prob", 0.0))
+    if p == 0.0 or not drop_path.training:
+        return None
+    keep = x.new_empty((x.shape[0], 1, 1)).bernoulli_(1.0 - p)
+    if getattr(drop_path, "scale_by_keep", True):
+        keep.div_(1.0 - p)
+    return keep.view(-1)
+
+
+def _residual(x: torch.Tensor, branch, scale: torch.Tensor | None) -> torch.Tensor:
+    """x + scale * branch(x) per sample, computing branch only for samples with scale != 0."""
+    if scale is None:
+        return x + branch(x)
+    kept = scale.nonzero().squeeze(1)
+    if kept.numel() in (0, x.shape[0]):  # nothing to skip (or all dropped: keep zero grads)
+        return x + branch(x) * scale.view(-1, 1, 1)
+    y = branch(x.index_select(0, kept)) * scale.index_select(0, kept).view(-1, 1, 1)
+    return x.index_add(0, kept, y)
+
+
+class DinoBlock(Block):
+    """timm's ``Block`` with the two exact training shortcuts of this module.
+
+    ``forward(x)``: (B, T, D) -> (B, T, D). ``forward(x, rows=rows)`` with rows (B, T) bool:
+    the outputs of the selected tokens only, (R, D) in row-major (sample, token) order; all T
+    tokens still act as keys and values. Parameters and state dict are timm's.
+    """
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                rows: torch.Tensor | None = None) -> torch.Tensor:
+        if rows is not None:
+            return self._forward_rows(x, rows)
+        # on CUDA the nonzero() of the sample subset would sync the host: plain drop-path there
+        if attn_mask is not None or x.device.type != "cpu":
+            return super().forward(x, attn_mask=attn_mask)
+        # draws in timm's order: drop_path1, then drop_path2 (the branches use no randomness)
+        x = _residual(x, lambda t: self.ls1(self.attn(self.norm1(t))), _keep_scale(self.drop_path1, x))
+        return _residual(x, lambda t: self.ls2(self.mlp(self.norm2(t))), _keep_scale(self.drop_path2, x))
+
+    def _forward_rows(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        s1, s2 = _keep_scale(self.drop_path1, x), _keep_scale(self.drop_path2, x)
+        attn = self.attn
+        heads, head_dim, width = attn.num_heads, attn.head_dim, attn.attn_dim
+        flat = rows.flatten().nonzero().squeeze(1)  # (R,) indices into the B * T tokens
+        sample = flat // t
+        slot = (rows.cumsum(1) - 1).flatten()[flat]  # position among its sample's rows
+        q_len = int(rows.sum(1).max())
+        h = self.norm1(x)
+        w, bias = attn.qkv.weight, attn.qkv.bias
+        q = F.linear(h.flatten(0, 1)[flat], w[:width], None if bias is None else bias[:width])
+        kv = F.linear(h, w[width:], None if bias is None else bias[width:])
+        k, v = kv.view(b, t, 2, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        # queries padded per sample to q_len (padding rows are computed and dropped)
+        qp = q.new_zeros(b, q_len, width).index_put((sample, slot), q)
+        qp = qp.view(b, q_len, heads, head_dim).transpose(1, 2)
+        o = F.scaled_dot_product_attention(attn.q_norm(qp), attn.k_norm(k), v)
+        o = o.transpose(1, 2).reshape(b, q_len, width)[sample, slot]
+        y = self.ls1(attn.proj(attn.norm(o)))
+        xr = x.flatten(0, 1)[flat] + (y if s1 is None else y * s1[sample, None])
+        y = self.ls2(self.mlp(self.norm2(xr)))
+        return xr + (y if s2 is None else y * s2[sample, None])
 
 
 class DinoVisionTransformer(nn.Module):
@@ -169,6 +248,7 @@ class DinoVisionTransformer(nn.Module):
             dynamic_img_size=True,
             drop_path_rate=0.0,  # timm decays linearly; DINOv2 is uniform: set below
             norm_layer=partial(nn.LayerNorm, eps=layer_norm_eps),  # partial: picklable
+            block_fn=DinoBlock,
             **mlp_kwargs,
         )
         for blk in self.vit.blocks:
@@ -205,14 +285,20 @@ class DinoVisionTransformer(nn.Module):
 
     # ------------------------------------------------------------------ forwards
     def forward_features(
-        self, x: torch.Tensor, masks: torch.Tensor | None = None
+        self, x: torch.Tensor, masks: torch.Tensor | None = None, select: torch.Tensor | None = None
     ) -> dict[str, torch.Tensor | None]:
         """x (B, C, H, W), masks (B, N) bool | None -> dict of normalised tokens.
 
         Returns x_norm_clstoken (B, D), x_norm_regtokens (B, R, D), x_norm_patchtokens (B, N, D)
         with N = (H/p)(W/p), and the masks passed in.
+
+        select (B, N) bool: only CLS and the selected patch tokens are wanted. The last block
+        then computes just those (the same values, less work) and the dict holds
+        x_norm_clstoken (B, D) and x_norm_selected (M, D) = x_norm_patchtokens[select].
         """
         x = self._tokens(x, masks)
+        if select is not None:
+            return self._forward_selected(x, select, masks)
         x = self.vit.blocks(x)
         x = self.vit.norm(x)
         r = self.num_register_tokens
@@ -222,6 +308,23 @@ class DinoVisionTransformer(nn.Module):
             "x_norm_patchtokens": x[:, 1 + r :],
             "masks": masks,
         }
+
+    def _forward_selected(
+        self, x: torch.Tensor, select: torch.Tensor, masks: torch.Tensor | None
+    ) -> dict[str, torch.Tensor | None]:
+        b, t, _ = x.shape
+        p = self.num_prefix_tokens
+        if select.shape != (b, t - p):
+            raise ValueError(f"select must have shape {(b, t - p)}, got {tuple(select.shape)}")
+        rows = torch.zeros(b, t, dtype=torch.bool, device=x.device)
+        rows[:, 0] = True  # CLS (registers are not outputs of the loss)
+        rows[:, p:] = select.to(device=x.device, dtype=torch.bool)
+        *body, last = self.vit.blocks
+        for blk in body:
+            x = blk(x)
+        out = self.vit.norm(last(x, rows=rows))  # (R, D), row-major (sample, token)
+        is_cls = rows.cumsum(1).flatten()[rows.flatten()] == 1  # each sample's first row is CLS
+        return {"x_norm_clstoken": out[is_cls], "x_norm_selected": out[~is_cls], "masks": masks}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, C, H, W) -> CLS embedding after the final norm (B, D)."""
