@@ -4,8 +4,9 @@
    backbone file, e.g. data/06_models/teacher_backbone.pt; otherwise pretrained here briefly).
 2. Saved in the official DINOv2 key layout (``save_official_layout``), as a release would be:
    teacher backbone only, no heads.
-3. Continued with ``train.pretrain`` (``init.weights`` = that file) on a shifted domain, inverted
-   Fashion-MNIST (255 - x), three times:
+3. Continued with ``train.pretrain`` (``init.weights`` = that file) on a shifted domain
+   (``--shift``: inverted Fashion-MNIST, 255 - x, by default; or rotated by 90 degrees),
+   three times:
    - naive: fresh heads, no head warm-up, the from-scratch recipe (its lr, momentum 0.992,
      teacher temperature warm-up 0.04 -> 0.07);
    - warm-up only: the naive run plus a head warm-up with the backbone frozen;
@@ -29,6 +30,7 @@ import platform
 import tempfile
 import time
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +65,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--queries", type=int, default=2000, help="kNN queries: test images per domain")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--shift", choices=sorted(SHIFTS), default="invert", help="the new domain")
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--work-dir", type=Path, default=None, help="default: a temporary folder")
     return p.parse_args(argv)  # fmt: skip
@@ -130,10 +133,17 @@ def protected(cfg: PretrainConfig, weights: Path, warmup_steps: int) -> Pretrain
     return cfg.model_copy(update={"optim": optim, "init": init})
 
 
-def inverted(split: Split) -> Split:
-    """The same images, 255 - x: a domain shift with the same labels."""
+SHIFTS = {"invert": "inverted", "rotate": "rotated"}
+
+
+def shifted(split: Split, shift: str = "invert") -> Split:
+    """The same images and labels in another domain: 255 - x, or rotated by 90 degrees."""
     assert split.images is not None
-    return replace(split, images=255 - split.images, name=f"{split.name}_inverted")
+    if shift == "invert":
+        images = 255 - split.images
+    else:  # rotate: (N, H, W) arrays, a quarter turn
+        images = np.ascontiguousarray(np.rot90(split.images, 1, axes=(1, 2)))
+    return replace(split, images=images, name=f"{split.name}_{SHIFTS[shift]}")
 
 
 def pick(split: Split, n: int, seed: int) -> Split:
@@ -167,15 +177,15 @@ def arch_of(backbone: DinoVisionTransformer) -> dict[str, Any]:
 
 
 def markdown(res: dict[str, Any]) -> str:
-    before = res["before"]
+    before, new = res["before"], res.get("shift", "inverted")
     lines = [
-        "# Continued pretraining demo (CPU): Fashion-MNIST -> inverted Fashion-MNIST",
+        f"# Continued pretraining demo (CPU): Fashion-MNIST -> {new} Fashion-MNIST",
         "",
         f"Command: `{res['command']}`",
         "",
         f"Start: {res['start']['what']}. kNN top-1 (%, k=20): bank {res['knn']['bank']} train "
         f"images, queries {res['knn']['queries']} test images, per domain. Continued for "
-        f"{res['continue_steps']} steps (batch {res['batch_size']}) on inverted training images.",
+        f"{res['continue_steps']} steps (batch {res['batch_size']}) on {new} training images.",
         "",
         *(
             [
@@ -186,8 +196,8 @@ def markdown(res: dict[str, Any]) -> str:
             if "online_knn" in res["start"]
             else []
         ),
-        "| run | original: before | original: after | inverted: before | inverted: after "
-        "| min online kNN (inverted val) | time (s) |",
+        f"| run | original: before | original: after | {new}: before | {new}: after "
+        f"| min online kNN ({new} val) | time (s) |",
         "|---|---|---|---|---|---|---|",
     ]
     for name, run in res["runs"].items():
@@ -195,12 +205,12 @@ def markdown(res: dict[str, Any]) -> str:
         low = min(curve, key=lambda h: h[1])
         lines.append(
             f"| {name} | {before['original']:.2f} | {run['after']['original']:.2f} "
-            f"| {before['inverted']:.2f} | {run['after']['inverted']:.2f} "
+            f"| {before[new]:.2f} | {run['after'][new]:.2f} "
             f"| {100 * low[1]:.2f} (step {low[0]}) | {run['seconds']:.0f} |"
         )
     lines += [
         "",
-        "Online kNN on the inverted domain (val subset) during each run (step: top-1 %):",
+        f"Online kNN on the {new} domain (val subset) during each run (step: top-1 %):",
         "",
     ]
     for name, run in res["runs"].items():
@@ -220,17 +230,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     load_start = os.getloadavg()
     splits = load_splits("fashion_mnist", val_size=5000, seed=0, allow_download=False)
     train, val, test = splits["train"], splits["val"], splits["test"]
-    train_inv = inverted(train)
+    new = SHIFTS[args.shift]
+    inv = partial(shifted, shift=args.shift)
+    train_inv = inv(train)
     mean, std = channel_stats(train)
     mean_inv, std_inv = channel_stats(train_inv)
     bank, queries = pick(train, args.bank, 1), pick(test, args.queries, 2)
     domains = {
         "original": {"bank": bank, "queries": queries, "mean": mean, "std": std},
-        "inverted": {"bank": inverted(bank), "queries": inverted(queries),
+        new: {"bank": inv(bank), "queries": inv(queries),
                      "mean": mean_inv, "std": std_inv},
     }  # fmt: skip
     # online monitor during continuation: the new domain, a val subset (never the test set)
-    online_bank, online_queries = inverted(pick(train, 2000, 3)), inverted(pick(val, 1000, 4))
+    online_bank, online_queries = inv(pick(train, 2000, 3)), inv(pick(val, 1000, 4))
 
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="continue_demo_"))
     work.mkdir(parents=True, exist_ok=True)
@@ -293,6 +305,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result = {
         "command": "python benchmarks/continue_demo.py "
         + " ".join(argv if argv is not None else __import__("sys").argv[1:]),
+        "shift": new,
         "start": start,
         "load_report": report.summary(),
         "knn": {"k": 20, "bank": len(bank), "queries": len(queries), "temperature": 0.07},

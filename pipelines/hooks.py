@@ -45,6 +45,7 @@ def file_md5(path: Path) -> str:
 PARENT_RUN_TAGS = {
     "pretrain_summary": "dinoflow.pretrain_run_id",
     "metrics": "dinoflow.evaluation_run_id",
+    "evaluation_report": "dinoflow.evaluation_run_id",
 }
 
 

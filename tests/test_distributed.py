@@ -208,7 +208,7 @@ def runs(tmp_path_factory) -> Path:
     return root
 
 
-TOL = 2e-5
+TOL = 1e-4  # observed: <= 2.2e-5 (gloo sums in another order); sabotaged: >= 7e-3
 
 
 @pytest.mark.parametrize("centering,two", [("softmax", "two_softmax"),
@@ -237,9 +237,8 @@ def test_two_processes_equal_one(runs: Path, centering: str, two: str) -> None:
 ])
 def test_removing_an_all_reduce_breaks_equality(runs: Path, sabotaged_run: str, reference: str) -> None:
     """Each reduction matters: without it 2 processes no longer compute the 1-process run."""
-    diff = max(max_loss_diff(runs / reference, runs / sabotaged_run),
-               max_weight_diff(runs / reference, runs / sabotaged_run))
-    assert diff > 100 * TOL
+    assert max_loss_diff(runs / reference, runs / sabotaged_run) > 100 * TOL
+    assert max_weight_diff(runs / reference, runs / sabotaged_run) > 10 * TOL
 
 
 def naive_koleo(x: torch.Tensor, eps: float = 1e-8) -> float:

@@ -108,11 +108,13 @@ def test_smoke_dvc_repro_twice_then_param_change_then_push_pull(tmp_path: Path) 
     reg_tags = client.get_run(version.run_id).data.tags
     summary = json.loads((repo / "data/06_models/pretrain_summary.json").read_text())
     assert reg_tags["dinoflow.pretrain_run_id"] == summary["mlflow_run_id"]
-    assert reg_tags["dinoflow.evaluation_run_id"] == metrics["mlflow_run_id"]
     assert reg_tags["dinoflow.env"] == "smoke" and reg_tags["dinoflow.pipeline"] == "registration"
     pre_tags = client.get_run(reg_tags["dinoflow.pretrain_run_id"]).data.tags
-    eval_tags = client.get_run(metrics["mlflow_run_id"]).data.tags
+    eval_tags = client.get_run(reg_tags["dinoflow.evaluation_run_id"]).data.tags
+    report = json.loads((repo / "data/08_reporting/evaluation_report.json").read_text())
+    assert eval_tags["dinoflow.pipeline"] == "evaluation"
     assert eval_tags["dinoflow.pretrain_run_id"] == summary["mlflow_run_id"]
+    assert eval_tags["dinoflow.eval_data_id"] == report["eval_data_id"] == first["eval_data_id"]
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
     manifest_md5 = next(o["md5"] for o in lock["stages"]["curate"]["outs"]
                         if o["path"] == "data/03_primary/curated_manifest.csv")  # fmt: skip

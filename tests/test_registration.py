@@ -128,6 +128,7 @@ def test_champion_goes_to_the_better_model_and_loads_in_a_fresh_process(
     store: str, tmp_path: Path
 ) -> None:
     import mlflow
+    from dinoflow.pipelines.hooks import tag_parent_runs
     from dinoflow.pipelines.registration.nodes import register_backbone
     from mlflow import MlflowClient
 
@@ -139,12 +140,17 @@ def test_champion_goes_to_the_better_model_and_loads_in_a_fresh_process(
     assert knn["better"] > 0.9 and knn["worse"] < 0.5, knn  # the premise: a real gap
 
     client = MlflowClient()
-    params = {"pictures": ["pictures/*.png"]}
+    params = {"min_improvement": 0.0}
     (tmp_path / "pictures").mkdir()
     (tmp_path / "pictures" / "pca_features.png").write_bytes(b"\x89PNG fake")
+    files = {"pca_features": "pictures/pca_features.png", "details": "pictures/details.json"}
 
-    def register(name: str, data: str = data_id) -> dict:
-        """One pretrain run, one evaluation run, one registration run, as in `dvc repro`."""
+    def register(name: str, data: str | None = None) -> dict:
+        """One pretrain run, one evaluation run, one registration run, as in `dvc repro`.
+
+        As the evaluation pipeline writes them: the data id and the pictures are in the report,
+        the evaluation run is found by its tags; ``data`` puts another id in metrics.json.
+        """
         path = tmp_path / name / "teacher_backbone.pt"
         save_backbone(models[name], path)
         with mlflow.start_run(run_name=f"pretrain {name}") as pre:
@@ -152,17 +158,30 @@ def test_champion_goes_to_the_better_model_and_loads_in_a_fresh_process(
                              "dinoflow.git_commit": "abc123", "dinoflow.env": "test"})  # fmt: skip
         with mlflow.start_run(run_name=f"evaluation {name}") as ev:
             mlflow.log_metric("knn_top1", knn[name])
+            mlflow.set_tags({"dinoflow.pretrain_run_id": pre.info.run_id,
+                             "dinoflow.eval_data_id": data or data_id})  # fmt: skip
         summary = {"teacher_backbone": str(path), "mean": MEAN, "std": STD, "image_size": SIZE,
                    "channels": 1, "mlflow_run_id": pre.info.run_id, "fingerprint": name,
                    "data": {"source": "synthetic"}, "n_train_images": len(train),
                    "run_dir": str(path.parent), "steps": 1, "final": {}}  # fmt: skip
-        metrics = {"knn_top1": knn[name], "eval_data_id": data, "mlflow_run_id": ev.info.run_id}
+        metrics = {"knn_top1": knn[name], "knn_top1_k10": 0.5}
+        if data is not None:
+            metrics["eval_data_id"] = data
+        report = {"eval_data_id": data_id, "files": files}
         with mlflow.start_run(run_name=f"registration {name}") as reg:
-            out = register_backbone(summary, metrics, params)
+            # what LineageHooks.before_node_run does with the node's inputs under Kedro
+            parents = tag_parent_runs({"pretrain_summary": summary, "metrics": metrics, "x": 1})
+            assert parents == {"dinoflow.pretrain_run_id": pre.info.run_id}
+            out = register_backbone(summary, metrics, report, params)
+        assert out["lineage"]["evaluation_run_id"] == ev.info.run_id
         out["run_id"] = reg.info.run_id
         out["pretrain_run_id"] = pre.info.run_id
         return out
 
+    assert tag_parent_runs({"metrics": {"mlflow_run_id": "x"}}) == {}  # no active run: no tags
+    with mlflow.start_run():
+        assert tag_parent_runs({"evaluation_report": {"mlflow_run_id": "e1"}}) == {
+            "dinoflow.evaluation_run_id": "e1"}  # fmt: skip
     first = register("worse")
     assert (first["version"], first["alias"], first["champion_metric"]) == ("1", CHAMPION, None)
     second = register("better")

@@ -12,7 +12,9 @@ def evaluate(data: dict, evaluation: dict, pretrain_summary: dict | None) -> tup
     from dinoflow.workflow import run_evaluation
 
     data_cfg = validate(DataConfig, data, "data")
-    metrics, report = run_evaluation(data_cfg, evaluation, pretrain_summary)
+    # one folder for pictures and details: the evaluate stage's DVC out (dvc.yaml)
+    metrics, report = run_evaluation(data_cfg, evaluation, pretrain_summary,
+                                     out_dir="data/08_reporting/evaluation")
     log_to_mlflow(metrics, report)
     return metrics, report
 

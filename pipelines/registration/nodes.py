@@ -11,12 +11,15 @@ from dinoflow.registry import RegistrationConfig, register_pretrained
 
 
 def register_backbone(
-    pretrain_summary: dict[str, Any] | None, metrics: dict[str, Any], registration: dict
+    pretrain_summary: dict[str, Any] | None,
+    metrics: dict[str, Any],
+    evaluation_report: dict[str, Any] | None,
+    registration: dict,
 ) -> dict[str, Any]:
     """Register the pretrained teacher as ``dinoflow-backbone`` and decide champion/challenger.
 
-    Reads pretrain_summary (teacher_backbone, mean, std, image_size, channels, mlflow_run_id, ...)
-    and metrics (knn_top1, eval_data_id, mlflow_run_id); returns data/08_reporting/registration.json.
+    Reads pretrain_summary (teacher_backbone, mean, std, image_size, channels, mlflow_run_id, ...),
+    metrics (knn_top1) and evaluation_report (eval_data_id, files); returns registration.json.
     """
     cfg = validate(RegistrationConfig, registration, "registration")
     if pretrain_summary is None:
@@ -24,4 +27,5 @@ def register_backbone(
             "registration: pretrain_summary (data/06_models/pretrain_summary.json) is missing: "
             "run the pretrain pipeline first"
         )
-    return register_pretrained(pretrain_summary, metrics, cfg, git_commit=git_commit())
+    return register_pretrained(pretrain_summary, metrics, cfg, git_commit=git_commit(),
+                               report=evaluation_report)

@@ -7,7 +7,7 @@ def create_pipeline(**kwargs) -> Pipeline:
         [
             Node(
                 register_backbone,
-                inputs=["pretrain_summary", "metrics", "params:registration"],
+                inputs=["pretrain_summary", "metrics", "evaluation_report", "params:registration"],
                 outputs="registration_summary",
                 name="register_backbone",
             )

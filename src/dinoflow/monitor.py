@@ -18,7 +18,7 @@ def check_finite(step: int, terms: dict[str, torch.Tensor], checkpoint: str | No
         kept = f"; the last good checkpoint is kept at {checkpoint}" if checkpoint else ""
         raise TrainingDiverged(
             f"step {step}: non-finite loss in {', '.join(bad)} "
-            f"({', '.join(f'{n}={float(terms[n]):.4g}' for n in bad)}){kept}. "
+            f"({', '.join(f'{n}={float(terms[n].detach()):.4g}' for n in bad)}){kept}. "
             "Lower optim.base_lr, check the input normalisation, or use loss.centering=sinkhorn_knopp."
         )
 

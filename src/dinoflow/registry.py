@@ -432,18 +432,45 @@ def _run_tags(client, run_id: str | None) -> dict[str, str]:
         return {}
 
 
-def _pictures(summary: Mapping[str, Any], patterns: Sequence[str]) -> list[Path]:
-    """Training curves from the pretrain run dir, then the files matching ``patterns``."""
+def _pictures(
+    summary: Mapping[str, Any], report: Mapping[str, Any], patterns: Sequence[str]
+) -> list[Path]:
+    """Training curves (pretrain run dir), the evaluation report's PNGs, files matching ``patterns``."""
     found: list[Path] = []
     run_dir = summary.get("run_dir")
-    if run_dir and (Path(run_dir) / "training_curves.png").is_file():
+    if run_dir:
         found.append(Path(run_dir) / "training_curves.png")
+    found += [Path(p) for p in (report.get("files") or {}).values() if str(p).endswith(".png")]
     for pattern in patterns:
-        found += sorted(p for p in Path(".").glob(pattern) if p.is_file())
+        found += sorted(Path(".").glob(pattern))
     unique: dict[str, Path] = {}
     for p in found:
-        unique.setdefault(p.name, p)  # the card refers to pictures by file name
+        if p.is_file():
+            unique.setdefault(p.name, p)  # the card refers to pictures by file name
     return list(unique.values())
+
+
+def _evaluation_run(client, run_id: str, pretrain_run_id: str | None, data_id: str) -> str | None:
+    """The latest evaluation run of this pretrain run on this data (when no file names it).
+
+    In a single ``kedro run`` of the default pipeline the evaluation ran in this same run.
+    """
+    if not pretrain_run_id:
+        return None
+    if pretrain_run_id == run_id:
+        return run_id
+    try:
+        experiment = client.get_run(run_id).info.experiment_id
+        runs = client.search_runs(
+            [experiment],
+            filter_string=(f"tags.`dinoflow.pretrain_run_id` = '{pretrain_run_id}' and "
+                           f"tags.`dinoflow.eval_data_id` = '{data_id}'"),
+            order_by=["attributes.start_time DESC"], max_results=5,
+        )  # fmt: skip
+    except Exception:  # noqa: BLE001 - lineage is best effort; the decision does not need it
+        return None
+    runs = [r for r in runs if r.info.run_id != run_id]
+    return runs[0].info.run_id if runs else None
 
 
 def register_pretrained(
@@ -451,13 +478,16 @@ def register_pretrained(
     metrics: Mapping[str, Any],
     cfg: RegistrationConfig | None = None,
     git_commit: str = "unknown",
+    report: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The registration job: log + register the teacher backbone, promote it, attach the card.
 
     summary: pretrain_summary.json (teacher_backbone, mean, std, image_size, channels,
     mlflow_run_id, fingerprint, data, n_train_images, ...). metrics: metrics.json
-    (``cfg.metric``, ``eval_data_id``, ``mlflow_run_id``). Runs in the active MLflow run or a new
-    one. Returns the registration summary (version, alias, both numbers, reason, lineage).
+    (``cfg.metric``; optional ``eval_data_id``, ``mlflow_run_id``). report: evaluation_report.json
+    (``eval_data_id``, ``files``, optional ``mlflow_run_id``), read where metrics lacks a key.
+    Runs in the active MLflow run or a new one. Returns the registration summary (version, alias,
+    both numbers, reason, lineage).
     """
     import mlflow
     from mlflow import MlflowClient
@@ -469,11 +499,12 @@ def register_pretrained(
             f"(keys: {sorted(metrics)}); run the evaluation pipeline first"
         )
     value = float(metrics[cfg.metric])
-    data_id = metrics.get("eval_data_id")
+    report = report or {}
+    data_id = metrics.get("eval_data_id") or report.get("eval_data_id")
     if not data_id:
         # older metrics files: the data config fixes the splits for a given source
         data_id = "data:" + eval_data_id({}, data=summary.get("data"))
-        log.warning("metrics.json has no eval_data_id: using %s (from the data config)", data_id)
+        log.warning("no eval_data_id in metrics or report: using %s (from the data config)", data_id)
     model = RegisteredBackbone.from_summary(summary)
     client = MlflowClient()
     with _active_run() as run:
@@ -482,7 +513,8 @@ def register_pretrained(
         pretrain_tags = _run_tags(client, summary.get("mlflow_run_id"))
         lineage = {
             "pretrain_run_id": summary.get("mlflow_run_id"),
-            "evaluation_run_id": metrics.get("mlflow_run_id"),
+            "evaluation_run_id": metrics.get("mlflow_run_id") or report.get("mlflow_run_id")
+            or _evaluation_run(client, run_id, summary.get("mlflow_run_id"), data_id),
             "registration_run_id": run_id,
             "curated_data_md5": pretrain_tags.get("dinoflow.curated_data_md5", "unknown"),
             "pretrain_git_commit": pretrain_tags.get("dinoflow.git_commit", "unknown"),
@@ -500,7 +532,7 @@ def register_pretrained(
         )  # fmt: skip
         decision = promote(version.version, value, data_id, cfg.model_name, cfg.min_improvement,
                            client)  # fmt: skip
-        pictures = _pictures(summary, cfg.pictures)
+        pictures = _pictures(summary, report, cfg.pictures)
         card = model_card(cfg.model_name, decision, summary, metrics, lineage,
                           model.backbone.backbone_kwargs(), [p.name for p in pictures])  # fmt: skip
         for p in pictures:

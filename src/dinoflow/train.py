@@ -410,7 +410,10 @@ def pretrain(
     loader = DataLoader(MultiCropDataset(train, augmentation, t.seed), batch_sampler=sampler,
                         collate_fn=MaskingCollate(cfg, rank, world_size), num_workers=t.num_workers,
                         pin_memory=t.pin_memory and device.type == "cuda",
-                        persistent_workers=False, prefetch_factor=4 if t.num_workers else None)
+                        persistent_workers=False, prefetch_factor=4 if t.num_workers else None,
+                        # its own generator: the loader must not draw from the global RNG (drop
+                        # path), or a resumed run would diverge from an uninterrupted one
+                        generator=torch.Generator().manual_seed(t.seed))
 
     main = rank == 0
     if main:

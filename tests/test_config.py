@@ -1,0 +1,51 @@
+"""Parameters are validated before any work, with one message naming every bad key."""
+
+import pytest
+import yaml
+
+from dinoflow.config import ConfigError, DataConfig, PretrainConfig, validate
+
+
+def test_unknown_and_out_of_range_keys_are_named():
+    with pytest.raises(ConfigError) as err:
+        validate(PretrainConfig, {"train": {"epochz": 3, "batch_size": 0}}, "pretrain")
+    text = str(err.value)
+    assert "pretrain.train.epochz: unknown key" in text
+    assert "pretrain.train.batch_size" in text and "(got 0)" in text
+
+
+def test_crop_sizes_must_fit_the_patch():
+    with pytest.raises(ConfigError, match="local_size=12 is not a multiple of backbone.patch_size=14"):
+        validate(PretrainConfig, {"crops": {"local_size": 12}}, "pretrain")
+
+
+def test_defaults_are_the_dinov2_reference():
+    cfg = PretrainConfig()
+    assert (cfg.crops.global_size, cfg.crops.n_local, cfg.crops.blur_p) == (224, 8, (1.0, 0.1, 0.5))
+    assert (cfg.backbone.arch, cfg.backbone.patch_size, cfg.backbone.drop_path_rate) == ("vit_small", 14, 0.3)
+    assert (cfg.head.n_prototypes, cfg.head.hidden_dim, cfg.head.bottleneck_dim) == (65536, 2048, 256)
+    assert (cfg.loss.student_temp, cfg.loss.center_momentum, cfg.loss.koleo_weight) == (0.1, 0.9, 0.1)
+    o = cfg.optim
+    assert (o.base_lr, o.warmup_epochs, o.layer_decay, o.patch_embed_lr_mult, o.clip_grad) == (0.004, 10, 0.9, 0.2, 3.0)
+    assert (o.momentum_teacher_start, o.teacher_temp_start, o.teacher_temp_end, o.teacher_temp_warmup_epochs) == (0.992, 0.04, 0.07, 30)
+
+
+@pytest.mark.parametrize("env", ["base", "smoke", "gpu"])
+def test_every_profile_validates(env):
+    from pathlib import Path
+
+    def load(name):
+        path = Path("conf") / env / name
+        return yaml.safe_load(path.read_text()) if path.exists() else {}
+
+    def merge(a, b):
+        out = dict(a)
+        for k, v in (b or {}).items():
+            out[k] = merge(a.get(k, {}), v) if isinstance(v, dict) and isinstance(a.get(k), dict) else v
+        return out
+
+    base_p = load("../base/parameters_pretrain.yml")["pretrain"]
+    env_p = load("parameters_pretrain.yml").get("pretrain", {})
+    validate(PretrainConfig, merge(base_p, env_p), f"conf/{env}")
+    base_d = load("../base/parameters_data.yml")["data"]
+    validate(DataConfig, merge(base_d, load("parameters_data.yml").get("data", {})), f"conf/{env}")
