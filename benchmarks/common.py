@@ -116,24 +116,42 @@ class PeakRSS:
 
 
 def interleaved_times(contenders: dict[str, Callable[[int], object]], repeats: int,
-                      warmup: int = 1) -> dict[str, list[float]]:
-    """Seconds per call of each contender, called in alternating order (ABAB..., then BA...).
+                      warmup: int = 1) -> dict[str, dict[str, list[float]]]:
+    """Wall and process-CPU seconds per call of each contender, in alternating order.
 
     ``contenders[name](i)`` runs one unit of work (i = repetition index). Warm-up calls are not
-    timed. Alternating the order cancels slow drifts of the machine's load.
+    timed. The order alternates (A B C, C B A, ...) so slow drifts of the machine's load fall
+    on every contender alike. CPU time (all threads of this process) is the robust measure on
+    a shared machine: other processes' load stretches wall time but not this process's work.
+    -> {name: {"wall": [...], "cpu": [...]}}
     """
     names = list(contenders)
     for i in range(warmup):
         for name in names:
             contenders[name](i)
-    times: dict[str, list[float]] = {name: [] for name in names}
+    times: dict[str, dict[str, list[float]]] = {name: {"wall": [], "cpu": []} for name in names}
     for r in range(repeats):
         order = names if r % 2 == 0 else names[::-1]
         for name in order:
-            t0 = time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()
             contenders[name](warmup + r)
-            times[name].append(time.perf_counter() - t0)
+            times[name]["wall"].append(time.perf_counter() - t0)
+            times[name]["cpu"].append(time.process_time() - c0)
     return times
+
+
+def matmul_block(n: int = 1536, flop: float = 2e10) -> tuple[Callable[[int], object], float]:
+    """(callable, its FLOPs): a fixed amount of fp32 n x n torch.mm, timed like a contender so
+    that the matmul rate sees the same machine load as the steps it is compared with."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    out = torch.empty(n, n)
+    reps = max(1, int(flop // (2 * n**3)))
+
+    def run(_: int) -> None:
+        for _ in range(reps):
+            torch.mm(a, b, out=out)
+
+    return run, float(reps * 2 * n**3)
 
 
 def median(xs: list[float]) -> float:

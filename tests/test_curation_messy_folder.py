@@ -217,9 +217,10 @@ def test_manifest_counts_and_report_files(curated) -> None:
 
 def test_kedro_pipeline_runs_on_messy_folder(tmp_path: Path) -> None:
     """The Kedro nodes end to end (image_folder source, splits carved by the data module)."""
-    from dinoflow.pipelines.curation.pipeline import create_pipeline
     from kedro.io import DataCatalog, MemoryDataset
     from kedro.runner import SequentialRunner
+
+    from dinoflow.pipelines.curation.pipeline import create_pipeline
 
     messy = build_messy_folder(tmp_path / "messy")
     params = _cfg(tmp_path).model_dump()

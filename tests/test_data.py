@@ -8,7 +8,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dinoflow.data import FashionMNISTNotFound, channel_stats, find_fashion_mnist, load_splits, read_idx
+from dinoflow.data import (
+    FashionMNISTNotFound,
+    channel_stats,
+    find_fashion_mnist,
+    load_splits,
+    read_idx,
+)
 from dinoflow.data.fashion_mnist import FILES, SYSTEM_DIR, parse_idx
 
 

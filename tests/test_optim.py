@@ -87,9 +87,12 @@ def test_param_groups_layer_decay_weight_decay_and_last_layer() -> None:
     assert [n for n, v in last.items() if v] == [
         "dino_head.last_layer.parametrizations.weight.original1"
     ]
-    # params in one group share all settings: groups are fused by setting
-    keys = [(g["lr_multiplier"], g["wd_multiplier"], g["is_last_layer"]) for g in groups]
+    # params in one group share all settings: groups are fused by setting, and the backbone
+    # never shares a group with a head (the continued-pretraining warm-up scales it alone)
+    keys = [(g["lr_multiplier"], g["wd_multiplier"], g["is_last_layer"], g["is_backbone"]) for g in groups]
     assert len(keys) == len(set(keys))
+    for g in groups:
+        assert all(n.startswith("dino_head.") != g["is_backbone"] for n in g["param_names"])
 
 
 def make_optimizer() -> tuple[torch.optim.AdamW, list[dict]]:

@@ -128,9 +128,10 @@ def test_champion_goes_to_the_better_model_and_loads_in_a_fresh_process(
     store: str, tmp_path: Path
 ) -> None:
     import mlflow
+    from mlflow import MlflowClient
+
     from dinoflow.pipelines.hooks import tag_parent_runs
     from dinoflow.pipelines.registration.nodes import register_backbone
-    from mlflow import MlflowClient
 
     rng = np.random.default_rng(0)
     train, test = _split(*_images(10, rng), "train"), _split(*_images(5, rng), "test")

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from dinoflow.pipelines.curation import nodes
 from kedro.pipeline import Node, Pipeline
+
+from dinoflow.pipelines.curation import nodes
 
 
 def create_pipeline(**kwargs) -> Pipeline:

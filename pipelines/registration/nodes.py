@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from dinoflow.pipelines.hooks import git_commit
-
 from dinoflow.config import validate
+from dinoflow.pipelines.hooks import git_commit
 from dinoflow.registry import RegistrationConfig, register_pretrained
 
 

@@ -1,5 +1,6 @@
-from dinoflow.pipelines.registration.nodes import register_backbone
 from kedro.pipeline import Node, Pipeline
+
+from dinoflow.pipelines.registration.nodes import register_backbone
 
 
 def create_pipeline(**kwargs) -> Pipeline:

@@ -1,5 +1,6 @@
-from dinoflow.pipelines.tuning.nodes import tune
 from kedro.pipeline import Node, Pipeline
+
+from dinoflow.pipelines.tuning.nodes import tune
 
 
 def create_pipeline(**kwargs) -> Pipeline:

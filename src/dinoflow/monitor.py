@@ -43,8 +43,9 @@ def collapse_warning(
     if entropy > uniform_fraction * max_entropy:
         return (
             f"uniform collapse: teacher target entropy {entropy:.3f} is near ln(K)={max_entropy:.3f}; "
-            "targets are near uniform. Lower optim.teacher_temp_start/end, raise loss.center_momentum "
-            "less aggressively, or use loss.centering=sinkhorn_knopp."
+            "targets are near uniform. Usual in the first steps of a run; if it lasts, lower "
+            "optim.teacher_temp_start/end, use fewer head.n_prototypes, raise optim.base_lr or "
+            "backbone.layerscale_init, or use loss.centering=sinkhorn_knopp."
         )
     if entropy < onehot_entropy:
         return (

@@ -16,10 +16,11 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,7 +30,13 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from dinoflow import tracking
 from dinoflow.augment import MultiCropAugmentation, collate_multicrop
-from dinoflow.checkpoint import atomic_torch_save, fingerprint, load_checkpoint, rng_state, set_rng_state
+from dinoflow.checkpoint import (
+    atomic_torch_save,
+    fingerprint,
+    load_checkpoint,
+    rng_state,
+    set_rng_state,
+)
 from dinoflow.config import PretrainConfig
 from dinoflow.data import Split
 from dinoflow.losses import DINOLoss, IBOTPatchLoss, KoLeoLoss
@@ -37,9 +44,20 @@ from dinoflow.losses.ibot import masked_token_weights
 from dinoflow.masking import BlockMaskGenerator, sample_masks
 from dinoflow.models.heads import DINOHead
 from dinoflow.models.vit import DinoVisionTransformer, save_backbone
-from dinoflow.monitor import (TrainingDiverged, check_finite, collapse_warning, normalized_std,
-                              target_entropy)
-from dinoflow.optim import apply_schedules, build_optimizer, clip_gradients, ema_update, param_groups
+from dinoflow.monitor import (
+    TrainingDiverged,
+    check_finite,
+    collapse_warning,
+    normalized_std,
+    target_entropy,
+)
+from dinoflow.optim import (
+    apply_schedules,
+    build_optimizer,
+    clip_gradients,
+    ema_update,
+    param_groups,
+)
 from dinoflow.schedules import Schedules, build_schedules, scaled_lr
 from dinoflow.student_teacher import SSLModel, make_teacher
 
@@ -609,8 +627,14 @@ class _progress:
             _progress._active.close()
         if enabled:
             _progress._active = self
-            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                                       TimeElapsedColumn, TimeRemainingColumn)
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
 
             self.bar = Progress(TextColumn("pretrain"), BarColumn(), MofNCompleteColumn(),
                                 TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),

@@ -13,8 +13,8 @@ DINOv2 specifics (DINOV2.md section 2) on top of timm:
 
 Training shortcuts that compute the same numbers with less work (``DinoBlock``):
 - drop-path on CPU runs a residual branch only on the samples that keep it (the keep/drop draws
-  are timm's ``DropPath`` draws, in the same order), instead of computing it for every sample and
-  multiplying the dropped ones by 0;
+  are timm's ``DropPath`` draws, in the same order), instead of computing it for every sample
+  and multiplying the dropped ones by 0;
 - ``forward_features(x, select=...)`` runs the last block only for the tokens whose output is
   used (CLS and the selected patches, e.g. the masked ones): every other token still serves as a
   key and value, so the kept outputs are unchanged.
@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from timm.layers import Attention, DropPath, GluMlp, LayerScale, Mlp
+from timm.layers import DropPath, GluMlp
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
@@ -98,102 +98,59 @@ class SwiGLUFFN(GluMlp):
             nn.init.zeros_(self.fc1.bias)
 
 
-def _keep_draw(drop_path: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, float] | None:
-    """A DropPath's per-sample decision: (kept (B,) bool, scale of kept samples); None if inactive.
+def _keep_scale(drop_path: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """A DropPath's per-sample residual scale (B,): 0 (dropped) or 1/keep_prob; None if inactive.
 
-    Drawn exactly as timm's ``drop_path`` draws it: a (B, 1, 1) Bernoulli from the global RNG.
+    Drawn and scaled exactly as timm's ``drop_path`` does (a (B, 1, 1) Bernoulli from the global
+    RNG, divided by keep_prob), so the numbers are the ones timm would multiply by.
     """
     p = float(getattr(drop_path, "drop_prob", 0.0))
     if p == 0.0 or not drop_path.training:
         return None
-    kept = x.new_empty((x.shape[0], 1, 1)).bernoulli_(1.0 - p).view(-1) > 0
-    return kept, 1.0 / (1.0 - p) if getattr(drop_path, "scale_by_keep", True) else 1.0
+    scale = x.new_empty((x.shape[0], 1, 1)).bernoulli_(1.0 - p)
+    if getattr(drop_path, "scale_by_keep", True):
+        scale.div_(1.0 - p)
+    return scale.view(-1)
 
 
-def _row_scale(draw: tuple[torch.Tensor, float], sample: torch.Tensor) -> torch.Tensor:
-    """(R, 1) drop-path scale of each row from its sample's draw."""
-    kept, scale = draw
-    return (kept[sample].float() * scale)[:, None]
-
-
-def _fold(linear: nn.Linear, layer_scale: nn.Module, scale: float) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Weight and bias of ``scale * layer_scale(linear(x))`` as one linear map (D x D work, not
-    a pass over every token; autograd gives the gamma gradient from it)."""
-    gamma = layer_scale.gamma if isinstance(layer_scale, LayerScale) else None
-    if gamma is None and scale == 1.0:
-        return linear.weight, linear.bias
-    g = gamma * scale if gamma is not None else torch.full_like(linear.weight[:, 0], scale)
-    return linear.weight * g[:, None], None if linear.bias is None else linear.bias * g
-
-
-def _mlp_hidden(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """timm Mlp / GluMlp forward up to the input of fc2."""
-    h = mlp.fc1(x)
-    if isinstance(mlp, GluMlp):
-        h1, h2 = h.chunk(2, dim=mlp.chunk_dim)
-        h = h1 * mlp.act(h2) if mlp.gate_last else mlp.act(h1) * h2
-    else:
-        h = mlp.act(h)
-    return mlp.norm(mlp.drop1(h))
+def _residual(x: torch.Tensor, branch, scale: torch.Tensor | None) -> torch.Tensor:
+    """x + scale * branch(x) per sample (B, T, D), running branch only where scale != 0."""
+    if scale is None:
+        return x + branch(x)
+    kept = scale.nonzero().squeeze(1)
+    if kept.numel() in (0, x.shape[0]):  # nothing to skip (all dropped: zero grads, as timm)
+        return x + branch(x) * scale.view(-1, 1, 1)
+    y = branch(x.index_select(0, kept)) * scale.index_select(0, kept).view(-1, 1, 1)
+    return x.index_add(0, kept, y)
 
 
 class DinoBlock(Block):
-    """timm's ``Block`` computing the same function with less work (parameters and state dict
-    are timm's).
+    """timm's ``Block`` (same parameters, state dict and numbers) doing less work in training.
 
-    - LayerScale (and the drop-path scale) is folded into the weights of attn.proj / mlp.fc2;
-    - drop-path: a residual branch runs only on the samples that keep it (CPU; timm's draws);
+    - drop-path on CPU: a residual branch runs only on the samples that keep it, instead of on
+      every sample with the dropped ones multiplied by 0 (same draws, in timm's order);
     - ``forward(x, rows=rows)``, rows (B, T) bool: the block's outputs for the selected tokens
       only, (R, D) in row-major (sample, token) order; every token still acts as key and value.
     ``forward(x)``: (B, T, D) -> (B, T, D).
     """
-
-    def _plain(self) -> bool:
-        """True when this block has the parts the fast path knows (timm Attention, Mlp/GluMlp)."""
-        return (isinstance(self.attn, Attention) and getattr(self.attn, "gate", None) is None
-                and isinstance(self.mlp, (Mlp, GluMlp)))
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
                 rows: torch.Tensor | None = None) -> torch.Tensor:
         if rows is not None:
             return self._forward_rows(x, rows)
         # on CUDA the nonzero() of the sample subset would sync the host: timm's path there
-        if attn_mask is not None or x.device.type != "cpu" or not self._plain():
+        if attn_mask is not None or x.device.type != "cpu":
             return super().forward(x, attn_mask=attn_mask)
         # draws in timm's order: drop_path1, then drop_path2 (the branches use no randomness)
-        x = self._residual(x, self._attn_branch, self.drop_path1)
-        return self._residual(x, self._mlp_branch, self.drop_path2)
-
-    @staticmethod
-    def _residual(x: torch.Tensor, branch, drop_path: nn.Module) -> torch.Tensor:
-        """x + drop_path(branch(x)); branch(t, scale) returns scale * branch(t)."""
-        draw = _keep_draw(drop_path, x)
-        if draw is None:
-            return x + branch(x, 1.0)
-        kept, scale = draw
-        n_kept = int(kept.sum())
-        if n_kept in (0, x.shape[0]):  # nothing to skip (all dropped: zero gradients, as timm)
-            return x + branch(x, scale if n_kept else 0.0)
-        idx = kept.nonzero().squeeze(1)
-        return x.index_add(0, idx, branch(x.index_select(0, idx), scale))
-
-    def _attn_branch(self, x: torch.Tensor, scale: float) -> torch.Tensor:
-        a = self.attn
-        b, t, _ = x.shape
-        qkv = F.linear(self.norm1(x), a.qkv.weight, a.qkv.bias)
-        q, k, v = qkv.view(b, t, 3, a.num_heads, a.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        o = F.scaled_dot_product_attention(a.q_norm(q), a.k_norm(k), v)
-        o = a.norm(o.transpose(1, 2).reshape(b, t, a.attn_dim))
-        return a.proj_drop(F.linear(o, *_fold(a.proj, self.ls1, scale)))
-
-    def _mlp_branch(self, x: torch.Tensor, scale: float) -> torch.Tensor:
-        m = self.mlp
-        return m.drop2(F.linear(_mlp_hidden(m, self.norm2(x)), *_fold(m.fc2, self.ls2, scale)))
+        x = _residual(x, lambda t: self.ls1(self.attn(self.norm1(t))), _keep_scale(self.drop_path1, x))
+        return _residual(x, lambda t: self.ls2(self.mlp(self.norm2(t))), _keep_scale(self.drop_path2, x))
 
     def _forward_rows(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         b, t, _ = x.shape
-        d1, d2 = _keep_draw(self.drop_path1, x), _keep_draw(self.drop_path2, x)
+        s1, s2 = _keep_scale(self.drop_path1, x), _keep_scale(self.drop_path2, x)
         a = self.attn
+        if getattr(a, "gate", None) is not None:
+            raise NotImplementedError("row-selected forward of a gated attention")
         heads, head_dim, width = a.num_heads, a.head_dim, a.attn_dim
         flat = rows.flatten().nonzero().squeeze(1)  # (R,) indices into the B * T tokens
         sample = flat // t
@@ -208,11 +165,11 @@ class DinoBlock(Block):
         qp = q.new_zeros(b, q_len, width).index_put((sample, slot), q)
         qp = qp.view(b, q_len, heads, head_dim).transpose(1, 2)
         o = F.scaled_dot_product_attention(a.q_norm(qp), a.k_norm(k), v)
-        o = a.norm(o.transpose(1, 2).reshape(b, q_len, width)[sample, slot])
-        y = a.proj_drop(F.linear(o, *_fold(a.proj, self.ls1, 1.0)))
-        xr = x.flatten(0, 1)[flat] + (y if d1 is None else y * _row_scale(d1, sample))
-        y = self._mlp_branch(xr, 1.0)
-        return xr + (y if d2 is None else y * _row_scale(d2, sample))
+        o = o.transpose(1, 2).reshape(b, q_len, width)[sample, slot]
+        y = self.ls1(a.proj_drop(a.proj(a.norm(o))))
+        xr = x.flatten(0, 1)[flat] + (y if s1 is None else y * s1[sample, None])
+        y = self.ls2(self.mlp(self.norm2(xr)))
+        return xr + (y if s2 is None else y * s2[sample, None])
 
 
 class DinoVisionTransformer(nn.Module):

@@ -1,0 +1,100 @@
+"""``make bench``: the step and evaluation benchmarks in one process, written to
+benchmarks/results/latest.json and a markdown table in benchmarks/results/latest.md.
+
+    python benchmarks/run_all.py                  # 2 threads, 5 interleaved repetitions
+    python benchmarks/run_all.py --repeats 3 --profiles cpu
+
+Everything runs in one process on one machine state: dinoflow and lightly steps alternate, a
+fixed matmul block alternates with them (the rate the utilisation is measured against), and
+medians are reported. Wall-clock numbers on a shared machine are stretched by other processes'
+load; the CPU-time columns (this process's user + system seconds) are not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from datetime import UTC, datetime
+
+import bench_eval
+import bench_step
+import torch
+from common import ROOT, machine_info
+
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def markdown(result: dict, command: str) -> str:
+    """The README table of one run."""
+    m = result["machine"]
+    lines = [
+        f"Machine: {m['cpu']}, {m['cpu_count']} cores, torch threads {m['torch_threads']}, "
+        f"load average {m['load_average_1m']:.1f} at start; torch {m['torch']}, timm {m['timm']}, "
+        f"lightly {m['lightly']}, Python {m['python']}. Run {result['date']} with `{command}`.",
+        "",
+        "| profile | model | dinoflow img/s | lightly img/s | ratio (wall) | ratio (CPU time) "
+        "| GFLOP/step | MFU (wall) | MFU (CPU time) | MFU vs best matmul | matmul GFLOP/s "
+        "| peak RSS dinoflow / lightly MB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, p in result["profiles"].items():
+        c, d, lt = p["config"], p["dinoflow"], p.get("lightly")
+        model = (f"ViT d{c['embed_dim']} x{c['depth']} p{c['patch_size']}, crops "
+                 f"2x{c['global_size']} + {c['n_local']}x{c['local_size']}, batch {c['batch_size']}, "
+                 f"K {c['n_prototypes']}")
+        lines.append(
+            f"| {name} | {model} | {d['images_per_s']:.2f} | "
+            f"{lt['images_per_s'] if lt else float('nan'):.2f} | "
+            f"{p.get('step_ratio_vs_lightly', float('nan')):.2f}x | "
+            f"{p.get('step_ratio_vs_lightly_cpu_time', float('nan')):.2f}x | "
+            f"{d['gflop_per_step']:.0f} | {p['mfu']:.0%} | {p['mfu_cpu_time']:.0%} | "
+            f"{p['mfu_vs_best_matmul']:.0%} | {p['matmul_gflops']:.0f} (best {p['matmul_gflops_best']:.0f}) | "
+            f"{d['peak_rss_extra_mb']:.0f} / {lt['peak_rss_extra_mb'] if lt else float('nan'):.0f} |")
+    lines.append("")
+    for name, p in result["profiles"].items():
+        dl = p["data_loader"]
+        lines.append(f"Data loading ({name}): augmentation + masking collate {dl['images_per_cpu_s']:.0f} "
+                     f"images per CPU second ({dl['cpu_s_per_batch']:.2f} CPU s per batch) against "
+                     f"a step of {p['dinoflow']['step_cpu_s_median']:.2f} CPU s.")
+    f, k = result["eval"]["features"], result["eval"]["knn"]
+    lines += ["",
+              f"Evaluation: feature extraction {f['images_per_s']:.0f} images/s ({f['images']} images "
+              f"at {f['image_size']} px, peak +{f['peak_rss_extra_mb']:.0f} MB); kNN "
+              f"{k['queries']:,} x {k['bank']:,} (dim {k['dim']}, k = 10/20/100/200) in "
+              f"{k['wall_s']:.1f} s ({k['queries_per_s']:.0f} queries/s, peak +{k['peak_rss_extra_mb']:.0f} MB).",
+              ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--profiles", nargs="+", default=["cpu", "vit_s14"])
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--images", type=int, default=4096, help="images for feature extraction")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    result: dict = {"date": datetime.now(UTC).isoformat(timespec="seconds"),
+                    "machine": machine_info(args.threads), "profiles": {}}
+    for name in args.profiles:
+        print(f"step benchmark: {name}", file=sys.stderr, flush=True)
+        result["profiles"][name] = bench_step.bench_profile(name, args.repeats, args.threads)
+    print("evaluation benchmark", file=sys.stderr, flush=True)
+    result["eval"] = {"features": bench_eval.bench_features(args.images), "knn": bench_eval.bench_knn()}
+    # the headline numbers, at the top level: the CPU profile's
+    cpu = result["profiles"].get("cpu")
+    if cpu is not None:
+        for key in ("step_ratio_vs_lightly", "step_ratio_vs_lightly_cpu_time", "mfu",
+                    "mfu_cpu_time", "mfu_vs_best_matmul"):
+            result[key] = cpu.get(key)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    command = "python benchmarks/run_all.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    (RESULTS / "latest.json").write_text(json.dumps(result, indent=1))
+    (RESULTS / "latest.md").write_text(markdown(result, command.strip()))
+    print((RESULTS / "latest.md").read_text())
+    return result
+
+
+if __name__ == "__main__":
+    main()
