@@ -15,6 +15,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 KEDRO := $(VENV)/bin/kedro
 PYTEST_ARGS ?=
+# the venv's kedro, dvc and mlflow first on PATH (for recipes and the tests' subprocesses)
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
 .PHONY: help install data run smoke test lint bench ui tune-dashboard clean
 

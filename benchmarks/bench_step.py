@@ -276,8 +276,9 @@ def count_flops(step: Any, batch: dict[str, Any]) -> int:
 
 
 def bench_loader(cfg: PretrainConfig, channels: int, n_batches: int = 2) -> dict[str, float]:
-    """Multi-crop augmentation + masking collate of the training loader, in this process:
-    images/s and CPU seconds per batch (uint8 images, as Fashion-MNIST's 28 x 28)."""
+    """Multi-crop augmentation + masking collate of the training loader, one worker's work
+    (1 thread): images/s and CPU seconds per batch (uint8 images: Fashion-MNIST's 28 x 28, or
+    64 x 64 RGB for the RGB profile)."""
     from dinoflow.augment import MultiCropAugmentation
     from dinoflow.data import Split
     from dinoflow.train import MultiCropDataset
@@ -296,10 +297,15 @@ def bench_loader(cfg: PretrainConfig, channels: int, n_batches: int = 2) -> dict
         blur_sigma=c.blur_sigma, blur_p=c.blur_p, solarize_threshold=c.solarize_threshold,
         solarize_p=c.solarize_p, mean=(0.5,) * channels, std=(0.25,) * channels)  # fmt: skip
     dataset, collate = MultiCropDataset(split, aug, 0), MaskingCollate(cfg, 0, 1)
-    c0, t0 = time.process_time(), time.perf_counter()
-    for k in range(n_batches):
-        collate([dataset[(k, 0, i)] for i in range(k * b, (k + 1) * b)])
-    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in a DataLoader worker (torch sets 1 thread there)
+    try:
+        c0, t0 = time.process_time(), time.perf_counter()
+        for k in range(n_batches):
+            collate([dataset[(k, 0, i)] for i in range(k * b, (k + 1) * b)])
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    finally:
+        torch.set_num_threads(threads)
     return {"images_per_s_one_process": b * n_batches / wall,
             "cpu_s_per_batch": cpu / n_batches, "images_per_cpu_s": b * n_batches / cpu}
 

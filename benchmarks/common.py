@@ -6,6 +6,8 @@ contenders (A B, B A, A B, ...) and reports medians and their ratio.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
 import platform
 import sys
@@ -81,6 +83,12 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def _release_free_memory() -> None:
+    """Give freed heap memory back to the OS (glibc), so RSS starts from the live memory."""
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: measure from where it is
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 class PeakRSS:
     """Peak resident memory while the block runs (a sampling thread; bytes above the start).
 
@@ -99,6 +107,7 @@ class PeakRSS:
             time.sleep(self.interval_s)
 
     def __enter__(self) -> PeakRSS:
+        _release_free_memory()
         self.start = self.peak = _rss_bytes()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()

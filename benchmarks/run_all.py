@@ -1,13 +1,15 @@
 """``make bench``: the step and evaluation benchmarks in one process, written to
 benchmarks/results/latest.json and a markdown table in benchmarks/results/latest.md.
 
-    python benchmarks/run_all.py                  # 2 threads, 5 interleaved repetitions
-    python benchmarks/run_all.py --repeats 3 --profiles cpu
+    python benchmarks/run_all.py                  # 2 then 1 torch threads, 3 repetitions
+    python benchmarks/run_all.py --repeats 5 --threads 2 --profiles cpu
 
 Everything runs in one process on one machine state: dinoflow and lightly steps alternate, a
 fixed matmul block alternates with them (the rate the utilisation is measured against), and
 medians are reported. Wall-clock numbers on a shared machine are stretched by other processes'
-load; the CPU-time columns (this process's user + system seconds) are not.
+load; the CPU-time columns (this process's user + system seconds) are not. With 2 threads on a
+loaded 2-core machine, an OpenMP region waits whenever one of its threads loses its core, which
+stretches both clocks; the 1-thread pass is the steadier measurement there.
 """
 
 from __future__ import annotations
@@ -29,22 +31,22 @@ def markdown(result: dict, command: str) -> str:
     """The README table of one run."""
     m = result["machine"]
     lines = [
-        f"Machine: {m['cpu']}, {m['cpu_count']} cores, torch threads {m['torch_threads']}, "
-        f"load average {m['load_average_1m']:.1f} at start; torch {m['torch']}, timm {m['timm']}, "
-        f"lightly {m['lightly']}, Python {m['python']}. Run {result['date']} with `{command}`.",
+        f"Machine: {m['cpu']}, {m['cpu_count']} cores, load average {m['load_average_1m']:.1f} "
+        f"at start; torch {m['torch']}, timm {m['timm']}, lightly {m['lightly']}, "
+        f"Python {m['python']}. Run {result['date']} with `{command}`.",
         "",
-        "| profile | model | dinoflow img/s | lightly img/s | ratio (wall) | ratio (CPU time) "
+        "| profile | threads | model | dinoflow img/s | lightly img/s | ratio (wall) | ratio (CPU time) "
         "| GFLOP/step | MFU (wall) | MFU (CPU time) | MFU vs best matmul | matmul GFLOP/s "
         "| peak RSS dinoflow / lightly MB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for name, p in result["profiles"].items():
+    for p in result["profiles"].values():
         c, d, lt = p["config"], p["dinoflow"], p.get("lightly")
         model = (f"ViT d{c['embed_dim']} x{c['depth']} p{c['patch_size']}, crops "
                  f"2x{c['global_size']} + {c['n_local']}x{c['local_size']}, batch {c['batch_size']}, "
                  f"K {c['n_prototypes']}")
         lines.append(
-            f"| {name} | {model} | {d['images_per_s']:.2f} | "
+            f"| {p['profile']} | {p['threads']} | {model} | {d['images_per_s']:.2f} | "
             f"{lt['images_per_s'] if lt else float('nan'):.2f} | "
             f"{p.get('step_ratio_vs_lightly', float('nan')):.2f}x | "
             f"{p.get('step_ratio_vs_lightly_cpu_time', float('nan')):.2f}x | "
@@ -54,12 +56,15 @@ def markdown(result: dict, command: str) -> str:
     lines.append("")
     for name, p in result["profiles"].items():
         dl = p["data_loader"]
-        lines.append(f"Data loading ({name}): augmentation + masking collate {dl['images_per_cpu_s']:.0f} "
+        if not name.endswith("@1t"):
+            continue
+        lines.append(f"Data loading ({p['profile']}, one worker): augmentation + masking collate {dl['images_per_cpu_s']:.0f} "
                      f"images per CPU second ({dl['cpu_s_per_batch']:.2f} CPU s per batch) against "
-                     f"a step of {p['dinoflow']['step_cpu_s_median']:.2f} CPU s.")
+                     f"a 1-thread step of {p['dinoflow']['step_cpu_s_median']:.2f} CPU s "
+                     f"({p['config']['batch_size']} images).")
     f, k = result["eval"]["features"], result["eval"]["knn"]
     lines += ["",
-              f"Evaluation: feature extraction {f['images_per_s']:.0f} images/s ({f['images']} images "
+              f"Evaluation ({result['eval']['threads']} threads): feature extraction {f['images_per_s']:.0f} images/s ({f['images']} images "
               f"at {f['image_size']} px, peak +{f['peak_rss_extra_mb']:.0f} MB); kNN "
               f"{k['queries']:,} x {k['bank']:,} (dim {k['dim']}, k = 10/20/100/200) in "
               f"{k['wall_s']:.1f} s ({k['queries_per_s']:.0f} queries/s, peak +{k['peak_rss_extra_mb']:.0f} MB).",
@@ -70,24 +75,32 @@ def markdown(result: dict, command: str) -> str:
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--profiles", nargs="+", default=["cpu", "vit_s14"])
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, nargs="+", default=[2, 1])
     ap.add_argument("--images", type=int, default=4096, help="images for feature extraction")
     args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
     result: dict = {"date": datetime.now(UTC).isoformat(timespec="seconds"),
-                    "machine": machine_info(args.threads), "profiles": {}}
-    for name in args.profiles:
-        print(f"step benchmark: {name}", file=sys.stderr, flush=True)
-        result["profiles"][name] = bench_step.bench_profile(name, args.repeats, args.threads)
+                    "machine": machine_info(args.threads[0]), "threads": args.threads,
+                    "profiles": {}}
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        for name in args.profiles:
+            print(f"step benchmark: {name}, {threads} threads", file=sys.stderr, flush=True)
+            result["profiles"][f"{name}@{threads}t"] = bench_step.bench_profile(
+                name, args.repeats, threads)
+    torch.set_num_threads(args.threads[0])
     print("evaluation benchmark", file=sys.stderr, flush=True)
-    result["eval"] = {"features": bench_eval.bench_features(args.images), "knn": bench_eval.bench_knn()}
-    # the headline numbers, at the top level: the CPU profile's
-    cpu = result["profiles"].get("cpu")
-    if cpu is not None:
+    result["eval"] = {"threads": args.threads[0], "features": bench_eval.bench_features(args.images),
+                      "knn": bench_eval.bench_knn()}
+    # the headline numbers at the top level: the CPU profile's (first thread count unsuffixed)
+    for threads in args.threads:
+        cpu = result["profiles"].get(f"cpu@{threads}t")
+        if cpu is None:
+            continue
+        suffix = "" if threads == args.threads[0] else f"_{threads}_thread"
         for key in ("step_ratio_vs_lightly", "step_ratio_vs_lightly_cpu_time", "mfu",
                     "mfu_cpu_time", "mfu_vs_best_matmul"):
-            result[key] = cpu.get(key)
+            result[key + suffix] = cpu.get(key)
     RESULTS.mkdir(parents=True, exist_ok=True)
     command = "python benchmarks/run_all.py " + " ".join(argv if argv is not None else sys.argv[1:])
     (RESULTS / "latest.json").write_text(json.dumps(result, indent=1))

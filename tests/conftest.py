@@ -1,6 +1,8 @@
 """Shared test settings: the test machine has 2 cores shared with other workers."""
 
 import os
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +13,12 @@ for _var, _value in {"DO_NOT_TRACK": "1", "KEDRO_DISABLE_TELEMETRY": "1",
                      "MLFLOW_DISABLE_TELEMETRY": "true", "DVC_NO_ANALYTICS": "1",
                      "GX_ANALYTICS_ENABLED": "false"}.items():
     os.environ[_var] = _value
+
+# The venv's console scripts (kedro, dvc, mlflow) are found even when pytest runs as
+# `.venv/bin/python -m pytest` without an activated venv (as `make test` and CI do).
+_bin = str(Path(sys.executable).parent)
+if _bin not in os.environ.get("PATH", "").split(os.pathsep):
+    os.environ["PATH"] = _bin + os.pathsep + os.environ.get("PATH", "")
 
 torch.set_num_threads(1)
 
