@@ -57,6 +57,7 @@ lint: install  ## ruff
 
 bench: data  ## benchmarks -> benchmarks/results/latest.json and the README table
 	$(PY) benchmarks/run_all.py
+	$(PY) benchmarks/bench_curation.py
 
 ui:  ## the MLflow UI on the runs (http://127.0.0.1:5000)
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000

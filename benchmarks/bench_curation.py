@@ -1,6 +1,6 @@
 """Benchmark (not a test): dedup + 2-level hierarchical k-means on N synthetic embeddings.
 
-    python benchmarks/bench_curation.py            # 1M x 128, prints one JSON line
+    python benchmarks/bench_curation.py            # 1M x 128: one JSON line, also results/curation.json
     python benchmarks/bench_curation.py --n 100000 # quicker
 
 Data: a Gaussian mixture with power-law cluster sizes (like web data: a few huge concepts, a long
@@ -122,8 +122,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--progress", action="store_true")
-    result = run(p.parse_args(argv))
+    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "curation.json")
+    args = p.parse_args(argv)
+    result = run(args)
     print(json.dumps(result))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1))
     return result
 
 

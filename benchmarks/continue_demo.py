@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 
 from dinoflow.config import PretrainConfig
 from dinoflow.data import Split, channel_stats, load_splits
@@ -46,7 +47,8 @@ from dinoflow.schedules import scaled_lr
 from dinoflow.train import pretrain
 from dinoflow.weights import load_released_weights, save_official_layout
 
-RESULTS = Path(__file__).resolve().parent / "results"
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -79,30 +81,36 @@ def recipe(
     img_size: int = 28,
     arch: dict[str, Any] | None = None,
 ) -> PretrainConfig:
-    """The from-scratch recipe at demo scale (conf/base's knobs, a smaller ViT, fewer steps)."""
+    """The from-scratch recipe of conf/base at demo length (its warm-ups as fractions of the run).
+
+    arch: the backbone of the weights being continued (default: conf/base's).
+    """
     steps_per_epoch = 50  # kNN monitor cadence; schedules are fractions of the run
-    backbone = arch or {
-        "arch": "custom",
-        "patch_size": 4,
-        "embed_dim": 96,
-        "depth": 4,
-        "num_heads": 3,
-        "num_register_tokens": 0,
-    }
-    return PretrainConfig.model_validate({
-        "crops": {"global_size": img_size, "local_size": 12, "n_local": 4},
-        "backbone": {**backbone, "drop_path_rate": 0.1},
-        "head": {"n_prototypes": 1024, "hidden_dim": 256, "bottleneck_dim": 64},
-        "optim": {"base_lr": 0.004, "warmup_epochs": 0.1 * steps / steps_per_epoch,
-                  "freeze_last_layer_epochs": 0.05 * steps / steps_per_epoch,
-                  "teacher_temp_warmup_epochs": 0.3 * steps / steps_per_epoch,
-                  "momentum_teacher_start": 0.992, "teacher_temp_start": 0.04},
-        "train": {"epochs": steps / steps_per_epoch, "steps_per_epoch": steps_per_epoch,
-                  "batch_size": batch_size, "seed": seed, "device": "cpu", "num_workers": 0,
-                  "run_dir": str(run_dir), "checkpoint_every_steps": 10_000, "resume": False,
-                  "log_every_steps": 25, "knn_every_epochs": 1, "progress": False},
-        "monitor": {"check_after_steps": 10_000},
+    params = yaml.safe_load((ROOT / "conf/base/parameters_pretrain.yml").read_text())["pretrain"]
+    params["crops"]["global_size"] = img_size
+    if arch:
+        params["backbone"].update(arch)
+    params["optim"].update({
+        "warmup_epochs": 0.1 * steps / steps_per_epoch,
+        "freeze_last_layer_epochs": 0.05 * steps / steps_per_epoch,
+        "teacher_temp_warmup_epochs": min(params["optim"]["teacher_temp_warmup_epochs"],
+                                          0.3 * steps / steps_per_epoch),
     })  # fmt: skip
+    params["train"].update({
+        "epochs": steps / steps_per_epoch, "steps_per_epoch": steps_per_epoch,
+        "batch_size": batch_size, "seed": seed, "device": "cpu", "num_workers": 0, "threads": None,
+        "run_dir": str(run_dir), "checkpoint_every_steps": 10_000, "resume": False,
+        "log_every_steps": 25, "knn_every_epochs": 1, "progress": False,
+    })  # fmt: skip
+    params["launcher"]["type"] = "local"
+    params["init"]["weights"] = None
+    params["monitor"]["check_after_steps"] = 10_000
+    return PretrainConfig.model_validate(params)
+
+
+def peak_lr(optim: Any, batch_size: int) -> float:
+    """The peak lr pretrain uses (train.py): sqrt-scaled by the batch, or base_lr as it is."""
+    return scaled_lr(optim.base_lr, batch_size) if optim.lr_scaling == "sqrt" else optim.base_lr
 
 
 def naive(cfg: PretrainConfig, weights: Path) -> PretrainConfig:
@@ -254,7 +262,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         t0 = time.perf_counter()
         res0 = pretrain(cfg0, train, mean, std, pick(train, 2000, 3), pick(val, 1000, 4))
         source = load_backbone(res0.teacher_backbone)
-        start = {"what": f"dinoflow ViT (96 wide, 4 blocks, patch 4) pretrained here for "
+        start = {"what": f"dinoflow ViT (conf/base's) pretrained here for "
                          f"{args.pretrain_steps} steps on Fashion-MNIST",
                  "seconds": round(time.perf_counter() - t0, 1),
                  "online_knn": [(h["step"], h["knn/top1_k20"]) for h in res0.knn_history]}  # fmt: skip
@@ -294,7 +302,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "after": after,
             "online_knn": [(h["step"], h["knn/top1_k20"]) for h in res.knn_history],
             "seconds": round(time.perf_counter() - t0, 1),
-            "settings": (f"base_lr {o.base_lr:g} (peak {scaled_lr(o.base_lr, args.batch_size):.3g}"
+            "settings": (f"base_lr {o.base_lr:g} (peak {peak_lr(o, args.batch_size):.3g}"
                          f" at batch {args.batch_size}), lr warm-up {o.warmup_epochs * 50:.0f} steps, head warm-up "
                          f"{cfg.init.head_warmup_steps} steps, teacher momentum "
                          f"{o.momentum_teacher_start} -> {o.momentum_teacher_end}, teacher temp "

@@ -105,12 +105,16 @@ class LineageHooks:
     @hook_impl
     def before_node_run(self, node, catalog, inputs) -> None:
         tag_parent_runs(inputs)
-        if self._tagged:
-            return
         import mlflow
 
         run = mlflow.active_run()
         if run is None:
+            return
+        if self._tagged:
+            if "curated_manifest" in inputs:
+                # the default pipeline curates in the same run: tag the data it actually trains on
+                mlflow.set_tag("dinoflow.curated_data_md5",
+                               file_md5(Path("data/03_primary/curated_manifest.csv")))
             return
         tags = self.run_tags()
         pipeline = tags["dinoflow.pipeline"].replace("__default__", "default")
