@@ -18,7 +18,8 @@ batches and masks:
 
 Profiles:
 - ``cpu``: ``conf/base/parameters_pretrain.yml`` ``pretrain:`` as it is at benchmark time
-  (1-channel Fashion-MNIST crops).
+  (1-channel Fashion-MNIST crops), in one process with the global batch (batch_size times the
+  launcher's processes); ``bench_ddp.py`` measures it as conf/base runs it, in DDP processes.
 - ``vit_s14``: the ViT-S/14 shape (embed 384, depth 12, 6 heads, patch 14) at a size 2 cores can
   run: global crops 112, local crops 42 (multiples of 14), 2 + 4 crops, batch 8, K = 8192
   prototypes (head hidden 2048, bottleneck 256), RGB; other settings from the CPU profile.
@@ -55,7 +56,7 @@ from dinoflow.train import Losses, MaskingCollate, build_backbone, build_student
 VIT_S14 = {
     "crops": {"global_size": 112, "local_size": 42, "n_local": 4},
     "backbone": {"arch": "custom", "patch_size": 14, "embed_dim": 384, "depth": 12,
-                 "num_heads": 6},
+                 "num_heads": 6, "mlp_ratio": 4.0},
     "head": {"n_prototypes": 8192, "hidden_dim": 2048, "bottleneck_dim": 256},
     "train": {"batch_size": 8},
 }  # fmt: skip
@@ -75,6 +76,10 @@ def profile_config(name: str) -> tuple[PretrainConfig, int]:
     """(config, image channels) of a benchmark profile, read from conf/ now."""
     params = yaml.safe_load((ROOT / "conf/base/parameters_pretrain.yml").read_text())["pretrain"]
     params = _merge(params, {"train": {"device": "cpu", "compile": params["train"]["compile"]}})
+    # one process for the whole global batch (conf/base's batch_size is per DDP process)
+    launcher = params.get("launcher", {})
+    if launcher.get("type") == "torchrun":
+        params["train"]["batch_size"] *= int(launcher.get("nproc_per_node", 1))
     if name == "cpu":
         return PretrainConfig.model_validate(params), 1
     if name == "vit_s14":

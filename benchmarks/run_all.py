@@ -18,11 +18,12 @@ import argparse
 import json
 import sys
 from datetime import UTC, datetime
+from pathlib import Path
 
 import bench_eval
 import bench_step
 import torch
-from common import ROOT, machine_info
+from common import ROOT, interleaved_times, machine_info, median
 
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -53,6 +54,14 @@ def markdown(result: dict, command: str) -> str:
             f"{d['gflop_per_step']:.0f} | {p['mfu']:.0%} | {p['mfu_cpu_time']:.0%} | "
             f"{p['mfu_vs_best_matmul']:.0%} | {p['matmul_gflops']:.0f} (best {p['matmul_gflops_best']:.0f}) | "
             f"{d['peak_rss_extra_mb']:.0f} / {lt['peak_rss_extra_mb'] if lt else float('nan'):.0f} |")
+    ddp = result.get("ddp")
+    if ddp:
+        lines += ["", f"As conf/base runs it ({ddp['config']}): dinoflow {ddp['images_per_s']:.2f} img/s "
+                  f"against lightly's step in one process with {ddp['lightly_threads']} threads "
+                  f"{ddp['lightly_images_per_s']:.2f} img/s (measured before and after): "
+                  f"**{ddp['step_ratio_vs_lightly']:.2f}x**, {ddp['step_ratio_vs_dinoflow_one_process']:.2f}x "
+                  f"dinoflow's own one-process step; MFU {ddp['mfu']:.0%} of the {ddp['lightly_threads']}-thread "
+                  "matmul rate."]
     lines.append("")
     for name, p in result["profiles"].items():
         dl = p["data_loader"]
@@ -72,6 +81,47 @@ def markdown(result: dict, command: str) -> str:
     return "\n".join(lines)
 
 
+def bench_as_run(cpu: dict, repeats: int, threads: int) -> dict | None:
+    """The step as conf/base runs it (launcher torchrun: DDP processes), against the lightly step
+    in one process with ``threads`` threads, measured before (the cpu profile) and right after."""
+    import subprocess
+    import tempfile
+
+    import yaml
+
+    params = yaml.safe_load((ROOT / "conf/base/parameters_pretrain.yml").read_text())["pretrain"]
+    launcher, train = params.get("launcher", {}), params["train"]
+    if launcher.get("type") != "torchrun":
+        return None
+    nproc = int(launcher.get("nproc_per_node", 1))
+    print(f"step benchmark: cpu as conf/base runs it ({nproc} DDP processes)", file=sys.stderr, flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "ddp.json"
+        subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                        f"--nproc_per_node={nproc}", str(ROOT / "benchmarks" / "bench_ddp.py"),
+                        "--out", str(out), "--repeats", str(max(5, repeats))],
+                       check=True, cwd=ROOT / "benchmarks")
+        ddp = json.loads(out.read_text())
+    cfg, channels = bench_step.profile_config("cpu")
+    lightly = bench_step.LightlyStep(cfg, channels)
+    batches = bench_step.make_batches(cfg, channels, n=4)
+    times = interleaved_times({"lightly": lambda i: lightly(batches[i % 4], i)}, repeats=repeats, warmup=1)
+    lightly_s = [cpu["lightly"]["step_s_median"], median(times["lightly"]["wall"])]
+    flop = cpu["dinoflow"]["gflop_per_step"] * 1e9
+    ddp.update({
+        "config": f"{nproc} processes x {ddp['threads_per_process']} thread(s), batch "
+                  f"{ddp['batch_per_process']} each (conf/base: launcher torchrun, train.threads "
+                  f"{train.get('threads')})",
+        "lightly_threads": threads, "lightly_step_s_before_after": lightly_s,
+        "lightly_images_per_s": cfg.train.batch_size / (sum(lightly_s) / 2),
+        "step_ratio_vs_lightly": (sum(lightly_s) / 2) / ddp["step_s_median"],
+        "step_ratio_vs_dinoflow_one_process": cpu["dinoflow"]["step_s_median"] / ddp["step_s_median"],
+        # the same FLOPs as the one-process step, over the matmul rate of all the threads
+        "mfu": flop / ddp["step_s_median"] / (cpu["matmul_gflops"] * 1e9),
+    })  # fmt: skip
+    return ddp
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--profiles", nargs="+", default=["cpu", "vit_s14"])
@@ -89,6 +139,9 @@ def main(argv: list[str] | None = None) -> dict:
             result["profiles"][f"{name}@{threads}t"] = bench_step.bench_profile(
                 name, args.repeats, threads)
     torch.set_num_threads(args.threads[0])
+    cpu = result["profiles"].get(f"cpu@{args.threads[0]}t")
+    if cpu is not None and "lightly" in cpu:
+        result["ddp"] = bench_as_run(cpu, args.repeats, args.threads[0])
     print("evaluation benchmark", file=sys.stderr, flush=True)
     result["eval"] = {"threads": args.threads[0], "features": bench_eval.bench_features(args.images),
                       "knn": bench_eval.bench_knn()}
@@ -101,6 +154,12 @@ def main(argv: list[str] | None = None) -> dict:
         for key in ("step_ratio_vs_lightly", "step_ratio_vs_lightly_cpu_time", "mfu",
                     "mfu_cpu_time", "mfu_vs_best_matmul"):
             result[key + suffix] = cpu.get(key)
+    if result.get("ddp"):
+        # the headline: the step as conf/base runs it (DDP processes); the one-process numbers
+        # (same process and threads as lightly's step) stay beside it
+        for key in ("step_ratio_vs_lightly", "mfu"):
+            result[key + "_one_process"] = result[key]
+            result[key] = result["ddp"][key]
     RESULTS.mkdir(parents=True, exist_ok=True)
     command = "python benchmarks/run_all.py " + " ".join(argv if argv is not None else sys.argv[1:])
     (RESULTS / "latest.json").write_text(json.dumps(result, indent=1))

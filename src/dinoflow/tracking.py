@@ -15,7 +15,10 @@ def is_main_process() -> bool:
 def active() -> bool:
     if not is_main_process():
         return False
-    import mlflow
+    try:  # a training node without MLflow installed (a bare cluster image) trains untracked
+        import mlflow
+    except ImportError:
+        return False
 
     return mlflow.active_run() is not None
 

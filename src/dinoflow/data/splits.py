@@ -35,7 +35,8 @@ class Split:
     def load(self, i: int) -> torch.Tensor:
         """Image i as a uint8 tensor (C, H, W)."""
         if self.images is not None:
-            img = torch.from_numpy(np.ascontiguousarray(self.images[i]))
+            # a copy: the array may be a read-only view (numpy >= 2 warns, torch would alias it)
+            img = torch.from_numpy(np.array(self.images[i], copy=True))
             return img.unsqueeze(0) if img.ndim == 2 else img.permute(2, 0, 1)
         return decode_image(self.paths[i], self.channels)
 
