@@ -44,6 +44,7 @@ import numpy as np
 import torch
 import yaml
 from common import ROOT, PeakRSS, interleaved_times, machine_info, matmul_block, matmul_rate, median
+from timm.models.vision_transformer import Block
 
 from dinoflow.config import PretrainConfig
 from dinoflow.losses import DINOLoss, IBOTPatchLoss, KoLeoLoss
@@ -51,7 +52,14 @@ from dinoflow.masking import sample_masks
 from dinoflow.optim import build_optimizer, param_groups
 from dinoflow.schedules import build_schedules, scaled_lr
 from dinoflow.student_teacher import make_teacher
-from dinoflow.train import Losses, MaskingCollate, build_backbone, build_student, train_step
+from dinoflow.train import (
+    Losses,
+    MaskingCollate,
+    build_backbone,
+    build_student,
+    compile_for_training,
+    train_step,
+)
 
 VIT_S14 = {
     "crops": {"global_size": 112, "local_size": 42, "n_local": 4},
@@ -121,7 +129,8 @@ class DinoflowStep:
         torch.manual_seed(self.seed)
         self.student = build_student(cfg, self.channels)
         self.teacher = make_teacher(self.student)
-        self.model: torch.nn.Module = torch.compile(self.student) if cfg.train.compile else self.student
+        self.model: torch.nn.Module = (compile_for_training(self.student, self.teacher)
+                                       if cfg.train.compile else self.student)
         steps_per_epoch = _TOTAL_STEPS // max(1, int(cfg.train.epochs))
         self.schedules, _ = build_schedules(
             total_steps=_TOTAL_STEPS, steps_per_epoch=steps_per_epoch,
@@ -175,6 +184,8 @@ class LightlyStep:
         # LayerScale, eps), without drop-path: lightly sets that on the student below
         vit = build_backbone(cfg.model_copy(update={"backbone": cfg.backbone.model_copy(
             update={"drop_path_rate": 0.0})}), channels).vit
+        for block in vit.blocks:  # timm's own Block (dinoflow's DinoBlock only adds fast paths)
+            block.__class__ = Block
         self.teacher_backbone = MaskedVisionTransformerTIMM(
             vit=vit, antialias=False, pos_embed_initialization="skip")
         self.student_backbone = copy.deepcopy(self.teacher_backbone)
@@ -267,6 +278,11 @@ def _cpu_flash_backward(grad_out_shape, query_shape, key_shape, value_shape, *ar
     return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
 
 
+def eager_twin(cfg: PretrainConfig) -> PretrainConfig:
+    """The same config without torch.compile."""
+    return cfg.model_copy(update={"train": cfg.train.model_copy(update={"compile": False})})
+
+
 def count_flops(step: Any, batch: dict[str, Any]) -> int:
     """FLOPs of one full step (FlopCounterMode: matmuls, convolutions, attention; the CPU
     flash-attention kernels are not in torch's table, so they are added here)."""
@@ -322,7 +338,12 @@ def bench_profile(name: str, repeats: int, threads: int, with_lightly: bool = Tr
     contenders: dict[str, Any] = {"dinoflow": DinoflowStep(cfg, channels)}
     if with_lightly:
         contenders["lightly"] = LightlyStep(cfg, channels)
-    flops = {k: count_flops(step, batches[0]) for k, step in contenders.items()}
+    # FLOPs of an eager twin (the counter does not see inside compiled graphs; same arithmetic)
+    flops = {k: count_flops(DinoflowStep(eager_twin(cfg), channels) if k == "dinoflow" else step,
+                            batches[0]) for k, step in contenders.items()}
+    for step in contenders.values():  # warm-up outside the timings (torch.compile compiles here)
+        for i in (2, 3):
+            step(batches[i], i)
     peak = {}
     for k, step in contenders.items():
         with PeakRSS() as mem:

@@ -64,7 +64,7 @@ from dinoflow.student_teacher import SSLModel, make_teacher
 log = logging.getLogger(__name__)
 
 # Settings that do not change what a run computes (so a resumed run may differ in them).
-_NOT_IN_FINGERPRINT = {"progress", "resume", "log_every_steps", "checkpoint_every_steps",
+_NOT_IN_FINGERPRINT = {"progress", "resume", "log_every_steps", "checkpoint_every_steps", "compile",
                        "num_workers", "pin_memory", "threads", "knn_every_epochs", "run_dir"}
 
 
@@ -112,9 +112,10 @@ class MultiCropDataset(Dataset):
 
     def __getitem__(self, item: tuple[int, int, int]) -> dict[str, Any]:
         step, epoch, index = item
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed((self.seed * 1_000_003 + epoch) * 10_000_019 + index)
-            crops = self.augmentation(self.split.load(index))
+        # a generator of its own: the global RNG stays untouched, and torch.manual_seed would
+        # also queue a CUDA seeding with a formatted stack trace (14% of the loader's time)
+        rng = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) * 10_000_019 + index)
+        crops = self.augmentation(self.split.load(index), generator=rng)
         crops["step"] = step
         return crops
 
@@ -215,6 +216,18 @@ class Losses:
     dino: DINOLoss
     ibot: IBOTPatchLoss
     koleo: KoLeoLoss
+
+
+def compile_for_training(model: nn.Module, teacher: SSLModel | None) -> nn.Module:
+    """``train.compile``: the student's module compiled, and the teacher's pass compiled in place.
+
+    The teacher's ``teacher_forward`` (inference mode, parameters moved by the EMA between
+    calls: they are graph inputs, not constants) is replaced on the instance only; its state
+    dict is unchanged. FSDP registers that method itself, so it passes ``teacher=None``.
+    """
+    if teacher is not None:
+        teacher.teacher_forward = torch.compile(teacher.teacher_forward)
+    return torch.compile(model)
 
 
 def train_step(
@@ -413,7 +426,12 @@ def pretrain(
         model = nn.parallel.DistributedDataParallel(
             student, device_ids=[device.index] if device.type == "cuda" else None)
     if t.compile:
-        model = torch.compile(model)
+        if device.type == "cpu" and t.num_workers > 0:
+            log.warning("train.compile with %d loader worker process(es) on CPU: with torch 2.14 "
+                        "inside `kedro run` the compiled kernels crashed (SIGSEGV) once a worker "
+                        "had been forked; conf/base uses num_workers 0 (docs/performance.md)",
+                        t.num_workers)
+        model = compile_for_training(model, None if fsdp else teacher)
 
     augmentation = MultiCropAugmentation(
         global_size=cfg.crops.global_size, local_size=cfg.crops.local_size, n_local=cfg.crops.n_local,

@@ -17,7 +17,10 @@ Training shortcuts that compute the same numbers with less work (``DinoBlock``):
   and multiplying the dropped ones by 0;
 - ``forward_features(x, select=...)`` runs the last block only for the tokens whose output is
   used (CLS and the selected patches, e.g. the masked ones): every other token still serves as a
-  key and value, so the kept outputs are unchanged.
+  key and value, so the kept outputs are unchanged;
+- on CPU, sequences of at most ``SHORT_SEQUENCE_MAX`` tokens go through ``short_attention``
+  (contiguous batched matmuls, hand-written backward) instead of PyTorch's flash kernel, which
+  is slow on the 50- and 10-token crops of small images; longer ones and CUDA keep timm's path.
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ from timm.layers import DropPath, GluMlp
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
+from dinoflow.models.attention import short_attention
+
 __all__ = [
     "BACKBONE_FORMAT",
     "VIT_PRESETS",
@@ -46,6 +51,9 @@ __all__ = [
 ]
 
 BACKBONE_FORMAT = "dinoflow-backbone-v1"
+# up to this many tokens, CPU attention runs as contiguous batched matmuls (``short_attention``);
+# longer sequences go to PyTorch's flash kernel (measured: benchmarks/bench_attention.py)
+SHORT_SEQUENCE_MAX = 64
 
 # name -> (embed_dim, depth, num_heads), the DINOv2 model family
 VIT_PRESETS: dict[str, tuple[int, int, int]] = {
@@ -142,9 +150,36 @@ class DinoBlock(Block):
         if attn_mask is not None or x.device.type != "cpu":
             return super().forward(x, attn_mask=attn_mask)
         # draws in timm's order: drop_path1, then drop_path2 (the branches use no randomness)
-        x = _residual(x, lambda t: self.ls1(self.attn(self.norm1(t))), _keep_scale(self.drop_path1, x))
+        x = _residual(x, lambda t: self.ls1(self._attention(self.norm1(t))),
+                      _keep_scale(self.drop_path1, x))
         return _residual(x, lambda t: self.ls2(self.mlp(self.norm2(t))), _keep_scale(self.drop_path2, x))
 
+    def _short_path(self, h: torch.Tensor) -> bool:
+        """Whether ``short_attention`` stands in for timm's attention on h (B, T, D)."""
+        a = self.attn
+        return (h.device.type == "cpu" and h.shape[1] <= SHORT_SEQUENCE_MAX
+                and isinstance(a.q_norm, nn.Identity)
+                and isinstance(a.k_norm, nn.Identity) and getattr(a, "gate", None) is None
+                and (a.attn_drop.p == 0.0 or not self.training))
+
+    def _qkv(self, h: torch.Tensor, q_rows: torch.Tensor | None = None):
+        """(q_lin, kv_lin) of timm's fused qkv layer, q_lin for q_rows (R, D) if given."""
+        a = self.attn
+        w, b, width = a.qkv.weight, a.qkv.bias, a.attn_dim
+        q_in = h if q_rows is None else q_rows
+        q = F.linear(q_in, w[:width], None if b is None else b[:width])
+        return q, F.linear(h, w[width:], None if b is None else b[width:])
+
+    def _attention(self, h: torch.Tensor) -> torch.Tensor:
+        """timm's ``Attention.forward(h)``, (B, T, D) -> (B, T, D), by ``short_attention`` on CPU."""
+        return self._attention_short(h) if self._short_path(h) else self.attn(h)
+
+    def _attention_short(self, h: torch.Tensor) -> torch.Tensor:
+        a = self.attn
+        return a.proj_drop(a.proj(a.norm(short_attention(*self._qkv(h), a.num_heads))))
+
+    # data-dependent shapes (the selected rows): eager under torch.compile, no graph-break warnings
+    @torch.compiler.disable
     def _forward_rows(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         b, t, _ = x.shape
         s1, s2 = _keep_scale(self.drop_path1, x), _keep_scale(self.drop_path2, x)
@@ -157,15 +192,16 @@ class DinoBlock(Block):
         slot = (rows.cumsum(1) - 1).flatten()[flat]  # position among its sample's rows
         q_len = int(rows.sum(1).max())
         h = self.norm1(x)
-        w, bias = a.qkv.weight, a.qkv.bias
-        q = F.linear(h.flatten(0, 1)[flat], w[:width], None if bias is None else bias[:width])
-        kv = F.linear(h, w[width:], None if bias is None else bias[width:])
-        k, v = kv.view(b, t, 2, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        q, kv = self._qkv(h, h.flatten(0, 1)[flat])
         # queries padded per sample to q_len (padding rows are computed and dropped)
         qp = q.new_zeros(b, q_len, width).index_put((sample, slot), q)
-        qp = qp.view(b, q_len, heads, head_dim).transpose(1, 2)
-        o = F.scaled_dot_product_attention(a.q_norm(qp), a.k_norm(k), v)
-        o = o.transpose(1, 2).reshape(b, q_len, width)[sample, slot]
+        if self._short_path(h):
+            o = short_attention(qp, kv, heads)[sample, slot]
+        else:
+            k, v = kv.view(b, t, 2, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+            qp = qp.view(b, q_len, heads, head_dim).transpose(1, 2)
+            o = F.scaled_dot_product_attention(a.q_norm(qp), a.k_norm(k), v)
+            o = o.transpose(1, 2).reshape(b, q_len, width)[sample, slot]
         y = self.ls1(a.proj_drop(a.proj(a.norm(o))))
         xr = x.flatten(0, 1)[flat] + (y if s1 is None else y * s1[sample, None])
         y = self.ls2(self.mlp(self.norm2(xr)))
