@@ -67,10 +67,12 @@ def tiny_split(n: int = 32) -> Split:
                  class_names=["x"], channels=1, images=images, name="train")
 
 
-def run_curve(run_dir: str) -> list[tuple[float, ...]]:
-    """Per-step (dino, ibot, koleo, total) of the fixed-seed smoke run."""
+def run_curve(run_dir: str, **train: object) -> list[tuple[float, ...]]:
+    """Per-step (dino, ibot, koleo, total) of the fixed-seed smoke run (train: overrides)."""
     torch.manual_seed(0)
-    result = pretrain(tiny_config(run_dir), tiny_split(), mean=[0.5], std=[0.25])
+    cfg = tiny_config(run_dir)
+    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update=train)})
+    result = pretrain(cfg, tiny_split(), mean=[0.5], std=[0.25])
     history = json.loads((Path(result.run_dir) / "history.json").read_text())
     rows = [h for h in history if "loss/total" in h]
     assert [h["step"] for h in rows] == list(range(1, N_STEPS + 1))
@@ -152,3 +154,22 @@ def test_fast_backbone_paths_equal_timm_blocks(n_reg: int, monkeypatch) -> None:
         assert err < 1e-4, (name, err)
     # the fast run really skipped branches: some draws dropped a sample, not all of them did
     assert any(0 < int((s == 0).sum()) < 8 for s in drawn)
+
+
+def test_compiled_step_with_fused_adamw_gives_the_reference_curve(tmp_path) -> None:
+    """conf/base's fast settings (torch.compile of student and teacher pass, fused AdamW)
+    compute the same losses as the recorded eager curve."""
+    curve = np.array(run_curve(str(tmp_path / "run"), compile=True, fused_optimizer=True))
+    np.testing.assert_allclose(curve, np.array(REFERENCE), rtol=RTOL, atol=ATOL)
+
+
+def test_compile_without_a_cxx_compiler_trains_eagerly(tmp_path, monkeypatch, caplog) -> None:
+    import shutil
+
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setattr(shutil, "which", lambda name, *a, **k: None)
+    monkeypatch.setattr(torch, "compile", lambda *a, **k: pytest.fail("torch.compile called"))
+    with caplog.at_level("WARNING", logger="dinoflow.train"):
+        curve = np.array(run_curve(str(tmp_path / "run"), compile=True))
+    assert "no C++ compiler" in caplog.text
+    np.testing.assert_allclose(curve, np.array(REFERENCE), rtol=RTOL, atol=ATOL)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -425,7 +426,12 @@ def pretrain(
     if world_size > 1 and not fsdp:
         model = nn.parallel.DistributedDataParallel(
             student, device_ids=[device.index] if device.type == "cuda" else None)
-    if t.compile:
+    compile_model = t.compile
+    if compile_model and device.type == "cpu" and not (os.environ.get("CXX") or shutil.which("g++")):
+        log.warning("train.compile: no C++ compiler (g++ or $CXX), which torch.compile needs on "
+                    "CPU; training with the eager step")
+        compile_model = False
+    if compile_model:
         if device.type == "cpu" and t.num_workers > 0:
             log.warning("train.compile with %d loader worker process(es) on CPU: with torch 2.14 "
                         "inside `kedro run` the compiled kernels crashed (SIGSEGV) once a worker "
