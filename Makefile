@@ -52,12 +52,13 @@ smoke: data  ## the default pipeline on the tiny smoke profile (a few minutes)
 test: install  ## the whole test suite
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-lint: install  ## ruff
-	$(VENV)/bin/ruff check src pipelines tests benchmarks
+lint: install  ## ruff, and the import layers (import-linter contracts in pyproject.toml)
+	$(VENV)/bin/ruff check src pipelines tests benchmarks experiments
+	$(VENV)/bin/lint-imports
 
 bench: data  ## benchmarks -> benchmarks/results/latest.json and the README table
-	$(PY) benchmarks/run_all.py
-	$(PY) benchmarks/bench_curation.py
+	$(PY) -m benchmarks.run_all
+	$(PY) -m benchmarks.bench_curation
 
 ui:  ## the MLflow UI on the runs (http://127.0.0.1:5000)
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000

@@ -1,6 +1,6 @@
 """Attention forward + backward on CPU: timm's (PyTorch's flash kernel) against ``short_attention``.
 
-    python benchmarks/bench_attention.py            # -> benchmarks/results/attention.json
+    python -m benchmarks.bench_attention            # -> benchmarks/results/attention.json
 
 One attention layer (qkv linear, attention, output projection) of the CPU profile's shapes
 (128 global crops of 50 tokens and 256 local crops of 10 tokens, 4 heads of 32) and of longer
@@ -15,8 +15,8 @@ import argparse
 import json
 
 import torch
-from common import ROOT, interleaved_times, machine_info, median
 
+from benchmarks.common import ROOT, interleaved_times, machine_info, median
 from dinoflow.models.vit import DinoBlock
 
 # (name, batch, tokens, embed dim, heads)

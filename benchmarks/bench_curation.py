@@ -1,7 +1,7 @@
 """Benchmark (not a test): dedup + 2-level hierarchical k-means on N synthetic embeddings.
 
-    python benchmarks/bench_curation.py            # 1M x 128: one JSON line, also results/curation.json
-    python benchmarks/bench_curation.py --n 100000 # quicker
+    python -m benchmarks.bench_curation            # 1M x 128: one JSON line, also results/curation.json
+    python -m benchmarks.bench_curation --n 100000 # quicker
 
 Data: a Gaussian mixture with power-law cluster sizes (like web data: a few huge concepts, a long
 tail), 1% of the points replaced by near copies of others (cosine ~ 0.999), L2-normalised.
@@ -22,17 +22,14 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-
-from dinoflow.curation import dedup as dd  # noqa: E402
-from dinoflow.curation.config import DedupConfig  # noqa: E402
-from dinoflow.curation.sampling import (  # noqa: E402
+from dinoflow.curation import dedup as dd
+from dinoflow.curation.config import DedupConfig
+from dinoflow.curation.sampling import (
     balance_stats,
     hierarchical_kmeans,
     hierarchical_sample,

@@ -5,11 +5,11 @@ global batch.
 Started by ``run_all.py`` when conf/base's launcher is torchrun, or by hand; rank 0 writes one
 JSON object:
 
-    python -m torch.distributed.run --standalone --nproc_per_node 2 benchmarks/bench_ddp.py \
+    python -m torch.distributed.run --standalone --nproc_per_node 2 -m benchmarks.bench_ddp \
         --out ddp.json --batch-per-process 32 --threads 1
 
-The step is ``dinoflow.train.train_step`` on a ``DistributedDataParallel`` student, exactly as
-``dinoflow.train.pretrain`` runs it under torchrun (gradient all-reduce, Sinkhorn-Knopp and
+The step is ``dinoflow.training.train_step`` on a ``DistributedDataParallel`` student, exactly as
+``dinoflow.training.pretrain`` runs it under torchrun (gradient all-reduce, Sinkhorn-Knopp and
 center all-reduces, KoLeo on each process's own images). Each timed step starts and ends at a
 barrier, so the time is the slowest process's.
 """
@@ -25,9 +25,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import yaml
-from bench_step import DinoflowStep, make_batches
-from common import ROOT, median
 
+from benchmarks.bench_step import DinoflowStep, make_batches
+from benchmarks.common import ROOT, median
 from dinoflow.config import PretrainConfig
 
 
@@ -55,8 +55,7 @@ def main() -> None:
     cfg = per_process_config(args.batch_per_process, args.threads)
     threads = cfg.train.threads or int(os.environ.get("OMP_NUM_THREADS", 1))
     torch.set_num_threads(threads)
-    step = DinoflowStep(cfg, channels=1)
-    step.model = torch.nn.parallel.DistributedDataParallel(step.student)
+    step = DinoflowStep(cfg, channels=1, world_size=world)
     batches = make_batches(cfg, 1, n=4, seed=100 + rank)  # each process its own images
     for i in range(args.warmup):
         step(batches[i % 4], i)

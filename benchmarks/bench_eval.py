@@ -1,6 +1,6 @@
 """Benchmark (not a test): evaluation speed of the CPU-profile backbone.
 
-    python benchmarks/bench_eval.py --threads 2
+    python -m benchmarks.bench_eval --threads 2
 
 - feature extraction: ``dinoflow.evaluation.features.extract_features`` (the frozen teacher
   backbone over uint8 28 x 28 images, batch 256, CLS of the last 4 blocks + patch means), images/s;
@@ -18,20 +18,20 @@ import time
 
 import numpy as np
 import torch
-from bench_step import profile_config
-from common import PeakRSS, machine_info
 
+from benchmarks.bench_step import profile_config
+from benchmarks.common import PeakRSS, machine_info
 from dinoflow.data import Split
 from dinoflow.evaluation.features import extract_features
 from dinoflow.evaluation.knn import knn_classify
-from dinoflow.train import build_backbone
+from dinoflow.training import backbone_from_config
 
 
 def bench_features(n_images: int = 4096) -> dict[str, float]:
     """extract_features over n_images synthetic uint8 images at the CPU profile's crop size."""
     cfg, channels = profile_config("cpu")
     torch.manual_seed(0)
-    backbone = build_backbone(cfg, channels).eval()
+    backbone = backbone_from_config(cfg.backbone, cfg.crops.global_size, channels).eval()
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, size=(n_images, 28, 28), dtype=np.uint8)
     split = Split(ids=[str(i) for i in range(n_images)], labels=np.zeros(n_images, np.int64),
@@ -50,7 +50,7 @@ def bench_features(n_images: int = 4096) -> dict[str, float]:
 def bench_knn(n_bank: int = 60_000, n_queries: int = 10_000, dim: int | None = None) -> dict:
     """knn_classify of n_queries against n_bank random labelled features."""
     cfg, channels = profile_config("cpu")
-    dim = dim or build_backbone(cfg, channels).embed_dim
+    dim = dim or backbone_from_config(cfg.backbone, cfg.crops.global_size, channels).embed_dim
     g = torch.Generator().manual_seed(0)
     bank, queries = torch.randn(n_bank, dim, generator=g), torch.randn(n_queries, dim, generator=g)
     bank_labels = torch.randint(0, 10, (n_bank,), generator=g)

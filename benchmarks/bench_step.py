@@ -1,15 +1,15 @@
 """Benchmark (not a test): one full DINOv2 pretraining step, dinoflow vs lightly's DINOv2 parts.
 
-    python benchmarks/bench_step.py                       # CPU profile + ViT-S/14 shape, JSON out
-    python benchmarks/bench_step.py --profiles cpu --repeats 3 --threads 2
+    python -m benchmarks.bench_step                       # CPU profile + ViT-S/14 shape, JSON out
+    python -m benchmarks.bench_step --profiles cpu --repeats 3 --threads 2
 
 A step is: teacher forward on the 2 global crops (no grad), student forward on global crops
 (masked) and local crops, DINO + iBOT + KoLeo losses, backward, AdamW, teacher EMA.
 
 Contenders, built from the same config (backbone, crops, batch, head sizes) and fed the same
 batches and masks:
-- ``dinoflow``: ``dinoflow.train.train_step`` with the student, teacher, optimiser, losses and
-  schedules set up as ``dinoflow.train.pretrain`` does.
+- ``dinoflow``: ``dinoflow.training.train_step`` on the parts ``dinoflow.training.build_components``
+  builds and ``wrap_for_training`` wraps: the set-up ``dinoflow.training.pretrain`` trains with.
 - ``lightly``: the step of lightly's ``examples/pytorch/dinov2.py`` (lightly 1.6):
   ``MaskedVisionTransformerTIMM`` student/teacher over the same timm ``VisionTransformer``,
   ``DINOv2ProjectionHead`` (shared DINO/iBOT head unless the config separates them),
@@ -37,29 +37,31 @@ import argparse
 import copy
 import json
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 import yaml
-from common import ROOT, PeakRSS, interleaved_times, machine_info, matmul_block, matmul_rate, median
 from timm.models.vision_transformer import Block
 
-from dinoflow.config import PretrainConfig
-from dinoflow.losses import DINOLoss, IBOTPatchLoss, KoLeoLoss
-from dinoflow.masking import sample_masks
-from dinoflow.optim import build_optimizer, param_groups
-from dinoflow.schedules import build_schedules, scaled_lr
-from dinoflow.student_teacher import make_teacher
-from dinoflow.train import (
-    Losses,
-    MaskingCollate,
-    build_backbone,
-    build_student,
-    compile_for_training,
-    train_step,
+from benchmarks.common import (
+    ROOT,
+    PeakRSS,
+    interleaved_times,
+    machine_info,
+    matmul_block,
+    matmul_rate,
+    median,
 )
+from dinoflow.config import PretrainConfig, deep_merge
+from dinoflow.training import (
+    MaskingCollate,
+    backbone_from_config,
+    build_components,
+    train_step,
+    wrap_for_training,
+)
+from dinoflow.training.data import MultiCropDataset, build_augmentation
 
 VIT_S14 = {
     "crops": {"global_size": 112, "local_size": 42, "n_local": 4},
@@ -69,21 +71,12 @@ VIT_S14 = {
     "train": {"batch_size": 8},
 }  # fmt: skip
 
-# a step in the middle of the run: last layer unfrozen, teacher temperature warmed up
-_TOTAL_STEPS, _STEP0 = 10_000, 5_000
-
-
-def _merge(base: dict, over: dict) -> dict:
-    out = copy.deepcopy(base)
-    for k, v in over.items():
-        out[k] = _merge(out.get(k, {}), v) if isinstance(v, dict) else v
-    return out
 
 
 def profile_config(name: str) -> tuple[PretrainConfig, int]:
     """(config, image channels) of a benchmark profile, read from conf/ now."""
     params = yaml.safe_load((ROOT / "conf/base/parameters_pretrain.yml").read_text())["pretrain"]
-    params = _merge(params, {"train": {"device": "cpu", "compile": params["train"]["compile"]}})
+    params = deep_merge(params, {"train": {"device": "cpu", "compile": params["train"]["compile"]}})
     # one process for the whole global batch (conf/base's batch_size is per DDP process)
     launcher = params.get("launcher", {})
     if launcher.get("type") == "torchrun":
@@ -91,7 +84,7 @@ def profile_config(name: str) -> tuple[PretrainConfig, int]:
     if name == "cpu":
         return PretrainConfig.model_validate(params), 1
     if name == "vit_s14":
-        return PretrainConfig.model_validate(_merge(params, VIT_S14)), 3
+        return PretrainConfig.model_validate(deep_merge(params, VIT_S14)), 3
     raise ValueError(f"unknown profile {name!r}: cpu or vit_s14")
 
 
@@ -99,13 +92,11 @@ def make_batches(cfg: PretrainConfig, channels: int, n: int, seed: int = 0) -> l
     """n synthetic collated batches (normalised crops, training masks drawn as in training)."""
     g = torch.Generator().manual_seed(seed)
     b, c = cfg.train.batch_size, cfg.crops
-    masking = MaskingCollate(cfg, 0, 1)
+    masking = MaskingCollate(cfg.model_copy(update={"train": cfg.train.model_copy(
+        update={"seed": seed})}), 0, 1)
     batches = []
     for i in range(n):
-        rng = np.random.default_rng([seed, i, 7])
-        m = cfg.masking
-        masks = sample_masks(2 * b, masking.grid, masking.generator, rng, m.mask_probability,
-                             (m.ratio_min, m.ratio_max))
+        masks = masking.masks(step=i, global_batch=b)
         batches.append({
             "global_crops": torch.randn(2 * b, channels, c.global_size, c.global_size, generator=g),
             "local_crops": torch.randn(c.n_local * b, channels, c.local_size, c.local_size,
@@ -116,50 +107,29 @@ def make_batches(cfg: PretrainConfig, channels: int, n: int, seed: int = 0) -> l
 
 
 # --------------------------------------------------------------------------- dinoflow
-@dataclass
 class DinoflowStep:
-    """``dinoflow.train.train_step`` set up as ``pretrain`` sets it up (single process, CPU)."""
+    """``dinoflow.training.train_step`` on the run's own parts (single process, CPU), at a step in
+    the middle of the run (warm-ups over, last layer unfrozen)."""
 
-    cfg: PretrainConfig
-    channels: int
-    seed: int = 0
+    def __init__(self, cfg: PretrainConfig, channels: int, seed: int = 0, world_size: int = 1):
+        self.cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"seed": seed})})
+        # the run's own length: conf/base's epochs of steps_per_epoch (real epochs: 50k images)
+        self.run = build_components(self.cfg, 50_000, channels, world_size, device="cpu")
+        self.step0 = self.run.total_steps // 2
+        # DDP across the processes of a torch.distributed group (benchmarks/bench_ddp.py)
+        self.model = wrap_for_training(self.run.student, self.run.teacher, self.cfg, world_size,
+                                       torch.device("cpu"), fsdp=False)
 
-    def __post_init__(self) -> None:
-        cfg, o = self.cfg, self.cfg.optim
-        torch.manual_seed(self.seed)
-        self.student = build_student(cfg, self.channels)
-        self.teacher = make_teacher(self.student)
-        self.model: torch.nn.Module = (compile_for_training(self.student, self.teacher)
-                                       if cfg.train.compile else self.student)
-        steps_per_epoch = _TOTAL_STEPS // max(1, int(cfg.train.epochs))
-        self.schedules, _ = build_schedules(
-            total_steps=_TOTAL_STEPS, steps_per_epoch=steps_per_epoch,
-            base_lr=scaled_lr(o.base_lr, cfg.train.batch_size), min_lr=o.min_lr,
-            warmup_epochs=o.warmup_epochs, wd_start=o.weight_decay_start, wd_end=o.weight_decay_end,
-            momentum_start=o.momentum_teacher_start, momentum_end=o.momentum_teacher_end,
-            teacher_temp_start=o.teacher_temp_start, teacher_temp_end=o.teacher_temp_end,
-            teacher_temp_warmup_epochs=o.teacher_temp_warmup_epochs,
-            freeze_last_layer_epochs=o.freeze_last_layer_epochs,
-            max_warmup_fraction=o.max_warmup_fraction,
-        )  # fmt: skip
-        groups = param_groups(self.student.backbone, self.student.heads(), o.layer_decay,
-                              o.patch_embed_lr_mult)
-        self.optimizer = build_optimizer(groups, o.betas, fused=cfg.train.fused_optimizer or None)
-        lc, k = cfg.loss, cfg.head.n_prototypes
-        k_ibot = (cfg.head.ibot_n_prototypes or k) if cfg.head.separate_ibot_head else k
-        self.losses = Losses(
-            dino=DINOLoss(k, lc.student_temp, lc.center_momentum, lc.centering,
-                          lc.sinkhorn_iterations),
-            ibot=IBOTPatchLoss(k_ibot, lc.student_temp, lc.center_momentum, lc.centering,
-                               lc.sinkhorn_iterations),
-            koleo=KoLeoLoss(lc.koleo_eps),
-        )  # fmt: skip
+    @property
+    def student(self) -> torch.nn.Module:
+        return self.run.student
 
     def __call__(self, batch: dict[str, Any], i: int) -> torch.Tensor:
-        self.teacher.train(False)
+        r = self.run
+        r.teacher.train(False)
         self.model.train(True)
-        out = train_step(batch, _STEP0 + i, self.model, self.teacher, self.losses, self.optimizer,
-                         self.schedules, self.cfg, torch.device("cpu"))
+        out = train_step(batch, self.step0 + i, self.model, r.teacher, r.losses, r.optimizer,
+                         r.schedules, self.cfg, torch.device("cpu"))
         return out["loss/total"]
 
 
@@ -178,12 +148,13 @@ class LightlyStep:
         from lightly.utils.scheduler import cosine_schedule
 
         self.cfg, self.update_momentum, self.cosine_schedule = cfg, update_momentum, cosine_schedule
+        self.total_steps = build_components(cfg, 50_000, channels).total_steps  # the same run length
         torch.manual_seed(seed)
         h = cfg.head
         # the same timm VisionTransformer as dinoflow's backbone (sizes, no_embed_class,
         # LayerScale, eps), without drop-path: lightly sets that on the student below
-        vit = build_backbone(cfg.model_copy(update={"backbone": cfg.backbone.model_copy(
-            update={"drop_path_rate": 0.0})}), channels).vit
+        vit = backbone_from_config(cfg.backbone.model_copy(update={"drop_path_rate": 0.0}),
+                                   cfg.crops.global_size, channels).vit
         for block in vit.blocks:  # timm's own Block (dinoflow's DinoBlock only adds fast paths)
             block.__class__ = Block
         self.teacher_backbone = MaskedVisionTransformerTIMM(
@@ -217,7 +188,7 @@ class LightlyStep:
 
     def __call__(self, batch: dict[str, Any], i: int) -> torch.Tensor:
         o = self.cfg.optim
-        step = _STEP0 + i
+        step = self.total_steps // 2 + i
         global_views, local_views = batch["global_crops"], batch["local_crops"]
         n_views = 2 + batch["n_local"]
         n = len(global_views)
@@ -248,7 +219,7 @@ class LightlyStep:
         koleo_loss = 0.1 * sum(self.koleo_criterion(t) for t in student_global_cls_token.chunk(2))
         loss = dino_loss + ibot_loss + koleo_loss
         loss.backward()
-        weight_decay = self.cosine_schedule(step=step, max_steps=_TOTAL_STEPS,
+        weight_decay = self.cosine_schedule(step=step, max_steps=self.total_steps,
                                             start_value=o.weight_decay_start,
                                             end_value=o.weight_decay_end)
         for group in self.optimizer.param_groups:
@@ -256,7 +227,7 @@ class LightlyStep:
                 group["weight_decay"] = weight_decay
         self.optimizer.step()
         self.optimizer.zero_grad()
-        momentum = self.cosine_schedule(step=step, max_steps=_TOTAL_STEPS,
+        momentum = self.cosine_schedule(step=step, max_steps=self.total_steps,
                                         start_value=o.momentum_teacher_start,
                                         end_value=o.momentum_teacher_end)
         self.update_momentum(self.student_backbone, self.teacher_backbone, m=momentum)
@@ -300,23 +271,15 @@ def bench_loader(cfg: PretrainConfig, channels: int, n_batches: int = 2) -> dict
     """Multi-crop augmentation + masking collate of the training loader, one worker's work
     (1 thread): images/s and CPU seconds per batch (uint8 images: Fashion-MNIST's 28 x 28, or
     64 x 64 RGB for the RGB profile)."""
-    from dinoflow.augment import MultiCropAugmentation
     from dinoflow.data import Split
-    from dinoflow.train import MultiCropDataset
 
-    c = cfg.crops
     b = cfg.train.batch_size
     rng = np.random.default_rng(0)
     shape = (b * n_batches, 28, 28) if channels == 1 else (b * n_batches, 64, 64, 3)
     images = rng.integers(0, 256, size=shape, dtype=np.uint8)
     split = Split(ids=[str(i) for i in range(len(images))], labels=np.zeros(len(images), np.int64),
                   class_names=["x"], channels=channels, images=images)
-    aug = MultiCropAugmentation(
-        global_size=c.global_size, local_size=c.local_size, n_local=c.n_local,
-        global_scale=c.global_scale, local_scale=c.local_scale, flip_p=c.flip_p, jitter=c.jitter,
-        jitter_p=c.jitter_p, grayscale_p=c.grayscale_p, blur_kernel=c.blur_kernel,
-        blur_sigma=c.blur_sigma, blur_p=c.blur_p, solarize_threshold=c.solarize_threshold,
-        solarize_p=c.solarize_p, mean=(0.5,) * channels, std=(0.25,) * channels)  # fmt: skip
+    aug = build_augmentation(cfg.crops, [0.5] * channels, [0.25] * channels)
     dataset, collate = MultiCropDataset(split, aug, 0), MaskingCollate(cfg, 0, 1)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in a DataLoader worker (torch sets 1 thread there)
@@ -357,7 +320,7 @@ def bench_profile(name: str, repeats: int, threads: int, with_lightly: bool = Tr
     med = {k: {m: median(v) for m, v in t.items()} for k, t in times.items()}
     rate = {m: mm_flop / med["matmul"][m] for m in ("wall", "cpu")}  # FLOP per (CPU) second
     b = cfg.train.batch_size
-    backbone = build_backbone(cfg, channels)
+    backbone = backbone_from_config(cfg.backbone, cfg.crops.global_size, channels)
     out: dict[str, Any] = {
         "profile": name,
         "config": {

@@ -10,7 +10,6 @@ import contextlib
 import ctypes
 import os
 import platform
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -19,8 +18,6 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT / "src") not in sys.path:  # benchmarks run from a checkout, installed or not
-    sys.path.insert(0, str(ROOT / "src"))
 
 
 def cpu_model() -> str:

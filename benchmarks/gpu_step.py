@@ -5,9 +5,9 @@ The reference recipe of ``conf/gpu/parameters_pretrain.yml`` (ViT-S/14, K=65536,
 itself (teacher pass, student pass, DINO + iBOT + KoLeo, backward, clipping, AdamW, EMA), not the
 data loading. Prints one JSON object.
 
-    python benchmarks/gpu_step.py                      # the reference step on cuda:0
-    python benchmarks/gpu_step.py --compile            # with torch.compile
-    python benchmarks/gpu_step.py --tiny --device cpu  # a seconds-long self-check without a GPU
+    python -m benchmarks.gpu_step                      # the reference step on cuda:0
+    python -m benchmarks.gpu_step --compile            # with torch.compile
+    python -m benchmarks.gpu_step --tiny --device cpu  # a seconds-long self-check without a GPU
 """
 
 from __future__ import annotations
@@ -15,24 +15,16 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
+from dinoflow.config import PretrainConfig
+from dinoflow.training import MaskingCollate, build_components, train_step, wrap_for_training
 
-from dinoflow.config import PretrainConfig  # noqa: E402
-from dinoflow.losses import DINOLoss, IBOTPatchLoss, KoLeoLoss  # noqa: E402
-from dinoflow.masking import BlockMaskGenerator, sample_masks  # noqa: E402
-from dinoflow.optim import build_optimizer, param_groups  # noqa: E402
-from dinoflow.schedules import build_schedules, scaled_lr  # noqa: E402
-from dinoflow.student_teacher import make_teacher  # noqa: E402
-from dinoflow.train import Losses, build_student, train_step  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 TINY = {"crops": {"global_size": 28, "local_size": 14, "n_local": 2},
         "backbone": {"arch": "custom", "embed_dim": 48, "depth": 2, "num_heads": 2},
@@ -55,13 +47,7 @@ def synthetic_batch(cfg: PretrainConfig, device: torch.device, seed: int = 0) ->
     """Random normalised crops (2B global, N*B local) and iBOT block masks as the loader makes."""
     b, c = cfg.train.batch_size, cfg.crops
     g = torch.Generator().manual_seed(seed)
-    grid = c.global_size // cfg.backbone.patch_size
-    m = cfg.masking
-    generator = BlockMaskGenerator((grid, grid), max_mask_ratio=m.max_mask_ratio,
-                                   min_num_patches=m.min_num_patches, min_aspect=m.min_aspect,
-                                   max_attempts=m.max_attempts)
-    masks = sample_masks(2 * b, (grid, grid), generator, np.random.default_rng(seed),
-                         m.mask_probability, (m.ratio_min, m.ratio_max))
+    masks = MaskingCollate(cfg, 0, 1).masks(step=0, global_batch=b)
     return {
         "global_crops": torch.randn(2 * b, 3, c.global_size, c.global_size, generator=g).to(device),
         "local_crops": torch.randn(c.n_local * b, 3, c.local_size, c.local_size, generator=g).to(device),
@@ -86,34 +72,21 @@ def main() -> None:
     device = torch.device(args.device, 0) if args.device == "cuda" else torch.device("cpu")
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
-    torch.manual_seed(0)
-    student = build_student(cfg, in_chans=3).to(device)
-    teacher = make_teacher(student)
-    o, lc, t = cfg.optim, cfg.loss, cfg.train
     total = args.warmup + args.steps
-    schedules, _ = build_schedules(
-        total_steps=total, steps_per_epoch=total, base_lr=scaled_lr(o.base_lr, t.batch_size),
-        min_lr=o.min_lr, warmup_epochs=0, wd_start=o.weight_decay_start, wd_end=o.weight_decay_end,
-        momentum_start=o.momentum_teacher_start, momentum_end=o.momentum_teacher_end,
-        teacher_temp_start=o.teacher_temp_start, teacher_temp_end=o.teacher_temp_end,
-        teacher_temp_warmup_epochs=0, freeze_last_layer_epochs=0, max_warmup_fraction=o.max_warmup_fraction,
-    )  # fmt: skip
-    optimizer = build_optimizer(param_groups(student.backbone, student.heads(), o.layer_decay,
-                                             o.patch_embed_lr_mult), o.betas,
-                                fused=t.fused_optimizer or None)
-    k = cfg.head.n_prototypes
-    losses = Losses(dino=DINOLoss(k, lc.student_temp, lc.center_momentum, lc.centering,
-                                  lc.sinkhorn_iterations).to(device),
-                    ibot=IBOTPatchLoss(k, lc.student_temp, lc.center_momentum, lc.centering,
-                                       lc.sinkhorn_iterations).to(device),
-                    koleo=KoLeoLoss(lc.koleo_eps))
-    model = torch.compile(student) if t.compile else student
+    # the run's own parts; a step past the warm-ups of a run as long as the reference epoch
+    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(
+        update={"epochs": 2, "steps_per_epoch": max(total, 1250)})})
+    run = build_components(cfg, 1_000_000, 3, 1, device)
+    step0 = run.total_steps // 2
+    model = wrap_for_training(run.student, run.teacher, cfg, 1, device, fsdp=False)
+    student, t, k = run.student, cfg.train, cfg.head.n_prototypes
     batch = synthetic_batch(cfg, device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     def step(i: int) -> dict:
         model.train(True)
-        return train_step(batch, i, model, teacher, losses, optimizer, schedules, cfg, device)
+        return train_step(batch, step0 + i, model, run.teacher, run.losses, run.optimizer,
+                          run.schedules, cfg, device)
 
     t0 = time.perf_counter()
     for i in range(args.warmup):

@@ -1,8 +1,8 @@
 """``make bench``: the step and evaluation benchmarks in one process, written to
 benchmarks/results/latest.json and a markdown table in benchmarks/results/latest.md.
 
-    python benchmarks/run_all.py                  # 2 then 1 torch threads, 3 repetitions
-    python benchmarks/run_all.py --repeats 5 --threads 2 --profiles cpu
+    python -m benchmarks.run_all                  # 2 then 1 torch threads, 3 repetitions
+    python -m benchmarks.run_all --repeats 5 --threads 2 --profiles cpu
 
 Everything runs in one process on one machine state: dinoflow and lightly steps alternate, a
 fixed matmul block alternates with them (the rate the utilisation is measured against), and
@@ -20,10 +20,10 @@ import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
-import bench_eval
-import bench_step
 import torch
-from common import ROOT, interleaved_times, machine_info, median
+
+from benchmarks import bench_eval, bench_step
+from benchmarks.common import ROOT, interleaved_times, machine_info, median
 
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -98,9 +98,9 @@ def bench_as_run(cpu: dict, repeats: int, threads: int) -> dict | None:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "ddp.json"
         subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                        f"--nproc_per_node={nproc}", str(ROOT / "benchmarks" / "bench_ddp.py"),
+                        f"--nproc_per_node={nproc}", "-m", "benchmarks.bench_ddp",
                         "--out", str(out), "--repeats", str(max(5, repeats))],
-                       check=True, cwd=ROOT / "benchmarks")
+                       check=True, cwd=ROOT)
         ddp = json.loads(out.read_text())
     cfg, channels = bench_step.profile_config("cpu")
     lightly = bench_step.LightlyStep(cfg, channels)
@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> dict:
             result[key + "_one_process"] = result[key]
             result[key] = result["ddp"][key]
     RESULTS.mkdir(parents=True, exist_ok=True)
-    command = "python benchmarks/run_all.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python -m benchmarks.run_all " + " ".join(argv if argv is not None else sys.argv[1:])
     (RESULTS / "latest.json").write_text(json.dumps(result, indent=1))
     (RESULTS / "latest.md").write_text(markdown(result, command.strip()))
     print((RESULTS / "latest.md").read_text())

@@ -1,14 +1,21 @@
-"""Kedro hooks: readable MLflow run names and the lineage tags every run carries.
+"""Kedro hooks: the guard every run passes first, and the lineage tags every run carries.
 
-kedro-mlflow opens one MLflow run per ``kedro run`` (conf/*/mlflow.yml) and logs flattened
-parameters; this hook names the run and tags it (pipeline, env, dataset, git commit, DVC hash of
-the curated data), so runs can be filtered and traced from a registered model back to code and data.
+- ``RunGuardHooks`` (first of all hooks, before kedro-mlflow opens its run): every parameter of
+  the run validated (``validation.py``), MLflow runs left RUNNING by a process that died ended as
+  KILLED, an evaluation swap interrupted by a kill finished, and one ``kedro run`` at a time per
+  project (``data/.dinoflow.lock``; a second one is told which process holds it).
+- ``LineageHooks``: kedro-mlflow opens one MLflow run per ``kedro run`` (conf/*/mlflow.yml) and
+  logs flattened parameters; this hook names the run and tags it (pipeline, env, dataset, git
+  commit, DVC hash of the curated data, the process), so runs can be filtered and traced from a
+  registered model back to code and data.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import socket
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -59,11 +66,86 @@ def tag_parent_runs(inputs: dict[str, Any]) -> dict[str, str]:
     tags = {}
     for name, tag in PARENT_RUN_TAGS.items():
         value = inputs.get(name)
-        if isinstance(value, dict) and value.get("mlflow_run_id"):
-            tags[tag] = str(value["mlflow_run_id"])
+        run_id = value.get("mlflow_run_id") if isinstance(value, dict) else getattr(value, "mlflow_run_id", None)
+        if run_id:
+            tags[tag] = str(run_id)
     if tags:
         mlflow.set_tags(tags)
     return tags
+
+
+PROJECT_LOCK_FOLDER = Path("data")
+
+
+def process_tags() -> dict[str, str]:
+    """Which process a run belongs to: the next run ends it when that process is gone."""
+    return {"dinoflow.pid": str(os.getpid()), "dinoflow.host": socket.gethostname()}
+
+
+def end_runs_of_dead_processes(experiment: str = "dinoflow") -> list[str]:
+    """MLflow runs left RUNNING by a process of this host that no longer exists -> KILLED.
+
+    Returns the ids of the runs it ended. A store that cannot be read is left alone.
+    """
+    from dinoflow.files import pid_alive
+
+    try:
+        from mlflow import MlflowClient
+
+        client = MlflowClient()
+        exp = client.get_experiment_by_name(experiment)
+        if exp is None:
+            return []
+        runs = client.search_runs([exp.experiment_id], "attributes.status = 'RUNNING'",
+                                  max_results=500)
+    except Exception:  # noqa: BLE001 - tracking is best effort here; the run itself will report
+        return []
+    host, ended = socket.gethostname(), []
+    for run in runs:
+        tags = run.data.tags
+        pid = tags.get("dinoflow.pid")
+        if not pid or tags.get("dinoflow.host") != host or pid_alive(int(pid)):
+            continue
+        client.set_tag(run.info.run_id, "dinoflow.ended_by",
+                       f"a later kedro run: process {pid} was gone")
+        client.set_terminated(run.info.run_id, status="KILLED")
+        ended.append(run.info.run_id)
+    if ended:
+        log.warning("ended %d MLflow run(s) left RUNNING by a process that died: %s", len(ended),
+                    ", ".join(r[:8] for r in ended))
+    return ended
+
+
+class RunGuardHooks:
+    """Runs first (``tryfirst``): nothing starts unless the whole run can."""
+
+    def __init__(self) -> None:
+        self._lock = None
+
+    @hook_impl(tryfirst=True)
+    def before_pipeline_run(self, run_params: dict[str, Any], pipeline, catalog) -> None:
+        from dinoflow.files import FolderLock, recover_swaps
+        from dinoflow.pipelines.validation import sections_used, validate_run_parameters
+
+        validate_run_parameters(catalog.load("parameters"), sections_used(pipeline))
+        lock = FolderLock(PROJECT_LOCK_FOLDER, "kedro run")
+        lock.__enter__()  # raises LockedError naming the holder
+        self._lock = lock
+        recover_swaps(Path("data/08_reporting"))
+        end_runs_of_dead_processes()
+
+    def _release(self) -> None:
+        if self._lock is not None:
+            self._lock.__exit__(None, None, None)
+            self._lock = None
+
+    @hook_impl
+    def after_pipeline_run(self) -> None:
+        self._release()
+
+    @hook_impl
+    def on_pipeline_error(self) -> None:
+        self._release()
 
 
 class LineageHooks:
@@ -75,6 +157,10 @@ class LineageHooks:
     @hook_impl
     def before_pipeline_run(self, run_params: dict[str, Any], pipeline, catalog) -> None:
         self._run_params, self._tagged, self._catalog = run_params, False, catalog
+        import mlflow
+
+        if mlflow.active_run() is not None:  # kedro-mlflow's run, opened just before
+            mlflow.set_tags(process_tags())
 
     def _param(self, key: str) -> Any:
         try:

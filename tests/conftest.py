@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 # No telemetry leaves the machine, in tests as everywhere.
 for _var, _value in {"DO_NOT_TRACK": "1", "KEDRO_DISABLE_TELEMETRY": "1",
@@ -50,3 +51,58 @@ def fmnist_splits():
     from dinoflow.data import load_splits
 
     return load_splits(allow_download=False)
+
+
+def run_curation(splits: dict, params: dict, root: str | None = None):
+    """The Kedro curation pipeline on given splits (an in-memory catalog, from_inputs
+    ``curation_splits``): -> namespace(manifest, quarantine, report, metadata, embeddings)."""
+    from types import SimpleNamespace
+
+    from kedro.io import DataCatalog, MemoryDataset
+    from kedro.runner import SequentialRunner
+
+    from dinoflow.pipelines.curation.pipeline import create_pipeline
+
+    class Kept(MemoryDataset):  # the runner releases intermediate datasets; keep these
+        def _release(self) -> None:
+            pass
+
+    for split in splits.values():
+        split.extra["root"] = root
+    kept = ("curated_manifest", "quarantine", "curation_report", "curation_metadata",
+            "curation_embeddings")
+    catalog = DataCatalog({"params:curation": MemoryDataset(params),
+                           "curation_splits": MemoryDataset(splits, copy_mode="assign"),
+                           **{name: Kept(copy_mode="assign") for name in kept}})
+    SequentialRunner().run(create_pipeline().from_inputs("curation_splits"), catalog)
+    got = {name: catalog.load(name) for name in kept}
+    return SimpleNamespace(manifest=got["curated_manifest"], quarantine=got["quarantine"],
+                           report=got["curation_report"], metadata=got["curation_metadata"],
+                           embeddings=got["curation_embeddings"])
+
+
+class TinyBackbone(nn.Module):
+    """Stand-in with the DinoVisionTransformer interface: conv patchifier + residual MLP blocks."""
+
+    def __init__(self, in_chans: int = 1, dim: int = 16, patch: int = 4, depth: int = 3) -> None:
+        super().__init__()
+        self.embed_dim, self.patch_size, self.depth, self.in_chans = dim, patch, depth, in_chans
+        self.patch_embed = nn.Conv2d(in_chans, dim, patch, patch)
+        self.blocks = nn.ModuleList(nn.Linear(dim, dim) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim)
+
+    def get_intermediate_layers(self, x, n=1):
+        t = self.patch_embed(x).flatten(2).transpose(1, 2)  # (B, N, D)
+        outs = []
+        for i, blk in enumerate(self.blocks):
+            t = t + torch.tanh(blk(t))
+            if i >= self.depth - n:
+                y = self.norm(t)
+                outs.append((y, y.mean(dim=1)))
+        return outs
+
+    def forward(self, x):
+        return self.get_intermediate_layers(x)[-1][1]
+
+    def forward_patches(self, x):
+        return self.get_intermediate_layers(x)[-1][0]

@@ -7,7 +7,7 @@ import torch
 
 from dinoflow.config import PretrainConfig
 from dinoflow.data import channel_stats, load_splits
-from dinoflow.train import pretrain
+from dinoflow.training import pretrain
 
 TINY = {
     "crops": {"global_size": 16, "local_size": 8, "n_local": 2},

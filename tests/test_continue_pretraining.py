@@ -1,4 +1,4 @@
-"""Continued pretraining from a released (official-layout) backbone through ``train.pretrain``.
+"""Continued pretraining from a released (official-layout) backbone through ``training.pretrain``.
 
 The frozen-backbone head warm-up must leave the student AND teacher backbones bit-identical to
 the loaded weights while the heads train; once it ends the backbone moves. The loaded
@@ -15,11 +15,16 @@ import torch
 
 from dinoflow.config import PretrainConfig
 from dinoflow.data import Split
+from dinoflow.evaluation.knn import backbone_knn
 from dinoflow.models.vit import load_backbone
-from dinoflow.train import build_backbone, build_student, online_knn, pretrain
+from dinoflow.training import backbone_from_config, build_student, pretrain
 from dinoflow.weights import load_released_weights, save_official_layout
 
 MEAN, STD = [0.5], [0.25]
+
+
+def build_backbone(cfg: PretrainConfig, in_chans: int):
+    return backbone_from_config(cfg.backbone, cfg.crops.global_size, in_chans)
 
 
 def tiny_cfg(
@@ -89,8 +94,8 @@ def test_frozen_head_warmup_then_backbone_moves(tmp_path: Path) -> None:
 
     with pytest.raises(SystemExit, match="stopped after step 3"):
         pretrain(cfg, train, MEAN, STD, bank, queries, stop_after_steps=3)
-    (ckpt_path,) = (run_dir / "checkpoints").glob("*.pt")
-    ckpt = torch.load(ckpt_path, weights_only=False)
+    ckpt_path = max((run_dir / "checkpoints").rglob("step_*.pt"))  # the newest of the last 2
+    ckpt = torch.load(ckpt_path, weights_only=True)
     assert ckpt["step"] == 3  # every step so far was a warm-up step (0, 1, 2)
     for name in ("student", "teacher"):
         bb = backbone_state(ckpt[name])
@@ -113,7 +118,7 @@ def test_frozen_head_warmup_then_backbone_moves(tmp_path: Path) -> None:
     assert knn0[0]["step"] == 0
     ref = build_backbone(cfg, in_chans=1)
     assert load_released_weights(ref, weights).ok
-    expect = online_knn(ref, bank, queries, MEAN, STD, 16, torch.device("cpu"))
+    expect = backbone_knn(ref, bank, queries, MEAN, STD, 16)["top1_k20"]
     assert knn0[0]["knn/top1_k20"] == expect
 
     # resume: steps 3 and 4 are past the warm-up, so the backbone now trains

@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from dinoflow.curation.config import EmbeddingConfig
 from dinoflow.curation.embed import model_embeddings, pca_fit, pixel_embeddings
@@ -17,9 +16,12 @@ def _images(n: int = 5, size: int = 20) -> list[np.ndarray]:
 
 
 def _direct(model: torch.nn.Module, rgb: np.ndarray, size: int, mean, std) -> np.ndarray:
-    """The embedder's preprocessing written out for one image (RGB models)."""
-    x = torch.from_numpy(rgb).permute(2, 0, 1).float()[None] / 255.0
-    x = F.interpolate(x, size=(size, size), mode="bicubic", antialias=True).clamp(0, 1)
+    """The embedder's preprocessing written out for one image (RGB models): the uint8 image
+    resized (antialiased bilinear, as every dinoflow consumer), then scaled and normalised."""
+    from torchvision.transforms.v2 import functional as TF
+
+    x = TF.resize(torch.from_numpy(rgb).permute(2, 0, 1)[None], [size, size], antialias=True)
+    x = x.float() / 255.0
     x = (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
     with torch.inference_mode():
         f = model(x)[0].numpy()

@@ -5,8 +5,9 @@ from __future__ import annotations
 import time
 
 import pytest
+from conftest import run_curation
 
-from dinoflow.curation import curate, curation_config
+from dinoflow.curation import curation_config
 from dinoflow.data import load_splits
 
 
@@ -19,7 +20,7 @@ def test_fashion_mnist_default_curation(tmp_path) -> None:
     cfg = curation_config({"show_progress": False, "report": {"dir": str(tmp_path)},
                            "validation": {"docs_dir": str(tmp_path / "gx_docs")}})  # fmt: skip
     t0 = time.perf_counter()
-    res = curate(splits, cfg)
+    res = run_curation(splits, cfg.model_dump())
     assert time.perf_counter() - t0 < 300  # the budget on 2 cores
     r = res.report
     assert r["counts"]["input"] == {"train": 55000, "val": 5000, "test": 10000}

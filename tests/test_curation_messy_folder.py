@@ -113,8 +113,9 @@ def build_eval_folder(root: Path, messy: Path) -> Path:
 
 import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
+from conftest import run_curation  # noqa: E402
 
-from dinoflow.curation import curate, curation_config  # noqa: E402
+from dinoflow.curation import curation_config  # noqa: E402
 from dinoflow.data import Split, list_image_folder  # noqa: E402
 
 
@@ -146,7 +147,7 @@ def curated(tmp_path_factory):
     splits = {"train": _split(messy, "train"), "val": _split(evals, "val"),
               "test": Split(ids=[], labels=np.zeros(0, np.int64), class_names=[], channels=3,
                             paths=[], name="test")}  # fmt: skip
-    return tmp, curate(splits, _cfg(tmp), root=messy)
+    return tmp, run_curation(splits, _cfg(tmp).model_dump(), root=str(messy))
 
 
 def test_bad_files_quarantined_with_reason(curated) -> None:

@@ -65,7 +65,7 @@ def knn_splits() -> tuple[Split, Split]:
 
 
 def run(cfg: PretrainConfig, stop_after: int | None = None, knn: bool = False) -> None:
-    from dinoflow.train import pretrain
+    from dinoflow.training import pretrain
 
     if stop_after is None:
         pretrain(cfg, tiny_split(), [0.5], [0.25], *(knn_splits() if knn else ()))
@@ -108,7 +108,8 @@ class RecordingKoLeo(torch.nn.Module):
 
 def _worker(rank: int, init_file: str, jobs: list[dict], out: str) -> None:
     """One of 2 processes: run every job in sequence in one process group."""
-    import dinoflow.train as train_mod
+    import dinoflow.training.components as train_mod
+    from dinoflow.training import pretrain
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
@@ -123,11 +124,11 @@ def _worker(rank: int, init_file: str, jobs: list[dict], out: str) -> None:
                 with sabotaged(job.get("sabotage")):
                     if job.get("stop_after"):
                         with suppress(SystemExit):  # "stopped after step 3" as asked
-                            train_mod.pretrain(cfg, tiny_split(), [0.5], [0.25],
-                                               stop_after_steps=job["stop_after"])
+                            pretrain(cfg, tiny_split(), [0.5], [0.25],
+                                     stop_after_steps=job["stop_after"])
                     else:
                         knn = knn_splits() if job.get("knn") else ()
-                        train_mod.pretrain(cfg, tiny_split(), [0.5], [0.25], *knn)
+                        pretrain(cfg, tiny_split(), [0.5], [0.25], *knn)
             finally:
                 train_mod.KoLeoLoss = saved
             if job.get("record_koleo"):
@@ -141,8 +142,8 @@ def history(run_dir: Path) -> list[dict[str, float]]:
 
 
 def teacher_weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    backbone = torch.load(run_dir / "teacher_backbone.pt", weights_only=False)["state_dict"]
-    heads = torch.load(run_dir / "teacher_heads.pt", weights_only=False)
+    backbone = torch.load(run_dir / "teacher_backbone.pt", weights_only=True)["state_dict"]
+    heads = torch.load(run_dir / "teacher_heads.pt", weights_only=True)
     flat = {f"backbone.{k}": v for k, v in backbone.items()}
     for head, sd in heads.items():
         flat.update({f"{head}.{k}": v for k, v in sd.items()})
@@ -175,7 +176,7 @@ def runs(tmp_path_factory) -> Path:
     for name in ("resume_1to2", "resume_1to2_fsdp"):
         run(tiny_cfg(root / name, 8, checkpoint_every=3), stop_after=3)
     RecordingKoLeo.calls = []
-    import dinoflow.train as train_mod
+    import dinoflow.training.components as train_mod
 
     saved, train_mod.KoLeoLoss = train_mod.KoLeoLoss, RecordingKoLeo
     try:
@@ -277,12 +278,13 @@ def test_checkpoint_resumes_in_another_world_size(runs: Path, name: str) -> None
     (FSDP2 gathers its shards into the same plain checkpoint and loads one into shards)."""
     assert max_loss_diff(runs / "one_softmax", runs / name) < TOL
     assert max_weight_diff(runs / "one_softmax", runs / name) < TOL
-    assert not list((runs / name / "checkpoints").glob("*.pt"))  # finished: removed
+    assert not list((runs / name / "checkpoints").rglob("*.pt"))  # finished: removed
 
 
 # --------------------------------------------------------------------------- launchers
 def test_job_spec_round_trip_and_torchrun_command(tmp_path: Path) -> None:
-    from dinoflow.launch import backend_for, read_job_spec, torchrun_command, write_job_spec
+    from dinoflow.distributed import backend_for, resolve_device
+    from dinoflow.launch import read_job_spec, torchrun_command, write_job_spec
 
     cfg = tiny_cfg(tmp_path / "run", 4)
     cfg.launcher.type, cfg.launcher.nproc_per_node = "torchrun", 2
@@ -290,10 +292,10 @@ def test_job_spec_round_trip_and_torchrun_command(tmp_path: Path) -> None:
     spec, summary = write_job_spec(data, cfg, ["a", "b"], folder=tmp_path / "job")
     data2, cfg2, ids = read_job_spec(spec)
     assert (data2, cfg2, ids) == (data, cfg, ["a", "b"])
-    assert backend_for(cfg) == "gloo"
+    assert backend_for(cfg.launcher.backend, resolve_device(cfg.train.device)) == "gloo"
     cmd = torchrun_command(cfg, spec, summary)
     assert cmd[1:3] == ["-m", "torch.distributed.run"] and "--nproc_per_node=2" in cmd
-    assert cmd[-6:] == ["-m", "dinoflow.train", "--config", str(spec), "--output", str(summary)]
+    assert cmd[-6:] == ["-m", "dinoflow.launch", "--config", str(spec), "--output", str(summary)]
     cfg.launcher.nnodes = 2
     with pytest.raises(ValueError, match="launcher.type=slurm"):
         torchrun_command(cfg, spec, summary)
@@ -337,10 +339,10 @@ def test_launchers_run_two_processes(tmp_path: Path, monkeypatch, launcher: str)
         summary = launch_slurm(data, cfg, None, cluster="local")
     else:
         summary = launch_pretraining(data, cfg, None)
-    assert summary["world_size"] == 2 and summary["steps"] == 2
-    from dinoflow.workflow import load_data
+    assert summary.world_size == 2 and summary.steps == 2
+    from dinoflow.data import load_data
 
-    assert summary["n_train_images"] == len(load_data(data)["train"]) > 8
-    assert Path(summary["teacher_backbone"]).is_file()
+    assert summary.n_train_images == len(load_data(data)["train"]) > 8
+    assert Path(summary.teacher_backbone).is_file()
     assert [h["step"] for h in json.loads((tmp_path / "run" / "history.json").read_text())
             if "loss/total" in h] == [1, 2]

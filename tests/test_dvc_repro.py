@@ -66,8 +66,6 @@ def test_smoke_dvc_repro_twice_then_param_change_then_push_pull(tmp_path: Path) 
         pytest.skip("dvc and git are needed")
     if not (ROOT / ".git").exists():
         pytest.skip("not a git checkout: cannot list the project files")
-    if not (ROOT / "pipelines" / "evaluation").is_dir():
-        pytest.skip("pipelines/evaluation does not exist yet: dvc.yaml's evaluate stage needs it")
     if not _fashion_mnist_available():
         pytest.skip("Fashion-MNIST not found locally (data/01_raw or /usr/share/datasets)")
     repo = tmp_path / "repo"

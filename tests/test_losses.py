@@ -151,9 +151,19 @@ def test_dino_loss_matches_pairwise_loop(n_local: int) -> None:
     loss = DINOLoss(out_dim=k)(sg, sl, targets)
     assert loss.shape == ()
     assert loss.item() == pytest.approx(naive_dino(sg, sl, targets, same_view=False), rel=1e-5)
-    assert 2 + 2 * n_local == len(
-        [1 for v in range(2 + n_local) for j in range(2) if v >= 2 or v != j]
-    )
+
+
+@pytest.mark.parametrize("n_local", [0, 3])
+def test_dino_loss_is_the_mean_over_2_plus_2n_pairs_by_hand(n_local: int) -> None:
+    """One image, 2 prototypes, one-hot targets: global views with zero logits cost ln 2 per
+    pair; local views with logits (0.1 ln 3, 0) (p = 3/4 after /0.1) cost -ln(3/4) per pair.
+    The mean over the 2 + 2N pairs is then (2 ln 2 + 2N (-ln 0.75)) / (2 + 2N)."""
+    targets = torch.tensor([[[1.0, 0.0]], [[1.0, 0.0]]])
+    sg = torch.zeros(2, 1, 2)
+    sl = torch.tensor([[[0.1 * math.log(3.0), 0.0]]]).repeat(n_local, 1, 1)
+    loss = DINOLoss(out_dim=2, student_temp=0.1)(sg, sl, targets)
+    expected = (2 * math.log(2) + 2 * n_local * -math.log(0.75)) / (2 + 2 * n_local)
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
 
 
 def test_dino_loss_excludes_same_view_pair() -> None:

@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 
 from dinoflow.config import DataConfig, PretrainConfig
-from dinoflow.tuning import TuningConfig, run_study
+from dinoflow.jobs.tune import run_study
+from dinoflow.tuning import TuningConfig
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--headless=new", "--disable-background-networking",

@@ -42,16 +42,21 @@ def test_pipeline_on_an_in_memory_catalog(tmp_path):
         "params:pretrain": MemoryDataset(tiny_params(tmp_path)),
         "curated_manifest": MemoryDataset(manifest),
         "pretrain_summary": MemoryDataset(),
+        "teacher_backbone": MemoryDataset(copy_mode="assign"),
     })
     SequentialRunner().run(create_pipeline(), catalog)
     summary = catalog.load("pretrain_summary")
-    assert summary["steps"] == 6 and summary["n_train_images"] == 256
-    assert [h["step"] for h in summary["knn_history"]] == [0, 6]  # the starting point and the end
-    assert all(0.1 < h["knn/top1_k20"] <= 1 for h in summary["knn_history"])  # real data, 10 classes
-    backbone = torch.load(summary["teacher_backbone"], weights_only=False)
-    assert backbone["kwargs"]["embed_dim"] == 32
+    assert summary.steps == 6 and summary.n_train_images == 256
+    assert [h["step"] for h in summary.knn_history] == [0, 6]  # the starting point and the end
+    assert all(0.1 < h["knn/top1_k20"] <= 1 for h in summary.knn_history)  # real data, 10 classes
+    saved = torch.load(summary.teacher_backbone, weights_only=True)
+    assert saved["kwargs"]["embed_dim"] == 32
+    backbone = catalog.load("teacher_backbone")  # the catalog's dataset: the module itself
+    assert backbone.embed_dim == 32
+    for key, value in backbone.state_dict().items():
+        assert torch.equal(value, saved["state_dict"][key]), key
     assert (tmp_path / "training_curves.png").stat().st_size > 10_000
-    assert not list((tmp_path / "checkpoints").glob("*.pt"))  # a finished run leaves no checkpoint
+    assert not list((tmp_path / "checkpoints").rglob("*.pt"))  # a finished run leaves no checkpoint
 
 
 def test_bad_parameter_stops_before_any_work(tmp_path):
@@ -84,7 +89,7 @@ def test_nan_loss_names_step_and_term_and_keeps_checkpoint(tmp_path, monkeypatch
     text = str(err.value)
     assert "step 4: non-finite loss in koleo" in text and "total" in text
     assert "last good checkpoint is kept" in text
-    kept = torch.load(next((tmp_path / "checkpoints").glob("*.pt")), weights_only=False)
+    kept = torch.load(max((tmp_path / "checkpoints").rglob("step_*.pt")), weights_only=True)
     assert kept["step"] == 4  # steps 0..3 done, checkpoint every 2
 
 

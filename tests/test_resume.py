@@ -29,13 +29,14 @@ def test_sigkill_then_rerun_equals_uninterrupted(tmp_path):
                             env={**os.environ, "OMP_NUM_THREADS": "1"},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
-    while not list((killed_dir / "checkpoints").glob("*.pt")) and time.time() < deadline:
+    while not list((killed_dir / "checkpoints").rglob("step_*.pt")) and time.time() < deadline:
         assert proc.poll() is None, "the run ended before it could be killed"
         time.sleep(0.05)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
-    state = torch.load(next((killed_dir / "checkpoints").glob("*.pt")), weights_only=False)
+    # checkpoints hold tensors and plain types only: they load without unpickling code
+    state = torch.load(next((killed_dir / "checkpoints").rglob("step_*.pt")), weights_only=True)
     assert 0 < state["step"] < 24  # killed mid-run, after a checkpoint
 
     resumed = _run(killed_dir)  # the same command again

@@ -22,7 +22,7 @@ import torch
 
 from dinoflow.config import PretrainConfig
 from dinoflow.data import Split
-from dinoflow.train import pretrain
+from dinoflow.training import pretrain
 
 N_STEPS = 6
 TERMS = ("loss/dino", "loss/ibot", "loss/koleo", "loss/total")
@@ -169,7 +169,7 @@ def test_compile_without_a_cxx_compiler_trains_eagerly(tmp_path, monkeypatch, ca
     monkeypatch.delenv("CXX", raising=False)
     monkeypatch.setattr(shutil, "which", lambda name, *a, **k: None)
     monkeypatch.setattr(torch, "compile", lambda *a, **k: pytest.fail("torch.compile called"))
-    with caplog.at_level("WARNING", logger="dinoflow.train"):
+    with caplog.at_level("WARNING", logger="dinoflow.training.parallel"):
         curve = np.array(run_curve(str(tmp_path / "run"), compile=True))
     assert "no C++ compiler" in caplog.text
     np.testing.assert_allclose(curve, np.array(REFERENCE), rtol=RTOL, atol=ATOL)

@@ -19,6 +19,8 @@ import pytest
 import yaml
 
 from dinoflow.config import ConfigError, DataConfig, OptimConfig, PretrainConfig
+from dinoflow.jobs.tune import run_study
+from dinoflow.results import PretrainSummary
 from dinoflow.schedules import build_schedules
 from dinoflow.tuning import (
     PrunerConfig,
@@ -27,7 +29,6 @@ from dinoflow.tuning import (
     check_tuning_config,
     make_pruner,
     read_best_params,
-    run_study,
     write_best_params,
 )
 
@@ -88,7 +89,7 @@ class ScriptedPretrain:
     def __init__(self, curves: list[list[float]]):
         self.curves, self.calls, self.reported = curves, [], []
 
-    def __call__(self, data, cfg, manifest_ids=None, on_knn=None) -> dict:
+    def __call__(self, data, cfg, manifest_ids=None, on_knn=None) -> PretrainSummary:
         from dinoflow import tracking
 
         curve = self.curves[len(self.calls)]
@@ -101,7 +102,8 @@ class ScriptedPretrain:
             history.append({"step": step, "knn/top1_k20": value})
             seen.append(value)
             on_knn(step, value)
-        return {"knn_history": history}
+        return PretrainSummary(run_dir="", teacher_backbone="", teacher_heads="", steps=len(curve),
+                               knn_history=history)
 
 
 # --------------------------------------------------------------------------- config, schedules
@@ -206,7 +208,9 @@ def test_trial_with_bad_intermediate_values_is_pruned(tmp_path, mlflow_store):
 KILLER = """
 import json, os, signal, sys
 from dinoflow.config import DataConfig, PretrainConfig
-from dinoflow.tuning import TuningConfig, run_study
+from dinoflow.jobs.tune import run_study
+from dinoflow.results import PretrainSummary
+from dinoflow.tuning import TuningConfig
 
 cfg = json.load(open(sys.argv[1]))
 calls = []
@@ -217,7 +221,8 @@ def pretrain_fn(data, c, manifest_ids=None, on_knn=None):
         on_knn(step, value)
         if len(calls) == 3 and step == 0:  # the third trial: killed mid-trial, no cleanup
             os.kill(os.getpid(), signal.SIGKILL)
-    return {"knn_history": [{"step": 2, "knn/top1_k20": 0.5 + 0.01 * len(calls)}]}
+    return PretrainSummary(run_dir="", teacher_backbone="", teacher_heads="", steps=3,
+                           knn_history=[{"step": 2, "knn/top1_k20": 0.5 + 0.01 * len(calls)}])
 
 run_study(DataConfig.model_validate(cfg["data"]), PretrainConfig.model_validate(cfg["pretrain"]),
           TuningConfig.model_validate(cfg["tuning"]), pretrain_fn=pretrain_fn, root=cfg["root"])

@@ -1,9 +1,9 @@
 """Thin Kedro nodes over ``dinoflow.curation``: validated parameters in, library calls out.
 
-Each node re-validates its parameters (cheap) so that any node can run on its own
-(``kedro run --pipelines=curation --from-nodes=...``). Splits are reloaded where pixels are needed
-(listing a folder or reading the IDX files takes about a second) rather than passed between
-nodes, which would deep-copy every image array through Kedro's memory datasets.
+``load_curation_splits`` lists or reads the images once; the splits travel to the other nodes
+as ``curation_splits``, an in-memory dataset that hands the same object on (no copy of the
+pixels). Each node validates its parameters (cheap), and a caller with splits of its own (a
+notebook, the tests) runs the pipeline ``from_inputs("curation_splits")``.
 """
 
 from __future__ import annotations
@@ -13,28 +13,32 @@ import pandas as pd
 
 from dinoflow import curation
 from dinoflow.config import DataConfig, validate
-from dinoflow.data import Split
-from dinoflow.workflow import load_data
+from dinoflow.data import Split, load_data
 
 
-def _splits(data: dict) -> tuple[dict[str, Split], str | None]:
+def load_curation_splits(data: dict) -> dict[str, Split]:
+    """The train/val/test splits every pipeline uses; ``root`` is the folder of an image_folder
+    source (its files the source skipped are listed in the quarantine)."""
     cfg = validate(DataConfig, data, "data")
     splits = load_data(cfg)
-    return splits, (cfg.path if cfg.source == "image_folder" else None)
+    root = cfg.path if cfg.source == "image_folder" else None
+    for split in splits.values():
+        split.extra.update(root=root, follow_out_of_root=cfg.follow_symlinks_out_of_root)
+    return splits
 
 
-def ingest_images(data: dict, params: dict) -> tuple[pd.DataFrame, np.ndarray]:
+def _root(splits: dict[str, Split]) -> str | None:
+    return splits["train"].extra.get("root")
+
+
+def ingest_images(splits: dict[str, Split], params: dict) -> tuple[pd.DataFrame, np.ndarray]:
     """Decode every train/val/test image safely: metadata table and pixel thumbnails."""
-    cfg = curation.curation_config(params)
-    splits, _ = _splits(data)
-    return curation.ingest(splits, cfg)
+    return curation.ingest(splits, curation.curation_config(params))
 
 
-def validate_images(metadata: pd.DataFrame, data: dict, params: dict) -> dict:
+def validate_images(metadata: pd.DataFrame, splits: dict[str, Split], params: dict) -> dict:
     """Great Expectations suite + Data Docs; stops the run when a must-hold check fails."""
-    cfg = curation.curation_config(params)
-    splits, _ = _splits(data)
-    return curation.validate(metadata, len(splits["train"].class_names), cfg)
+    return curation.validate(metadata, len(splits["train"].class_names), curation.curation_config(params))
 
 
 def filter_quality(metadata: pd.DataFrame, validation: dict, params: dict) -> pd.DataFrame:
@@ -43,11 +47,10 @@ def filter_quality(metadata: pd.DataFrame, validation: dict, params: dict) -> pd
     return curation.quality(metadata, curation.curation_config(params))
 
 
-def embed_images(metadata: pd.DataFrame, thumbnails: np.ndarray, data: dict, params: dict) -> np.ndarray:
+def embed_images(metadata: pd.DataFrame, thumbnails: np.ndarray, splits: dict[str, Split],
+                 params: dict) -> np.ndarray:
     """(N, D) embeddings by the configured embedder (pixels + PCA, dinoflow, timm)."""
-    cfg = curation.curation_config(params)
-    splits = None if cfg.embedding.kind == "pixels" else _splits(data)[0]
-    return curation.embed(metadata, thumbnails, splits, cfg)
+    return curation.embed(metadata, thumbnails, splits, curation.curation_config(params))
 
 
 def deduplicate_images(metadata: pd.DataFrame, embeddings: np.ndarray, params: dict) -> pd.DataFrame:
@@ -63,14 +66,14 @@ def sample_balanced(
 
 
 def write_outputs(
-    metadata: pd.DataFrame, validation: dict, balance: dict, data: dict, params: dict
+    metadata: pd.DataFrame, validation: dict, balance: dict, splits: dict[str, Split], params: dict
 ) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     """Curated manifest, quarantine list and report (PNGs, JSON, MLflow if a run is active)."""
     from dinoflow.curation.report import build_report
 
     cfg = curation.curation_config(params)
-    splits, root = _splits(data)
     manifest = curation.manifest_of(metadata)
-    quarantine = curation.quarantine_of(metadata, root)
+    quarantine = curation.quarantine_of(metadata, _root(splits),
+                                        splits["train"].extra.get("follow_out_of_root", False))
     report = build_report(metadata, quarantine, validation, balance, splits, cfg)
     return manifest, quarantine, report

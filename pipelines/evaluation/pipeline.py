@@ -8,7 +8,7 @@ def create_pipeline(**kwargs) -> Pipeline:
         [
             Node(
                 evaluate,
-                inputs=["params:data", "params:evaluation", "pretrain_summary"],
+                inputs=["params:data", "params:evaluation", "pretrain_summary", "teacher_backbone"],
                 outputs=["metrics", "evaluation_report"],
                 name="evaluate",
             )

@@ -5,26 +5,27 @@ from __future__ import annotations
 from typing import Any
 
 from dinoflow.config import validate
+from dinoflow.errors import DataError
+from dinoflow.models.vit import DinoVisionTransformer
 from dinoflow.pipelines.hooks import git_commit
 from dinoflow.registry import RegistrationConfig, register_pretrained
+from dinoflow.results import EvaluationReport, PretrainSummary, RegistrationDecision
 
 
 def register_backbone(
-    pretrain_summary: dict[str, Any] | None,
+    pretrain_summary: PretrainSummary | None,
+    teacher_backbone: DinoVisionTransformer | None,
     metrics: dict[str, Any],
-    evaluation_report: dict[str, Any] | None,
+    evaluation_report: EvaluationReport | None,
     registration: dict,
-) -> dict[str, Any]:
-    """Register the pretrained teacher as ``dinoflow-backbone`` and decide champion/challenger.
-
-    Reads pretrain_summary (teacher_backbone, mean, std, image_size, channels, mlflow_run_id, ...),
-    metrics (knn_top1) and evaluation_report (eval_data_id, files); returns registration.json.
-    """
+) -> RegistrationDecision:
+    """Register the pretrained teacher as ``dinoflow-backbone`` and decide champion/challenger."""
     cfg = validate(RegistrationConfig, registration, "registration")
-    if pretrain_summary is None:
-        raise FileNotFoundError(
-            "registration: pretrain_summary (data/06_models/pretrain_summary.json) is missing: "
+    if pretrain_summary is None or teacher_backbone is None:
+        raise DataError(
+            "registration: pretrain_summary / teacher_backbone (data/06_models/) are missing: "
             "run the pretrain pipeline first"
         )
-    return register_pretrained(pretrain_summary, metrics, cfg, git_commit=git_commit(),
-                               report=evaluation_report)
+    decision = register_pretrained(pretrain_summary, metrics, cfg, git_commit=git_commit(),
+                                   report=evaluation_report, backbone=teacher_backbone)
+    return RegistrationDecision.model_validate(decision)

@@ -8,7 +8,8 @@ def create_pipeline(**kwargs) -> Pipeline:
         [
             Node(
                 register_backbone,
-                inputs=["pretrain_summary", "metrics", "evaluation_report", "params:registration"],
+                inputs=["pretrain_summary", "teacher_backbone", "metrics", "evaluation_report",
+                        "params:registration"],
                 outputs="registration_summary",
                 name="register_backbone",
             )

@@ -1,4 +1,4 @@
-"""Thin node: validated parameters + the curated manifest -> ``dinoflow.tuning.run_study``."""
+"""Thin node: validated parameters + the curated manifest -> ``dinoflow.jobs.tune.run_study``."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from dinoflow.config import DataConfig, PretrainConfig, validate
 
 def tune(data: dict, pretrain: dict, tuning: dict, curated_manifest: pd.DataFrame | None) -> dict[str, Any]:
     """Run or resume the study; returns its summary (best trial, params file, plots, trial states)."""
-    from dinoflow.tuning import TuningConfig, run_study
+    from dinoflow.jobs.tune import run_study
+    from dinoflow.tuning import TuningConfig
 
     data_cfg = validate(DataConfig, data, "data")
     base = validate(PretrainConfig, pretrain, "pretrain")

@@ -26,6 +26,8 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from torchvision.transforms.v2 import InterpolationMode
 
+from dinoflow.data.transforms import normalize
+
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
@@ -244,14 +246,7 @@ class MultiCropAugmentation:
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 (..., C, H, W) -> float32 (..., C, H, W): /255 then (x - mean) / std."""
-        c = x.shape[-3]
-        mean, std = self.mean, self.std
-        if len(mean) == 1:
-            mean, std = mean * c, std * c
-        if len(mean) != c:
-            raise ValueError(f"mean/std have {len(mean)} values but the image has {c} channels")
-        x = TF.to_dtype(x, torch.float32, scale=True)
-        return TF.normalize(x, list(mean), list(std))
+        return normalize(x, self.mean, self.std)
 
     def __call__(
         self, img: torch.Tensor, generator: torch.Generator | None = None
@@ -308,14 +303,7 @@ class EvalTransform:
             )
         if tuple(x.shape[-2:]) != (self.size, self.size):
             x = TF.center_crop(x, [self.size, self.size])
-        c = x.shape[-3]
-        mean, std = self.mean, self.std
-        if len(mean) == 1:
-            mean, std = mean * c, std * c
-        if len(mean) != c:
-            raise ValueError(f"mean/std have {len(mean)} values but the image has {c} channels")
-        x = TF.to_dtype(x, torch.float32, scale=True)
-        return TF.normalize(x, list(mean), list(std))
+        return normalize(x, self.mean, self.std)
 
 
 def collate_multicrop(samples: list[dict]) -> dict:

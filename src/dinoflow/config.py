@@ -7,13 +7,41 @@ Every model forbids unknown keys, so a typo is one clear error naming the key, b
 
 from __future__ import annotations
 
-from typing import Literal
+import hashlib
+import json
+import re
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from dinoflow.errors import ConfigError
+
+__all__ = ["ConfigError", "DataConfig", "PretrainConfig", "Strict", "deep_merge", "fingerprint",
+           "validate"]
+
 
 class Strict(BaseModel):
+    """The one config style: unknown keys are errors, assignments are validated."""
+
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def fingerprint(config: dict[str, Any]) -> str:
+    """Short stable hash of the settings that define a run (a changed setting = a new run)."""
+    blob = json.dumps(config, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """A new dict: ``override``'s keys replace ``base``'s, nested dicts merged key by key
+    (Kedro's "soft" merge of conf/base and another env)."""
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
 
 
 class DataConfig(Strict):
@@ -26,6 +54,7 @@ class DataConfig(Strict):
     seed: int = 0
     channels: Literal[1, 3] | None = None  # None: the source's own (1 for Fashion-MNIST, 3 folders)
     allow_download: bool = True
+    follow_symlinks_out_of_root: bool = False  # image_folder: include links that leave data.path
     # Keep a fixed random subset (smoke runs, quick experiments); None keeps everything.
     train_limit: int | None = Field(None, ge=10)
     test_limit: int | None = Field(None, ge=10)
@@ -71,7 +100,7 @@ class BackboneConfig(Strict):
     layerscale_init: float = 1e-5
     drop_path_rate: float = Field(0.3, ge=0, lt=1)
     layer_norm_eps: float = 1e-6
-    ffn: Literal["mlp", "swiglu"] = "mlp"
+    ffn: Literal["mlp", "swiglu"] | None = None  # None: the arch's own (SwiGLU for vit_giant)
 
     @model_validator(mode="after")
     def _custom_needs_sizes(self) -> BackboneConfig:
@@ -151,7 +180,7 @@ class TrainConfig(Strict):
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
-    num_workers: int = Field(0, ge=0)
+    num_workers: Annotated[int, Field(ge=0)] | Literal["auto"] = 0  # auto: cores per process - 1
     pin_memory: bool = False
     fused_optimizer: bool = False  # fused AdamW (CUDA)
     compile: bool = False
@@ -159,6 +188,7 @@ class TrainConfig(Strict):
     use_curated_manifest: bool = True  # train on curation's output when it exists
     run_dir: str = "data/06_models"
     checkpoint_every_steps: int = Field(200, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)  # the newest N; an unreadable newest falls back to the next
     resume: bool = True
     log_every_steps: int = Field(10, ge=1)
     knn_every_epochs: float = Field(1, gt=0)
@@ -179,7 +209,7 @@ class LauncherConfig(Strict):
     """How processes are started: in process, torchrun (elastic), or SLURM (submitit)."""
 
     type: Literal["local", "torchrun", "slurm"] = "local"
-    nproc_per_node: int = Field(1, ge=1)
+    nproc_per_node: Annotated[int, Field(ge=1)] | Literal["auto"] = 1  # auto: visible GPUs (1 without)
     nnodes: int = Field(1, ge=1)
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     master_port: int = Field(29500, ge=1, le=65535)
@@ -223,20 +253,27 @@ class PretrainConfig(Strict):
         return self
 
 
-class ConfigError(ValueError):
-    """A parameter problem, with every offending key named."""
+_UNION_TAG = re.compile(r"^(constrained-|literal\[|function-|lax-|json-or-python)|^(int|str|float|bool|none)$")
 
 
 def validate(model: type[BaseModel], params: dict | None, where: str) -> BaseModel:
-    """Validate ``params`` (e.g. Kedro's ``params:pretrain``) into ``model`` with one clear error."""
+    """Validate ``params`` (e.g. Kedro's ``params:pretrain``) into ``model`` with one clear error
+    naming every offending key (``pretrain.optim.base_lr: ... (got -1)``)."""
     try:
         return model.model_validate(params or {})
     except ValidationError as exc:
-        lines = []
+        found: dict[str, list[str]] = {}
         for err in exc.errors():
-            key = ".".join(str(p) for p in (where, *err["loc"]))
+            # a union's members show up as extra loc parts ("constrained-int", "literal['auto']")
+            path = [str(p) for p in err["loc"] if not _UNION_TAG.match(str(p))]
+            key = ".".join([where, *path])
             value = err.get("input")
             shown = "" if isinstance(value, dict) else f" (got {value!r})"
             msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
-            lines.append(f"  {key}: {msg}{shown}")
+            if msg.startswith("Value error, "):
+                msg = msg[len("Value error, "):]
+            found.setdefault(key, [])
+            if msg + shown not in found[key]:
+                found[key].append(msg + shown)
+        lines = [f"  {key}: {' or '.join(msgs)}" for key, msgs in found.items()]
         raise ConfigError(f"invalid parameters in {where}:\n" + "\n".join(lines)) from None

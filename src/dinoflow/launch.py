@@ -1,14 +1,14 @@
 """Multi-process pretraining on torch.distributed: torchrun, SLURM (submitit), cluster entry point.
 
-Three ways to run the same training (``dinoflow.train.pretrain``) on several processes:
+Three ways to run the same training (``dinoflow.training.pretrain``) on several processes:
 
 - ``launch_pretraining(data, cfg, manifest_ids)`` (the pretrain node, ``launcher.type`` torchrun
   or slurm): writes a job spec (JSON), starts the processes with torch's elastic launcher
   (``python -m torch.distributed.run``) or submits a SLURM job through submitit, waits, and
-  returns the summary that global rank 0 wrote, the same dict ``workflow.run_pretraining``
-  returns in process.
-- ``torchrun --nproc_per_node=8 -m dinoflow.train --config job.json --output summary.json``
-  on clusters that start their own processes; ``distributed_main`` is that entry point.
+  returns the summary that global rank 0 wrote, the same ``PretrainSummary`` that
+  ``jobs.pretrain.run_pretraining`` returns in process.
+- ``torchrun --nproc_per_node=8 -m dinoflow.launch --config job.json --output summary.json``
+  on clusters that start their own processes; ``main`` is that entry point.
 
 Processes, rendezvous and restarts belong to torch and SLURM; this module only builds their
 command lines and reads the result back. Each process joins the group with backend ``auto``
@@ -28,7 +28,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from dinoflow import distributed
 from dinoflow.config import DataConfig, PretrainConfig, validate
+from dinoflow.files import atomic_write_json
+from dinoflow.jobs.pretrain import run_pretraining
+from dinoflow.results import PretrainSummary
 
 log = logging.getLogger(__name__)
 
@@ -52,11 +56,11 @@ def write_job_spec(data: DataConfig, cfg: PretrainConfig, manifest_ids: list[str
     manifest = None
     if manifest_ids is not None:
         manifest = folder / "manifest_ids.json"
-        manifest.write_text(json.dumps(list(manifest_ids)))
+        atomic_write_json(manifest, list(manifest_ids), indent=None)
     spec = {"data": data.model_dump(mode="json"), "pretrain": cfg.model_dump(mode="json"),
             "manifest": None if manifest is None else str(manifest)}
     spec_path, summary_path = folder / "job.json", folder / "summary.json"
-    spec_path.write_text(json.dumps(spec, indent=2))
+    atomic_write_json(spec_path, spec)
     summary_path.unlink(missing_ok=True)
     return spec_path, summary_path
 
@@ -71,35 +75,7 @@ def read_job_spec(path: str | os.PathLike[str]) -> tuple[DataConfig, PretrainCon
     return data, cfg, ids
 
 
-# --------------------------------------------------------------------------- process group
-def backend_for(cfg: PretrainConfig) -> str:
-    """``launcher.backend``; auto: NCCL when training on CUDA, Gloo on CPU."""
-    if cfg.launcher.backend != "auto":
-        return cfg.launcher.backend
-    from dinoflow.train import resolve_device
-
-    return "nccl" if resolve_device(cfg).type == "cuda" else "gloo"
-
-
-def init_distributed(cfg: PretrainConfig) -> bool:
-    """Join the process group described by torchrun/submitit's env (RANK, WORLD_SIZE, MASTER_*).
-
-    Binds this process's GPU from LOCAL_RANK first (NCCL needs it). Returns False, and does
-    nothing, when the environment describes no group (a plain ``python -m dinoflow.train``).
-    """
-    import torch
-    import torch.distributed as dist
-
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ or dist.is_initialized():
-        return False
-    backend = backend_for(cfg)
-    if backend == "nccl":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group(backend=backend, init_method="env://")
-    log.info("rank %d of %d joined (%s)", dist.get_rank(), dist.get_world_size(), backend)
-    return True
-
-
+# --------------------------------------------------------------------------- one process
 def _setup_logging(rank: int) -> None:
     """The children have no Kedro logging: INFO on rank 0, warnings only elsewhere."""
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
@@ -124,34 +100,24 @@ def _start_mlflow(cfg: PretrainConfig, experiment: str | None) -> bool:
     return True
 
 
-def _write_json_atomic(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)
-
-
 def run_job(spec_path: str | os.PathLike[str], summary_path: str | os.PathLike[str] | None,
-            mlflow_experiment: str | None = None) -> dict[str, Any] | None:
+            mlflow_experiment: str | None = None) -> PretrainSummary | None:
     """One process of a distributed run: join the group, train, rank 0 writes the summary.
 
     Returns the summary on rank 0, None on the other ranks.
     """
-    import torch.distributed as dist
-
-    from dinoflow.workflow import run_pretraining
-
     data, cfg, manifest_ids = read_job_spec(spec_path)
     _setup_logging(int(os.environ.get("RANK", 0)))
-    joined = init_distributed(cfg)
-    rank = dist.get_rank() if dist.is_initialized() else 0
+    device = distributed.resolve_device(cfg.train.device)
+    joined = distributed.init_from_env(distributed.backend_for(cfg.launcher.backend, device))
+    rank = distributed.world()[0]
     tracked = rank == 0 and _start_mlflow(cfg, mlflow_experiment)
     try:
         summary = run_pretraining(data, cfg, manifest_ids)
         if rank != 0:
             return None
-        summary["world_size"] = dist.get_world_size() if dist.is_initialized() else 1
         if summary_path is not None:
-            _write_json_atomic(summary, Path(summary_path))
+            atomic_write_json(Path(summary_path), summary.to_json_dict())
         return summary
     finally:
         if tracked:
@@ -159,100 +125,22 @@ def run_job(spec_path: str | os.PathLike[str], summary_path: str | os.PathLike[s
 
             mlflow.end_run()
         if joined:
-            dist.destroy_process_group()
+            distributed.leave()
 
 
-def distributed_main(argv: list[str] | None = None) -> None:
-    """``torchrun -m dinoflow.train --config job.json [--output summary.json]``.
+def main(argv: list[str] | None = None) -> None:
+    """``torchrun -m dinoflow.launch --config job.json [--output summary.json]``.
 
     job.json: {"data": {...}, "pretrain": {...}, "manifest": path of a JSON list of item ids
     or null}, the parameters of ``conf/*/parameters_*.yml`` as JSON.
     """
-    parser = argparse.ArgumentParser(prog="dinoflow.train", description=distributed_main.__doc__)
+    parser = argparse.ArgumentParser(prog="dinoflow.launch", description=main.__doc__)
     parser.add_argument("--config", required=True, help="job spec JSON (data, pretrain, manifest)")
     parser.add_argument("--output", default=None, help="where global rank 0 writes the summary JSON")
     parser.add_argument("--mlflow-experiment", default=None,
                         help="log to a new MLflow run in this experiment (rank 0; MLFLOW_TRACKING_URI)")
     args = parser.parse_args(argv)
     run_job(args.config, args.output, args.mlflow_experiment)
-
-
-# --------------------------------------------------------------------------- FSDP2
-def shard_ssl_model(model, device_type: str) -> None:
-    """FSDP2 (``fully_shard``) in place: each ViT block, the backbone, each head, the root.
-
-    Parameters become DTensors sharded over all processes; each unit is gathered for its
-    forward and its gradients reduce-scattered in backward. ``forward_features`` and
-    ``teacher_forward`` are not ``forward``: they are registered so they gather too.
-    """
-    import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
-
-    mesh = init_device_mesh(device_type, (dist.get_world_size(),))
-    for block in model.backbone.vit.blocks:
-        fully_shard(block, mesh=mesh)
-    fully_shard(model.backbone, mesh=mesh)
-    register_fsdp_forward_method(model.backbone, "forward_features")
-    register_fsdp_forward_method(model.backbone, "get_intermediate_layers")  # online kNN
-    for head in model.heads().values():
-        fully_shard(head, mesh=mesh)
-    fully_shard(model, mesh=mesh)
-    register_fsdp_forward_method(model, "teacher_forward")
-
-
-def _fqn_order(optimizer) -> list[str]:
-    """Model paths of the optimizer's parameters in its own order (its state-dict indices).
-
-    ``param_groups`` names backbone parameters relative to the backbone, heads by their key.
-    """
-    return [name if group.get("is_backbone") is False else f"backbone.{name}"
-            for group in optimizer.param_groups for name in group["param_names"]]
-
-
-def gather_full_state(model, optimizer=None) -> tuple[dict, dict | None]:
-    """Unsharded (model, optimizer) state dicts on CPU, in the plain single-process layout
-    (optimizer state keyed by index, as ``optimizer.state_dict()``); a collective call.
-    """
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        get_model_state_dict,
-        get_optimizer_state_dict,
-    )
-
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    model_sd = get_model_state_dict(model, options=options)
-    if optimizer is None:
-        return model_sd, None
-    by_fqn = get_optimizer_state_dict(model, optimizer, options=options)
-    index = {fqn: i for i, fqn in enumerate(_fqn_order(optimizer))}
-    plain = optimizer.state_dict()  # param_groups (hyper-parameters, names) with index lists
-    plain["state"] = {index[fqn]: v for fqn, v in by_fqn.get("state", {}).items()}
-    return model_sd, plain
-
-
-def load_full_state(model, model_sd: dict, optimizer=None, optim_sd: dict | None = None) -> None:
-    """Load plain (unsharded) state dicts, as ``gather_full_state`` or one process writes them,
-    into a sharded model and its optimizer; every process calls it with the same dicts."""
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        set_model_state_dict,
-        set_optimizer_state_dict,
-    )
-
-    options = StateDictOptions(full_state_dict=True)
-    set_model_state_dict(model, model_sd, options=options)
-    if optimizer is None or optim_sd is None:
-        return
-    fqns = _fqn_order(optimizer)
-    groups, start = [], 0
-    for saved, live in zip(optim_sd["param_groups"], optimizer.param_groups, strict=True):
-        n = len(live["params"])
-        groups.append({**saved, "params": fqns[start:start + n]})
-        start += n
-    by_fqn = {"state": {fqns[int(i)]: v for i, v in optim_sd["state"].items()},
-              "param_groups": groups}
-    set_optimizer_state_dict(model, optimizer, by_fqn, options=options)
 
 
 # --------------------------------------------------------------------------- launchers
@@ -293,23 +181,24 @@ def _reopen_mlflow_run(env: dict[str, str]) -> None:
 
 
 def torchrun_command(cfg: PretrainConfig, spec_path: Path, summary_path: Path) -> list[str]:
-    """``python -m torch.distributed.run ... -m dinoflow.train --config .. --output ..`` (one node)."""
+    """``python -m torch.distributed.run ... -m dinoflow.launch --config .. --output ..`` (one node)."""
     lc = cfg.launcher
     if lc.nnodes != 1:
         raise ValueError(
             f"pretrain.launcher.nnodes={lc.nnodes} with type=torchrun: the pipeline starts one node. "
             "For several nodes use launcher.type=slurm, or run `torchrun --nnodes ... -m "
-            "dinoflow.train --config job.json` on every node (docs/distributed.md)")
+            "dinoflow.launch --config job.json` on every node (docs/distributed.md)")
     port = _free_port(lc.master_port)
     if port != lc.master_port:
         log.warning("port %d is taken; the rendezvous uses port %d", lc.master_port, port)
     return [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--node_rank=0",
             f"--nproc_per_node={lc.nproc_per_node}", "--master_addr=127.0.0.1",
-            f"--master_port={port}", "-m", "dinoflow.train",
+            f"--master_port={port}", "-m", "dinoflow.launch",
             "--config", str(spec_path), "--output", str(summary_path)]
 
 
-def launch_torchrun(data: DataConfig, cfg: PretrainConfig, manifest_ids: list[str] | None) -> dict[str, Any]:
+def launch_torchrun(data: DataConfig, cfg: PretrainConfig,
+                    manifest_ids: list[str] | None) -> PretrainSummary:
     """Run ``nproc_per_node`` processes on this machine through torch's elastic launcher."""
     spec_path, summary_path = write_job_spec(data, cfg, manifest_ids)
     cmd = torchrun_command(cfg, spec_path, summary_path)
@@ -335,7 +224,7 @@ class DistributedTask:
     def __init__(self, spec_path: str, summary_path: str, env: dict[str, str]):
         self.spec_path, self.summary_path, self.env = spec_path, summary_path, env
 
-    def __call__(self) -> dict[str, Any] | None:
+    def __call__(self) -> PretrainSummary | None:
         import submitit
 
         os.environ.update(self.env)
@@ -373,7 +262,7 @@ def slurm_executor(cfg: PretrainConfig, cluster: str | None = None):
 
 
 def launch_slurm(data: DataConfig, cfg: PretrainConfig, manifest_ids: list[str] | None,
-                 cluster: str | None = None) -> dict[str, Any]:
+                 cluster: str | None = None) -> PretrainSummary:
     """Submit the run to SLURM through submitit, wait for it and return rank 0's summary."""
     spec_path, summary_path = write_job_spec(data, cfg, manifest_ids)
     env = _child_env()
@@ -390,19 +279,47 @@ def launch_slurm(data: DataConfig, cfg: PretrainConfig, manifest_ids: list[str] 
     return _read_summary(summary_path)
 
 
-def _read_summary(path: Path) -> dict[str, Any]:
+def _read_summary(path: Path) -> PretrainSummary:
     if not path.is_file():
         raise RuntimeError(f"the distributed run ended without writing its summary {path}")
-    return json.loads(path.read_text())
+    return PretrainSummary.model_validate_json(path.read_text())
 
 
-def launch_pretraining(data: DataConfig, cfg: PretrainConfig, manifest_ids: list[str] | None) -> dict[str, Any]:
-    """Run pretraining with ``cfg.launcher``; the same summary as ``workflow.run_pretraining``."""
+def resolve_processes(cfg: PretrainConfig) -> PretrainConfig:
+    """``launcher.nproc_per_node: auto`` -> the visible GPUs when training on CUDA, else 1; on
+    CPU each of several processes gets its share of the cores as torch threads. Warns when a
+    GPU-sized recipe is about to train on a CPU."""
+    lc, t = cfg.launcher, cfg.train
+    device = distributed.resolve_device(t.device)
+    n = lc.nproc_per_node
+    if n == "auto":
+        n = max(1, distributed.visible_gpus()) if device.type == "cuda" else 1
+    train_update: dict[str, Any] = {}
+    if device.type == "cpu" and n > 1 and t.threads is None:
+        train_update["threads"] = max(1, (os.cpu_count() or 1) // n)
+    if device.type == "cpu" and (cfg.crops.global_size >= 112 or (cfg.backbone.embed_dim or 384) >= 384):
+        log.warning("pretraining a %s at %d px on the CPU: expect seconds to minutes per step "
+                    "(conf/base is the CPU profile; conf/gpu is meant for GPU nodes)",
+                    cfg.backbone.arch, cfg.crops.global_size)
+    return cfg.model_copy(update={
+        "launcher": lc.model_copy(update={"nproc_per_node": n}),
+        "train": t.model_copy(update=train_update)})
+
+
+def launch_pretraining(data: DataConfig, cfg: PretrainConfig,
+                       manifest_ids: list[str] | None) -> PretrainSummary:
+    """Run pretraining with ``cfg.launcher`` (in this process, torchrun or SLURM)."""
+    cfg = resolve_processes(cfg)
     kind = cfg.launcher.type
+    if kind == "torchrun" and cfg.launcher.nproc_per_node == 1 and cfg.launcher.nnodes == 1:
+        log.info("launcher.type=torchrun with one process: training in this process")
+        kind = "local"
     if kind == "torchrun":
         return launch_torchrun(data, cfg, manifest_ids)
     if kind == "slurm":
         return launch_slurm(data, cfg, manifest_ids)
-    from dinoflow.workflow import run_pretraining
-
     return run_pretraining(data, cfg, manifest_ids)
+
+
+if __name__ == "__main__":
+    main()

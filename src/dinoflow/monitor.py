@@ -3,24 +3,47 @@
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 
+from dinoflow.errors import TrainingDiverged
 
-class TrainingDiverged(RuntimeError):
-    """A loss term became NaN or infinite; the last good checkpoint is kept."""
+if TYPE_CHECKING:
+    from dinoflow.config import PretrainConfig
+
+__all__ = ["TrainingDiverged", "check_finite", "collapse_warning", "divergence_advice",
+           "normalized_std", "target_entropy"]
 
 
-def check_finite(step: int, terms: dict[str, torch.Tensor], checkpoint: str | None) -> None:
-    """Raise naming the step and every non-finite loss term."""
+def divergence_advice(cfg: PretrainConfig | None) -> str:
+    """What this run can change after a non-finite loss (only settings it does not use yet)."""
+    if cfg is None:
+        return "Lower pretrain.optim.base_lr or check the input normalisation."
+    o, advice = cfg.optim, [f"lower pretrain.optim.base_lr (now {cfg.optim.base_lr:g})"]
+    if o.clip_grad is None:
+        advice.append("set pretrain.optim.clip_grad=3.0")
+    elif o.clip_grad > 1.0:
+        advice.append(f"lower pretrain.optim.clip_grad (now {o.clip_grad:g})")
+    if cfg.loss.centering != "sinkhorn_knopp":
+        advice.append("use pretrain.loss.centering=sinkhorn_knopp")
+    if cfg.train.precision == "bf16":
+        advice.append("train in pretrain.train.precision=fp32")
+    if o.warmup_epochs < 1:
+        advice.append(f"lengthen pretrain.optim.warmup_epochs (now {o.warmup_epochs:g})")
+    return "Try to " + ", or ".join(advice) + "; and check the input normalisation."
+
+
+def check_finite(step: int, terms: dict[str, torch.Tensor], checkpoint: str | None,
+                 cfg: PretrainConfig | None = None) -> None:
+    """Raise naming the step and every non-finite loss term, with advice for this run."""
     bad = [name for name, value in terms.items() if not torch.isfinite(value).all()]
     if bad:
         kept = f"; the last good checkpoint is kept at {checkpoint}" if checkpoint else ""
         raise TrainingDiverged(
             f"step {step}: non-finite loss in {', '.join(bad)} "
             f"({', '.join(f'{n}={float(terms[n].detach()):.4g}' for n in bad)}){kept}. "
-            "Lower optim.base_lr, check the input normalisation, or use loss.centering=sinkhorn_knopp."
-        )
+            + divergence_advice(cfg))
 
 
 def target_entropy(targets: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,6 @@ each decision can be checked later from the registry alone.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import math
@@ -29,6 +28,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from dinoflow.data import data_identity
+
 log = logging.getLogger(__name__)
 
 __all__ = [
@@ -38,7 +39,6 @@ __all__ = [
     "MODEL_NAME",
     "RegisteredBackbone",
     "RegistrationConfig",
-    "eval_data_id",
     "log_and_register",
     "model_card",
     "promote",
@@ -157,16 +157,6 @@ class RegisteredBackbone(nn.Module):
         backbone = load_backbone(path).eval()
         return cls(backbone, summary["mean"], summary["std"], summary["image_size"],
                    summary.get("channels"))  # fmt: skip
-
-
-def eval_data_id(splits: Mapping[str, Sequence[str]], **protocol: Any) -> str:
-    """The identity of an evaluation: item ids per split (order-free) and protocol settings.
-
-    Two kNN numbers are comparable only if their ids are equal. 16 hex digits of a sha256.
-    """
-    payload = {name: sorted(str(i) for i in ids) for name, ids in sorted(splits.items())}
-    blob = json.dumps({"splits": payload, "protocol": protocol}, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def _example_input(model: RegisteredBackbone, batch: int) -> np.ndarray:
@@ -479,6 +469,7 @@ def register_pretrained(
     cfg: RegistrationConfig | None = None,
     git_commit: str = "unknown",
     report: Mapping[str, Any] | None = None,
+    backbone: nn.Module | None = None,
 ) -> dict[str, Any]:
     """The registration job: log + register the teacher backbone, promote it, attach the card.
 
@@ -492,6 +483,8 @@ def register_pretrained(
     import mlflow
     from mlflow import MlflowClient
 
+    summary = summary.model_dump(mode="json") if hasattr(summary, "model_dump") else summary
+    report = report.model_dump(mode="json") if hasattr(report, "model_dump") else report
     cfg = cfg or RegistrationConfig()
     if cfg.metric not in metrics:
         raise KeyError(
@@ -503,9 +496,11 @@ def register_pretrained(
     data_id = metrics.get("eval_data_id") or report.get("eval_data_id")
     if not data_id:
         # older metrics files: the data config fixes the splits for a given source
-        data_id = "data:" + eval_data_id({}, data=summary.get("data"))
+        data_id = "data:" + data_identity([json.dumps(summary.get("data"), sort_keys=True)])
         log.warning("no eval_data_id in metrics or report: using %s (from the data config)", data_id)
-    model = RegisteredBackbone.from_summary(summary)
+    model = (RegisteredBackbone.from_summary(summary) if backbone is None else
+             RegisteredBackbone(backbone.eval(), summary["mean"], summary["std"],
+                                summary["image_size"], summary.get("channels")))
     client = MlflowClient()
     with _active_run() as run:
         run_id = run.info.run_id

@@ -17,9 +17,9 @@ for _var, _value in {
     os.environ.setdefault(_var, _value)
 os.environ.setdefault("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db")
 
-from dinoflow.pipelines.hooks import LineageHooks  # noqa: E402
+from dinoflow.pipelines.hooks import LineageHooks, RunGuardHooks  # noqa: E402
 
-HOOKS = (LineageHooks(),)
+HOOKS = (RunGuardHooks(), LineageHooks())
 DISABLE_HOOKS_FOR_PLUGINS = ("kedro-telemetry",)
 
 CONFIG_LOADER_ARGS = {

@@ -10,17 +10,15 @@ median or Hyperband pruner stops bad trials early.
 The study lives on disk (SQLite or an Optuna journal file): re-running after a kill resumes it.
 The trial left RUNNING by the killed process is marked FAIL and its parameters are tried again;
 ``n_trials`` counts finished (complete or pruned) trials of the study, not of one invocation.
-The best parameters are written as a Kedro ``--config`` file, so that tuning -> pretrain is::
+The study itself runs in ``dinoflow.jobs.tune.run_study``. The best parameters are written as a
+Kedro ``--config`` file, so that tuning -> pretrain is::
 
     kedro run --pipelines=pretrain --config data/07_model_output/tuning/best_params.yml
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import shutil
-import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -29,9 +27,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, Field, model_validator
 
-from dinoflow.checkpoint import fingerprint
-from dinoflow.config import ConfigError, DataConfig, PretrainConfig, Strict, validate
+from dinoflow.config import ConfigError, DataConfig, PretrainConfig, Strict, fingerprint, validate
+from dinoflow.files import atomic_write_text
 from dinoflow.tracking import flatten
+from dinoflow.training.components import run_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -224,7 +223,7 @@ def knn_reporter(trial, history: list[tuple[int, float]] | None = None) -> Calla
     return on_knn
 
 
-def _finished(study) -> int:
+def finished_trials(study) -> int:
     from optuna.trial import TrialState
 
     return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
@@ -261,9 +260,7 @@ def write_best_params(path: str | Path, params: dict[str, Any], header: str = ""
     path.parent.mkdir(parents=True, exist_ok=True)
     comment = "".join(f"# {line}\n" for line in header.splitlines())
     text = comment + yaml.safe_dump({"run": {"params": {"pretrain": nested}}}, sort_keys=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    atomic_write_text(path, text)
     return path
 
 
@@ -309,8 +306,8 @@ def save_study_plots(study, out_dir: Path) -> tuple[list[Path], list[str]]:
     return paths, notes
 
 
-# --------------------------------------------------------------------------- the study
-def _run_name(prefix: str, base: PretrainConfig, data: DataConfig, run_id: str) -> str:
+# --------------------------------------------------------------------------- study identity
+def run_name(prefix: str, base: PretrainConfig, data: DataConfig, run_id: str) -> str:
     dataset = data.source + (f":{Path(data.path).name}" if data.path else "")
     return f"{prefix} | {base.backbone.arch}/{base.backbone.patch_size} | {dataset} | {run_id[:6]}"
 
@@ -318,186 +315,9 @@ def _run_name(prefix: str, base: PretrainConfig, data: DataConfig, run_id: str) 
 def study_fingerprint(data: DataConfig, base: PretrainConfig, tuning: TuningConfig,
                       manifest_ids: list[str] | None) -> str:
     """What makes trial values comparable: data, base config, budget, space (not n_trials...)."""
-    from dinoflow.train import run_fingerprint
-
     return fingerprint({
         "data": data.model_dump(mode="json"),
         "pretrain": run_fingerprint(apply_overrides(base, tuning.budget, "tuning.budget"), 0),
         "space": {k: v.model_dump(mode="json") for k, v in tuning.space.items()},
         "manifest": fingerprint({"ids": manifest_ids}) if manifest_ids is not None else None,
     })
-
-
-def run_study(
-    data: DataConfig,
-    base: PretrainConfig,
-    tuning: TuningConfig,
-    manifest_ids: list[str] | None = None,
-    pretrain_fn: Callable[..., dict[str, Any]] | None = None,
-    root: Path | None = None,
-) -> dict[str, Any]:
-    """Run (or resume) the study until it holds ``n_trials`` finished trials; write the best params.
-
-    ``pretrain_fn(data, cfg, manifest_ids, on_knn=...) -> summary`` defaults to
-    ``dinoflow.workflow.run_pretraining``. Relative paths of ``tuning`` are under ``root``
-    (default: the current directory). Returns a JSON-able summary.
-    """
-    import mlflow
-    import optuna
-    from optuna.trial import TrialState
-
-    from dinoflow.monitor import TrainingDiverged
-    from dinoflow.workflow import knn_subsets, load_data, run_pretraining
-
-    pretrain_fn = pretrain_fn or run_pretraining
-    root = Path(root or ".")
-    out_dir = root / tuning.output_dir
-    check_tuning_config(base, tuning)
-    budgeted = apply_overrides(base, tuning.budget, "tuning.budget")
-    if pretrain_fn is run_pretraining:
-        bank, _ = knn_subsets(load_data(data), 10, 10, 0)
-        if bank is None:
-            raise ConfigError("tuning needs labelled train and val splits: its objective is the "
-                              "kNN top-1 on validation images (data.source has no labels)")
-
-    storage = make_storage(tuning.storage, root)
-    study = optuna.create_study(study_name=tuning.study_name, storage=storage, direction="maximize",
-                                sampler=make_sampler(tuning.seed, tuning.startup_trials),
-                                pruner=make_pruner(tuning.pruner), load_if_exists=True)
-    fp = study_fingerprint(data, base, tuning, manifest_ids)
-    known = study.user_attrs.get("dinoflow.fingerprint")
-    if known is None:
-        study.set_user_attr("dinoflow.fingerprint", fp)
-        study.set_user_attr("dinoflow.space", sorted(tuning.space))
-    elif known != fp:
-        raise ConfigError(
-            f"study '{tuning.study_name}' in {tuning.storage} was made with other data, base "
-            "parameters, budget or search space: its trial values would not compare. Set another "
-            "tuning.study_name, or delete the storage file to start over.")
-    retried = recover_stale_trials(study, storage)
-    already = _finished(study)
-    remaining = max(0, tuning.n_trials - already)
-    log.info("study %s: %d finished trials, running %d more (n_trials=%d)", tuning.study_name,
-             already, remaining, tuning.n_trials)
-
-    own_parent = mlflow.active_run() is None
-    if own_parent:
-        mlflow.set_experiment(tuning.experiment)
-        mlflow.start_run()
-        mlflow.set_tags({"dinoflow.pipeline": "tuning",
-                         "mlflow.runName": _run_name("tuning", budgeted, data,
-                                                     mlflow.active_run().info.run_id)})
-    parent = mlflow.active_run()
-    parent_tags = {k: v for k, v in mlflow.get_run(parent.info.run_id).data.tags.items()
-                   if k.startswith("dinoflow.") and k not in ("dinoflow.fingerprint",)}
-    mlflow.set_tags({"optuna.study": tuning.study_name, "optuna.storage": tuning.storage})
-
-    def objective(trial) -> float:
-        params = sample_params(trial, tuning.space)
-        run_dir = out_dir / "trials" / f"trial_{trial.number:04d}"
-        cfg = apply_overrides(budgeted, {**params, "train.run_dir": str(run_dir),
-                                         # a rich bar left open by a pruned trial blocks the next one
-                                         "train.progress": False}, f"tuning trial {trial.number}")
-        curve: list[tuple[int, float]] = []
-        outcome, value = "FAILED", None
-        with mlflow.start_run(nested=True) as run:
-            mlflow.set_tags({**parent_tags, "dinoflow.pipeline": "tuning",
-                             "mlflow.runName": _run_name(f"tuning trial {trial.number}", cfg, data,
-                                                         run.info.run_id),
-                             "optuna.study": tuning.study_name, "optuna.trial": trial.number,
-                             "optuna.tuned_params": ",".join(f"pretrain.{p}" for p in params)})
-            mlflow.log_params(flatten({"pretrain": cfg.model_dump(mode="json"),
-                                       "data": data.model_dump(mode="json")}))
-            trial.set_user_attr("mlflow_run_id", run.info.run_id)
-            log.info("trial %d: %s", trial.number, params)
-            try:
-                summary = pretrain_fn(data, cfg, manifest_ids, on_knn=knn_reporter(trial, curve))
-                history = summary.get("knn_history") or []
-                if not history:
-                    raise RuntimeError("pretraining made no kNN check: nothing to optimise")
-                value = float(history[-1][OBJECTIVE_METRIC])
-                mlflow.log_metric("tuning/value", value, step=history[-1]["step"])
-                outcome = "COMPLETE"
-            except optuna.TrialPruned:
-                outcome = "PRUNED"
-                shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # never resumed
-            except TrainingDiverged as exc:
-                mlflow.set_tag("dinoflow.error", str(exc)[:250])
-                outcome = "FAIL"
-            finally:
-                mlflow.set_tag("optuna.state", outcome)
-        if outcome == "PRUNED":
-            step, top1 = curve[-1]
-            raise optuna.TrialPruned(f"pruned at step {step} (kNN top-1 {top1:.4f})")
-        if outcome == "FAIL":
-            raise TrainingDiverged(f"trial {trial.number} diverged")
-        return value
-
-    def after_trial(study, trial) -> None:
-        if trial.state == TrialState.COMPLETE:
-            mlflow.log_metric("tuning/value", trial.value, step=trial.number)
-        completed = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
-        if completed:
-            mlflow.log_metric("tuning/best_so_far", max(t.value for t in completed), step=trial.number)
-
-    t0 = time.perf_counter()
-    try:
-        if remaining:
-            study.optimize(objective, n_trials=remaining, timeout=tuning.timeout,
-                           catch=(TrainingDiverged,), callbacks=[after_trial], gc_after_trial=True)
-        summary = _finish(study, tuning, out_dir, root, retried, time.perf_counter() - t0)
-    finally:
-        if own_parent:
-            mlflow.end_run()
-    return summary
-
-
-def _finish(study, tuning: TuningConfig, out_dir: Path, root: Path, retried: list[int],
-            seconds: float) -> dict[str, Any]:
-    """Best params file, plots and summary, logged to the (parent) tuning run."""
-    import mlflow
-    from optuna.trial import TrialState
-
-    trials = study.get_trials(deepcopy=False)
-    counts = {s.name.lower(): sum(t.state == s for t in trials)
-              for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)}
-    if not counts["complete"]:
-        raise RuntimeError(f"study '{tuning.study_name}' has no complete trial "
-                           f"({counts['pruned']} pruned, {counts['fail']} failed): nothing to write")
-    best = study.best_trial
-    best_path = root / tuning.best_params_path
-    header = (f"Best parameters of Optuna study '{tuning.study_name}' ({tuning.storage}):\n"
-              f"trial {best.number}, kNN top-1 (k=20) on validation images {best.value:.4f}, "
-              f"{counts['complete']} complete / {counts['pruned']} pruned / {counts['fail']} failed.\n"
-              f"Pretrain with them: kedro run --pipelines=pretrain --config {tuning.best_params_path}\n"
-              "(a --params option on that command line replaces these values: use one or the other)")
-    write_best_params(best_path, best.params, header)
-    plots, notes = save_study_plots(study, out_dir / "plots")
-    for note in notes:
-        log.info("tuning plots: %s", note)
-    summary = {
-        "study_name": tuning.study_name, "storage": tuning.storage, "n_trials": len(trials),
-        "states": counts, "retried_trials": retried, "seconds": round(seconds, 1),
-        "best_trial": best.number, "best_value": best.value,
-        "best_params": {f"pretrain.{k}": v for k, v in best.params.items()},
-        "best_params_file": str(best_path),
-        "best_run_dir": str(out_dir / "trials" / f"trial_{best.number:04d}"),
-        "best_mlflow_run_id": best.user_attrs.get("mlflow_run_id"),
-        "plots": [str(p) for p in plots],
-        "trials": [{"number": t.number, "state": t.state.name, "value": t.value,
-                    "params": t.params, "mlflow_run_id": t.user_attrs.get("mlflow_run_id")}
-                   for t in trials],
-    }
-    (out_dir / "tuning_summary.json").write_text(json.dumps(summary, indent=2))
-    mlflow.log_params({f"best.{k}": v for k, v in summary["best_params"].items()})
-    mlflow.log_metrics({"tuning/best_value": best.value, "tuning/n_complete": counts["complete"],
-                        "tuning/n_pruned": counts["pruned"], "tuning/n_failed": counts["fail"]})
-    mlflow.set_tags({"optuna.best_trial": best.number, "optuna.best_mlflow_run_id":
-                     str(best.user_attrs.get("mlflow_run_id"))})
-    mlflow.log_artifact(str(best_path), "tuning")
-    mlflow.log_artifact(str(out_dir / "tuning_summary.json"), "tuning")
-    for p in plots:
-        mlflow.log_artifact(str(p), "tuning/plots")
-    log.info("study %s: best trial %d, kNN top-1 %.4f, params %s -> %s", tuning.study_name,
-             best.number, best.value, best.params, best_path)
-    return summary

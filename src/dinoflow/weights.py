@@ -26,7 +26,6 @@ import fnmatch
 import math
 import os
 import re
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from timm.layers import resample_abs_pos_embed
 
+from dinoflow.files import atomic_torch_save
 from dinoflow.models.vit import BACKBONE_FORMAT, DinoVisionTransformer
 
 __all__ = [
@@ -311,14 +311,4 @@ def save_official_layout(
 ) -> None:
     """Write the backbone as an official-layout state dict (atomic), e.g. to make test/demo
     checkpoints. block_chunks > 0 writes the chunked ``blocks.{chunk}.{i}`` layout."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(official_state_dict(backbone, block_chunks), f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_torch_save(official_state_dict(backbone, block_chunks), path)

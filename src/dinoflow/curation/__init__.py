@@ -1,6 +1,6 @@
 """Data curation: ingest, validate, filter, deduplicate, decontaminate, balance (DINOv2 recipe).
 
-``curate(splits, cfg)`` runs every step; the Kedro pipeline ``curation`` runs them as nodes.
+The Kedro pipeline ``curation`` runs the steps as nodes (``dinoflow.pipelines.curation``).
 Heavy dependencies (faiss, imagehash, great_expectations, matplotlib, timm, mlflow) are imported
 inside the functions that need them.
 """
@@ -8,9 +8,7 @@ inside the functions that need them.
 from dinoflow.curation.config import CurationConfig, curation_config
 from dinoflow.curation.curate import (
     ALL_REASONS,
-    CurationResult,
     balanced_sampling,
-    curate,
     deduplicate,
     embed,
     ingest,
@@ -24,10 +22,8 @@ from dinoflow.curation.validate import CurationValidationError
 __all__ = [
     "ALL_REASONS",
     "CurationConfig",
-    "CurationResult",
     "CurationValidationError",
     "balanced_sampling",
-    "curate",
     "curation_config",
     "deduplicate",
     "embed",

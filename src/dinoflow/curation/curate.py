@@ -5,14 +5,13 @@ ingest -> validate -> quality -> embed -> deduplicate (exact, eval decontaminati
 getting a ``reason`` (and a ``detail``), never by being deleted, so the quarantine lists every
 dropped file. Only train rows form the pretraining pool; val/test rows are the references for
 decontamination. The Kedro nodes (``dinoflow.pipelines.curation``) call these one by one;
-``curate`` runs them all.
+the Kedro pipeline ``curation`` runs them in this order, one node each.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -111,6 +110,22 @@ def _phash_ok(meta: pd.DataFrame, cfg: CurationConfig) -> list[str]:
     return meta["phash"].where(~small, "").fillna("").astype(str).tolist()
 
 
+LABEL_CONFLICT = "under another label"
+
+
+def _report_label_conflicts(meta: pd.DataFrame, gone: np.ndarray, twins: np.ndarray,
+                            detail: np.ndarray) -> None:
+    """The same pixels filed under two labels: said in the quarantine detail and warned."""
+    labels, names = meta["label"].to_numpy(), meta["item_id"].to_numpy(dtype=object)
+    clash = [(g, t) for g, t in zip(gone, twins, strict=True)
+             if labels[g] >= 0 and labels[t] >= 0 and labels[g] != labels[t]]
+    for g, t in clash:
+        detail[g] = f"same pixels as {names[t]}, {LABEL_CONFLICT} (label {labels[g]} vs {labels[t]})"
+    if clash:
+        log.warning("curation: %d image(s) appear under two labels, e.g. %s and %s", len(clash),
+                    names[clash[0][0]], names[clash[0][1]])
+
+
 def deduplicate(meta: pd.DataFrame, emb: np.ndarray, cfg: CurationConfig) -> pd.DataFrame:
     """Exact duplicates, eval decontamination (with whole components), then near duplicates."""
     meta = meta.copy()
@@ -127,8 +142,10 @@ def deduplicate(meta: pd.DataFrame, emb: np.ndarray, cfg: CurationConfig) -> pd.
     if d.exact and len(pool_idx):
         keep, twin = dd.exact_duplicates(meta["sha256"].iloc[pool_idx], priority[pool_idx])
         gone = pool_idx[~keep]
-        reason[gone], dup_of[gone] = "exact_duplicate", ids[pool_idx[twin[~keep]]]
+        twins = pool_idx[twin[~keep]]
+        reason[gone], dup_of[gone] = "exact_duplicate", ids[twins]
         detail[gone] = [f"same pixels as {t}" for t in dup_of[gone]]
+        _report_label_conflicts(meta, gone, twins, detail)
 
     # 2. near-duplicate graph over the remaining pool.
     pool_idx = np.flatnonzero((meta["split"] == "train").to_numpy() & (reason == ""))
@@ -250,17 +267,6 @@ def balanced_sampling(meta: pd.DataFrame, emb: np.ndarray, cfg: CurationConfig) 
     return meta, report
 
 
-@dataclass
-class CurationResult:
-    """What curation hands on: manifest, quarantine, report dict, and the full table."""
-
-    manifest: pd.DataFrame
-    quarantine: pd.DataFrame
-    report: dict
-    metadata: pd.DataFrame
-    extra: dict = field(default_factory=dict)
-
-
 def manifest_of(meta: pd.DataFrame) -> pd.DataFrame:
     """The curated set: item_id, label, cluster of the train rows without a reason."""
     kept = meta[(meta["split"] == "train") & (meta["reason"] == "")]
@@ -269,7 +275,8 @@ def manifest_of(meta: pd.DataFrame) -> pd.DataFrame:
     )
 
 
-def quarantine_of(meta: pd.DataFrame, root: str | Path | None = None) -> pd.DataFrame:
+def quarantine_of(meta: pd.DataFrame, root: str | Path | None = None,
+                  follow_out_of_root: bool = False) -> pd.DataFrame:
     """Every dropped item: item_id, path, split, reason, detail, duplicate_of (+ skipped files)."""
     bad = meta[meta["reason"] != ""]
     q = pd.DataFrame(
@@ -283,7 +290,7 @@ def quarantine_of(meta: pd.DataFrame, root: str | Path | None = None) -> pd.Data
         }
     )
     if root is not None:
-        skipped = list_skipped_files(root)
+        skipped = list_skipped_files(root, follow_out_of_root)
         if skipped:
             root_p = Path(root)
             extra = pd.DataFrame(
@@ -298,33 +305,3 @@ def quarantine_of(meta: pd.DataFrame, root: str | Path | None = None) -> pd.Data
             )
             q = pd.concat([q, extra], ignore_index=True)
     return q.reset_index(drop=True)
-
-
-def curate(
-    splits: dict[str, Split],
-    cfg: CurationConfig,
-    root: str | Path | None = None,
-    report_dir: str | Path | None = None,
-) -> CurationResult:
-    """All steps; writes the report (PNG, JSON, GX Data Docs) under report_dir (or cfg's)."""
-    from dinoflow.curation.report import build_report
-
-    timings: dict[str, float] = {}
-
-    def timed(name, fn, *args):
-        t0 = time.perf_counter()
-        out = fn(*args)
-        timings[name] = time.perf_counter() - t0
-        log.info("curation: %s done in %.1fs", name, timings[name])
-        return out
-
-    meta, thumbs = timed("ingest", ingest, splits, cfg)
-    n_classes = len(splits["train"].class_names)
-    validation = timed("validate", validate, meta, n_classes, cfg)
-    meta = timed("quality", quality, meta, cfg)
-    emb = timed("embed", embed, meta, thumbs, splits, cfg)
-    meta = timed("deduplicate", deduplicate, meta, emb, cfg)
-    meta, balance = timed("sampling", balanced_sampling, meta, emb, cfg)
-    manifest, quarantine = manifest_of(meta), quarantine_of(meta, root)
-    report = build_report(meta, quarantine, validation, balance, splits, cfg, report_dir, timings)
-    return CurationResult(manifest, quarantine, report, meta, {"embeddings": emb})

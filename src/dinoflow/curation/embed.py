@@ -109,37 +109,31 @@ def model_embeddings(
 ) -> np.ndarray:
     """(n_total, D) L2-normalised model embeddings of ``rows`` (others zero).
 
-    load(row) -> (H, W, 3) uint8. Images are resized (bicubic, antialiased) to image_size^2,
-    turned to grey if the model takes one channel, and normalised by mean/std (the config's,
+    load(row) -> (H, W, 3) uint8. Images go through ``dinoflow.data.transforms.preprocess`` (grey
+    if the model takes one channel, resized to image_size^2, normalised by mean/std (the config's,
     else the model's own for timm, else the dataset's for dinoflow).
     """
     import torch
-    import torch.nn.functional as F
     from tqdm.auto import tqdm
+
+    from dinoflow.data.transforms import preprocess
 
     model, in_chans, mean, std = load_model(cfg)
     if mean is None or std is None:
         mean, std = dataset_mean, dataset_std
     if in_chans == 1:
         mean, std = [float(np.mean(mean))], [float(np.mean(std))]
-    mean_t = torch.tensor(mean[:in_chans], dtype=torch.float32).view(1, -1, 1, 1)
-    std_t = torch.tensor(std[:in_chans], dtype=torch.float32).view(1, -1, 1, 1)
+    mean, std = list(mean[:in_chans]), list(std[:in_chans])
     out: np.ndarray | None = None
     size = cfg.image_size
     batches = range(0, len(rows), cfg.batch_size)
     with torch.inference_mode():
         for start in tqdm(batches, desc=f"embed ({cfg.kind})", disable=not progress):
             chunk = rows[start : start + cfg.batch_size]
-            tensors = []
-            for r in chunk:
-                rgb = load(int(r))
-                x = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).float() / 255.0
-                x = F.interpolate(x[None], size=(size, size), mode="bicubic", antialias=True)
-                tensors.append(x.clamp_(0, 1))
-            x = torch.cat(tensors)
-            if in_chans == 1:
-                x = (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
-            x = ((x - mean_t) / std_t).to(cfg.device)
+            # the one normaliser (dinoflow.data.transforms), image by image: sizes differ
+            x = torch.cat([preprocess(torch.from_numpy(np.ascontiguousarray(load(int(r))))
+                                      .permute(2, 0, 1)[None], size, mean, std, in_chans)
+                           for r in chunk]).to(cfg.device)
             feats = model(x).float().cpu().numpy()
             if out is None:
                 out = np.zeros((n_total, feats.shape[1]), dtype=np.float32)

@@ -5,24 +5,28 @@ the sha256 of the decoded pixels (exact duplicates), a 64-bit perceptual hash (n
 grey-level std and entropy (low-information filter), and the label. A small RGB thumbnail per
 item (``pixel_size`` square) is returned beside the table for the pixel embedder.
 
-Decoding (``decode_file``) survives what real folders hold: zero-byte and truncated files, text
-named .png, decompression bombs (the header is checked against ``max_pixels`` before any pixel is
-decoded; Pillow's own guard is an error too), EXIF orientation, CMYK, RGBA / LA / palette with
-transparency (composited on white), 16-bit and 32-bit grey, float images, animations (frame 0).
+Decoding is ``dinoflow.data.decode`` (the one decoder training and the registered model use too),
+which survives what real folders hold: truncated and empty files, decompression bombs, EXIF
+orientation, CMYK, transparency, 16-bit grey, animations.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
-import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from dinoflow.data import IMAGE_EXTENSIONS, Split
+from dinoflow.data import Split
+from dinoflow.data.decode import (  # noqa: F401  (re-exported: the decoder curation uses)
+    Decoded,
+    _to_uint8_grey,
+    array_to_rgb,
+    decode_file,
+    pil_to_rgb,
+    rgb_to_luma,
+)
 
 # Row schema of the metadata table (the order is the CSV order).
 COLUMNS = [
@@ -30,101 +34,6 @@ COLUMNS = [
     "channels", "n_frames", "file_bytes", "sha256", "phash", "std", "entropy", "reason", "detail",
 ]  # fmt: skip
 GREY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F", "La"}
-
-
-@dataclass
-class Decoded:
-    """Result of decoding one file: rgb (H, W, 3) uint8 or None with a reason and detail."""
-
-    rgb: np.ndarray | None
-    meta: dict = field(default_factory=dict)
-    reason: str = ""
-    detail: str = ""
-
-
-def _to_uint8_grey(arr: np.ndarray, mode: str) -> np.ndarray:
-    """16-bit / 32-bit / float grey (H, W) -> uint8 (H, W), keeping the full range visible."""
-    if mode.startswith("I;16"):
-        return (arr.astype(np.uint32) >> 8).astype(np.uint8)
-    arr = arr.astype(np.float64)
-    if mode == "F" and arr.size and np.nanmax(arr) <= 1.0:
-        arr = arr * 255.0
-    elif mode == "I" and arr.size and arr.max() > 255:
-        arr = arr / 257.0  # 16-bit PNGs open as "I" in some Pillow versions
-    return np.clip(np.nan_to_num(arr), 0, 255).round().astype(np.uint8)
-
-
-def pil_to_rgb(im) -> np.ndarray:
-    """Any Pillow image -> (H, W, 3) uint8; transparency composited on white."""
-    from PIL import Image
-
-    mode = im.mode
-    if mode.startswith("I") or mode == "F":
-        grey = _to_uint8_grey(np.asarray(im), mode)
-        return np.repeat(grey[:, :, None], 3, axis=2)
-    has_alpha = mode in ("RGBA", "LA", "PA", "La", "RGBa") or (
-        mode == "P" and "transparency" in im.info
-    )
-    if has_alpha:
-        rgba = im.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return np.asarray(Image.alpha_composite(background, rgba).convert("RGB"))
-    return np.asarray(im.convert("RGB"))
-
-
-def decode_file(path: str | Path, max_pixels: int) -> Decoded:
-    """Decode one file to RGB; never raises: failures come back as reason unreadable/too_large."""
-    from PIL import Image, ImageOps
-
-    path = Path(path)
-    meta: dict = {"file_bytes": -1}
-    try:
-        meta["file_bytes"] = path.stat().st_size
-    except OSError as exc:
-        return Decoded(None, meta, "unreadable", f"stat failed: {exc}")
-    if meta["file_bytes"] == 0:
-        return Decoded(None, meta, "unreadable", "empty file (0 bytes)")
-    with warnings.catch_warnings():
-        # Pillow warns between MAX_IMAGE_PIXELS and twice that; here any bomb warning is fatal.
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        try:
-            im = Image.open(path)
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-            return Decoded(None, meta, "too_large", f"decompression bomb guard: {exc}")
-        except Exception as exc:  # noqa: BLE001 - any decoder failure is an unreadable file
-            return Decoded(None, meta, "unreadable", f"{type(exc).__name__}: {exc}")
-        with im:
-            width, height = im.size
-            meta.update(
-                width=width,
-                height=height,
-                mode=im.mode,
-                channels=len(im.getbands()),
-                n_frames=int(getattr(im, "n_frames", 1)),
-            )
-            if width * height > max_pixels:
-                detail = f"{width}x{height} = {width * height} pixels > max_pixels {max_pixels}"
-                return Decoded(None, meta, "too_large", f"decompression bomb guard: {detail}")
-            try:
-                im.seek(0)  # animated: the first frame
-                im.load()  # truncated data fails here
-                oriented = ImageOps.exif_transpose(im)
-                rgb = pil_to_rgb(oriented)
-            except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-                return Decoded(None, meta, "too_large", f"decompression bomb guard: {exc}")
-            except Exception as exc:  # noqa: BLE001
-                return Decoded(None, meta, "unreadable", f"{type(exc).__name__}: {exc}")
-    meta["height"], meta["width"] = rgb.shape[:2]  # after EXIF orientation
-    return Decoded(np.ascontiguousarray(rgb), meta)
-
-
-def array_to_rgb(image: np.ndarray) -> np.ndarray:
-    """An in-memory uint8 image (H, W) or (H, W, C) -> (H, W, 3) uint8."""
-    if image.ndim == 2:
-        return np.repeat(image[:, :, None], 3, axis=2)
-    if image.shape[2] == 1:
-        return np.repeat(image, 3, axis=2)
-    return np.ascontiguousarray(image[:, :, :3])
 
 
 def pixel_sha256(rgb: np.ndarray) -> str:
@@ -147,8 +56,9 @@ def describe(rgb: np.ndarray, thumb_size: int, compute_phash: bool) -> tuple[dic
     from PIL import Image
 
     pil = Image.fromarray(rgb)
-    grey_pil = pil.convert("L")
-    std, entropy = grey_stats(np.asarray(grey_pil))
+    grey = rgb_to_luma(rgb)  # what a 1-channel model trains on
+    grey_pil = Image.fromarray(grey)
+    std, entropy = grey_stats(grey)
     info = {
         "sha256": pixel_sha256(rgb),
         "phash": str(imagehash.phash(grey_pil)) if compute_phash else "",
@@ -236,29 +146,10 @@ def ingest_splits(
     return frame, np.concatenate(thumbs, axis=0)
 
 
-def list_skipped_files(root: str | Path) -> list[tuple[str, str, str]]:
-    """Files under root that the folder source does not list: (path, reason, detail).
+def list_skipped_files(root: str | Path, follow_out_of_root: bool = False) -> list[tuple[str, str, str]]:
+    """Files under root that the folder source does not list: (path, reason, detail), reason
+    ``hidden``, ``not_an_image`` or ``outside_root`` (``dinoflow.data.image_folder.walk_folder``)."""
+    from dinoflow.data.image_folder import walk_folder
 
-    reason is ``hidden`` (a dot-file or inside a dot-folder) or ``not_an_image`` (extension not
-    in IMAGE_EXTENSIONS). Walks like ``list_image_folder``: follows links, survives loops.
-    """
-    root = Path(root)
-    out: list[tuple[str, str, str]] = []
-    seen: set[tuple[int, int]] = set()
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        st = os.stat(dirpath)
-        if (st.st_dev, st.st_ino) in seen:
-            dirnames[:] = []
-            continue
-        seen.add((st.st_dev, st.st_ino))
-        for d in sorted(dirnames):
-            if d.startswith("."):
-                out.append((str(Path(dirpath) / d), "hidden", "hidden folder skipped"))
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in sorted(filenames):
-            p = Path(dirpath) / name
-            if name.startswith("."):
-                out.append((str(p), "hidden", "hidden file skipped"))
-            elif not name.lower().endswith(IMAGE_EXTENSIONS):
-                out.append((str(p), "not_an_image", f"extension {p.suffix or '(none)'} skipped"))
-    return out
+    return [(str(p), status, detail) for p, status, detail in walk_folder(root, follow_out_of_root)
+            if status != "image"]

@@ -7,7 +7,6 @@ Everything is logged to MLflow when a run is active.
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 from pathlib import Path
@@ -18,6 +17,7 @@ import pandas as pd
 from dinoflow.curation.config import CurationConfig
 from dinoflow.curation.ingest import load_rgb
 from dinoflow.data import Split
+from dinoflow.files import atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -185,6 +185,11 @@ def build_report(
         "removed_as_eval_duplicates_direct": int((contaminated["reason"] == "eval_duplicate").sum()),
         "removed_as_eval_duplicates_component": int((contaminated["reason"] == "eval_duplicate_component").sum()),
         "removed_as_eval_duplicates_by_split": {k: int(v) for k, v in by_split.items()},
+        # the same pixels under two labels (kept once; which label is right is the user's call)
+        "label_conflicts": [
+            {"item_id": i, "duplicate_of": d, "detail": t} for i, d, t in
+            zip(train["item_id"], train["dup_of"], train["detail"].astype(str), strict=True)
+            if "under another label" in t],
         "funnel": stages,
         "balance": balance,
         "validation": validation,
@@ -192,7 +197,7 @@ def build_report(
         "config": cfg.model_dump(),
     }
     report = _json_safe(report)
-    (out / "curation_report.json").write_text(json.dumps(report, indent=2))
+    atomic_write_json(out / "curation_report.json", report)
     plot_funnel(stages, out / "funnel.png")
     max_px = min(cfg.ingest.max_pixels, cfg.quality.max_pixels)
     limit, per = cfg.report.max_components_shown, cfg.report.max_images_per_component

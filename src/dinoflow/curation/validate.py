@@ -15,11 +15,12 @@ from pathlib import Path
 import pandas as pd
 
 from dinoflow.curation.config import QualityConfig, ValidationConfig
+from dinoflow.errors import DataError
 
 log = logging.getLogger(__name__)
 
 
-class CurationValidationError(ValueError):
+class CurationValidationError(DataError):
     """The ingested metadata breaks an expectation that must hold."""
 
 

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import os
-import shutil
-import tempfile
 import urllib.request
 from pathlib import Path
 
 import numpy as np
+
+from dinoflow.errors import UserError
+from dinoflow.files import atomic_write_bytes
 
 CANONICAL_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
 DEFAULT_LOCAL_DIR = Path("data/01_raw/fashion-mnist")
@@ -34,7 +34,7 @@ FILES = {
 }  # fmt: skip
 
 
-class FashionMNISTNotFound(FileNotFoundError):
+class FashionMNISTNotFound(UserError, FileNotFoundError):
     """No usable copy of Fashion-MNIST in any of the three places."""
 
 
@@ -90,21 +90,14 @@ def _verified_dir(directory: Path) -> tuple[Path | None, str]:
 
 def download_fashion_mnist(target: Path, base_url: str = CANONICAL_URL, timeout: float = 30.0) -> Path:
     """Download the four files into ``target`` and verify them; nothing partial is left behind."""
-    target.mkdir(parents=True, exist_ok=True)
     for stem, sha in FILES.values():
         url = f"{base_url}{stem}.gz"
-        with tempfile.NamedTemporaryFile(dir=target, delete=False, suffix=".part") as tmp:
-            try:
-                with urllib.request.urlopen(url, timeout=timeout) as response:
-                    shutil.copyfileobj(response, tmp)
-                tmp.close()
-                digest = hashlib.sha256(_read_bytes(Path(tmp.name))).hexdigest()
-                if digest != sha:
-                    raise ValueError(f"{url}: checksum mismatch after download")
-                os.replace(tmp.name, target / f"{stem}.gz")
-            finally:
-                if os.path.exists(tmp.name):
-                    os.unlink(tmp.name)
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            payload = response.read()  # 30 MB at most: verified in memory, then written at once
+        digest = hashlib.sha256(gzip.decompress(payload) if payload[:2] == b"\x1f\x8b" else payload).hexdigest()
+        if digest != sha:
+            raise ValueError(f"{url}: checksum mismatch after download")
+        atomic_write_bytes(target / f"{stem}.gz", payload)
     return target
 
 

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from dinoflow.config import DataConfig
 from dinoflow.data import fashion_mnist
+from dinoflow.data.decode import decode_image
 from dinoflow.data.image_folder import list_image_folder
+from dinoflow.errors import DataError
 
 
 @dataclass
@@ -58,27 +63,11 @@ class Split:
         return bool(len(self.labels)) and bool((self.labels >= 0).all())
 
 
-def decode_image(path: Path, channels: int) -> torch.Tensor:
-    """Decode an image file to uint8 (C, H, W) with C = channels; names the file on failure."""
-    from PIL import Image, ImageOps
-
-    try:
-        with Image.open(path) as im:
-            im.seek(0)  # animated: first frame
-            im = ImageOps.exif_transpose(im)
-            im = im.convert("L" if channels == 1 else "RGB")
-            arr = np.asarray(im, dtype=np.uint8)
-    except Exception as exc:
-        raise ValueError(f"cannot read image {path}: {exc}") from exc
-    tensor = torch.from_numpy(arr.copy())
-    return tensor.unsqueeze(0) if tensor.ndim == 2 else tensor.permute(2, 0, 1)
-
-
 def _carve(n: int, size: int | float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Split range(n) into (rest, carved) with a fixed seed; size is a count or a fraction."""
     count = int(round(size * n)) if isinstance(size, float) and size < 1 else int(size)
     if not 0 <= count < n:
-        raise ValueError(f"cannot carve {count} items out of {n}")
+        raise DataError(f"cannot carve {count} items out of {n} (data.val_size / data.test_fraction)")
     order = np.random.default_rng(seed).permutation(n)
     return np.sort(order[count:]), np.sort(order[:count])
 
@@ -93,6 +82,7 @@ def load_splits(
     allow_download: bool = True,
     train_limit: int | None = None,
     test_limit: int | None = None,
+    follow_symlinks_out_of_root: bool = False,
 ) -> dict[str, Split]:
     """{"train", "val", "test"}: val carved from train with ``seed``; the same for every pipeline.
 
@@ -117,11 +107,11 @@ def load_splits(
         )  # fmt: skip
     elif source == "image_folder":
         if not path:
-            raise ValueError("data.path: required when data.source=image_folder")
+            raise DataError("data.path: required when data.source=image_folder")
         root = Path(path)
-        paths, label_names, class_names = list_image_folder(root)
+        paths, label_names, class_names = list_image_folder(root, follow_symlinks_out_of_root)
         if not paths:
-            raise ValueError(f"data.path: no images under {root}")
+            raise DataError(f"data.path: no images under {root}")
         index = {name: i for i, name in enumerate(class_names)}
         labels = np.array([index.get(name, -1) for name in label_names], dtype=np.int64)
         everything = Split(
@@ -132,7 +122,7 @@ def load_splits(
         full_train, test = everything.subset(rest), everything.subset(test_idx)
         test.name = "test"
     else:
-        raise ValueError(f"data.source: unknown source {source!r} (fashion_mnist or image_folder)")
+        raise DataError(f"data.source: unknown source {source!r} (fashion_mnist or image_folder)")
     if isinstance(val_size, float) or source == "image_folder":
         val_size = val_size if isinstance(val_size, float) else min(val_size, len(full_train) // 10)
     train_idx, val_idx = _carve(len(full_train), val_size, seed)
@@ -143,6 +133,21 @@ def load_splits(
         test = test.subset(_carve(len(test), test_limit, seed + 3)[1])
     train.name, val.name, test.name = "train", "val", "test"
     return {"train": train, "val": val, "test": test}
+
+
+def load_data(data: DataConfig) -> dict[str, Split]:
+    """``params:data`` -> the train/val/test splits (every pipeline loads them this way)."""
+    return load_splits(source=data.source, path=data.path, val_size=data.val_size,
+                       test_fraction=data.test_fraction, seed=data.seed, channels=data.channels,
+                       allow_download=data.allow_download, train_limit=data.train_limit,
+                       test_limit=data.test_limit,
+                       follow_symlinks_out_of_root=data.follow_symlinks_out_of_root)
+
+
+def data_identity(ids: Sequence[str]) -> str:
+    """16 hex digits of a sha256 over a split's item ids, in order: two numbers are comparable
+    ("the same evaluation data") only when their identities are equal."""
+    return hashlib.sha256("\n".join(ids).encode()).hexdigest()[:16]
 
 
 def channel_stats(split: Split, max_images: int = 10000, seed: int = 0) -> tuple[list[float], list[float]]:

@@ -5,7 +5,7 @@ Heavy imports (matplotlib) happen inside the picture functions.
 """
 
 from dinoflow.evaluation.features import FeatureSet, extract_features, raw_pixel_features
-from dinoflow.evaluation.knn import knn_classify, knn_predict
+from dinoflow.evaluation.knn import backbone_knn, knn_classify, knn_predict
 from dinoflow.evaluation.linear import DEFAULT_LRS, VARIANTS, linear_probe
 from dinoflow.evaluation.pictures import (
     confusion_matrix_figure,
@@ -18,6 +18,7 @@ from dinoflow.evaluation.segmentation import LinearSegHead, mean_iou, train_line
 
 __all__ = [
     "DEFAULT_LRS",
+    "backbone_knn",
     "VARIANTS",
     "EvalSettings",
     "FeatureSet",

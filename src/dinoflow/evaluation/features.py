@@ -16,6 +16,11 @@ import torch
 from torch import nn
 from torchvision.transforms.v2 import functional as TF
 
+from dinoflow.data.transforms import match_channels, preprocess
+
+__all__ = ["FeatureSet", "ImageSource", "extract_features", "load_batch", "match_channels",
+           "preprocess", "raw_pixel_features"]
+
 
 class ImageSource(Protocol):
     """What feature extraction needs from a split: ``len``, ``load(i)`` (uint8 (C,H,W)), labels."""
@@ -59,43 +64,6 @@ class FeatureSet:
 
 def _backbone_channels(backbone: nn.Module, default: int) -> int:
     return int(getattr(backbone, "in_chans", default))
-
-
-def match_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
-    """uint8 or float (B, C, H, W) -> (B, channels, H, W): gray repeated to RGB, RGB to luma."""
-    if x.shape[1] == channels:
-        return x
-    if x.shape[1] == 1:
-        return x.expand(-1, channels, -1, -1)
-    if x.shape[1] == 3 and channels == 1:
-        return TF.rgb_to_grayscale(x, num_output_channels=1)
-    raise ValueError(f"cannot map {x.shape[1]} image channels to {channels} backbone channels")
-
-
-def preprocess(
-    images: torch.Tensor,
-    image_size: int | tuple[int, int] | None,
-    mean: Sequence[float],
-    std: Sequence[float],
-    channels: int | None = None,
-) -> torch.Tensor:
-    """uint8 (B, C, H, W) -> normalised float32 (B, C', S, S): resize (antialiased), scale, normalise.
-
-    ``mean``/``std`` are in [0, 1] units; a single value is broadcast over channels.
-    """
-    if channels is not None:
-        images = match_channels(images, channels)
-    if image_size is not None:
-        size = [image_size, image_size] if isinstance(image_size, int) else list(image_size)
-        if list(images.shape[-2:]) != size:
-            images = TF.resize(images, size, antialias=True)
-    x = TF.to_dtype(images, torch.float32, scale=True)
-    c = x.shape[1]
-    mean_c = list(mean) * c if len(mean) == 1 else list(mean)
-    std_c = list(std) * c if len(std) == 1 else list(std)
-    if len(mean_c) != c or len(std_c) != c:
-        raise ValueError(f"mean/std have {len(mean)}/{len(std)} values for {c}-channel images")
-    return TF.normalize(x, mean_c, std_c)
 
 
 def load_batch(split: ImageSource, start: int, stop: int, image_size: int | None) -> torch.Tensor:

@@ -147,3 +147,31 @@ def knn_classify(
         metrics[f"top1_k{k}"] = top1[k] / n_valid
         metrics[f"top5_k{k}"] = top5[k] / n_valid
     return metrics
+
+
+@torch.inference_mode()
+def backbone_knn(backbone: torch.nn.Module, bank, queries, mean: Sequence[float],
+                 std: Sequence[float], image_size: int | None, device: str | torch.device = "cpu",
+                 ks: Sequence[int] = (20,), batch_size: int = 256,
+                 features: str = "cls") -> dict[str, float]:
+    """kNN (DINOv2 weighting) of a backbone: a labelled bank split against a labelled query
+    split (anything with ``len``, ``load(i)`` and ``labels``) -> ``knn_classify``'s
+    {"top1_k20": ..., "top5_k20": ...}. ``features``: "cls" (the DINOv2 protocol) or
+    "cls+patch_mean" (the CLS concatenated with the mean patch token, for information)."""
+    from dinoflow.evaluation.features import extract_features
+
+    if features not in ("cls", "cls+patch_mean"):
+        raise ValueError(f"features must be 'cls' or 'cls+patch_mean', got {features!r}")
+    was_training = backbone.training
+    backbone.eval()
+    try:
+        feats = [extract_features(backbone, s, image_size, mean, std, batch_size=batch_size,
+                                  n_last_blocks=1, device=str(device), progress=False)
+                 for s in (bank, queries)]
+    finally:
+        backbone.train(was_training)
+    x = [f.cls_last if features == "cls" else torch.cat([f.cls_last, f.patch_mean], dim=1)
+         for f in feats]
+    bank_labels, query_labels = torch.as_tensor(bank.labels), torch.as_tensor(queries.labels)
+    n_classes = int(max(bank_labels.max(), query_labels.max())) + 1
+    return knn_classify(x[0], bank_labels, x[1], query_labels, n_classes, ks=tuple(ks))

@@ -176,36 +176,37 @@ def train_linear_segmentation(
     "pixel_accuracy", "examples": {"images", "masks", "predictions"} for the first n_examples
     test images, "head": the trained LinearSegHead}.
     """
-    from tqdm.auto import tqdm
-
     if epochs < 1:
         raise ValueError(f"segmentation: epochs must be >= 1, got {epochs}")
-    train_maps = extract_patch_maps(
-        backbone,
-        train_images,
-        mean,
-        std,
-        image_size,
-        feature_batch_size,
-        device,
-        progress,
-        "seg train tokens",
-    )
-    test_maps = extract_patch_maps(
-        backbone,
-        test_images,
-        mean,
-        std,
-        image_size,
-        feature_batch_size,
-        device,
-        progress,
-        "seg test tokens",
-    )
+    train_maps, test_maps = (
+        extract_patch_maps(backbone, images, mean, std, image_size, feature_batch_size, device,
+                           progress, f"seg {name} tokens")
+        for name, images in (("train", train_images), ("test", test_images)))
     y_train = torch.as_tensor(np.asarray(train_masks), dtype=torch.long)
     y_test = torch.as_tensor(np.asarray(test_masks), dtype=torch.long)
-    size = (int(y_train.shape[-2]), int(y_train.shape[-1]))
+    head = _fit_head(train_maps, y_train, n_classes, epochs, lr, batch_size, weight_decay, seed,
+                     device, progress)
+    confusion, predictions = _predict(head, test_maps, y_test, n_classes, batch_size, n_examples,
+                                      device)
+    miou, per_class = iou_from_confusion(confusion)
+    n_ex = min(n_examples, len(test_maps))
+    return {
+        "seg_miou": miou,
+        "per_class_iou": per_class,
+        "pixel_accuracy": float(confusion.diag().sum()) / max(int(confusion.sum()), 1),
+        "examples": {"images": np.asarray(test_images)[:n_ex], "masks": y_test[:n_ex].numpy(),
+                     "predictions": predictions[:n_ex]},
+        "head": head,
+    }
 
+
+def _fit_head(train_maps: torch.Tensor, y_train: torch.Tensor, n_classes: int, epochs: int,
+              lr: float, batch_size: int, weight_decay: float, seed: int,
+              device: str | torch.device, progress: bool) -> LinearSegHead:
+    """AdamW with a linear decay to 0 over ``epochs`` of shuffled batches (seeded)."""
+    from tqdm.auto import tqdm
+
+    size = (int(y_train.shape[-2]), int(y_train.shape[-1]))
     generator = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):  # seeded head init, the caller's RNG untouched
         torch.manual_seed(seed)
@@ -230,33 +231,22 @@ def train_linear_segmentation(
             loss.backward()
             optimizer.step()
             scheduler.step()
+    return head.eval()
 
-    head.eval()
+
+@torch.no_grad()
+def _predict(head: LinearSegHead, test_maps: torch.Tensor, y_test: torch.Tensor, n_classes: int,
+             batch_size: int, n_examples: int,
+             device: str | torch.device) -> tuple[torch.Tensor, np.ndarray]:
+    """(confusion matrix over the test set, predicted maps of the first n_examples images)."""
     test_size = (int(y_test.shape[-2]), int(y_test.shape[-1]))
     confusion = torch.zeros(n_classes, n_classes, dtype=torch.long)
     examples = []
-    with torch.no_grad():
-        for start in range(0, len(test_maps), batch_size):
-            pred = _upsampled_logits(
-                head, test_maps[start : start + batch_size].to(device), test_size
-            )
-            pred = pred.argmax(dim=1).cpu()
-            confusion += confusion_matrix(pred, y_test[start : start + batch_size], n_classes)
-            if sum(len(e) for e in examples) < n_examples:
-                examples.append(pred)
-    miou, per_class = iou_from_confusion(confusion)
-    valid = int(confusion.sum())
-    n_ex = min(n_examples, len(test_maps))
-    return {
-        "seg_miou": miou,
-        "per_class_iou": per_class,
-        "pixel_accuracy": float(confusion.diag().sum()) / max(valid, 1),
-        "examples": {
-            "images": np.asarray(test_images)[:n_ex],
-            "masks": y_test[:n_ex].numpy(),
-            "predictions": torch.cat(examples)[:n_ex].numpy()
-            if examples
-            else np.zeros((0, *test_size), np.int64),
-        },
-        "head": head,
-    }
+    for start in range(0, len(test_maps), batch_size):
+        pred = _upsampled_logits(head, test_maps[start : start + batch_size].to(device), test_size)
+        pred = pred.argmax(dim=1).cpu()
+        confusion += confusion_matrix(pred, y_test[start : start + batch_size], n_classes)
+        if sum(len(e) for e in examples) < n_examples:
+            examples.append(pred)
+    predictions = torch.cat(examples).numpy() if examples else np.zeros((0, *test_size), np.int64)
+    return confusion, predictions

@@ -14,10 +14,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-
-def dist_ready() -> bool:
-    """True when sums/means must be taken over all processes."""
-    return dist.is_available() and dist.is_initialized()
+from dinoflow.distributed import is_distributed as dist_ready
 
 
 def all_reduce_(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:

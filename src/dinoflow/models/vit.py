@@ -26,9 +26,7 @@ Training shortcuts that compute the same numbers with less work (``DinoBlock``):
 from __future__ import annotations
 
 import os
-import tempfile
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -37,6 +35,7 @@ from timm.layers import DropPath, GluMlp
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
+from dinoflow.files import atomic_torch_save
 from dinoflow.models.attention import short_attention
 
 __all__ = [
@@ -413,24 +412,12 @@ def build_backbone(arch: str | None = None, **overrides: Any) -> DinoVisionTrans
 
 def save_backbone(model: DinoVisionTransformer, path: str | os.PathLike[str]) -> None:
     """Write {"format", "kwargs", "state_dict"} atomically (temp file in the same dir + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "format": BACKBONE_FORMAT,
         "kwargs": model.backbone_kwargs(),
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
     }
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_torch_save(payload, path)
 
 
 def load_backbone(

@@ -1,15 +1,15 @@
 """One run of the CPU-profile search (README "Profiles"): conf/base's pretrain parameters with
 JSON overrides, online kNN as it goes, and optionally the full kNN of the evaluation pipeline.
 
-    python benchmarks/profile_search.py base --final-knn      # conf/base as make run trains it (6,400 steps)
-    python benchmarks/profile_search.py b32 '{"train": {"batch_size": 32, "steps_per_epoch": 200}}' --steps 3200
+    python -m experiments.profile_search base --final-knn      # conf/base as make run trains it (6,400 steps)
+    python -m experiments.profile_search b32 '{"train": {"batch_size": 32, "steps_per_epoch": 200}}' --steps 3200
 
 ``--steps`` counts steps of the run's batch (a multiple of its ``steps_per_epoch``). The runs A-L of
 the README table used batch 64 and 700 steps (``'{"train": {"batch_size": 64, "steps_per_epoch":
 100}}' --steps 700``) at 1 thread, two runs side by side on the 2-core machine; their logs are in
-benchmarks/results/profile_search/. ``--final-knn`` adds the number the
+experiments/results/profile_search/. ``--final-knn`` adds the number the
 issue asks for: top-1 of k = 20 on the test split with the whole train split as the bank.
-``benchmarks/profile_sweep.py`` runs many of these side by side (e.g. on a GPU box).
+``experiments/profile_sweep.py`` runs many of these side by side (e.g. on a GPU box).
 The last line printed is ``RESULT {json}``.
 """
 
@@ -24,47 +24,24 @@ from pathlib import Path
 
 import yaml
 
+from dinoflow.config import DataConfig, PretrainConfig, deep_merge
+from dinoflow.data import load_data
+from dinoflow.evaluation.knn import backbone_knn
+from dinoflow.jobs.pretrain import run_pretraining
+from dinoflow.models.vit import load_backbone
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))  # also runs where dinoflow is not installed (a GPU box)
-
-from dinoflow.config import DataConfig, PretrainConfig  # noqa: E402
-from dinoflow.workflow import load_data, run_pretraining  # noqa: E402
-
-
-def merge(base: dict, over: dict) -> dict:
-    for key, value in over.items():
-        if isinstance(value, dict):
-            merge(base.setdefault(key, {}), value)
-        else:
-            base[key] = value
-    return base
 
 
 def full_knn(backbone_path: str, data: DataConfig, mean, std, size: int, device: str) -> dict[str, float]:
-    """kNN on the test split with the whole train split as the bank (as the evaluation pipeline)."""
-    import torch
-
-    from dinoflow.evaluation.features import extract_features
-    from dinoflow.evaluation.knn import knn_classify
-    from dinoflow.models.vit import load_backbone
-
+    """kNN on the test split with the whole train split as the bank (as the evaluation pipeline);
+    CLS (the reported number) and, for information, CLS + mean patch token."""
     splits = load_data(data)
-    backbone = load_backbone(backbone_path).eval()
-    with torch.no_grad():
-        feats = {name: extract_features(backbone, splits[name], size, mean, std, batch_size=1024,
-                                        device=device, progress=False)
-                 for name in ("train", "test")}
-    n_classes = int(max(splits["train"].labels.max(), splits["test"].labels.max())) + 1
+    backbone = load_backbone(backbone_path)
     out = {}
-    for label, attr in (("cls", "cls_last"), ("cls_patchmean", None)):
-        if attr:
-            train_x, test_x = feats["train"].cls_last, feats["test"].cls_last
-        else:  # for information only: the issue's number is the CLS one
-            train_x = torch.cat([feats["train"].cls_last, feats["train"].patch_mean], dim=1)
-            test_x = torch.cat([feats["test"].cls_last, feats["test"].patch_mean], dim=1)
-        res = knn_classify(train_x, torch.as_tensor(splits["train"].labels), test_x,
-                           torch.as_tensor(splits["test"].labels), n_classes, ks=(10, 20, 100),
-                           device=device)
+    for label, features in (("cls", "cls"), ("cls_patchmean", "cls+patch_mean")):
+        res = backbone_knn(backbone, splits["train"], splits["test"], mean, std, size, device,
+                           ks=(10, 20, 100), batch_size=1024, features=features)
         out.update({f"{label}_{k}": round(v, 4) for k, v in res.items() if k.startswith("top1")})
     return out
 
@@ -86,17 +63,17 @@ def main(argv: list[str]) -> None:
     logging.basicConfig(level=logging.WARNING)
 
     params = yaml.safe_load((ROOT / "conf/base/parameters_pretrain.yml").read_text())["pretrain"]
-    merge(params, json.loads(args.overrides))
+    params = deep_merge(params, json.loads(args.overrides))
     per_epoch = params["train"]["steps_per_epoch"]  # conf/base's, or the overrides'
     if args.steps % per_epoch:
         raise SystemExit(f"--steps: a multiple of steps_per_epoch ({per_epoch})")
-    merge(params, {"train": {"epochs": args.steps // per_epoch, "threads": args.threads,
-                             "knn_every_epochs": args.knn_every / per_epoch}})
+    params = deep_merge(params, {"train": {"epochs": args.steps // per_epoch, "threads": args.threads,
+                                           "knn_every_epochs": args.knn_every / per_epoch}})
     train_over = {"run_dir": f"{args.run_root}/{args.name}", "progress": args.progress, "resume": False,
                   "checkpoint_every_steps": 100_000, "device": args.device, "precision": "fp32"}
     if args.workers is not None:
         train_over["num_workers"] = args.workers
-    merge(params, {"train": train_over, "launcher": {"type": "local"}})
+    params = deep_merge(params, {"train": train_over, "launcher": {"type": "local"}})
     cfg = PretrainConfig.model_validate(params)
     data_params = yaml.safe_load((ROOT / "conf/base/parameters_data.yml").read_text())["data"]
     if args.data_path:
@@ -109,11 +86,11 @@ def main(argv: list[str]) -> None:
 
     summary = run_pretraining(data, cfg, on_knn=on_knn)
     train_s = time.time() - start
-    result = {"name": args.name, "overrides": json.loads(args.overrides), "steps": summary["steps"],
-              "train_s": round(train_s), "images_per_s": round(summary["images_per_second"], 1),
-              "online_knn": [[h["step"], round(h["knn/top1_k20"], 4)] for h in summary["knn_history"]]}
+    result = {"name": args.name, "overrides": json.loads(args.overrides), "steps": summary.steps,
+              "train_s": round(train_s), "images_per_s": round(summary.images_per_second, 1),
+              "online_knn": [[h["step"], round(h["knn/top1_k20"], 4)] for h in summary.knn_history]}
     if args.final_knn:
-        result["test_knn"] = full_knn(summary["teacher_backbone"], data, summary["mean"], summary["std"],
+        result["test_knn"] = full_knn(summary.teacher_backbone, data, summary.mean, summary.std,
                                       cfg.crops.global_size, args.device)
     result["total_s"] = round(time.time() - start)
     print(f"{args.name} done {result['total_s']}s", flush=True)

@@ -16,9 +16,9 @@
 4. kNN top-1 (k=20; bank: train subset, queries: test subset) on both domains before and after
    each, plus the online kNN curve on the new domain (step 0 = the loaded backbone).
 
-Results: benchmarks/results/continue_demo.json and .md. Run from the repository root:
+Results: experiments/results/continue_demo.json and .md. Run from the repository root:
 
-    OMP_NUM_THREADS=2 python benchmarks/continue_demo.py --threads 2
+    OMP_NUM_THREADS=2 python -m experiments.continue_demo --threads 2
 """
 
 from __future__ import annotations
@@ -40,15 +40,13 @@ import yaml
 
 from dinoflow.config import PretrainConfig
 from dinoflow.data import Split, channel_stats, load_splits
-from dinoflow.evaluation.features import extract_features
-from dinoflow.evaluation.knn import knn_classify
+from dinoflow.evaluation.knn import backbone_knn
 from dinoflow.models.vit import DinoVisionTransformer, load_backbone
-from dinoflow.schedules import scaled_lr
-from dinoflow.train import pretrain
+from dinoflow.training import peak_lr, pretrain
 from dinoflow.weights import load_released_weights, save_official_layout
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
+RESULTS = ROOT / "experiments" / "results"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -108,11 +106,6 @@ def recipe(
     return PretrainConfig.model_validate(params)
 
 
-def peak_lr(optim: Any, batch_size: int) -> float:
-    """The peak lr pretrain uses (train.py): sqrt-scaled by the batch, or base_lr as it is."""
-    return scaled_lr(optim.base_lr, batch_size) if optim.lr_scaling == "sqrt" else optim.base_lr
-
-
 def naive(cfg: PretrainConfig, weights: Path) -> PretrainConfig:
     """What a user gets by pointing the from-scratch recipe at released weights."""
     return cfg.model_copy(update={"init": cfg.init.model_copy(update={"weights": str(weights)})})
@@ -162,11 +155,7 @@ def pick(split: Split, n: int, seed: int) -> Split:
 def knn_top1(backbone: DinoVisionTransformer, bank: Split, queries: Split, mean, std) -> float:
     """Weighted kNN top-1 (k=20, T=0.07) of the final-norm CLS features."""
     size = int(backbone.vit.patch_embed.img_size[0])
-    feats = [extract_features(backbone, s, size, mean, std, batch_size=500, n_last_blocks=1,
-                              progress=False) for s in (bank, queries)]  # fmt: skip
-    n_classes = int(max(bank.labels.max(), queries.labels.max())) + 1
-    out = knn_classify(feats[0].cls_last, torch.as_tensor(bank.labels), feats[1].cls_last,
-                       torch.as_tensor(queries.labels), n_classes, ks=(20,))  # fmt: skip
+    out = backbone_knn(backbone, bank, queries, mean, std, size, batch_size=500)
     return round(100 * float(out["top1_k20"]), 2)
 
 
@@ -302,7 +291,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "after": after,
             "online_knn": [(h["step"], h["knn/top1_k20"]) for h in res.knn_history],
             "seconds": round(time.perf_counter() - t0, 1),
-            "settings": (f"base_lr {o.base_lr:g} (peak {peak_lr(o, args.batch_size):.3g}"
+            "settings": (f"base_lr {o.base_lr:g} (peak {peak_lr(cfg, args.batch_size):.3g}"
                          f" at batch {args.batch_size}), lr warm-up {o.warmup_epochs * 50:.0f} steps, head warm-up "
                          f"{cfg.init.head_warmup_steps} steps, teacher momentum "
                          f"{o.momentum_teacher_start} -> {o.momentum_teacher_end}, teacher temp "
@@ -311,7 +300,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"{name}: {after}  ({runs[name]['seconds']} s)", flush=True)
 
     result = {
-        "command": "python benchmarks/continue_demo.py "
+        "command": "python -m experiments.continue_demo "
         + " ".join(argv if argv is not None else __import__("sys").argv[1:]),
         "shift": new,
         "start": start,

@@ -1,7 +1,7 @@
-"""Many profile-search runs side by side (each one ``benchmarks/profile_search.py`` process), then,
+"""Many profile-search runs side by side (each one ``experiments/profile_search.py`` process), then,
 optionally, a second wave that combines the changes that beat the baseline.
 
-    python benchmarks/profile_sweep.py plan.json --parallel 6 --out results/sweep -- --steps 1600 --final-knn --device cuda
+    python -m experiments.profile_sweep plan.json --parallel 6 --out results/sweep -- --steps 1600 --final-knn --device cuda
 
 ``plan.json``: ``[{"name": "G", "overrides": {}}, {"name": "crop06", "overrides": {...}}, ...]``;
 the first entry is the baseline; ``"combine": false`` keeps an entry out of the second wave
@@ -22,16 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-
-
-def merge(base: dict, over: dict) -> dict:
-    for key, value in over.items():
-        if isinstance(value, dict):
-            merge(base.setdefault(key, {}), value)
-        else:
-            base[key] = value
-    return base
+from dinoflow.config import deep_merge
 
 
 def score(result: dict) -> float:
@@ -59,7 +50,7 @@ def run_wave(plan: list[dict], args: argparse.Namespace, extra: list[str], deadl
         while queue and len(running) < args.parallel and time.time() < deadline:
             entry = queue.pop(0)
             log = out / f"{entry['name']}.log"
-            cmd = [sys.executable, str(HERE / "profile_search.py"), entry["name"],
+            cmd = [sys.executable, "-m", "experiments.profile_search", entry["name"],
                    json.dumps(entry["overrides"]), *extra]
             proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT)
             running.append((entry, proc, log))
@@ -99,7 +90,7 @@ def combinations(results: list[dict], baseline: str, top: int, margin: float) ->
     for group in groups:
         overrides: dict = {}
         for r in group:
-            merge(overrides, copy.deepcopy(r["overrides"]))
+            overrides = deep_merge(overrides, copy.deepcopy(r["overrides"]))
         plan.append({"name": "+".join(r["name"] for r in group), "overrides": overrides})
     return plan
 

@@ -1,0 +1,92 @@
+"""Every parameter of a run validated before its first node (``RunGuardHooks``).
+
+Each top-level section of ``parameters*.yml`` (and of ``--params``) has one validator: the same
+pydantic model the node validates with, so the node and the check can never disagree. Sections
+that no pipeline knows are named with the closest known name (``pretrian`` -> ``pretrain``).
+Cross-section rules (tuning's paths into ``pretrain``, registration's metric against the data)
+run here too. Everything is cheap: nothing reads an image.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from dinoflow.config import ConfigError, DataConfig, PretrainConfig, validate
+
+Validator = Callable[[dict[str, Any], dict[str, Any]], None]  # (section params, all params)
+
+
+def _data(p: dict, _: dict) -> None:
+    validate(DataConfig, p, "data")
+
+
+def _pretrain(p: dict, _: dict) -> None:
+    validate(PretrainConfig, p, "pretrain")
+
+
+def _curation(p: dict, _: dict) -> None:
+    from dinoflow.curation import curation_config
+
+    curation_config(p)
+
+
+def _evaluation(p: dict, _: dict) -> None:
+    from pathlib import Path
+
+    from dinoflow.jobs.evaluate import evaluation_settings
+
+    params = dict(p or {})
+    model = params.pop("model", None)
+    evaluation_settings(params, "data/08_reporting", (0.5,), (0.5,), None)
+    if model and not str(model).startswith(("models:/", "runs:/")) and not Path(model).is_file():
+        raise ConfigError(f"evaluation.model: {model} is neither a file nor a models:/ URI")
+
+
+def _registration(p: dict, _: dict) -> None:
+    from dinoflow.registry import RegistrationConfig
+
+    validate(RegistrationConfig, p, "registration")
+
+
+def _tuning(p: dict, everything: dict) -> None:
+    from dinoflow.tuning import TuningConfig, check_tuning_config
+
+    tuning = validate(TuningConfig, p, "tuning")
+    check_tuning_config(validate(PretrainConfig, everything.get("pretrain"), "pretrain"), tuning)
+
+
+VALIDATORS: dict[str, Validator] = {
+    "data": _data,
+    "curation": _curation,
+    "pretrain": _pretrain,
+    "evaluation": _evaluation,
+    "registration": _registration,
+    "tuning": _tuning,
+}
+
+
+def validate_run_parameters(params: dict[str, Any], used: Iterable[str] | None = None) -> list[str]:
+    """Check the sections the run uses (``used``: section names; None: those present) and refuse
+    unknown sections. Returns the sections checked; raises one ConfigError naming every problem."""
+    problems: list[str] = []
+    for name in sorted(set(params) - set(VALIDATORS)):
+        close = difflib.get_close_matches(name, list(VALIDATORS), n=1, cutoff=0.6)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        problems.append(f"  {name}: unknown parameter section{hint}; known: {', '.join(VALIDATORS)}")
+    checked = [s for s in VALIDATORS if (s in params if used is None else s in set(used))]
+    for section in checked:
+        try:
+            VALIDATORS[section](params.get(section) or {}, params)
+        except ConfigError as exc:
+            problems.append("  " + str(exc).replace("\n", "\n  "))
+    if problems:
+        raise ConfigError("invalid parameters, nothing was run:\n" + "\n".join(problems))
+    return checked
+
+
+def sections_used(pipeline) -> set[str]:
+    """The top-level parameter sections a Kedro pipeline's nodes read (``params:<section>``)."""
+    return {name.split(":", 1)[1].split(".", 1)[0] for name in pipeline.inputs()
+            if name.startswith("params:")}

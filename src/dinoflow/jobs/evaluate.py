@@ -1,0 +1,108 @@
+"""The evaluation job: the model (pretrain's backbone, a file or a registered version), the data,
+every protocol with its baselines -> metrics and the report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from dinoflow.config import ConfigError, DataConfig
+from dinoflow.data import channel_stats, data_identity, load_data
+from dinoflow.errors import DataError
+from dinoflow.results import EvaluationReport, PretrainSummary
+
+
+def load_model_for_evaluation(model: str | None, summary: PretrainSummary | None,
+                              backbone: nn.Module | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """(backbone, info) from a registered-model URI or a checkpoint path (``evaluation.model``),
+    else the backbone pretrain produced (the catalog's ``teacher_backbone``, or its file).
+
+    info: {"source", "mean", "std", "image_size", "pretrain_run_id"} (None where unknown).
+    """
+    from dinoflow.models.vit import DinoVisionTransformer, load_backbone
+
+    info: dict[str, Any] = {"mean": summary.mean if summary else None,
+                            "std": summary.std if summary else None,
+                            "image_size": summary.image_size if summary else None,
+                            "pretrain_run_id": summary.mlflow_run_id if summary else None}
+    if model is None and backbone is not None:
+        info["source"] = summary.teacher_backbone if summary else "teacher_backbone"
+        return backbone.eval(), info
+    source = model or (summary.teacher_backbone if summary else None)
+    if not source:
+        raise DataError("evaluation.model: no model to evaluate. Run the pretrain pipeline first, or "
+                        "pass --params evaluation.model=<checkpoint path or models:/name@alias>")
+    info["source"] = str(source)
+    if str(source).startswith(("models:/", "runs:/")):
+        import mlflow
+
+        wrapper = mlflow.pytorch.load_model(str(source), map_location="cpu")
+        loaded = getattr(wrapper, "backbone", wrapper)
+        for key in ("mean", "std", "image_size"):
+            if getattr(wrapper, key, None) is not None:
+                info[key] = list(getattr(wrapper, key)) if key != "image_size" else int(wrapper.image_size)
+        if not isinstance(loaded, DinoVisionTransformer):
+            raise DataError(f"evaluation.model: {source} does not hold a dinoflow backbone")
+        return loaded.eval(), info
+    if not Path(source).is_file():
+        raise DataError(f"evaluation.model: checkpoint {source} does not exist")
+    return load_backbone(source).eval(), info
+
+
+def evaluation_settings(params: dict[str, Any], out_dir: str, mean, std, image_size):
+    """``params:evaluation`` (without ``model``) -> EvalSettings, one error naming the keys."""
+    from dataclasses import fields
+
+    from pydantic import TypeAdapter, ValidationError
+
+    from dinoflow.evaluation.report import EvalSettings
+
+    params = dict(params)
+    known = {f.name for f in fields(EvalSettings)} - {"out_dir", "mean", "std"}
+    unknown = sorted(set(params) - known)
+    if unknown:
+        raise ConfigError("invalid parameters in evaluation: unknown key(s) "
+                          + ", ".join("evaluation." + k for k in unknown))
+    if params.get("image_size") is None and image_size:
+        params["image_size"] = int(image_size)
+    try:
+        return TypeAdapter(EvalSettings).validate_python(
+            {**params, "out_dir": out_dir, "mean": mean, "std": std})
+    except ValidationError as exc:
+        lines = [f"  evaluation.{'.'.join(map(str, e['loc']))}: {e['msg']} (got {e.get('input')!r})"
+                 for e in exc.errors()]
+        raise ConfigError("invalid parameters in evaluation:\n" + "\n".join(lines)) from None
+    except ValueError as exc:  # EvalSettings' own cross-field checks
+        raise ConfigError(str(exc)) from None
+
+
+def run_evaluation(data: DataConfig, params: dict[str, Any], summary: PretrainSummary | None,
+                   backbone: nn.Module | None = None,
+                   out_dir: str = "data/08_reporting") -> tuple[dict[str, float], EvaluationReport]:
+    """Evaluate a teacher backbone (kNN, linear, segmentation, baselines, pictures).
+
+    Returns (metrics for metrics.json, report with details, files and provenance).
+    """
+    from dinoflow.evaluation.report import evaluate_backbone
+    from dinoflow.models.vit import DinoVisionTransformer
+
+    params = dict(params or {})
+    model = params.pop("model", None)
+    evaluation_settings(params, out_dir, (0.5,), (0.5,), None)  # the keys, before any work
+    backbone, info = load_model_for_evaluation(model, summary, backbone)
+    splits = load_data(data)
+    if info["mean"] is None or info["std"] is None:
+        info["mean"], info["std"] = channel_stats(splits["train"])
+    settings = evaluation_settings(params, out_dir, info["mean"], info["std"], info.get("image_size"))
+    kwargs = backbone.backbone_kwargs()
+    metrics, files = evaluate_backbone(backbone, splits, settings,
+                                       random_backbone_factory=lambda: DinoVisionTransformer(**kwargs))
+    report = EvaluationReport(
+        model=info["source"], pretrain_run_id=info["pretrain_run_id"],
+        eval_data_id=data_identity(splits["test"].ids), val_data_id=data_identity(splits["val"].ids),
+        data=data.model_dump(mode="json"), files={k: str(v) for k, v in files.items()},
+        metrics=metrics,
+    )  # fmt: skip
+    return metrics, report

@@ -1,0 +1,75 @@
+"""The pretrain job: the data, the curated subset, the normalisation, one writer, the loop."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from dinoflow.config import DataConfig, PretrainConfig
+from dinoflow.data import Split, channel_stats, load_data
+from dinoflow.distributed import is_main_process
+from dinoflow.errors import DataError
+from dinoflow.files import FolderLock
+from dinoflow.results import PretrainSummary
+from dinoflow.training import pretrain
+
+log = logging.getLogger(__name__)
+
+
+def apply_manifest(train: Split, manifest_ids: list[str] | None) -> Split:
+    """Keep the train items curation kept (all of them when there is no manifest)."""
+    if manifest_ids is None:
+        return train
+    keep = set(manifest_ids)
+    rows = [i for i, item in enumerate(train.ids) if item in keep]
+    if not rows:
+        raise DataError("curated manifest: none of its item_ids is in the train split "
+                        "(was it made from another data source? re-run the curation pipeline)")
+    log.info("training on the curated set: %d of %d train images", len(rows), len(train))
+    return train.subset(rows)
+
+
+def knn_subsets(splits: dict[str, Split], bank_size: int, query_size: int,
+                seed: int) -> tuple[Split, Split] | tuple[None, None]:
+    """Fixed labelled subsets for the online kNN check: a train bank and val queries."""
+    train, val = splits["train"], splits["val"]
+    if not (train.labelled and val.labelled and len(val)):
+        return None, None
+    rng = np.random.default_rng(seed)
+    bank = np.sort(rng.permutation(len(train))[: min(bank_size, len(train))])
+    queries = np.sort(rng.permutation(len(val))[: min(query_size, len(val))])
+    return train.subset(bank), val.subset(queries)
+
+
+def run_pretraining(data: DataConfig, cfg: PretrainConfig, manifest_ids: list[str] | None = None,
+                    stop_after_steps: int | None = None,
+                    on_knn: Callable[[int, float], None] | None = None) -> PretrainSummary:
+    """Load the data, train (one writer per run directory), return the summary.
+
+    ``on_knn(step, top1)`` is passed to ``pretrain`` (tuning reports it to its pruner).
+    """
+    from contextlib import nullcontext
+
+    splits = load_data(data)
+    train = apply_manifest(splits["train"], manifest_ids if cfg.train.use_curated_manifest else None)
+    mean, std = channel_stats(train)
+    bank, queries = knn_subsets(splits, cfg.train.knn_bank_size, cfg.train.knn_query_size, cfg.train.seed)
+    lock = FolderLock(Path(cfg.train.run_dir), "pretrain") if is_main_process() else nullcontext()
+    with lock:
+        summary = pretrain(cfg, train, mean, std, bank, queries, stop_after_steps=stop_after_steps,
+                           on_knn=on_knn)
+    return summary.model_copy(update={
+        "n_train_images": len(train), "data": data.model_dump(mode="json"),
+        "mlflow_run_id": _active_mlflow_run()})
+
+
+def _active_mlflow_run() -> str | None:
+    try:
+        import mlflow
+    except ImportError:  # a bare training node trains untracked
+        return None
+    run = mlflow.active_run()
+    return run.info.run_id if run else None

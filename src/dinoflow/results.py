@@ -1,0 +1,75 @@
+"""What each job hands to the next, typed: every reader validates the same model.
+
+They travel as JSON files between Kedro nodes and DVC stages (``pretrain_summary.json``,
+``evaluation_report.json``, ``registration.json``) and as Python objects inside a job. Unknown
+keys are kept (``extra="allow"``) so a file written by a newer dinoflow still loads.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Result(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    def to_json_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+class PretrainSummary(Result):
+    """The pretrain job's result: where the model is, how it was trained, how fast."""
+
+    run_dir: str
+    teacher_backbone: str  # save_backbone file
+    teacher_heads: str
+    steps: int
+    resumed_from_step: int = 0
+    final: dict[str, float] = Field(default_factory=dict)  # the last logged metrics
+    knn_history: list[dict[str, float]] = Field(default_factory=list)
+    images_per_second: float = 0.0
+    notes: list[str] = Field(default_factory=list)
+    fingerprint: str = ""
+    mean: list[float] = Field(default_factory=list)  # the normalisation it trained with
+    std: list[float] = Field(default_factory=list)
+    channels: int = 1
+    image_size: int = 224  # the global crop size
+    world_size: int = 1
+    precision: str = "fp32"
+    n_train_images: int | None = None
+    data: dict[str, Any] | None = None
+    mlflow_run_id: str | None = None
+
+
+class EvaluationReport(Result):
+    """The evaluation job's result beside metrics.json: provenance, data identity, files."""
+
+    model: str
+    pretrain_run_id: str | None = None
+    eval_data_id: str
+    val_data_id: str | None = None
+    data: dict[str, Any] | None = None
+    files: dict[str, str] = Field(default_factory=dict)
+    metrics: dict[str, float] = Field(default_factory=dict)
+    labelled: bool = True
+    mlflow_run_id: str | None = None
+
+
+class RegistrationDecision(Result):
+    """The registration job's result: the version, its alias and why."""
+
+    model_name: str
+    version: str
+    alias: str
+    promoted: bool
+    metric_name: str = "knn_top1"
+    metric: float
+    champion_metric: float | None = None
+    champion_version: str | None = None
+    eval_data_id: str | None = None
+    champion_eval_data_id: str | None = None
+    reason: str
+    model_uri: str = ""
+    lineage: dict[str, Any] = Field(default_factory=dict)

@@ -1,0 +1,79 @@
+"""The end of a run: the teacher's backbone and heads, the history files and the loss curves."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from dinoflow import tracking
+from dinoflow.config import PretrainConfig
+from dinoflow.files import atomic_torch_save, atomic_write_json, atomic_write_text
+from dinoflow.models.ssl import SSLModel
+from dinoflow.models.vit import save_backbone
+
+
+def export_teacher(teacher: SSLModel, run_dir: Path, main: bool, fsdp: bool,
+                   build_student) -> tuple[Path, Path]:
+    """Write ``teacher_backbone.pt`` (``save_backbone`` format) and ``teacher_heads.pt``.
+
+    Under FSDP the shards are gathered on every rank (a collective) and written from an
+    unsharded copy (``build_student()``) on the main process.
+    """
+    backbone_path, heads_path = run_dir / "teacher_backbone.pt", run_dir / "teacher_heads.pt"
+    export = teacher
+    if fsdp:
+        from dinoflow.distributed import gather_full_state
+        from dinoflow.models.ssl import make_teacher
+
+        teacher_sd = gather_full_state(teacher)[0]
+        if main:
+            export = make_teacher(build_student())
+            export.load_state_dict(teacher_sd)
+    if main:
+        save_backbone(export.backbone, backbone_path)
+        atomic_torch_save({k: m.state_dict() for k, m in export.heads().items()}, heads_path)
+    return backbone_path, heads_path
+
+
+def write_history(history: list[dict[str, float]], run_dir: Path, cfg: PretrainConfig) -> None:
+    """``history.json`` (every row), DVC plot files, the curves PNG and the resolved config."""
+    atomic_write_json(run_dir / "history.json", history, indent=None)
+    # DVC plots (dvc.yaml) need records that share their keys: losses and kNN apart
+    for name, key in (("history_train.json", "loss/total"), ("history_knn.json", "knn/top1_k20")):
+        rows = [h for h in history if key in h]
+        common = set.intersection(*(set(h) for h in rows)) if rows else set()
+        atomic_write_json(run_dir / name, [{k: v for k, v in h.items() if k in common} for h in rows],
+                          indent=None)
+    curve = plot_training_curves(history, run_dir / "training_curves.png")
+    tracking.log_artifact(curve, "pretrain")
+    resolved = json.dumps(cfg.model_dump(mode="json"), indent=2)
+    atomic_write_text(run_dir / "resolved_config.json", resolved)
+    tracking.log_text(resolved, "pretrain/resolved_config.json")
+
+
+def plot_training_curves(history: list[dict[str, float]], path: Path) -> Path:
+    """Loss terms, teacher entropy, schedules and online kNN over steps, one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("losses", ["loss/total", "loss/dino", "loss/ibot", "loss/koleo"]),
+              ("teacher target entropy", ["monitor/teacher_entropy"]),
+              ("schedules", ["schedule/teacher_temp", "schedule/momentum"]),
+              ("online kNN top-1 (k=20)", ["knn/top1_k20"])]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6))
+    for ax, (title, keys) in zip(axes, panels, strict=True):
+        for key in keys:
+            pts = [(h["step"], h[key]) for h in history if key in h]
+            if pts:
+                ax.plot(*zip(*pts, strict=True), label=key.split("/")[-1], marker="." if len(pts) < 30 else None)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
