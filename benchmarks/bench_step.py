@@ -62,6 +62,7 @@ from dinoflow.training import (
     wrap_for_training,
 )
 from dinoflow.training.data import MultiCropDataset, build_augmentation
+from dinoflow.training.step import precision_choice
 
 VIT_S14 = {
     "crops": {"global_size": 112, "local_size": 42, "n_local": 4},
@@ -137,7 +138,7 @@ class DinoflowStep:
 class LightlyStep:
     """The training step of lightly's examples/pytorch/dinov2.py, sized by the same config."""
 
-    def __init__(self, cfg: PretrainConfig, channels: int, seed: int = 0):
+    def __init__(self, cfg: PretrainConfig, channels: int, seed: int = 0, bf16: bool = False):
         from functools import partial
 
         from lightly.loss import DINOLoss as LDINOLoss
@@ -148,6 +149,7 @@ class LightlyStep:
         from lightly.utils.scheduler import cosine_schedule
 
         self.cfg, self.update_momentum, self.cosine_schedule = cfg, update_momentum, cosine_schedule
+        self.bf16 = bf16  # the same autocast as dinoflow's step when the run trains in bf16
         self.total_steps = build_components(cfg, 50_000, channels).total_steps  # the same run length
         torch.manual_seed(seed)
         h = cfg.head
@@ -187,6 +189,10 @@ class LightlyStep:
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=0.001)
 
     def __call__(self, batch: dict[str, Any], i: int) -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+            return self._step(batch, i)
+
+    def _step(self, batch: dict[str, Any], i: int) -> torch.Tensor:
         o = self.cfg.optim
         step = self.total_steps // 2 + i
         global_views, local_views = batch["global_crops"], batch["local_crops"]
@@ -298,9 +304,12 @@ def bench_profile(name: str, repeats: int, threads: int, with_lightly: bool = Tr
     """Interleaved dinoflow / lightly steps (and a matmul block) of one profile -> a result."""
     cfg, channels = profile_config(name)
     batches = make_batches(cfg, channels, n=4)
+    # the precision the run would train in (train.precision auto: bf16 only on a CPU with bf16
+    # matrix units where it is measured faster); lightly's step runs under the same autocast
+    precision, precision_reason = precision_choice(cfg, torch.device("cpu"))
     contenders: dict[str, Any] = {"dinoflow": DinoflowStep(cfg, channels)}
     if with_lightly:
-        contenders["lightly"] = LightlyStep(cfg, channels)
+        contenders["lightly"] = LightlyStep(cfg, channels, bf16=precision == "bf16")
     # FLOPs of an eager twin (the counter does not see inside compiled graphs; same arithmetic)
     flops = {k: count_flops(DinoflowStep(eager_twin(cfg), channels) if k == "dinoflow" else step,
                             batches[0]) for k, step in contenders.items()}
@@ -312,11 +321,15 @@ def bench_profile(name: str, repeats: int, threads: int, with_lightly: bool = Tr
         with PeakRSS() as mem:
             step(batches[1], 1)
         peak[k] = mem.extra
-    mm_run, mm_flop = matmul_block()
-    rate_best = matmul_rate()
+    # the peak the step is measured against: matmuls in the precision it uses (both measured)
+    step_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    peaks = {"fp32": matmul_rate(), "bf16": matmul_rate((1024,), repeats=2, dtype=torch.bfloat16)}
+    mm_run, mm_flop = matmul_block(dtype=step_dtype,
+                                   flop=2e10 if peaks[precision] > 2e10 else peaks[precision])
+    rate_best = peaks[precision]
     runs = {k: (lambda i, s=s: s(batches[i % len(batches)], i)) for k, s in contenders.items()}
     times = interleaved_times({**runs, "matmul": mm_run}, repeats=repeats, warmup=1)
-    rate_best = max(rate_best, matmul_rate())
+    rate_best = max(rate_best, matmul_rate(dtype=step_dtype) if precision == "fp32" else rate_best)
     med = {k: {m: median(v) for m, v in t.items()} for k, t in times.items()}
     rate = {m: mm_flop / med["matmul"][m] for m in ("wall", "cpu")}  # FLOP per (CPU) second
     b = cfg.train.batch_size
@@ -334,6 +347,8 @@ def bench_profile(name: str, repeats: int, threads: int, with_lightly: bool = Tr
             "drop_path_rate": cfg.backbone.drop_path_rate, "compile": cfg.train.compile,
         },
         "threads": threads, "repeats": repeats,
+        "precision": precision, "precision_reason": precision_reason,
+        "matmul_gflops_fp32_best": peaks["fp32"] / 1e9, "matmul_gflops_bf16_best": peaks["bf16"] / 1e9,
         "matmul_gflops": rate["wall"] / 1e9,
         "matmul_gflops_per_cpu_s": rate["cpu"] / 1e9,
         "matmul_gflops_best": rate_best / 1e9,

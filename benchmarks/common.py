@@ -44,6 +44,9 @@ def machine_info(threads: int) -> dict[str, object]:
         "torch": torch.__version__,
         "timm": timm.__version__,
         "mkldnn": torch.backends.mkldnn.is_available(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_flags": cpu_flags(),
+        "bf16_units": bool(set(cpu_flags()) & {"amx_bf16", "avx512_bf16"}),
         "load_average_1m": os.getloadavg()[0],
     }
     try:
@@ -55,18 +58,38 @@ def machine_info(threads: int) -> dict[str, object]:
     return info
 
 
-def matmul_rate(sizes: tuple[int, ...] = (1024, 2048), repeats: int = 5) -> float:
-    """Best fp32 torch.mm rate (FLOP/s) over square sizes and repeats, in this process.
+SIMD_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16", "amx_fp16", "fma")
+
+
+def cpu_flags() -> list[str]:
+    """The CPU's vector and matrix flags that decide fp32 / bf16 speed (from /proc/cpuinfo)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                have = set(line.split(":", 1)[1].split())
+                return [f for f in SIMD_FLAGS if f in have]
+    except OSError:
+        pass
+    return []
+
+
+def matmul_rate(sizes: tuple[int, ...] = (1024, 2048), repeats: int = 5,
+                dtype: torch.dtype = torch.float32) -> float:
+    """Best torch.mm rate (FLOP/s) in ``dtype`` over square sizes and repeats, in this process.
 
     "Best of" estimates what the cores deliver when not interrupted by other processes, which
     makes the utilisation computed from it conservative.
     """
     best = 0.0
     for n in sizes:
-        a, b = torch.randn(n, n), torch.randn(n, n)
-        out = torch.empty(n, n)
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        out = torch.empty(n, n, dtype=dtype)
         torch.mm(a, b, out=out)  # warm-up: MKL/oneDNN kernel selection, page faults
-        inner = max(1, int(2e9 // (2 * n**3)))  # ~2 GFLOP per timed call
+        t0 = time.perf_counter()
+        torch.mm(a, b, out=out)
+        first = time.perf_counter() - t0
+        # ~2 GFLOP per timed call, fewer where the kernel is slow (emulated bf16: ~1 GFLOP/s)
+        inner = max(1, min(int(2e9 // (2 * n**3)), int(0.5 / max(first, 1e-9))))
         for _ in range(repeats):
             t0 = time.perf_counter()
             for _ in range(inner):
@@ -146,11 +169,12 @@ def interleaved_times(contenders: dict[str, Callable[[int], object]], repeats: i
     return times
 
 
-def matmul_block(n: int = 1536, flop: float = 2e10) -> tuple[Callable[[int], object], float]:
-    """(callable, its FLOPs): a fixed amount of fp32 n x n torch.mm, timed like a contender so
-    that the matmul rate sees the same machine load as the steps it is compared with."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    out = torch.empty(n, n)
+def matmul_block(n: int = 1536, flop: float = 2e10,
+                 dtype: torch.dtype = torch.float32) -> tuple[Callable[[int], object], float]:
+    """(callable, its FLOPs): a fixed amount of n x n torch.mm in ``dtype``, timed like a
+    contender so that the matmul rate sees the same machine load as the steps it is compared with."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    out = torch.empty(n, n, dtype=dtype)
     reps = max(1, int(flop // (2 * n**3)))
 
     def run(_: int) -> None:

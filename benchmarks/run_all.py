@@ -35,6 +35,12 @@ def markdown(result: dict, command: str) -> str:
         f"Machine: {m['cpu']}, {m['cpu_count']} cores, load average {m['load_average_1m']:.1f} "
         f"at start; torch {m['torch']}, timm {m['timm']}, lightly {m['lightly']}, "
         f"Python {m['python']}. Run {result['date']} with `{command}`.",
+        f"CPU flags: {', '.join(m.get('cpu_flags', [])) or 'none found'} (torch kernels: "
+        f"{m.get('cpu_capability')}); bf16 matrix units: {'yes' if m.get('bf16_units') else 'no'}.",
+        *[f"Precision of {p['profile']}: **{p['precision']}** ({p['precision_reason']}); matmul peaks "
+          f"measured here: fp32 {p['matmul_gflops_fp32_best']:.0f} GFLOP/s, bf16 "
+          f"{p['matmul_gflops_bf16_best']:.0f} GFLOP/s; MFU is against the {p['precision']} peak."
+          for name, p in result["profiles"].items() if name.endswith(f"@{result['threads'][0]}t")],
         "",
         "| profile | threads | model | dinoflow img/s | lightly img/s | ratio (wall) | ratio (CPU time) "
         "| GFLOP/step | MFU (wall) | MFU (CPU time) | MFU vs best matmul | matmul GFLOP/s "
@@ -152,7 +158,7 @@ def main(argv: list[str] | None = None) -> dict:
             continue
         suffix = "" if threads == args.threads[0] else f"_{threads}_thread"
         for key in ("step_ratio_vs_lightly", "step_ratio_vs_lightly_cpu_time", "mfu",
-                    "mfu_cpu_time", "mfu_vs_best_matmul"):
+                    "mfu_cpu_time", "mfu_vs_best_matmul", "precision", "precision_reason"):
             result[key + suffix] = cpu.get(key)
     if result.get("ddp"):
         # the headline: the step as conf/base runs it (DDP processes); the one-process numbers

@@ -26,7 +26,7 @@ from dinoflow.training.export import export_teacher, write_history
 from dinoflow.training.metrics import MetricLogger
 from dinoflow.training.online_knn import OnlineKNN
 from dinoflow.training.parallel import seed_ranks, wrap_for_training
-from dinoflow.training.step import resolve_precision, train_step
+from dinoflow.training.step import precision_choice, train_step
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,9 @@ def pretrain(
     seed_ranks(t.seed, start_step, rank, world_size)
     model = wrap_for_training(run.student, run.teacher, cfg, world_size, device, fsdp)
     loader = build_loader(cfg, train, mean, std, rank, world_size, start_step, run.last_step, device)
-    _tag_run(run.fingerprint, world_size, run.notes, resolve_precision(cfg, device), main)
+    precision, why = precision_choice(cfg, device)
+    log.info("precision %s (%s)", precision, why)
+    _tag_run(run.fingerprint, world_size, run.notes, precision, main)
     knn = None
     if knn_bank is not None and knn_queries is not None:
         knn = OnlineKNN(cfg, knn_bank, knn_queries, mean, std, run.steps_per_epoch, device, fsdp,
@@ -104,7 +106,7 @@ def pretrain(
         images_per_second=metrics.images_per_second(), notes=run.notes,
         fingerprint=run.fingerprint, mean=list(mean), std=list(std), channels=train.channels,
         image_size=cfg.crops.global_size, world_size=world_size,
-        precision=resolve_precision(cfg, device),
+        precision=precision,
     )  # fmt: skip
 
 

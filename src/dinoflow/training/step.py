@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from contextlib import nullcontext
 from typing import Any
 
@@ -17,11 +18,56 @@ from dinoflow.schedules import Schedules
 from dinoflow.training.components import Losses
 
 
+def cpu_bf16_units() -> bool:
+    """Native bf16 matrix units on this CPU (Intel AMX tiles or AVX512-BF16; lscpu's
+    ``amx_bf16`` / ``avx512_bf16``). Without them bf16 matmuls are emulated, ~100x slower."""
+    checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
+
+
+@functools.lru_cache(maxsize=16)
+def bf16_speedup(rows: int, dim: int, hidden: int, repeats: int = 5) -> float:
+    """fp32 time / bf16-autocast time of the matmuls of one MLP layer of the run's shapes
+    ((rows, dim) @ (dim, hidden)), forward and backward, measured here (best of ``repeats``)."""
+    import time
+
+    x = torch.randn(rows, dim, requires_grad=True)
+    w = torch.randn(dim, hidden, requires_grad=True)
+
+    def best(bf16: bool) -> float:
+        times = []
+        for _ in range(repeats + 1):  # the first call warms the kernels up
+            t0 = time.perf_counter()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                (x @ w).float().sum().backward()
+            times.append(time.perf_counter() - t0)
+        return min(times[1:])
+
+    return best(False) / best(True)
+
+
+def precision_choice(cfg: PretrainConfig, device: torch.device) -> tuple[str, str]:
+    """(precision, why) for ``train.precision``. auto: bf16 autocast on CUDA; on a CPU, bf16
+    when it has bf16 matrix units and bf16 is measured faster for the run's own shapes (one MLP
+    layer at the global crops' tokens x batch), else fp32."""
+    want = cfg.train.precision
+    if want != "auto":
+        return want, f"train.precision={want}"
+    if device.type == "cuda":
+        return "bf16", "auto on CUDA: bf16 autocast"
+    if not cpu_bf16_units():
+        return "fp32", "auto on a CPU without bf16 matrix units (AMX / AVX512-BF16): fp32"
+    tokens = (cfg.crops.global_size // cfg.backbone.patch_size) ** 2 + 1
+    dim = cfg.backbone.embed_dim or 384
+    speedup = bf16_speedup(min(4096, 2 * cfg.train.batch_size * tokens), dim,
+                           int(dim * cfg.backbone.mlp_ratio))
+    if speedup > 1.1:
+        return "bf16", f"auto on a CPU with bf16 units: bf16 measured {speedup:.2f}x fp32 here"
+    return "fp32", f"auto: the CPU has bf16 units but bf16 measured {speedup:.2f}x fp32 here"
+
+
 def resolve_precision(cfg: PretrainConfig, device: torch.device) -> str:
-    """``train.precision``: auto is bf16 autocast on CUDA, fp32 on CPU."""
-    if cfg.train.precision != "auto":
-        return cfg.train.precision
-    return "bf16" if device.type == "cuda" else "fp32"
+    return precision_choice(cfg, device)[0]
 
 
 def autocast_for(cfg: PretrainConfig, device: torch.device):
@@ -55,21 +101,22 @@ def train_step(
                     freeze_last_layer=bool(schedules.last_layer_lr_zero[step]),
                     backbone_lr_scale=cfg.init.head_warmup_backbone_lr_mult if warming_up else 1.0)
 
-    with autocast_for(cfg, device):
+    with autocast_for(cfg, device):  # the networks in the run's precision (bf16 autocast or fp32)
         with torch.inference_mode():
             t_cls, t_masked = teacher.teacher_forward(global_crops, masks)
-        # inference tensors cannot be saved for backward: plain copies (2B x K, small)
-        t_cls, t_masked = t_cls.clone(), t_masked.clone()
-        dino_targets = losses.dino.teacher_targets(t_cls.float().view(2, b, -1), temp)
-        ibot_targets = losses.ibot.teacher_targets(t_masked.float(), temp)
-
         out = student(global_crops, local_crops, masks)
-        k = out["global_logits"].shape[-1]
-        dino = losses.dino(out["global_logits"].view(2, b, k),
-                           out["local_logits"].view(-1, b, k), dino_targets)
-        ibot = losses.ibot(out["masked_logits"], ibot_targets, masked_token_weights(masks), n_global)
-        koleo = sum(losses.koleo(view) for view in out["global_cls"].float().chunk(2))
-        total = lw.dino_weight * dino + lw.ibot_weight * ibot + lw.koleo_weight * koleo
+    # targets, centering and losses in fp32 whatever the precision (as the reference on GPU);
+    # inference tensors cannot be saved for backward: plain copies (2B x K, small)
+    t_cls, t_masked = t_cls.float().clone(), t_masked.float().clone()
+    dino_targets = losses.dino.teacher_targets(t_cls.view(2, b, -1), temp)
+    ibot_targets = losses.ibot.teacher_targets(t_masked, temp)
+    k = out["global_logits"].shape[-1]
+    dino = losses.dino(out["global_logits"].float().view(2, b, k),
+                       out["local_logits"].float().view(-1, b, k), dino_targets)
+    ibot = losses.ibot(out["masked_logits"].float(), ibot_targets, masked_token_weights(masks),
+                       n_global)
+    koleo = sum(losses.koleo(view) for view in out["global_cls"].float().chunk(2))
+    total = lw.dino_weight * dino + lw.ibot_weight * ibot + lw.koleo_weight * koleo
 
     terms = {"dino": dino, "ibot": ibot, "koleo": koleo, "total": total}
     check_finite(step, terms, None, cfg)
