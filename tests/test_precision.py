@@ -44,7 +44,9 @@ def test_explicit_precision_and_cuda() -> None:
 
 def test_this_machine_is_reported_as_it_is() -> None:
     """The real capability check of this CPU agrees with torch's own view of it."""
-    flags = set(open("/proc/cpuinfo").read().split())
+    from pathlib import Path
+
+    flags = set(Path("/proc/cpuinfo").read_text().split())
     assert step_mod.cpu_bf16_units() == bool(flags & {"amx_bf16", "avx512_bf16"})
 
 
