@@ -167,7 +167,8 @@ class MaskingCollate:
         m = cfg.masking
         self.generator = BlockMaskGenerator((grid, grid), max_mask_ratio=m.max_mask_ratio,
                                             min_num_patches=m.min_num_patches,
-                                            min_aspect=m.min_aspect, max_attempts=m.max_attempts)
+                                            min_aspect=m.min_aspect, max_attempts=m.max_attempts,
+                                            reject_small_blocks=m.reject_small_blocks)
         self.grid, self.m, self.seed = (grid, grid), m, cfg.train.seed
         self.rank, self.world_size = rank, world_size
 
@@ -192,11 +193,13 @@ def build_backbone(cfg: PretrainConfig, in_chans: int) -> DinoVisionTransformer:
     bb = cfg.backbone
     dim, depth, heads = VIT_PRESETS.get(bb.arch, (None, None, None))
     return DinoVisionTransformer(
-        img_size=cfg.crops.global_size, patch_size=bb.patch_size, in_chans=in_chans,
+        img_size=bb.pos_embed_size or cfg.crops.global_size, patch_size=bb.patch_size,
+        in_chans=in_chans,
         embed_dim=bb.embed_dim or dim, depth=bb.depth or depth, num_heads=bb.num_heads or heads,
         mlp_ratio=bb.mlp_ratio, num_register_tokens=bb.num_register_tokens,
         layerscale_init=bb.layerscale_init, drop_path_rate=bb.drop_path_rate,
         layer_norm_eps=bb.layer_norm_eps, ffn=bb.ffn,
+        interpolate_offset=bb.interpolate_offset, interpolate_antialias=bb.interpolate_antialias,
     )  # fmt: skip
 
 
@@ -205,7 +208,8 @@ def build_student(cfg: PretrainConfig, in_chans: int) -> SSLModel:
     h = cfg.head
 
     def head(k: int) -> DINOHead:
-        return DINOHead(backbone.embed_dim, k, h.hidden_dim, h.bottleneck_dim, h.nlayers)
+        return DINOHead(backbone.embed_dim, k, h.hidden_dim, h.bottleneck_dim, h.nlayers,
+                        norm_last_layer=h.norm_last_layer)
 
     ibot = head(h.ibot_n_prototypes or h.n_prototypes) if h.separate_ibot_head else None
     return SSLModel(backbone, head(h.n_prototypes), ibot)
@@ -383,6 +387,7 @@ def pretrain(
         teacher_temp_start=o.teacher_temp_start, teacher_temp_end=o.teacher_temp_end,
         teacher_temp_warmup_epochs=o.teacher_temp_warmup_epochs,
         freeze_last_layer_epochs=o.freeze_last_layer_epochs, max_warmup_fraction=o.max_warmup_fraction,
+        convention=o.schedule_convention,
     )  # fmt: skip
     for note in notes:
         log.warning(note)
