@@ -139,10 +139,10 @@ def test_frozen_last_layer_does_not_move() -> None:
         p.grad = torch.ones_like(p)
     apply_schedules(opt, lr=0.1, wd=0.04, freeze_last_layer=True)
     opt.step()
-    assert all(torch.equal(p, b) for p, b in zip(last, before))
+    assert all(torch.equal(p, b) for p, b in zip(last, before, strict=True))
     apply_schedules(opt, lr=0.1, wd=0.04, freeze_last_layer=False)
     opt.step()
-    assert not any(torch.equal(p, b) for p, b in zip(last, before))
+    assert not any(torch.equal(p, b) for p, b in zip(last, before, strict=True))
 
 
 def test_clip_gradients_per_module() -> None:
