@@ -59,7 +59,8 @@ def synthetic_batch(cfg: PretrainConfig, device: torch.device, seed: int = 0) ->
     m = cfg.masking
     generator = BlockMaskGenerator((grid, grid), max_mask_ratio=m.max_mask_ratio,
                                    min_num_patches=m.min_num_patches, min_aspect=m.min_aspect,
-                                   max_attempts=m.max_attempts)
+                                   max_attempts=m.max_attempts,
+                                   reject_small_blocks=m.reject_small_blocks)
     masks = sample_masks(2 * b, (grid, grid), generator, np.random.default_rng(seed),
                          m.mask_probability, (m.ratio_min, m.ratio_max))
     return {
