@@ -308,3 +308,13 @@ def test_dinoflow_file_resized_with_its_own_interpolation(tmp_path, offset, anti
     x = torch.randn(2, 3, 16, 16)
     for k in ("x_norm_clstoken", "x_norm_patchtokens"):
         torch.testing.assert_close(outputs(dst, x)[k], outputs(src, x)[k], rtol=0, atol=1e-5)
+
+
+def test_register_release_with_other_interpolation_is_noted(tmp_path) -> None:
+    src = randomised(num_register_tokens=4)
+    path = tmp_path / "reg.pth"
+    save_official_layout(src, path)
+    report = load_released_weights(fresh(num_register_tokens=4), path)
+    assert any("interpolate_offset 0.0" in n for n in report.notes)
+    hub_like = fresh(num_register_tokens=4, interpolate_offset=0.0, interpolate_antialias=True)
+    assert not any("register release" in n for n in load_released_weights(hub_like, path).notes)

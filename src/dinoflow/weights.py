@@ -20,7 +20,8 @@ itself resizes them at run time: official files with the backbone's own ``interp
 them), timm files with timm's ``resample_abs_pos_embed`` (= offset 0, antialias), dinoflow files
 with the settings recorded in the file. A backbone whose stored grid is the file's
 (``backbone.pos_embed_size`` = 518 for the releases) needs no resize: its forward equals the
-released model's at every crop size (tests/test_faithful_reference.py, 98, 224 and 518 px).
+released model's at every crop size (tests/test_faithful_reference.py: within 1.9e-6 at 98 px,
+0 at 224 and 518 px). Resized to a 224 px backbone, it equals it at 224 px (0) only.
 """
 
 from __future__ import annotations
@@ -227,6 +228,13 @@ def load_released_weights(
             report.pos_embed_resized = ((side, side), (int(grid[0]), int(grid[1])))
             report.notes.append(f"patch position embeddings resized bicubically {how}")
         mapped["pos_embed"] = pe.to(mapped["pos_embed"].dtype)
+
+    if (report.source_format == "official" and "reg_token" in mapped
+            and (backbone.interpolate_offset, backbone.interpolate_antialias) != (0.0, True)):
+        report.notes.append(
+            "register release: dinov2's hub interpolates its position embeddings with "
+            "interpolate_offset 0.0 and antialias (set pretrain.backbone.interpolate_offset: 0.0, "
+            "interpolate_antialias: true to compute as it does at other crop sizes)")
 
     # --- colour -> grayscale patch embedding
     pw = mapped.get("patch_embed.proj.weight")
