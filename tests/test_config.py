@@ -17,6 +17,8 @@ def test_unknown_and_out_of_range_keys_are_named():
 def test_crop_sizes_must_fit_the_patch():
     with pytest.raises(ConfigError, match="local_size=12 is not a multiple of backbone.patch_size=14"):
         validate(PretrainConfig, {"crops": {"local_size": 12}}, "pretrain")
+    with pytest.raises(ConfigError, match="pos_embed_size=500 is not a multiple of backbone.patch_size=14"):
+        validate(PretrainConfig, {"backbone": {"pos_embed_size": 500}}, "pretrain")
 
 
 def test_defaults_are_the_dinov2_reference():
@@ -28,6 +30,10 @@ def test_defaults_are_the_dinov2_reference():
     o = cfg.optim
     assert (o.base_lr, o.warmup_epochs, o.layer_decay, o.patch_embed_lr_mult, o.clip_grad) == (0.004, 10, 0.9, 0.2, 3.0)
     assert (o.momentum_teacher_start, o.teacher_temp_start, o.teacher_temp_end, o.teacher_temp_warmup_epochs) == (0.992, 0.04, 0.07, 30)
+    # the official code's behaviour (issue 16, docs/faithfulness.md)
+    assert cfg.head.norm_last_layer is False and cfg.masking.reject_small_blocks is False
+    assert (cfg.backbone.interpolate_offset, cfg.backbone.interpolate_antialias) == (0.1, False)
+    assert o.schedule_convention == "dinov2" and cfg.backbone.pos_embed_size is None
 
 
 @pytest.mark.parametrize("env", ["base", "smoke", "gpu"])

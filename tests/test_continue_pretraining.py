@@ -171,7 +171,8 @@ def test_file_that_does_not_fit_is_named_and_allow_missing_is_honoured(tmp_path:
 
 def test_gpu_continue_profile_takes_a_vits14_reg4_release(tmp_path: Path) -> None:
     """conf/gpu_continue is self-contained, valid, and fits dinov2_vits14_reg4_pretrain.pth
-    (a 37x37 position grid for 518 px, resized once to the profile's 16x16 at 224 px)."""
+    (a 37x37 position grid for 518 px, kept: pos_embed_size 518, interpolated at run time with
+    the register releases' setting)."""
     import yaml
 
     conf = Path(__file__).resolve().parents[1] / "conf" / "gpu_continue"
@@ -196,4 +197,8 @@ def test_gpu_continue_profile_takes_a_vits14_reg4_release(tmp_path: Path) -> Non
     torch.save(release, path)
     report = load_released_weights(backbone, path)
     assert report.ok and report.source_format == "official"
-    assert report.pos_embed_resized == ((37, 37), (16, 16))
+    assert report.pos_embed_resized is None  # the 37x37 grid is kept
+    assert backbone.vit.pos_embed.shape == (1, 37 * 37, 384)
+    assert (backbone.interpolate_offset, backbone.interpolate_antialias) == (0.0, True)
+    # at the global crop (224 px) the backbone interpolates to 16x16 at run time
+    assert backbone.forward_features(torch.zeros(1, 3, 224, 224))["x_norm_patchtokens"].shape == (1, 256, 384)

@@ -1,4 +1,4 @@
-"""DINOHead: structure, init, normalised prototypes, frozen weight-norm magnitude."""
+"""DINOHead: structure, init, normalised prototypes, the weight-norm magnitude (trained or fixed)."""
 
 from __future__ import annotations
 
@@ -47,9 +47,10 @@ def test_output_is_normalised_bottleneck_times_unit_prototypes() -> None:
     assert out.abs().max() <= 1.0 + 1e-6
 
 
-def test_weight_norm_magnitude_fixed_at_one_and_not_trained() -> None:
+def test_weight_norm_magnitude_fixed_at_one_and_not_trained_with_norm_last_layer() -> None:
+    """DINOv1's norm_last_layer=True: g stays 1, the prototypes keep unit norm."""
     torch.manual_seed(0)
-    h = DINOHead(in_dim=6, out_dim=5, hidden_dim=7, bottleneck_dim=4)
+    h = DINOHead(in_dim=6, out_dim=5, hidden_dim=7, bottleneck_dim=4, norm_last_layer=True)
     g = h.last_layer.parametrizations.weight.original0
     assert g.shape == (5, 1) and torch.equal(g, torch.ones(5, 1)) and not g.requires_grad
     opt = torch.optim.SGD([p for p in h.parameters() if p.requires_grad], lr=10.0)
@@ -60,6 +61,26 @@ def test_weight_norm_magnitude_fixed_at_one_and_not_trained() -> None:
     opt.step()
     assert torch.equal(g, torch.ones(5, 1))
     torch.testing.assert_close(h.last_layer.weight.norm(dim=1), torch.ones(5))
+
+
+def test_weight_norm_magnitude_starts_at_one_and_is_trained_by_default() -> None:
+    """DINOv2 (the default): g starts at 1 and is trained; its gradient is, by the chain rule
+    of weight = g * v / ||v||, sum_j dL/dw_kj * v_kj / ||v_k|| (checked by hand)."""
+    torch.manual_seed(0)
+    h = DINOHead(in_dim=6, out_dim=5, hidden_dim=7, bottleneck_dim=4)
+    g = h.last_layer.parametrizations.weight.original0
+    v = h.last_layer.parametrizations.weight.original1
+    assert torch.equal(g, torch.ones(5, 1)) and g.requires_grad
+    x = torch.randn(8, 6)
+    z = torch.nn.functional.normalize(h.mlp(x), dim=-1).detach()
+    out = h(x)
+    out.pow(2).sum().backward()
+    dw = 2 * out.detach().T @ z  # dL/dweight (5, 4)
+    want = (dw * v.detach() / v.detach().norm(dim=1, keepdim=True)).sum(1, keepdim=True)
+    torch.testing.assert_close(g.grad, want, rtol=1e-5, atol=1e-6)
+    torch.optim.SGD([g], lr=0.1).step()
+    assert not torch.equal(g, torch.ones(5, 1))
+    torch.testing.assert_close(h.last_layer.weight.norm(dim=1, keepdim=True), g.detach())
 
 
 def test_single_layer_variant() -> None:

@@ -43,29 +43,58 @@ def test_masks_are_shuffled_over_crops() -> None:
     assert len(masked_rows) > 1  # not always the same crops (e.g. not the first half)
 
 
-def test_blocks_are_big_enough_and_form_the_mask() -> None:
-    gen = BlockMaskGenerator(GRID)
+@pytest.mark.parametrize("reject_small_blocks", [False, True])
+def test_blocks_form_the_mask(reject_small_blocks: bool) -> None:
+    gen = BlockMaskGenerator(GRID, reject_small_blocks=reject_small_blocks)
     rng = np.random.default_rng(0)
-    for target in (4, 10, 25, 60, 128):
+    for target in (2, 4, 10, 25, 60, 128):
         for _ in range(5):
             mask = gen(target, rng)
             union = np.zeros(GRID, dtype=bool)
             for top, left, h, w in gen.last_blocks:
-                assert h * w >= 4 and h < GRID[0] and w < GRID[1]
+                assert h < GRID[0] and w < GRID[1]
+                assert h * w >= (4 if reject_small_blocks else 1)
                 assert 0.3 / 2 <= h / w <= 2 / 0.3  # log-uniform aspect, up to rounding
                 union[top : top + h, left : left + w] = True
             np.testing.assert_array_equal(mask, union)
             assert mask.sum() <= target
 
 
-def test_never_more_than_max_mask_ratio() -> None:
-    gen = BlockMaskGenerator(GRID, max_mask_ratio=0.5)
-    rng = np.random.default_rng(1)
-    assert gen(N, rng).sum() <= N // 2
-    masks = sample_masks(8, GRID, gen, rng, ratio_min_max=(0.4, 0.9))
-    assert masks.sum(1).max() <= N // 2
+def test_small_blocks_fill_the_last_patches_unless_rejected() -> None:
+    """dinov2's rule: once fewer than min_num_patches are still wanted, smaller blocks fill
+    them, so the requested count is hit far more often than with the earlier rejection."""
+    rng = np.random.default_rng(3)
+    targets = rng.integers(26, 129, size=400)  # the 16x16 counts of ratios 0.1..0.5
+    hits, small = {}, {}
+    for reject in (False, True):
+        gen = BlockMaskGenerator(GRID, reject_small_blocks=reject)
+        got = []
+        n_small = 0
+        for t in targets:
+            got.append(int(gen(int(t), rng).sum()))
+            n_small += sum(h * w < 4 for _, _, h, w in gen.last_blocks)
+        hits[reject] = float(np.mean(np.array(got) == targets))
+        small[reject] = n_small
+    assert small[True] == 0 and small[False] > 100
+    assert hits[False] > 0.85 and hits[True] < 0.5, hits
+
+
+def test_blocks_never_exceed_max_mask_ratio() -> None:
+    """max_mask_ratio bounds each block (the reference's max_num_patches); the total is bounded
+    by the requested count (ratio_max <= max_mask_ratio in every profile)."""
     small = BlockMaskGenerator((8, 8), max_mask_ratio=0.25)
-    assert small(64, rng).sum() <= 16
+    rng = np.random.default_rng(1)
+    for _ in range(50):
+        mask = small(64, rng)
+        top, left, h, w = small.last_blocks[0]
+        assert h * w <= 16  # the first block overlaps nothing: all of it is new
+        assert mask.sum() <= 64
+    gen = BlockMaskGenerator(GRID, max_mask_ratio=0.5)
+    masks = sample_masks(8, GRID, gen, rng)  # ratios 0.1..0.5
+    assert masks.sum(1).max() <= N // 2
+    # the earlier rule also capped the total at max_mask_ratio
+    old = BlockMaskGenerator((8, 8), max_mask_ratio=0.25, reject_small_blocks=True)
+    assert old(64, rng).sum() <= 16
 
 
 def test_deterministic_for_a_seeded_rng() -> None:

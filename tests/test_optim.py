@@ -7,6 +7,7 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from dinoflow.models.heads import DINOHead
 from dinoflow.optim import (
     apply_schedules,
     build_optimizer,
@@ -36,12 +37,10 @@ class TinyBackbone(nn.Module):
         self.mask_token = nn.Parameter(torch.zeros(1, 16))
 
 
-class TinyHead(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.mlp = nn.Linear(16, 8)
-        self.last_layer = nn.utils.parametrizations.weight_norm(nn.Linear(8, 10, bias=False))
-        self.last_layer.parametrizations.weight.original0.requires_grad = False  # g fixed to 1
+def TinyHead(norm_last_layer: bool = False) -> DINOHead:  # noqa: N802 (reads as a class)
+    """mlp (16 -> 8) and the weight-normalised last_layer (8 -> 10)."""
+    return DINOHead(16, 10, hidden_dim=8, bottleneck_dim=8, nlayers=1,
+                    norm_last_layer=norm_last_layer)
 
 
 def per_param(groups: list[dict], key: str) -> dict[str, float]:
@@ -61,8 +60,13 @@ def expected_lr_multiplier(name: str) -> float:
     return 1.0
 
 
-def test_param_groups_layer_decay_weight_decay_and_last_layer() -> None:
-    backbone, head = TinyBackbone(), TinyHead()
+G = "dino_head.last_layer.parametrizations.weight.original0"  # the reference's weight_g
+V = "dino_head.last_layer.parametrizations.weight.original1"  # weight_v
+
+
+@pytest.mark.parametrize("norm_last_layer", [False, True])
+def test_param_groups_layer_decay_weight_decay_and_last_layer(norm_last_layer: bool) -> None:
+    backbone, head = TinyBackbone(), TinyHead(norm_last_layer)
     groups = param_groups(backbone, {"dino_head": head}, layer_decay=0.9, patch_embed_lr_mult=0.2)
     lr, wd, last = (
         per_param(groups, k) for k in ("lr_multiplier", "wd_multiplier", "is_last_layer")
@@ -72,7 +76,7 @@ def test_param_groups_layer_decay_weight_decay_and_last_layer() -> None:
     ]
     assert sorted(lr) == sorted(trainable)  # every trainable parameter exactly once
     assert sum(len(g["params"]) for g in groups) == len(trainable)
-    assert "dino_head.last_layer.parametrizations.weight.original0" not in lr  # frozen g
+    assert (G in lr) == (not norm_last_layer)  # DINOv2 trains g, DINOv1 keeps it at 1
     for name in trainable:
         assert lr[name] == pytest.approx(expected_lr_multiplier(name)), name
     assert lr["vit.blocks.0.attn.qkv.weight"] == pytest.approx(0.81)
@@ -83,10 +87,12 @@ def test_param_groups_layer_decay_weight_decay_and_last_layer() -> None:
     for name in trainable:
         assert wd[name] == (0.0 if name in no_wd else 1.0), name
     assert wd["mask_token"] == 1.0 and wd["vit.pos_embed"] == 1.0  # tokens are decayed
+    if not norm_last_layer:
+        # as the reference's get_params_groups_with_decay: "last_layer.weight_g" is neither a
+        # bias nor a norm nor a gamma, so g is decayed (wd 1) at lr multiplier 1
+        assert (lr[G], wd[G], last[G]) == (1.0, 1.0, True)
 
-    assert [n for n, v in last.items() if v] == [
-        "dino_head.last_layer.parametrizations.weight.original1"
-    ]
+    assert [n for n, v in last.items() if v] == ([V] if norm_last_layer else [G, V])
     # params in one group share all settings: groups are fused by setting, and the backbone
     # never shares a group with a head (the continued-pretraining warm-up scales it alone)
     keys = [(g["lr_multiplier"], g["wd_multiplier"], g["is_last_layer"], g["is_backbone"]) for g in groups]
@@ -124,14 +130,19 @@ def test_apply_schedules_multipliers_and_frozen_last_layer() -> None:
 
 
 def test_frozen_last_layer_does_not_move() -> None:
+    """g and v stay during the freeze (lr 0, so no decay either), and move after it."""
     opt, groups = make_optimizer()
-    last = next(g for g in groups if g["is_last_layer"])["params"][0]
-    before = last.detach().clone()
+    last = next(g for g in groups if g["is_last_layer"])["params"]
+    assert len(last) == 2  # g and v
+    before = [p.detach().clone() for p in last]
     for p in (p for g in groups for p in g["params"]):
         p.grad = torch.ones_like(p)
-    apply_schedules(opt, lr=0.1, wd=0.0, freeze_last_layer=True)
+    apply_schedules(opt, lr=0.1, wd=0.04, freeze_last_layer=True)
     opt.step()
-    assert torch.equal(last, before)
+    assert all(torch.equal(p, b) for p, b in zip(last, before, strict=True))
+    apply_schedules(opt, lr=0.1, wd=0.04, freeze_last_layer=False)
+    opt.step()
+    assert not any(torch.equal(p, b) for p, b in zip(last, before, strict=True))
 
 
 def test_clip_gradients_per_module() -> None:

@@ -103,23 +103,24 @@ def test_mask_token_replaces_embedding_before_pos_embed() -> None:
     torch.testing.assert_close(t[0, 2 + 11], emb[0, 11] + pos[11], rtol=0, atol=1e-6)
 
 
-def test_pos_embed_interpolated_bicubic_for_other_grid_and_not_on_prefix_tokens() -> None:
+def test_pos_embed_interpolated_as_dinov2_for_other_grid_and_not_on_prefix_tokens() -> None:
+    """Default: dinov2's interpolate_pos_encoding, bicubic with scale factor (3 + 0.1) / 7 and
+    no antialias (written out here); not timm's antialiased resample, which differs."""
     m = tiny(num_register_tokens=2).eval()
     with torch.no_grad():
         m.vit.reg_token.normal_()
         m.vit.cls_token.normal_()
+        m.vit.pos_embed.normal_()
         x = torch.randn(2, 3, 12, 12)
         t = m._tokens(x, None)  # (2, 1 + 2 + 9, D)
         emb = m.vit.patch_embed.proj(x).flatten(2).transpose(1, 2)
-        pe = resample_abs_pos_embed(
-            m.vit.pos_embed,
-            new_size=[3, 3],
-            old_size=[7, 7],
-            num_prefix_tokens=0,
-            interpolation="bicubic",
-        )
-    assert pe.shape == (1, 9, 16)
+        grid = m.vit.pos_embed.reshape(1, 7, 7, 16).permute(0, 3, 1, 2)
+        pe = F.interpolate(grid, scale_factor=(3.1 / 7, 3.1 / 7), mode="bicubic", antialias=False)
+        pe = pe.permute(0, 2, 3, 1).reshape(1, 9, 16)
+        timm_pe = resample_abs_pos_embed(m.vit.pos_embed, new_size=[3, 3], old_size=[7, 7],
+                                         num_prefix_tokens=0, interpolation="bicubic")
     torch.testing.assert_close(t[:, 3:], emb + pe, rtol=0, atol=1e-6)
+    assert (pe - timm_pe).abs().max() > 0.05  # the two resamplings are not the same function
     # CLS and registers get no position embedding
     assert torch.equal(t[:, 0], m.vit.cls_token[0].expand(2, -1))
     assert torch.equal(t[:, 1:3], m.vit.reg_token.expand(2, -1, -1))
@@ -130,6 +131,50 @@ def test_pos_embed_interpolated_bicubic_for_other_grid_and_not_on_prefix_tokens(
         eg = m.vit.patch_embed.proj(xg).flatten(2).transpose(1, 2)
     torch.testing.assert_close(tg[:, 3:], eg + m.vit.pos_embed, rtol=0, atol=1e-6)
     assert m.vit.pos_embed.shape == (1, 49, 16)
+
+
+def test_offset_0_with_antialias_is_timms_resample_and_non_square_grids_work() -> None:
+    """interpolate_offset 0 + antialias (the register releases' setting) gives timm's
+    ``_pos_embed`` bit for bit; a non-square crop (12 x 20 px: 3 x 5 patches) gets the
+    (3 + 0.1) / 7 and (5 + 0.1) / 7 scale factors."""
+    m = tiny(num_register_tokens=2, interpolate_offset=0.0, interpolate_antialias=True).eval()
+    with torch.no_grad():
+        m.vit.pos_embed.normal_()
+        for hw in ((12, 12), (12, 20), (28, 28)):
+            x = torch.randn(2, 3, *hw)
+            timm_tokens = m.vit._pos_embed(m.vit.patch_embed(x))
+            assert torch.equal(m._tokens(x, None), timm_tokens)
+    d = tiny().eval()
+    with torch.no_grad():
+        d.vit.pos_embed.normal_()
+        x = torch.randn(1, 3, 12, 20)
+        t = d._tokens(x, None)
+        emb = d.vit.patch_embed.proj(x).flatten(2).transpose(1, 2)
+        grid = d.vit.pos_embed.reshape(1, 7, 7, 16).permute(0, 3, 1, 2)
+        pe = F.interpolate(grid, scale_factor=(3.1 / 7, 5.1 / 7), mode="bicubic", antialias=False)
+    assert t.shape == (1, 1 + 15, 16)
+    torch.testing.assert_close(t[:, 1:], emb + pe.permute(0, 2, 3, 1).reshape(1, 15, 16),
+                               rtol=0, atol=1e-6)
+
+
+def test_compiled_forward_equals_eager_at_several_crop_sizes() -> None:
+    """The interpolation compiles (the stored grid and a non-square crop, recompiled per
+    size), forward and backward."""
+    m = tiny().train()
+    with torch.no_grad():
+        m.vit.pos_embed.normal_()
+    compiled = torch.compile(m)
+    for hw in ((28, 28), (12, 20)):
+        x = torch.randn(2, 3, *hw)
+        m.zero_grad()
+        ref = m(x)
+        ref.square().sum().backward()
+        g_ref = m.vit.pos_embed.grad.clone()
+        m.zero_grad()
+        out = compiled(x)
+        out.square().sum().backward()
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(m.vit.pos_embed.grad, g_ref, rtol=1e-4, atol=1e-6)
 
 
 def test_uniform_drop_path_layerscale_norm_eps_fused_attention() -> None:
@@ -204,6 +249,12 @@ def test_save_load_round_trip(tmp_path) -> None:
         a, b = m.forward_features(x, masks), m2.forward_features(x, masks)
     for k in ("x_norm_clstoken", "x_norm_regtokens", "x_norm_patchtokens"):
         assert torch.equal(a[k], b[k])
+    # a file written before the interpolation kwargs existed keeps timm's resample
+    old = dict(payload, kwargs={k: v for k, v in payload["kwargs"].items()
+                                if not k.startswith("interpolate_")})
+    torch.save(old, tmp_path / "old.pt")
+    m3 = load_backbone(tmp_path / "old.pt")
+    assert (m3.interpolate_offset, m3.interpolate_antialias) == (0.0, True)
     torch.save({"format": "other"}, tmp_path / "bad.pt")
     with pytest.raises(ValueError, match="not a dinoflow-backbone-v1"):
         load_backbone(tmp_path / "bad.pt")

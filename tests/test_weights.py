@@ -166,8 +166,9 @@ def test_official_file_resized_like_the_released_model(tmp_path, n_reg: int) -> 
 
 
 def test_timm_file_resized_from_16x16_to_4x4(tmp_path) -> None:
-    """timm/dinoflow files are resized with timm's resample, as those models do at run time."""
-    src = randomised(img_size=64)  # 16x16 grid
+    """timm files are resized with timm's resample, as those models do at run time."""
+    # a backbone computing as timm's VisionTransformer does (its resample at run time)
+    src = randomised(img_size=64, interpolate_offset=0.0, interpolate_antialias=True)  # 16x16
     path = tmp_path / "big_grid_timm.pth"
     torch.save(src.vit.state_dict(), path)
     dst = fresh(img_size=16)  # 4x4 grid
@@ -291,3 +292,29 @@ def test_rgb_weights_into_grayscale_backbone(tmp_path) -> None:
         rtol=0,
         atol=1e-5,
     )
+
+
+@pytest.mark.parametrize("offset,antialias", [(0.1, False), (0.0, True)])
+def test_dinoflow_file_resized_with_its_own_interpolation(tmp_path, offset, antialias) -> None:
+    """A dinoflow file on an 8x8 grid loaded at 4x4 is resized with the interpolation recorded
+    in the file, so the loaded backbone computes what the saved one computes at 16 px."""
+    src = randomised(img_size=32, interpolate_offset=offset, interpolate_antialias=antialias)
+    path = tmp_path / "backbone.pt"
+    save_backbone(src, path)
+    dst = fresh(img_size=16)  # the default interpolation: the file's setting must win
+    report = load_released_weights(dst, path)
+    assert report.pos_embed_resized == ((8, 8), (4, 4))
+    assert any(f"interpolate_offset {offset:g}" in n for n in report.notes)
+    x = torch.randn(2, 3, 16, 16)
+    for k in ("x_norm_clstoken", "x_norm_patchtokens"):
+        torch.testing.assert_close(outputs(dst, x)[k], outputs(src, x)[k], rtol=0, atol=1e-5)
+
+
+def test_register_release_with_other_interpolation_is_noted(tmp_path) -> None:
+    src = randomised(num_register_tokens=4)
+    path = tmp_path / "reg.pth"
+    save_official_layout(src, path)
+    report = load_released_weights(fresh(num_register_tokens=4), path)
+    assert any("interpolate_offset 0.0" in n for n in report.notes)
+    hub_like = fresh(num_register_tokens=4, interpolate_offset=0.0, interpolate_antialias=True)
+    assert not any("register release" in n for n in load_released_weights(hub_like, path).notes)

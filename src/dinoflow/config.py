@@ -101,6 +101,13 @@ class BackboneConfig(Strict):
     drop_path_rate: float = Field(0.3, ge=0, lt=1)
     layer_norm_eps: float = 1e-6
     ffn: Literal["mlp", "swiglu"] | None = None  # None: the arch's own (SwiGLU for vit_giant)
+    # position embeddings on another grid, as dinov2's arguments of the same names: 0.1 / false
+    # (reference training, plain releases); 0.0 / true (register releases; = timm's resample)
+    interpolate_offset: float = Field(0.1, ge=0)
+    interpolate_antialias: bool = False
+    # side in px of the stored position-embedding grid; None: crops.global_size. 518 keeps a
+    # release's 37x37 grid, so every crop size is interpolated from it as the release does
+    pos_embed_size: int | None = Field(None, ge=1)
 
     @model_validator(mode="after")
     def _custom_needs_sizes(self) -> BackboneConfig:
@@ -120,6 +127,9 @@ class HeadConfig(Strict):
     nlayers: int = Field(3, ge=1)
     separate_ibot_head: bool = False
     ibot_n_prototypes: int | None = Field(None, ge=2)  # separate head only; None: n_prototypes
+    # false (DINOv2): the weight-norm magnitude of the prototype layer is trained; true (DINOv1):
+    # fixed at 1, unit-norm prototypes
+    norm_last_layer: bool = False
 
 
 class MaskingConfig(Strict):
@@ -132,6 +142,9 @@ class MaskingConfig(Strict):
     min_num_patches: int = Field(4, ge=1)
     min_aspect: float = Field(0.3, gt=0)
     max_attempts: int = Field(10, ge=1)
+    # false (dinov2's MaskingGenerator): once the remaining budget is below min_num_patches,
+    # smaller blocks fill it; true: blocks below min_num_patches are rejected (earlier dinoflow)
+    reject_small_blocks: bool = False
 
 
 class LossConfig(Strict):
@@ -168,6 +181,10 @@ class OptimConfig(Strict):
     teacher_temp_end: float = Field(0.07, gt=0)
     teacher_temp_warmup_epochs: float = Field(30, ge=0)
     max_warmup_fraction: float = Field(0.3, gt=0, le=1)  # short runs: warm-ups capped to this
+    # dinov2: CosineScheduler's ends (the warm-up reaches the peak at its last step, the cosine
+    # starts at the peak again and stops one step short of final); dinoflow_v1: the peak once,
+    # final reached at the last step
+    schedule_convention: Literal["dinov2", "dinoflow_v1"] = "dinov2"
 
 
 class TrainConfig(Strict):
@@ -248,6 +265,9 @@ class PretrainConfig(Strict):
         for name, size in (("global_size", self.crops.global_size), ("local_size", self.crops.local_size)):
             if size % p:
                 raise ValueError(f"crops.{name}={size} is not a multiple of backbone.patch_size={p}")
+        pe = self.backbone.pos_embed_size
+        if pe is not None and pe % p:
+            raise ValueError(f"backbone.pos_embed_size={pe} is not a multiple of backbone.patch_size={p}")
         if self.masking.ratio_min > self.masking.ratio_max:
             raise ValueError("masking.ratio_min must be <= masking.ratio_max")
         return self

@@ -1,8 +1,17 @@
 """Per-step schedules for lr, weight decay, teacher momentum and temperature (DINOV2.md 5).
 
-Schedules are precomputed numpy arrays indexed by the global step, as in dinov2's
-CosineScheduler. Two deliberate differences: the cosine reaches ``final`` exactly at the last
-step, and the warm-up ramp reaches ``base`` at step ``warmup_steps`` (no repeated peak).
+Schedules are precomputed numpy arrays indexed by the global step. convention="dinov2" (the
+default) gives the values of dinov2's ``CosineScheduler`` and ``build_schedulers``
+(dinov2/utils/utils.py, dinov2/train/train.py) step for step: the warm-up is
+``linspace(start, base, W)``, so it reaches the peak at step W - 1 and the cosine starts at the
+peak again at step W, and the cosine stops one step short of ``final``; the teacher temperature
+is its own ``linspace`` warm-up, then constant. Checked against the official code's arrays
+(tests/test_faithful_reference.py): equal to float64 rounding, 3.3e-16 relative at most
+(docs/faithfulness.md). dinoflow adds one thing: warm-ups longer than ``max_warmup_fraction`` of
+the run are capped (notes say so), as a short run must still reach its peak and final values.
+
+convention="dinoflow_v1" is dinoflow's earlier variant: the warm-up reaches ``base`` at step
+``warmup_steps`` (no repeated peak) and the cosine reaches ``final`` exactly at the last step.
 """
 
 from __future__ import annotations
@@ -18,17 +27,39 @@ def scaled_lr(base_lr: float, global_batch: int) -> float:
     return base_lr * math.sqrt(global_batch / 1024)
 
 
+CONVENTIONS = ("dinov2", "dinoflow_v1")
+
+
+def _check_convention(convention: str) -> None:
+    if convention not in CONVENTIONS:
+        raise ValueError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
+
+
 def cosine_schedule(
-    base: float, final: float, total_steps: int, warmup_steps: int = 0, warmup_start: float = 0.0
+    base: float,
+    final: float,
+    total_steps: int,
+    warmup_steps: int = 0,
+    warmup_start: float = 0.0,
+    convention: str = "dinov2",
 ) -> np.ndarray:
     """(total_steps,) linear warm-up warmup_start -> base, then half-cosine base -> final.
 
-    Step ``warmup_steps`` is ``base`` and the last step is ``final``.
+    dinov2 (``CosineScheduler``): warm-up linspace(warmup_start, base, W), so step W - 1 is
+    ``base``; the cosine final + (base - final)(1 + cos(pi i / n)) / 2 for i < n = total - W
+    starts at ``base`` at step W and ends one step short of ``final``.
+    dinoflow_v1: step W is ``base`` (the warm-up stops just below it) and the last step is
+    ``final``.
     """
+    _check_convention(convention)
     warmup_steps = min(warmup_steps, total_steps)
-    warmup = warmup_start + (base - warmup_start) * np.arange(warmup_steps) / max(warmup_steps, 1)
     n = total_steps - warmup_steps
-    progress = np.arange(n) / max(n - 1, 1)
+    if convention == "dinov2":
+        warmup = np.linspace(warmup_start, base, warmup_steps)
+        progress = np.arange(n) / max(n, 1)
+    else:
+        warmup = warmup_start + (base - warmup_start) * np.arange(warmup_steps) / max(warmup_steps, 1)
+        progress = np.arange(n) / max(n - 1, 1)
     cosine = final + 0.5 * (base - final) * (1.0 + np.cos(np.pi * progress))
     return np.concatenate([warmup, cosine]).astype(np.float64)
 
@@ -39,11 +70,19 @@ def linear_schedule(base: float, final: float, total_steps: int) -> np.ndarray:
 
 
 def linear_warmup_then_constant(
-    start: float, end: float, warmup_steps: int, total_steps: int
+    start: float, end: float, warmup_steps: int, total_steps: int, convention: str = "dinov2"
 ) -> np.ndarray:
-    """(total_steps,) linear start -> end over warmup_steps (step warmup_steps is end), then end."""
+    """(total_steps,) linear start -> end over warmup_steps, then end.
+
+    dinov2 (its teacher-temperature ``CosineScheduler``): linspace(start, end, W), so step
+    W - 1 is ``end``; dinoflow_v1: step W is ``end``.
+    """
+    _check_convention(convention)
     if warmup_steps <= 0:
         return np.full(total_steps, float(end))
+    if convention == "dinov2":
+        warmup = np.linspace(start, end, min(warmup_steps, total_steps))
+        return np.concatenate([warmup, np.full(total_steps - len(warmup), float(end))])
     frac = np.minimum(np.arange(total_steps) / warmup_steps, 1.0)
     return start + (end - start) * frac
 
@@ -95,6 +134,7 @@ def build_schedules(
     freeze_last_layer_epochs: float,
     max_warmup_fraction: float = 0.3,
     momentum_shape: str = "cosine",
+    convention: str = "dinov2",
 ) -> tuple[Schedules, list[str]]:
     """All training schedules plus human-readable notes about any capping, for the logs.
 
@@ -102,10 +142,12 @@ def build_schedules(
     temperature, last-layer freeze) longer than max_warmup_fraction of the run are capped to
     that fraction so that a short run still reaches its peak lr and final temperature.
     The teacher momentum goes start -> end over the whole run, ``momentum_shape`` "cosine"
-    (the reference) or "linear".
+    (the reference) or "linear". ``convention``: see ``cosine_schedule``; the last-layer freeze
+    zeroes the first steps of the lr schedule, as the reference's ``last_layer_lr_schedule``.
     """
     if momentum_shape not in ("cosine", "linear"):
         raise ValueError(f"momentum_shape must be 'cosine' or 'linear', got {momentum_shape!r}")
+    _check_convention(convention)
     if total_steps < 1 or steps_per_epoch < 1:
         raise ValueError(
             f"total_steps ({total_steps}) and steps_per_epoch ({steps_per_epoch}) must be >= 1"
@@ -137,13 +179,15 @@ def build_schedules(
         notes,
     )
     schedules = Schedules(
-        lr=cosine_schedule(base_lr, min_lr, total_steps, warmup_steps=lr_warmup),
-        wd=cosine_schedule(wd_start, wd_end, total_steps),
-        momentum=(cosine_schedule if momentum_shape == "cosine" else linear_schedule)(
-            momentum_start, momentum_end, total_steps
+        lr=cosine_schedule(base_lr, min_lr, total_steps, lr_warmup, convention=convention),
+        wd=cosine_schedule(wd_start, wd_end, total_steps, convention=convention),
+        momentum=(
+            cosine_schedule(momentum_start, momentum_end, total_steps, convention=convention)
+            if momentum_shape == "cosine"
+            else linear_schedule(momentum_start, momentum_end, total_steps)
         ),
         teacher_temp=linear_warmup_then_constant(
-            teacher_temp_start, teacher_temp_end, temp_warmup, total_steps
+            teacher_temp_start, teacher_temp_end, temp_warmup, total_steps, convention
         ),
         last_layer_lr_zero=np.arange(total_steps) < freeze,
     )

@@ -14,10 +14,14 @@ Mapping to dinoflow's timm backbone (``no_embed_class=True``): the CLS position 
 constant added to the learned CLS token, so it is folded into ``cls_token`` (exactly the
 reference's ``cat(cls, patches) + pos_embed`` for the CLS row). Patch position embeddings are
 resized once, at load time, to the backbone's grid when they differ, the way the source model
-itself resizes them at run time: official files exactly like the released model's
-``interpolate_pos_encoding`` (bicubic, scale factor (grid + 0.1) / old grid, no antialias), so
-the loaded backbone's forward equals the released model's forward at the configured image
-size; timm and dinoflow files with timm's ``resample_abs_pos_embed`` (bicubic, antialiased).
+itself resizes them at run time: official files with the backbone's own ``interpolate_offset``
+/ ``interpolate_antialias`` (dinov2's ``interpolate_pos_encoding``; set them to the release's:
+0.1 / False for the plain releases, 0.0 / True for the register ones, as dinov2's hub builds
+them), timm files with timm's ``resample_abs_pos_embed`` (= offset 0, antialias), dinoflow files
+with the settings recorded in the file. A backbone whose stored grid is the file's
+(``backbone.pos_embed_size`` = 518 for the releases) needs no resize: its forward equals the
+released model's at every crop size (tests/test_faithful_reference.py: within 1.9e-6 at 98 px,
+0 at 224 and 518 px). Resized to a 224 px backbone, it equals it at 224 px (0) only.
 """
 
 from __future__ import annotations
@@ -32,11 +36,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from timm.layers import resample_abs_pos_embed
 
 from dinoflow.files import atomic_torch_save
-from dinoflow.models.vit import BACKBONE_FORMAT, DinoVisionTransformer
+from dinoflow.models.vit import BACKBONE_FORMAT, DinoVisionTransformer, interpolate_pos_embed
 
 __all__ = [
     "LoadReport",
@@ -130,21 +133,14 @@ def _square_side(n: int) -> int | None:
 
 
 def resize_pos_embed_official(
-    pe: torch.Tensor, new_grid: tuple[int, int], offset: float = 0.1
+    pe: torch.Tensor, new_grid: tuple[int, int], offset: float = 0.1, antialias: bool = False
 ) -> torch.Tensor:
-    """Patch position embeddings (1, M*M, D) -> (1, H*W, D) as the released DINOv2 models do
-    in ``interpolate_pos_encoding`` (hub models: interpolate_offset 0.1, no antialias)."""
+    """Patch position embeddings (1, M*M, D) -> (1, H*W, D) float32 as a dinov2 ViT does in
+    ``interpolate_pos_encoding`` with these interpolate_offset / interpolate_antialias."""
     m = _square_side(pe.shape[1])
     if m is None:
         raise ValueError(f"pos_embed has {pe.shape[1]} patch rows, not a square grid")
-    d = pe.shape[-1]
-    grid = pe.float().reshape(1, m, m, d).permute(0, 3, 1, 2)
-    # the scale factor (not the size) sets the sampling positions, as in the reference
-    scale = ((new_grid[0] + offset) / m, (new_grid[1] + offset) / m)
-    out = F.interpolate(grid, scale_factor=scale, mode="bicubic", antialias=False)
-    if tuple(out.shape[-2:]) != tuple(new_grid):
-        raise ValueError(f"official resize of a {m}x{m} grid gave {tuple(out.shape[-2:])}")
-    return out.permute(0, 2, 3, 1).reshape(1, -1, d)
+    return interpolate_pos_embed(pe.float(), (m, m), new_grid, offset, antialias)
 
 
 def load_released_weights(
@@ -213,9 +209,17 @@ def load_released_weights(
         assert side is not None
         grid = tuple(backbone.vit.patch_embed.grid_size)
         if (side, side) != grid and pe.shape[-1] == model_sd["vit.pos_embed"].shape[-1]:
-            if report.source_format == "official":
-                pe = resize_pos_embed_official(pe, (int(grid[0]), int(grid[1])))
-                how = "as the released model's interpolate_pos_encoding (offset 0.1)"
+            if report.source_format in ("official", "dinoflow"):
+                if report.source_format == "official":
+                    offset, antialias = backbone.interpolate_offset, backbone.interpolate_antialias
+                else:  # the file's own run-time setting (files before it existed: timm's)
+                    kw = raw.get("kwargs", {}) if isinstance(raw, dict) else {}
+                    offset = kw.get("interpolate_offset", 0.0)
+                    antialias = kw.get("interpolate_antialias", True)
+                pe = interpolate_pos_embed(pe, (side, side), (int(grid[0]), int(grid[1])),
+                                           offset, antialias)
+                how = (f"as dinov2's interpolate_pos_encoding (interpolate_offset {offset:g}, "
+                       f"interpolate_antialias {antialias})")
             else:
                 pe = resample_abs_pos_embed(
                     pe, new_size=list(grid), old_size=[side, side], num_prefix_tokens=0
@@ -224,6 +228,13 @@ def load_released_weights(
             report.pos_embed_resized = ((side, side), (int(grid[0]), int(grid[1])))
             report.notes.append(f"patch position embeddings resized bicubically {how}")
         mapped["pos_embed"] = pe.to(mapped["pos_embed"].dtype)
+
+    if (report.source_format == "official" and "reg_token" in mapped
+            and (backbone.interpolate_offset, backbone.interpolate_antialias) != (0.0, True)):
+        report.notes.append(
+            "register release: dinov2's hub interpolates its position embeddings with "
+            "interpolate_offset 0.0 and antialias (set pretrain.backbone.interpolate_offset: 0.0, "
+            "interpolate_antialias: true to compute as it does at other crop sizes)")
 
     # --- colour -> grayscale patch embedding
     pw = mapped.get("patch_embed.proj.weight")

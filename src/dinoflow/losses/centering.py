@@ -45,7 +45,16 @@ class SoftmaxCentering(nn.Module):
 
     @torch.no_grad()
     def update(self, teacher_logits: torch.Tensor) -> None:
-        """center = m * center + (1 - m) * mean over all processes of the (M, K) logits."""
+        """center = m * center + (1 - m) * mean over all processes of the (M, K) logits.
+
+        The mean is over every row of every process (global sum / global count). dinov2's
+        iBOT center takes the mean of the per-process means instead, which differs when the
+        processes hold unequal numbers of masked tokens. Decision (docs/faithfulness.md): keep
+        the mean over all tokens, so N processes compute what one process computes on the same
+        global batch (masks are drawn for the global batch, so per-rank counts do differ), and
+        a process with no masked token contributes no NaN (the reference's mean of 0 rows).
+        For the DINO (CLS) center both are the same: every process holds 2B rows.
+        """
         logits = teacher_logits.float()
         batch_sum = all_reduce_(logits.sum(dim=0, keepdim=True))
         count = all_reduce_(torch.tensor([float(logits.shape[0])], device=logits.device))

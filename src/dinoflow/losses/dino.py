@@ -52,6 +52,10 @@ class DINOLoss(nn.Module):
 
         student_global (2, B, K), student_local (N, B, K) with N >= 0, targets (2, B, K).
         Student global i is paired with teacher j != i only; locals with both teachers.
+        With N = 0 this is the mean of the 2 global pairs. dinov2 divides by 2 + max(2N, 1),
+        i.e. by 3 when N = 0 (its max(., 1) guards the local term's division): decision
+        (docs/faithfulness.md) to keep the mean over the pairs that exist, so the DINO term
+        keeps its scale with or without local crops; with N >= 1 both are the same.
         """
         n_global = student_global.shape[0]
         student = torch.cat([student_global, student_local]).float()  # (V, B, K)

@@ -1,4 +1,11 @@
-"""DINO projection head (DINOV2.md section 2), as in the reference ``dinov2/layers/dino_head.py``."""
+"""DINO projection head (DINOV2.md section 2), as the reference ``dinov2/layers/dino_head.py``.
+
+Checked against that code (tests/test_faithful_reference.py, fixtures from
+experiments/faithful/make_fixtures.py): for the same weights and inputs the outputs and the
+gradients agree within 2e-7 relative to each tensor's largest value, the weights after two AdamW
+steps (the first with the last layer frozen) within 1.2e-6, and the trainable tensors and their
+lr / wd multipliers are the same, ``weight_g`` included (docs/faithfulness.md).
+"""
 
 from __future__ import annotations
 
@@ -25,9 +32,15 @@ class DINOHead(nn.Module):
     """MLP -> bottleneck -> L2 normalise -> weight-normalised linear (no bias) to K prototypes.
 
     (..., in_dim) -> (..., out_dim). ``last_layer`` is ``parametrizations.weight_norm`` of a
-    bias-free Linear; its magnitude ``g`` (``last_layer.parametrizations.weight.original0``,
-    shape (out_dim, 1)) is fixed to 1 and not trained, so each prototype row has unit norm and
-    the logits are cosine similarities.
+    bias-free Linear: weight = g * v / ||v|| row by row. Its magnitude ``g``
+    (``last_layer.parametrizations.weight.original0``, shape (out_dim, 1), the reference's
+    ``weight_g``) starts at 1.
+
+    norm_last_layer=False (DINOv2, the default): g is trained like the reference's, in the
+    last-layer parameter group (name contains ``last_layer``), so it is frozen with the
+    prototypes during ``freeze_last_layer_epochs`` and, as in the reference's parameter groups,
+    gets weight decay. True (DINOv1's ``norm_last_layer``): g stays 1 and is not trained, so
+    every prototype row has unit norm and the logits are cosine similarities.
     """
 
     def __init__(
@@ -37,6 +50,7 @@ class DINOHead(nn.Module):
         hidden_dim: int = 2048,
         bottleneck_dim: int = 256,
         nlayers: int = 3,
+        norm_last_layer: bool = False,
     ) -> None:
         super().__init__()
         if nlayers < 1:
@@ -50,7 +64,8 @@ class DINOHead(nn.Module):
         g = self.last_layer.parametrizations.weight.original0
         with torch.no_grad():
             g.fill_(1.0)
-        g.requires_grad_(False)
+        self.norm_last_layer = norm_last_layer
+        g.requires_grad_(not norm_last_layer)
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:

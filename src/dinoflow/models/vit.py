@@ -2,8 +2,14 @@
 
 DINOv2 specifics (DINOV2.md section 2) on top of timm:
 - ``dynamic_img_size=True``: global and local crops of different sizes go through the same model
-  (in separate forward calls); patch position embeddings are resampled bicubically to each
-  crop's grid by timm's ``_pos_embed`` / ``resample_abs_pos_embed``.
+  (in separate forward calls). The patch position embeddings are interpolated to each crop's
+  grid by ``interpolate_pos_embed``, which computes what dinov2's ``interpolate_pos_encoding``
+  computes (bicubic, scale factor (grid + 0.1) / stored grid, no antialias, in float32; max abs
+  difference 0 from the official code, and a released-layout ViT-S/14 forward within 1.9e-6 of
+  it at 98, 224 and 518 px: docs/faithfulness.md), not by timm's run-time
+  ``resample_abs_pos_embed`` (antialiased, no offset). ``interpolate_offset=0`` with
+  ``interpolate_antialias=True`` is timm's resample exactly, and the setting of the released
+  register models (dinov2's hub builds them so).
 - ``no_embed_class=True``: only patches carry position embeddings. The reference model has a
   position embedding for CLS too, but it is a constant added to a learned constant, so it is
   folded into ``cls_token`` (see ``dinoflow.weights``). Register tokens carry none.
@@ -40,6 +46,7 @@ from dinoflow.models.attention import short_attention
 
 __all__ = [
     "BACKBONE_FORMAT",
+    "interpolate_pos_embed",
     "VIT_PRESETS",
     "DinoBlock",
     "DinoVisionTransformer",
@@ -62,6 +69,40 @@ VIT_PRESETS: dict[str, tuple[int, int, int]] = {
     "vit_large": (1024, 24, 16),
     "vit_giant": (1536, 40, 24),
 }
+
+
+def interpolate_pos_embed(
+    pos_embed: torch.Tensor,
+    stored_grid: tuple[int, int],
+    new_grid: tuple[int, int],
+    offset: float = 0.1,
+    antialias: bool = False,
+) -> torch.Tensor:
+    """Patch position embeddings (1, Hs*Ws, D) on ``stored_grid`` -> (1, H*W, D) on ``new_grid``.
+
+    dinov2's ``interpolate_pos_encoding``: unchanged on the stored grid; otherwise bicubic in
+    float32 and cast back, with ``scale_factor`` ((H + offset) / Hs, (W + offset) / Ws) when
+    offset != 0 (the scale factor, not the size, sets the sampling positions: the reference's
+    "historical kludge" of 0.1) or ``size`` (H, W) when offset == 0; antialias as given
+    (reference training and plain releases: offset 0.1, no antialias; register releases: 0, on).
+    """
+    hs, ws = int(stored_grid[0]), int(stored_grid[1])
+    h, w = int(new_grid[0]), int(new_grid[1])
+    if (h, w) == (hs, ws):
+        return pos_embed
+    d = pos_embed.shape[-1]
+    grid = pos_embed.float().reshape(1, hs, ws, d).permute(0, 3, 1, 2)
+    if offset:
+        scale = (float(h + offset) / hs, float(w + offset) / ws)
+        out = F.interpolate(grid, scale_factor=scale, mode="bicubic", antialias=antialias)
+    else:
+        out = F.interpolate(grid, size=(h, w), mode="bicubic", antialias=antialias)
+    if tuple(out.shape[-2:]) != (h, w):
+        raise ValueError(
+            f"interpolating a {hs}x{ws} grid with offset {offset} gave {tuple(out.shape[-2:])}, "
+            f"not {(h, w)}"
+        )
+    return out.permute(0, 2, 3, 1).reshape(1, h * w, d).to(pos_embed.dtype)
 
 
 class SwiGLUFFN(GluMlp):
@@ -211,8 +252,9 @@ class DinoVisionTransformer(nn.Module):
     """ViT backbone for DINOv2 training. Inputs (B, C, H, W) with H, W multiples of patch_size.
 
     Args:
-        img_size: side of the global crop; sets the stored position-embedding grid
-            (img_size // patch_size per side). Other crop sizes are resampled on the fly.
+        img_size: side of the stored position-embedding grid in pixels (img_size // patch_size
+            patches per side), usually the global crop. Other crop sizes are interpolated on
+            the fly by ``interpolate_pos_embed``.
         patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio: usual ViT sizes.
         num_register_tokens: register tokens after CLS (no position embedding).
         layerscale_init: LayerScale initial value (None or 0 disables LayerScale).
@@ -220,6 +262,9 @@ class DinoVisionTransformer(nn.Module):
         layer_norm_eps: LayerNorm epsilon.
         qkv_bias: bias in the qkv projection.
         ffn: "mlp" (GELU MLP) or "swiglu" (DINOv2's fused SwiGLU, used by ViT-g).
+        interpolate_offset, interpolate_antialias: how position embeddings are interpolated to
+            another grid, as dinov2's arguments of the same names (0.1 / False: the reference
+            training and the plain releases; 0.0 / True: the register releases, = timm's).
     """
 
     def __init__(
@@ -237,6 +282,8 @@ class DinoVisionTransformer(nn.Module):
         layer_norm_eps: float = 1e-6,
         qkv_bias: bool = True,
         ffn: str = "mlp",
+        interpolate_offset: float = 0.1,
+        interpolate_antialias: bool = False,
     ) -> None:
         super().__init__()
         if ffn not in ("mlp", "swiglu"):
@@ -259,8 +306,12 @@ class DinoVisionTransformer(nn.Module):
             layer_norm_eps=layer_norm_eps,
             qkv_bias=qkv_bias,
             ffn=ffn,
+            interpolate_offset=interpolate_offset,
+            interpolate_antialias=interpolate_antialias,
         )
         self.embed_dim = embed_dim
+        self.interpolate_offset = float(interpolate_offset)
+        self.interpolate_antialias = bool(interpolate_antialias)
         self.patch_size = patch_size
         self.depth = depth
         self.num_register_tokens = num_register_tokens
@@ -319,9 +370,25 @@ class DinoVisionTransformer(nn.Module):
                 raise ValueError(f"masks must have shape {(b, h * w)}, got {tuple(masks.shape)}")
             m = masks.to(device=x.device, dtype=torch.bool).view(b, h, w, 1)
             x = torch.where(m, self.mask_token.to(x.dtype).view(1, 1, 1, d), x)
-        x = vit._pos_embed(x)  # + resampled patch pos-embed, then cat [CLS, regs, patches]
+        x = self._pos_embed(x)
         x = vit.patch_drop(x)
         return vit.norm_pre(x)
+
+    def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
+        """timm's ``_pos_embed`` (no_embed_class) with dinov2's interpolation of the grid.
+
+        x (B, h, w, D) patch embeddings -> (B, 1 + R + h*w, D): patches + position embeddings
+        interpolated to (h, w), then [CLS, registers, patches] (prefix tokens carry none).
+        """
+        vit = self.vit
+        b, h, w, d = x.shape
+        pos = interpolate_pos_embed(vit.pos_embed, tuple(vit.patch_embed.grid_size), (h, w),
+                                    self.interpolate_offset, self.interpolate_antialias)
+        x = x.reshape(b, h * w, d) + pos
+        prefix = [vit.cls_token.expand(b, -1, -1)]
+        if vit.reg_token is not None:
+            prefix.append(vit.reg_token.expand(b, -1, -1))
+        return vit.pos_drop(torch.cat([*prefix, x], dim=1))
 
     # ------------------------------------------------------------------ forwards
     def forward_features(
@@ -427,6 +494,10 @@ def load_backbone(
     payload = torch.load(path, map_location=map_location, weights_only=True)
     if not isinstance(payload, dict) or payload.get("format") != BACKBONE_FORMAT:
         raise ValueError(f"{path}: not a {BACKBONE_FORMAT} file")
-    model = DinoVisionTransformer(**payload["kwargs"])
+    kwargs = dict(payload["kwargs"])
+    # files written before these kwargs existed ran timm's resample (= offset 0, antialias)
+    kwargs.setdefault("interpolate_offset", 0.0)
+    kwargs.setdefault("interpolate_antialias", True)
+    model = DinoVisionTransformer(**kwargs)
     model.load_state_dict(payload["state_dict"])
     return model

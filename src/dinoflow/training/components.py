@@ -57,10 +57,12 @@ def backbone_from_config(bb: BackboneConfig, img_size: int, in_chans: int) -> Di
     sizes = {k: v for k, v in (("embed_dim", bb.embed_dim), ("depth", bb.depth),
                                ("num_heads", bb.num_heads), ("ffn", bb.ffn)) if v is not None}
     return build_backbone(
-        None if bb.arch == "custom" else bb.arch, img_size=img_size, patch_size=bb.patch_size,
-        in_chans=in_chans, mlp_ratio=bb.mlp_ratio, num_register_tokens=bb.num_register_tokens,
-        layerscale_init=bb.layerscale_init, drop_path_rate=bb.drop_path_rate,
-        layer_norm_eps=bb.layer_norm_eps, **sizes,
+        None if bb.arch == "custom" else bb.arch, img_size=bb.pos_embed_size or img_size,
+        patch_size=bb.patch_size, in_chans=in_chans, mlp_ratio=bb.mlp_ratio,
+        num_register_tokens=bb.num_register_tokens, layerscale_init=bb.layerscale_init,
+        drop_path_rate=bb.drop_path_rate, layer_norm_eps=bb.layer_norm_eps,
+        interpolate_offset=bb.interpolate_offset, interpolate_antialias=bb.interpolate_antialias,
+        **sizes,
     )  # fmt: skip
 
 
@@ -70,7 +72,8 @@ def build_student(cfg: PretrainConfig, in_chans: int) -> SSLModel:
     h = cfg.head
 
     def head(k: int) -> DINOHead:
-        return DINOHead(backbone.embed_dim, k, h.hidden_dim, h.bottleneck_dim, h.nlayers)
+        return DINOHead(backbone.embed_dim, k, h.hidden_dim, h.bottleneck_dim, h.nlayers,
+                        norm_last_layer=h.norm_last_layer)
 
     ibot = head(h.ibot_n_prototypes or h.n_prototypes) if h.separate_ibot_head else None
     return SSLModel(backbone, head(h.n_prototypes), ibot)
@@ -111,6 +114,7 @@ def schedules_for(cfg: PretrainConfig, total_steps: int, steps_per_epoch: int,
         teacher_temp_start=o.teacher_temp_start, teacher_temp_end=o.teacher_temp_end,
         teacher_temp_warmup_epochs=o.teacher_temp_warmup_epochs,
         freeze_last_layer_epochs=o.freeze_last_layer_epochs, max_warmup_fraction=o.max_warmup_fraction,
+        convention=o.schedule_convention,
     )  # fmt: skip
 
 

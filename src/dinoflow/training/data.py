@@ -100,7 +100,8 @@ class MaskingCollate:
         m = cfg.masking
         self.generator = BlockMaskGenerator((grid, grid), max_mask_ratio=m.max_mask_ratio,
                                             min_num_patches=m.min_num_patches,
-                                            min_aspect=m.min_aspect, max_attempts=m.max_attempts)
+                                            min_aspect=m.min_aspect, max_attempts=m.max_attempts,
+                                            reject_small_blocks=m.reject_small_blocks)
         self.grid, self.m, self.seed = (grid, grid), m, cfg.train.seed
         self.rank, self.world_size = rank, world_size
 
