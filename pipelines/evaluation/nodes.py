@@ -15,18 +15,20 @@ def evaluate(data: dict, evaluation: dict, pretrain_summary: dict | None) -> tup
     # one folder for pictures and details: the evaluate stage's DVC out (dvc.yaml)
     metrics, report = run_evaluation(data_cfg, evaluation, pretrain_summary,
                                      out_dir="data/08_reporting/evaluation")
-    log_to_mlflow(metrics, report)
+    # the run that evaluated: registration links it on the model card (same or a later run)
+    report["mlflow_run_id"] = log_to_mlflow(metrics, report)
     return metrics, report
 
 
-def log_to_mlflow(metrics: dict[str, float], report: dict[str, Any]) -> None:
+def log_to_mlflow(metrics: dict[str, float], report: dict[str, Any]) -> str | None:
     """Metrics and pictures on this run; metrics also on the pretraining run that made the model
-    (one row in the MLflow UI holds training and evaluation), linked both ways by tags."""
+    (one row in the MLflow UI holds training and evaluation), linked both ways by tags.
+    Returns this run's id (None without an active run)."""
     import mlflow
 
     run = mlflow.active_run()
     if run is None:
-        return
+        return None
     mlflow.log_metrics({f"eval/{k}": v for k, v in metrics.items()})
     for path in report["files"].values():
         mlflow.log_artifact(path, "evaluation")
@@ -42,3 +44,4 @@ def log_to_mlflow(metrics: dict[str, float], report: dict[str, Any]) -> None:
             client.set_tag(pretrain_run, "dinoflow.evaluation_run_id", run.info.run_id)
         except Exception:  # noqa: BLE001 - the pretrain run may live in another store
             pass
+    return run.info.run_id

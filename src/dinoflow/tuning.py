@@ -31,7 +31,7 @@ from pydantic import BaseModel, Field, model_validator
 
 from dinoflow.checkpoint import fingerprint
 from dinoflow.config import ConfigError, DataConfig, PretrainConfig, Strict, validate
-from dinoflow.tracking import flatten
+from dinoflow.tracking import flatten, use_experiment
 
 log = logging.getLogger(__name__)
 
@@ -382,7 +382,7 @@ def run_study(
 
     own_parent = mlflow.active_run() is None
     if own_parent:
-        mlflow.set_experiment(tuning.experiment)
+        use_experiment(tuning.experiment)
         mlflow.start_run()
         mlflow.set_tags({"dinoflow.pipeline": "tuning",
                          "mlflow.runName": _run_name("tuning", budgeted, data,
