@@ -108,6 +108,9 @@ def _register_champion(store: str, tmp_path: Path) -> RegisteredBackbone:
 
     model = backbone(size=28)
     mlflow.set_tracking_uri(store)
+    # artifacts in tmp_path (the default ./mlruns would be the caller's working directory)
+    mlflow.MlflowClient(store).create_experiment("dinoflow",
+                                                 artifact_location=(tmp_path / "mlruns").as_uri())
     mlflow.set_experiment("dinoflow")
     with mlflow.start_run(run_name="registration"):
         version = log_and_register(model, input_example_batch=1, log_code=False)

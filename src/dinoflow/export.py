@@ -213,7 +213,7 @@ def export_backbone(model: nn.Module, cfg: ExportConfig, source: str = "") -> di
     summary written to ``export.json``: files, preprocessing, timm kwargs and the measured max
     abs differences to PyTorch (ONNX at each ``check_batch_sizes``, timm on a batch of 3).
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -240,7 +240,7 @@ def export_backbone(model: nn.Module, cfg: ExportConfig, source: str = "") -> di
     if cfg.timm:
         kwargs = timm_create_model_kwargs(model)
         weights = timm_state_dict(model)
-        save_file(weights, str(out / TIMM_WEIGHTS_FILE))
+        (out / TIMM_WEIGHTS_FILE).write_bytes(save(weights))
         (out / TIMM_KWARGS_FILE).write_text(json.dumps(kwargs, indent=2) + "\n")
         diff = _timm_max_abs_diff(timm_model(kwargs, weights), model, image_size, cfg.seed)
         summary["files"]["timm_state_dict"] = str(out / TIMM_WEIGHTS_FILE)
