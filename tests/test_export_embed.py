@@ -241,3 +241,22 @@ def test_embed_node_on_the_curated_set(tmp_path: Path, fmnist_splits, monkeypatc
     with torch.no_grad():
         np.testing.assert_allclose(vectors[:3], model(x).numpy(), atol=1e-5)
     assert EmbedConfig().model == "models:/dinoflow-backbone@champion"
+
+
+def test_bad_parameters_and_inputs_are_named(tmp_path: Path) -> None:
+    from dinoflow.config import ConfigError, validate
+    from dinoflow.embeddings import EmbedConfig, folder_image_set
+    from dinoflow.serving import load_registered_backbone
+
+    with pytest.raises(ConfigError) as err:
+        validate(ExportConfig, {"opset": 12, "onx": True}, "export")
+    assert "export.opset" in str(err.value) and "export.onx: unknown key" in str(err.value)
+    with pytest.raises(ConfigError, match="embed.embedding"):
+        validate(EmbedConfig, {"embedding": "patches"}, "embed")  # not one vector per image
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="embed.folder: no images under"):
+        folder_image_set(tmp_path / "empty")
+    with pytest.raises(ValueError, match="not an MLflow model URI"):
+        load_registered_backbone(str(tmp_path / "teacher_backbone.pt"))
+    with pytest.raises(ValueError, match="cannot load models:/dinoflow-backbone@champion"):
+        load_registered_backbone("models:/dinoflow-backbone@champion")  # an empty store
