@@ -259,6 +259,11 @@ def test_served_embeddings_equal_the_pyfunc_and_the_backbone(store: str, tmp_pat
     assert meta.saved_input_example_info is not None
     in_process = pyfunc.predict(frame)
     np.testing.assert_allclose(in_process, expected_cls, atol=1e-6)
+    # wrapped base64 (the `base64` tool's 76-column lines) and a data URI decode the same
+    wrapped = pd.DataFrame({"image": ["\n".join(v[i:i + 76] for i in range(0, len(v), 76))
+                                      for v in frame["image"][:1]]
+                                     + [f"data:image/png;base64,{frame['image'][1]}"]})  # fmt: skip
+    np.testing.assert_allclose(pyfunc.predict(wrapped), expected_cls[:2], atol=1e-6)
     patch_mean = pyfunc.predict(frame, params={"embedding": "patch_mean", "batch_size": 3})
     np.testing.assert_allclose(patch_mean, expected_patches.mean(axis=1), atol=1e-6)
 

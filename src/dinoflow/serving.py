@@ -107,8 +107,10 @@ def _decode_cell(value: Any, row: int) -> bytes:
         return bytes(value)
     if not isinstance(value, str):
         raise ValueError(f"image row {row}: expected base64 text, got {type(value).__name__}")
-    try:
-        return base64.b64decode(value, validate=True)
+    if value.startswith("data:") and "," in value:  # a data URI: data:image/png;base64,<text>
+        value = value.split(",", 1)[1]
+    try:  # line breaks (as the `base64` tool wraps its output) are not part of the data
+        return base64.b64decode("".join(value.split()), validate=True)
     except (binascii.Error, ValueError) as exc:
         raise ValueError(f"image row {row}: not valid base64 ({exc})") from None
 
