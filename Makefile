@@ -18,7 +18,7 @@ PYTEST_ARGS ?=
 # the venv's kedro, dvc and mlflow first on PATH (for recipes and the tests' subprocesses)
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: help install data run smoke test lint bench ui tune-dashboard clean
+.PHONY: help install data run smoke test lint bench ui viz tune-dashboard clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
@@ -60,8 +60,14 @@ bench: data  ## benchmarks -> benchmarks/results/latest.json and the README tabl
 	$(PY) -m benchmarks.run_all
 	$(PY) -m benchmarks.bench_curation
 
-ui:  ## the MLflow UI on the runs (http://127.0.0.1:5000)
+ui: install  ## the MLflow UI on the runs (prints the address that opens the training runs)
+	@# MLflow 3.17 opens experiments on its GenAI view unless the address names model training
+	@$(PY) -c "from dinoflow.tracking import ui_landing_url as u; \
+	  print('MLflow UI, dinoflow training runs:', u('http://127.0.0.1:5000', 'sqlite:///mlflow.db'))"
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
+
+viz: install  ## kedro-viz: the pipelines as a graph (http://127.0.0.1:4141)
+	$(KEDRO) viz run --host 127.0.0.1 --port 4141 --no-browser
 
 tune-dashboard:  ## optuna-dashboard on the tuning study (http://127.0.0.1:8080)
 	$(VENV)/bin/optuna-dashboard sqlite:///data/07_model_output/tuning/optuna.db --host 127.0.0.1 --port 8080

@@ -1,6 +1,8 @@
 """dinoflow's Kedro pipelines (importable as ``dinoflow.pipelines``): thin wrappers over the library.
 
-Each folder is one pipeline with ``create_pipeline()``; Kedro's ``find_pipelines`` finds them.
+Each folder is one pipeline with ``create_pipeline()``; Kedro's ``find_pipelines`` finds them:
+curation, pretrain, evaluation, registration, tuning (Optuna), export (the champion as ONNX and
+timm weights), embed (batch embeddings + faiss index). ``__default__`` is DEFAULT_PIPELINES.
 """
 
 from __future__ import annotations

@@ -24,6 +24,40 @@ from kedro.framework.hooks import hook_impl
 
 log = logging.getLogger(__name__)
 
+# The start of MLflow's warning for a PythonModel subclass whose predict has no type hints.
+_NO_TYPE_HINTS_WARNING = "Add type hints to the `predict` method"
+
+
+def import_kedro_mlflow_models() -> None:
+    """Import ``kedro_mlflow.mlflow`` once, without MLflow's "Add type hints" warning.
+
+    Why a filter and not a fix: the warning comes from kedro-mlflow's own class
+    ``KedroPipelineModel(mlflow.pyfunc.PythonModel)``, whose ``predict(self, context,
+    model_input, params=None)`` has no type hint; MLflow warns when the class is *defined*
+    (``PythonModel.__init_subclass__``). kedro-mlflow's hook and CLI modules both import it at
+    module level, and Kedro loads them for every command; every kedro-mlflow release (2.0.3, the
+    latest) and its main branch define it so. ``warnings.filterwarnings`` cannot silence it either:
+    MLflow checks under ``catch_warnings()`` + ``simplefilter("once")``, which puts its own filter
+    first. So dinoflow.settings (imported by Kedro before the plugins) imports the module here,
+    recording its warnings, drops exactly that one and passes every other warning on. The class
+    is then defined once; later imports reuse it. The fix upstream is one annotation
+    (``model_input: pd.DataFrame``); drop this function when kedro-mlflow ships it.
+    """
+    import sys
+    import warnings
+
+    if "kedro_mlflow.mlflow" in sys.modules:
+        return
+    import kedro.framework.project  # noqa: F401 - Kedro's logging set-up replaces showwarning: first
+    import mlflow.pyfunc  # noqa: F401 - MLflow's own import-time warnings are not recorded here
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        import kedro_mlflow.mlflow  # noqa: F401
+    for w in caught:
+        if _NO_TYPE_HINTS_WARNING not in str(w.message):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
+
 
 def git_commit(root: Path = Path(".")) -> str:
     try:
@@ -202,6 +236,10 @@ class LineageHooks:
                 mlflow.set_tag("dinoflow.curated_data_md5",
                                file_md5(Path("data/03_primary/curated_manifest.csv")))
             return
+        from dinoflow.tracking import mark_training_experiment
+
+        # an experiment made before mlflow.yml's tag (or by other code): model training too
+        mark_training_experiment(run.info.experiment_id)
         tags = self.run_tags()
         pipeline = tags["dinoflow.pipeline"].replace("__default__", "default")
         name = f"{pipeline} | {tags['dinoflow.model']} | {tags['dinoflow.dataset']} | {run.info.run_id[:6]}"

@@ -57,6 +57,18 @@ def _tuning(p: dict, everything: dict) -> None:
     check_tuning_config(validate(PretrainConfig, everything.get("pretrain"), "pretrain"), tuning)
 
 
+def _export(p: dict, _: dict) -> None:
+    from dinoflow.export import ExportConfig
+
+    validate(ExportConfig, p, "export")
+
+
+def _embed(p: dict, _: dict) -> None:
+    from dinoflow.embeddings import EmbedConfig
+
+    validate(EmbedConfig, p, "embed")
+
+
 VALIDATORS: dict[str, Validator] = {
     "data": _data,
     "curation": _curation,
@@ -64,6 +76,8 @@ VALIDATORS: dict[str, Validator] = {
     "evaluation": _evaluation,
     "registration": _registration,
     "tuning": _tuning,
+    "export": _export,
+    "embed": _embed,
 }
 
 

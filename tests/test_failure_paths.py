@@ -165,10 +165,12 @@ except DiskFullError as exc:
 
 
 def _tmpfs_prefix(mount: Path) -> list[str] | None:
-    """A command prefix that runs its command with a 2 MB tmpfs mounted at ``mount``: as root
-    directly, else in a user + mount namespace (unshare). None where neither is allowed."""
+    """A command prefix that runs its command with a 2 MB tmpfs mounted at ``mount`` in a mount
+    namespace of its own (gone with the process): as root, else as a user namespace's root.
+    None where neither is allowed."""
     script = f"mount -t tmpfs -o size=2m tmpfs {mount} && exec \"$@\""
-    for prefix in (["sh", "-c", script, "sh"], ["unshare", "-rm", "sh", "-c", script, "sh"]):
+    for prefix in (["unshare", "-m", "sh", "-c", script, "sh"],
+                   ["unshare", "-rm", "sh", "-c", script, "sh"]):
         if shutil.which(prefix[0]) and subprocess.run([*prefix, "true"], capture_output=True).returncode == 0:
             return prefix
     return None

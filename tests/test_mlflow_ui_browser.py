@@ -1,4 +1,5 @@
-"""The MLflow comparison a user makes, in a real browser: two tuning trials side by side.
+"""The MLflow comparison a user makes, in a real browser: two tuning trials side by side; and the
+landing: the address ``make ui`` prints opens the dinoflow experiment on its training runs.
 
 Playwright drives the system's Chromium (Debian package ``chromium``; never a downloaded browser)
 against ``mlflow ui`` on loopback over a tmp store holding a real tiny tuning study. Every request
@@ -21,6 +22,7 @@ import pytest
 
 from dinoflow.config import DataConfig, PretrainConfig
 from dinoflow.jobs.tune import run_study
+from dinoflow.tracking import EXPERIMENT_KIND_TAG, TRAINING_EXPERIMENT_KIND, ui_landing_url
 from dinoflow.tuning import TuningConfig
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -157,6 +159,29 @@ def compare_in_browser(url: str, parent_prefix: str, run_names: list[str], scree
     return {"run_ids": [r.strip() for r in run_ids], "params": params, "metrics": metrics, "text": text}
 
 
+def landing_in_browser(url: str, run_prefix: str) -> dict:
+    """A fresh browser (no stored GenAI / model-training choice) opens ``url``.
+
+    Returns {"url": where it landed, "runs": the rows naming ``run_prefix``, "text": the page}.
+    """
+    from playwright.sync_api import sync_playwright
+
+    base = url.split("/#")[0]
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            page.route("**/*", lambda route: route.continue_() if route.request.url.startswith(base)
+                       else route.abort())
+            page.set_default_timeout(60_000)
+            page.goto(url, wait_until="load")
+            rows = page.locator('div[role="row"]', has_text=run_prefix)
+            rows.first.wait_for()
+            return {"url": page.url, "runs": rows.count(), "text": page.inner_text("body")}
+        finally:
+            browser.close()
+
+
 def test_compare_two_tuning_trials_in_the_mlflow_ui(tmp_path):
     import mlflow
 
@@ -182,13 +207,23 @@ def test_compare_two_tuning_trials_in_the_mlflow_ui(tmp_path):
             os.environ["MLFLOW_TRACKING_URI"] = old
     assert len({r.data.tags["mlflow.parentRunId"] for r in trials.values()}) == 1  # one tuning run
     names = [r.info.run_name for r in trials.values()]
+    # the experiment was made without a kind (as before this tag existed): the tuning run tagged it
+    experiment = mlflow.MlflowClient(uri).get_experiment_by_name("dinoflow")
+    assert experiment.tags[EXPERIMENT_KIND_TAG] == TRAINING_EXPERIMENT_KIND
 
     proc, url = start_mlflow_ui(uri, tmp_path)
     try:
         shot = tmp_path / "mlflow_compare.png"
         page = compare_in_browser(url, "tuning | custom/4 | fashion_mnist |", names, shot)
+        landing = landing_in_browser(ui_landing_url(url, uri), "tuning | custom/4 | fashion_mnist |")
     finally:
         stop(proc)
+    # the runs table, not MLflow 3's GenAI overview (usage charts, traces, an assistant)
+    assert f"/experiments/{experiment.experiment_id}/runs" in landing["url"], landing["url"]
+    assert "workflowType=machine_learning" in landing["url"]
+    assert landing["runs"] >= 1
+    for genai in ("Usage", "Tool calls", "Token Usage"):
+        assert genai not in landing["text"], genai
 
     assert sorted(page["run_ids"]) == sorted(trials)
     for column, run_id in enumerate(page["run_ids"]):

@@ -89,12 +89,12 @@ def _start_mlflow(cfg: PretrainConfig, experiment: str | None) -> bool:
         return False
     import mlflow
 
-    from dinoflow.tracking import flatten
+    from dinoflow.tracking import flatten, use_experiment
 
     if run_id:
         mlflow.start_run(run_id=run_id)
     else:
-        mlflow.set_experiment(experiment)
+        use_experiment(experiment)
         mlflow.start_run(run_name="pretrain (torchrun)")
         mlflow.log_params(flatten({"pretrain": cfg.model_dump(mode="json")}))
     return True

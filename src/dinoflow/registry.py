@@ -75,6 +75,8 @@ class RegistrationConfig(BaseModel):
     pictures: list[str] = Field(default_factory=list)  # glob patterns of PNGs for the model card
     input_example_batch: int = Field(2, ge=1)
     log_code: bool = True  # ship src/dinoflow with the model (code_paths)
+    # the pyfunc embedding service over each registered version (same aliases); None: none
+    embedder_name: str | None = "dinoflow-embedder"
 
 
 class RegisteredBackbone(nn.Module):
@@ -181,16 +183,9 @@ def _signature(model: RegisteredBackbone):
 
 
 def _requirements() -> list[str]:
-    """Pinned to the versions that made the model: inference would be slow (a subprocess)."""
-    from importlib.metadata import version
+    from dinoflow.serving import pinned_requirements
 
-    reqs = []
-    for pkg in ("torch", "torchvision", "timm", "numpy", "pydantic"):
-        try:
-            reqs.append(f"{pkg}=={version(pkg)}")
-        except Exception:  # noqa: BLE001 - not installed as a distribution: leave it unpinned
-            reqs.append(pkg)
-    return reqs
+    return pinned_requirements()
 
 
 def log_and_register(
@@ -330,10 +325,12 @@ def model_card(
     lineage: Mapping[str, Any],
     backbone_kwargs: Mapping[str, Any],
     pictures: Sequence[str] = (),
+    embedder_name: str | None = None,
 ) -> str:
     """Markdown: how to use the version, data version, code, params, metrics, pictures.
 
-    ``pictures`` are file names relative to the card (logged next to it).
+    ``pictures`` are file names relative to the card (logged next to it). ``embedder_name``:
+    the pyfunc embedding service registered over this version (a "Serve" line).
     """
     v = decision["version"]
     data = summary.get("data") or {}
@@ -354,6 +351,10 @@ def model_card(
         f"mean {list(summary.get('mean', []))}, std {list(summary.get('std', []))}, "
         f"image_size {summary.get('image_size')}, channels {summary.get('channels')}.",
         "",
+        *([f"Serve (image files in, embeddings out): `mlflow models serve -m "
+           f"models:/{embedder_name}@{decision['alias']} --env-manager local -h 127.0.0.1` "
+           f"(`{embedder_name}`: the same weights, alias `{decision['alias']}`).", ""]
+          if embedder_name else []),
         "## Data",
         f"- source: `{data.get('source')}`, path: `{data.get('path')}`, seed {data.get('seed')}, "
         f"val_size {data.get('val_size')}",
@@ -403,11 +404,13 @@ def _active_run(experiment: str = EXPERIMENT) -> Iterator[Any]:
     """The active run, or a new one in ``experiment`` (closed on exit)."""
     import mlflow
 
+    from dinoflow.tracking import use_experiment
+
     run = mlflow.active_run()
     if run is not None:
         yield run
         return
-    mlflow.set_experiment(experiment)
+    use_experiment(experiment)
     with mlflow.start_run(run_name="registration") as run:
         yield run
 
@@ -443,7 +446,9 @@ def _pictures(
 def _evaluation_run(client, run_id: str, pretrain_run_id: str | None, data_id: str) -> str | None:
     """The latest evaluation run of this pretrain run on this data (when no file names it).
 
-    In a single ``kedro run`` of the default pipeline the evaluation ran in this same run.
+    In a single ``kedro run`` of the default pipeline (or of evaluation + registration) the
+    evaluation ran in this same run: it is found too (only an evaluation tags a run with
+    ``dinoflow.eval_data_id``; registration never does).
     """
     if not pretrain_run_id:
         return None
@@ -459,8 +464,16 @@ def _evaluation_run(client, run_id: str, pretrain_run_id: str | None, data_id: s
         )  # fmt: skip
     except Exception:  # noqa: BLE001 - lineage is best effort; the decision does not need it
         return None
-    runs = [r for r in runs if r.info.run_id != run_id]
     return runs[0].info.run_id if runs else None
+
+
+def _register_embedder(version, model: RegisteredBackbone, cfg: RegistrationConfig,
+                       tags: Mapping[str, str]) -> dict[str, Any]:
+    """``dinoflow-embedder`` over the backbone ``version`` just promoted, with its aliases."""
+    from dinoflow.serving import register_embedder
+
+    return register_embedder(version, model, cfg.model_name, cfg.embedder_name, tags=tags,
+                             log_code=cfg.log_code)  # fmt: skip
 
 
 def register_pretrained(
@@ -529,7 +542,8 @@ def register_pretrained(
                            client)  # fmt: skip
         pictures = _pictures(summary, report, cfg.pictures)
         card = model_card(cfg.model_name, decision, summary, metrics, lineage,
-                          model.backbone.backbone_kwargs(), [p.name for p in pictures])  # fmt: skip
+                          model.backbone.backbone_kwargs(), [p.name for p in pictures],
+                          cfg.embedder_name)  # fmt: skip
         for p in pictures:
             mlflow.log_artifact(str(p), artifact_path="model_card")
         mlflow.log_text(card, "model_card/model_card.md")
@@ -547,5 +561,7 @@ def register_pretrained(
         result = {**decision, "metric_name": cfg.metric,
                   "model_uri": f"models:/{cfg.model_name}/{version.version}",
                   "lineage": lineage}  # fmt: skip
+        if cfg.embedder_name:
+            result["embedder"] = _register_embedder(version, model, cfg, known)
         mlflow.log_dict(result, "registration/decision.json")
     return result

@@ -17,7 +17,14 @@ for _var, _value in {
     os.environ.setdefault(_var, _value)
 os.environ.setdefault("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db")
 
-from dinoflow.pipelines.hooks import LineageHooks, RunGuardHooks  # noqa: E402
+from dinoflow.pipelines.hooks import (  # noqa: E402
+    LineageHooks,
+    RunGuardHooks,
+    import_kedro_mlflow_models,
+)
+
+# before Kedro loads kedro-mlflow's hook and CLI: see import_kedro_mlflow_models for why
+import_kedro_mlflow_models()
 
 HOOKS = (RunGuardHooks(), LineageHooks())
 DISABLE_HOOKS_FOR_PLUGINS = ("kedro-telemetry",)

@@ -57,3 +57,55 @@ def flatten(d: dict[str, Any], prefix: str = "", sep: str = ".") -> dict[str, An
         else:
             out[name] = value
     return out
+
+
+# MLflow 3's UI has two workflows, GenAI and model training. The experiment tag
+# ``mlflow.experimentKind`` says which one an experiment belongs to (and stops the UI asking);
+# dinoflow's experiments are model training.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+TRAINING_EXPERIMENT_KIND = "custom_model_development"
+
+
+def mark_training_experiment(experiment_id: str, client=None) -> bool:
+    """Tag an experiment as model training unless it already says what it is; True if tagged."""
+    from mlflow import MlflowClient
+
+    client = client or MlflowClient()
+    tags = client.get_experiment(experiment_id).tags or {}
+    kind = tags.get(EXPERIMENT_KIND_TAG, "")
+    if kind and not kind.endswith("_inferred") and kind != "no_inferred_type":
+        return False
+    client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, TRAINING_EXPERIMENT_KIND)
+    return True
+
+
+def use_experiment(name: str) -> str:
+    """``mlflow.set_experiment(name)`` (created if missing), tagged as model training; its id."""
+    import mlflow
+
+    experiment = mlflow.set_experiment(name)
+    mark_training_experiment(experiment.experiment_id)
+    return experiment.experiment_id
+
+
+def experiment_runs_url(base_url: str, experiment_id: str) -> str:
+    """The MLflow UI address that opens an experiment on its training runs.
+
+    MLflow 3.17's UI picks the GenAI or the model-training view from the ``workflowType`` URL
+    parameter, else from the browser's last choice (GenAI by default), not from the experiment's
+    tag; this address names the model-training view, which opens on the runs table.
+    """
+    return f"{base_url.rstrip('/')}/#/experiments/{experiment_id}?workflowType=machine_learning"
+
+
+def ui_landing_url(base_url: str, tracking_uri: str | None = None, name: str = "dinoflow") -> str:
+    """``experiment_runs_url`` of experiment ``name`` (tagged as model training on the way), or
+    the UI's home when the experiment does not exist yet. Creates nothing."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        return base_url
+    mark_training_experiment(experiment.experiment_id, client)
+    return experiment_runs_url(base_url, experiment.experiment_id)

@@ -176,8 +176,31 @@ def load_released_weights(
         or any(_CHUNK_RE.match(k) or ".mlp.w12." in k for k in sd)
     )
     report = LoadReport("dinoflow" if is_dinoflow else "official" if official else "timm")
+    mapped, origin = _to_timm_keys(sd)
+    model_sd = backbone.state_dict()
+    if "pos_embed" in mapped and "cls_token" in mapped:
+        _fit_pos_embed(mapped, backbone, raw, report, str(path))
+    if (report.source_format == "official" and "reg_token" in mapped
+            and (backbone.interpolate_offset, backbone.interpolate_antialias) != (0.0, True)):
+        report.notes.append(
+            "register release: dinov2's hub interpolates its position embeddings with "
+            "interpolate_offset 0.0 and antialias (set pretrain.backbone.interpolate_offset: 0.0, "
+            "interpolate_antialias: true to compute as it does at other crop sizes)")
+    _fit_channels(mapped, model_sd, report)
+    to_load = _compare(mapped, origin, model_sd, allow_missing, report)
+    if strict_report and not report.ok:
+        raise ValueError(
+            f"{path} ({report.source_format} layout) does not fit the backbone:\n"
+            f"{report.problems()}\n(keys that may stay as initialised: pretrain.init.allow_missing;"
+            " strict_report=False loads the matching keys anyway)"
+        )
+    backbone.load_state_dict(to_load, strict=False)
+    report.loaded = sorted(to_load)
+    return report
 
-    # --- rename to timm keys, remembering each key's name in the file
+
+def _to_timm_keys(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Official / timm keys -> timm's, and each new key's name in the file."""
     mapped: dict[str, torch.Tensor] = {}
     origin: dict[str, str] = {}
     for k, v in sd.items():
@@ -186,57 +209,56 @@ def load_released_weights(
         if new == "register_tokens":
             new = "reg_token"
         mapped[new], origin[new] = v, k
+    return mapped, origin
 
-    # --- position embeddings: fold prefix rows into the tokens, resize the patch grid
-    model_sd = backbone.state_dict()
-    if "pos_embed" in mapped and "cls_token" in mapped:
-        pe = mapped["pos_embed"].float()
-        rows = pe.shape[1]
-        n_reg = mapped["reg_token"].shape[1] if "reg_token" in mapped else 0
-        n_prefix = next((p for p in (0, 1, 1 + n_reg) if _square_side(rows - p)), None)
-        if n_prefix is None:
-            raise ValueError(f"{path}: pos_embed has {rows} rows, not a square grid + prefix")
-        if n_prefix >= 1:  # the reference adds pos_embed[:, 0] to CLS: fold it in exactly
-            cls = mapped["cls_token"]
-            mapped["cls_token"] = (cls.float() + pe[:, :1]).to(cls.dtype)
-            report.notes.append("CLS position embedding folded into cls_token")
-        if n_prefix > 1:
-            reg = mapped["reg_token"]
-            mapped["reg_token"] = (reg.float() + pe[:, 1:n_prefix]).to(reg.dtype)
-            report.notes.append("register position embeddings folded into reg_token")
-        pe = pe[:, n_prefix:]
-        side = _square_side(rows - n_prefix)
-        assert side is not None
-        grid = tuple(backbone.vit.patch_embed.grid_size)
-        if (side, side) != grid and pe.shape[-1] == model_sd["vit.pos_embed"].shape[-1]:
-            if report.source_format in ("official", "dinoflow"):
-                if report.source_format == "official":
-                    offset, antialias = backbone.interpolate_offset, backbone.interpolate_antialias
-                else:  # the file's own run-time setting (files before it existed: timm's)
-                    kw = raw.get("kwargs", {}) if isinstance(raw, dict) else {}
-                    offset = kw.get("interpolate_offset", 0.0)
-                    antialias = kw.get("interpolate_antialias", True)
-                pe = interpolate_pos_embed(pe, (side, side), (int(grid[0]), int(grid[1])),
-                                           offset, antialias)
-                how = (f"as dinov2's interpolate_pos_encoding (interpolate_offset {offset:g}, "
-                       f"interpolate_antialias {antialias})")
-            else:
-                pe = resample_abs_pos_embed(
-                    pe, new_size=list(grid), old_size=[side, side], num_prefix_tokens=0
-                )
-                how = "with timm resample_abs_pos_embed"
-            report.pos_embed_resized = ((side, side), (int(grid[0]), int(grid[1])))
-            report.notes.append(f"patch position embeddings resized bicubically {how}")
-        mapped["pos_embed"] = pe.to(mapped["pos_embed"].dtype)
 
-    if (report.source_format == "official" and "reg_token" in mapped
-            and (backbone.interpolate_offset, backbone.interpolate_antialias) != (0.0, True)):
-        report.notes.append(
-            "register release: dinov2's hub interpolates its position embeddings with "
-            "interpolate_offset 0.0 and antialias (set pretrain.backbone.interpolate_offset: 0.0, "
-            "interpolate_antialias: true to compute as it does at other crop sizes)")
+def _fit_pos_embed(mapped: dict[str, torch.Tensor], backbone: DinoVisionTransformer, raw: Any,
+                   report: LoadReport, path: str) -> None:
+    """Fold the file's prefix rows (CLS, registers) into the tokens, resize the patch grid."""
+    pe = mapped["pos_embed"].float()
+    rows = pe.shape[1]
+    n_reg = mapped["reg_token"].shape[1] if "reg_token" in mapped else 0
+    n_prefix = next((p for p in (0, 1, 1 + n_reg) if _square_side(rows - p)), None)
+    if n_prefix is None:
+        raise ValueError(f"{path}: pos_embed has {rows} rows, not a square grid + prefix")
+    if n_prefix >= 1:  # the reference adds pos_embed[:, 0] to CLS: fold it in exactly
+        cls = mapped["cls_token"]
+        mapped["cls_token"] = (cls.float() + pe[:, :1]).to(cls.dtype)
+        report.notes.append("CLS position embedding folded into cls_token")
+    if n_prefix > 1:
+        reg = mapped["reg_token"]
+        mapped["reg_token"] = (reg.float() + pe[:, 1:n_prefix]).to(reg.dtype)
+        report.notes.append("register position embeddings folded into reg_token")
+    pe = pe[:, n_prefix:]
+    side = _square_side(rows - n_prefix)
+    assert side is not None
+    grid = tuple(backbone.vit.patch_embed.grid_size)
+    target = backbone.state_dict()["vit.pos_embed"]
+    if (side, side) != grid and pe.shape[-1] == target.shape[-1]:
+        if report.source_format in ("official", "dinoflow"):
+            if report.source_format == "official":
+                offset, antialias = backbone.interpolate_offset, backbone.interpolate_antialias
+            else:  # the file's own run-time setting (files before it existed: timm's)
+                kw = raw.get("kwargs", {}) if isinstance(raw, dict) else {}
+                offset = kw.get("interpolate_offset", 0.0)
+                antialias = kw.get("interpolate_antialias", True)
+            pe = interpolate_pos_embed(pe, (side, side), (int(grid[0]), int(grid[1])),
+                                       offset, antialias)
+            how = (f"as dinov2's interpolate_pos_encoding (interpolate_offset {offset:g}, "
+                   f"interpolate_antialias {antialias})")
+        else:
+            pe = resample_abs_pos_embed(
+                pe, new_size=list(grid), old_size=[side, side], num_prefix_tokens=0
+            )
+            how = "with timm resample_abs_pos_embed"
+        report.pos_embed_resized = ((side, side), (int(grid[0]), int(grid[1])))
+        report.notes.append(f"patch position embeddings resized bicubically {how}")
+    mapped["pos_embed"] = pe.to(mapped["pos_embed"].dtype)
 
-    # --- colour -> grayscale patch embedding
+
+def _fit_channels(mapped: dict[str, torch.Tensor], model_sd: dict[str, torch.Tensor],
+                  report: LoadReport) -> None:
+    """A colour patch embedding into a grayscale backbone: summed over the channels."""
     pw = mapped.get("patch_embed.proj.weight")
     target = model_sd["vit.patch_embed.proj.weight"]
     if (
@@ -250,7 +272,11 @@ def load_released_weights(
         mapped["patch_embed.proj.weight"] = pw.sum(dim=1, keepdim=True)
         report.notes.append("3-channel patch embedding summed to 1 channel")
 
-    # --- compare with the backbone
+
+def _compare(mapped: dict[str, torch.Tensor], origin: dict[str, str],
+             model_sd: dict[str, torch.Tensor], allow_missing: Sequence[str],
+             report: LoadReport) -> dict[str, torch.Tensor]:
+    """The tensors that fit the backbone; the report lists unexpected, mismatched, missing."""
     to_load: dict[str, torch.Tensor] = {}
     provided: set[str] = set()
     for k, v in mapped.items():
@@ -276,16 +302,7 @@ def load_released_weights(
             report.allowed_missing.append(k)
             continue
         report.missing.append(k)
-
-    if strict_report and not report.ok:
-        raise ValueError(
-            f"{path} ({report.source_format} layout) does not fit the backbone:\n"
-            f"{report.problems()}\n(keys that may stay as initialised: pretrain.init.allow_missing;"
-            " strict_report=False loads the matching keys anyway)"
-        )
-    backbone.load_state_dict(to_load, strict=False)
-    report.loaded = sorted(to_load)
-    return report
+    return to_load
 
 
 def official_state_dict(

@@ -19,7 +19,7 @@ from dinoflow.data import load_data
 from dinoflow.errors import TrainingDiverged
 from dinoflow.files import atomic_write_json
 from dinoflow.jobs.pretrain import knn_subsets, run_pretraining
-from dinoflow.tracking import flatten
+from dinoflow.tracking import flatten, use_experiment
 from dinoflow.tuning import (
     OBJECTIVE_METRIC,
     TuningConfig,
@@ -157,7 +157,7 @@ def run_study(data: DataConfig, base: PretrainConfig, tuning: TuningConfig,
 
     own_parent = mlflow.active_run() is None
     if own_parent:
-        mlflow.set_experiment(tuning.experiment)
+        use_experiment(tuning.experiment)
         mlflow.start_run()
         mlflow.set_tags({"dinoflow.pipeline": "tuning",
                          "mlflow.runName": run_name("tuning", budgeted, data,
