@@ -337,3 +337,65 @@ def test_nan_advice_names_only_what_the_run_can_change() -> None:
     bf16 = PretrainConfig.model_validate({"train": {"precision": "bf16"}})
     assert "pretrain.train.precision=fp32" in divergence_advice(bf16)
 
+
+
+# --------------------------------------------------------------------------- registration
+REGISTRATION_JOB = """
+import os, signal, sys, torch
+import dinoflow.registry as registry
+from dinoflow.models.vit import DinoVisionTransformer
+from dinoflow.registry import RegistrationConfig, register_pretrained
+
+seed, kill_in = int(sys.argv[1]), sys.argv[2]
+if kill_in != "none":  # SIGKILL at the start of that step: the state a real kill leaves there
+    real = getattr(registry, kill_in)
+    def killed(*a, **k):
+        if kill_in == "model_card":
+            real(*a, **k)  # the alias has moved by now: the card is the next step
+        os.kill(os.getpid(), signal.SIGKILL)
+    setattr(registry, kill_in, killed)
+torch.manual_seed(seed)
+vit = DinoVisionTransformer(img_size=8, patch_size=4, in_chans=1, embed_dim=16, depth=1,
+                            num_heads=2).eval()
+summary = {"teacher_backbone": "", "mean": [0.5], "std": [0.25], "image_size": 8, "channels": 1,
+           "data": {"source": "synthetic"}, "steps": 1, "final": {}}
+out = register_pretrained(summary, {"knn_top1": 0.5 + seed / 100}, RegistrationConfig(
+    embedder_name=None, log_code=False), report={"eval_data_id": "d", "files": {}}, backbone=vit)
+print("VERSION", out["version"], out["alias"])
+"""
+
+
+def _register(tmp_path: Path, seed: int, kill_in: str = "none") -> subprocess.CompletedProcess:
+    env = {**os.environ, **TELEMETRY_OFF, "OMP_NUM_THREADS": "1",
+           "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
+    return subprocess.run([sys.executable, "-c", REGISTRATION_JOB, str(seed), kill_in],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kill_in", ["promote", "model_card"])
+def test_a_killed_registration_leaves_no_version_without_its_decision(tmp_path, kill_in) -> None:
+    from mlflow import MlflowClient
+
+    from dinoflow.pipelines.hooks import end_runs_of_dead_processes
+
+    assert "VERSION 1 champion" in _register(tmp_path, 1).stdout
+    killed = _register(tmp_path, 2, kill_in)  # v2 created; killed before / after its alias moved
+    assert killed.returncode == -signal.SIGKILL
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    half = client.get_model_version("dinoflow-backbone", "2")
+    assert half.tags.get("dinoflow.registration_complete") is None
+    if kill_in == "model_card":  # the half-made version had already taken the champion alias
+        assert str(client.get_model_version_by_alias("dinoflow-backbone", "champion").version) == "2"
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_path}/mlflow.db"
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    assert len(end_runs_of_dead_processes()) == 1  # the killed registration's run: KILLED
+    after = _register(tmp_path, 3)  # the next registration repairs, then registers
+    assert "VERSION 3 champion" in after.stdout, after.stderr[-2000:]
+    versions = {str(v.version): v for v in client.search_model_versions("name='dinoflow-backbone'")}
+    assert sorted(versions) == ["1", "3"]  # the half-made v2 is gone
+    for v in versions.values():
+        assert v.tags["dinoflow.registration_complete"] == "true" and "dinoflow.decision" in v.tags
+    assert versions["3"].tags["dinoflow.decision"].startswith("champion: beats champion v1")

@@ -137,7 +137,9 @@ def test_champion_goes_to_the_better_model_and_loads_in_a_fresh_process(
     rng = np.random.default_rng(0)
     train, test = _split(*_images(10, rng), "train"), _split(*_images(5, rng), "test")
     data_id = data_identity(test.ids)
-    models = {"better": _backbone(True), "worse": _backbone(False)}
+    models = {"better": _backbone(True), "worse": _backbone(False), "retrained": _backbone(True)}
+    with torch.no_grad():  # the better model trained a little further: other weights
+        models["retrained"].vit.norm.weight.add_(0.01)
     knn = {name: _knn_top1(vit, train, test) for name, vit in models.items()}
     assert knn["better"] > 0.9 and knn["worse"] < 0.5, knn  # the premise: a real gap
 
@@ -175,7 +177,8 @@ def test_champion_goes_to_the_better_model_and_loads_in_a_fresh_process(
             parents = tag_parent_runs({"pretrain_summary": summary, "metrics": metrics, "x": 1})
             assert parents == {"dinoflow.pretrain_run_id": pre.info.run_id}
             out = register_backbone(summary, models[name], metrics, report, params).model_dump()
-        assert out["lineage"]["evaluation_run_id"] == ev.info.run_id
+        if not out["reason"].startswith("already registered"):
+            assert out["lineage"]["evaluation_run_id"] == ev.info.run_id
         out["run_id"] = reg.info.run_id
         out["pretrain_run_id"] = pre.info.run_id
         return out
@@ -190,16 +193,24 @@ def test_champion_goes_to_the_better_model_and_loads_in_a_fresh_process(
     assert (second["version"], second["alias"]) == ("2", CHAMPION)
     assert second["champion_metric"] == knn["worse"] and second["metric"] == knn["better"]
     assert second["reason"].startswith("beats champion v1")
+    # the same weights again: no second version, the first one's decision stands
+    again = register("worse")
+    assert again["version"] == "1" and again["reason"].startswith("already registered as v1")
+    assert len(client.search_model_versions(f"name='{MODEL_NAME}'")) == 2
+    with torch.no_grad():
+        models["worse"].vit.norm.bias.add_(0.01)  # now other weights: a new version
     third = register("worse")
     assert (third["version"], third["alias"]) == ("3", CHALLENGER)
     assert third["champion_metric"] == knn["better"] and third["metric"] == knn["worse"]
     # a higher number on other evaluation data does not dethrone the champion
-    other = register("better", data=data_id + "-other")
+    other = register("retrained", data=data_id + "-other")
     assert (other["version"], other["alias"]) == ("4", CHALLENGER)
     assert other["reason"].startswith("not comparable")
 
     assert str(client.get_model_version_by_alias(MODEL_NAME, CHAMPION).version) == "2"
     assert str(client.get_model_version_by_alias(MODEL_NAME, CHALLENGER).version) == "4"
+    for v in client.search_model_versions(f"name='{MODEL_NAME}'"):  # each one finished
+        assert v.tags["dinoflow.registration_complete"] == "true" and "dinoflow.decision" in v.tags
     # both numbers and the decision are logged on the registration run
     run = client.get_run(third["run_id"])
     assert run.data.metrics["registration/metric"] == knn["worse"]

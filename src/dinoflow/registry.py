@@ -16,9 +16,12 @@ each decision can be checked later from the registry alone.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import math
+import os
+import socket
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -53,6 +56,12 @@ CHALLENGER = "challenger"
 TAG_METRIC = "dinoflow.knn_top1"
 TAG_EVAL_DATA = "dinoflow.eval_data_id"
 TAG_DECISION = "dinoflow.decision"
+# Atomic registration: a version is born "started" (its creation tags) and becomes "complete"
+# as the very last step; the next registration removes a started, incomplete one.
+TAG_STARTED = "dinoflow.registration_started"
+TAG_COMPLETE = "dinoflow.registration_complete"
+TAG_WEIGHTS = "dinoflow.weights_sha256"
+TAG_PREVIOUS_CHAMPION = "dinoflow.previous_champion"
 MAX_DESCRIPTION = 4900  # MLflow's SQL store keeps descriptions in a 5000-character column
 
 PREPROCESSING = (
@@ -267,6 +276,8 @@ def promote(
     client.set_model_version_tag(model_name, version, TAG_METRIC, repr(metric_value))
     client.set_model_version_tag(model_name, version, TAG_EVAL_DATA, data_id)
     champ = _alias_version(client, model_name, CHAMPION)
+    if champ is not None and str(champ.version) != version:  # given back if this one is undone
+        client.set_model_version_tag(model_name, version, TAG_PREVIOUS_CHAMPION, str(champ.version))
     champ_metric: float | None = None
     champ_data: str | None = None
     if champ is not None and str(champ.version) != version:
@@ -412,7 +423,94 @@ def _active_run(experiment: str = EXPERIMENT) -> Iterator[Any]:
         return
     use_experiment(experiment)
     with mlflow.start_run(run_name="registration") as run:
+        # which process owns it: a later run ends it as KILLED if this one dies
+        mlflow.set_tags({"dinoflow.pid": str(os.getpid()), "dinoflow.host": socket.gethostname()})
         yield run
+
+
+# --------------------------------------------------------------------------- atomic registration
+def weights_sha256(model: RegisteredBackbone) -> str:
+    """A hash of what the registered model computes: every tensor of the backbone (by name) and
+    the preprocessing. The same weights registered twice give the same hash."""
+    digest = hashlib.sha256(json.dumps([model.mean, model.std, model.image_size,
+                                        model.in_chans]).encode())
+    for name, tensor in sorted(model.backbone.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:32]
+
+
+@contextlib.contextmanager
+def registry_lock() -> Iterator[None]:
+    """One registration at a time per SQLite store: a lock file beside the database (another
+    kind of store serialises on its own side)."""
+    import mlflow
+
+    uri = mlflow.get_registry_uri() or mlflow.get_tracking_uri()
+    if not str(uri).startswith("sqlite:///"):
+        yield
+        return
+    from dinoflow.files import FolderLock
+
+    db = Path(str(uri).removeprefix("sqlite:///"))
+    with FolderLock(db.parent, "registration", name=f".{db.name}.registration.lock"):
+        yield
+
+
+def repair_half_made_versions(client, model_name: str) -> list[str]:
+    """Versions a killed registration left without their decision: removed, and the champion
+    alias they may have taken given back. Returns the versions removed."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        versions = client.search_model_versions(f"name='{model_name}'")
+    except MlflowException:
+        return []
+    removed = []
+    champion = _alias_version(client, model_name, CHAMPION)
+    for v in versions:
+        if v.tags.get(TAG_STARTED) != "true" or v.tags.get(TAG_COMPLETE) == "true":
+            continue  # complete, or registered before these tags existed
+        previous = v.tags.get(TAG_PREVIOUS_CHAMPION)
+        if champion is not None and str(champion.version) == str(v.version):
+            if previous:
+                client.set_registered_model_alias(model_name, CHAMPION, previous)
+            else:
+                client.delete_registered_model_alias(model_name, CHAMPION)
+        client.delete_model_version(model_name, v.version)
+        removed.append(str(v.version))
+    if removed:
+        log.warning("registration: removed %s version(s) %s left unfinished by a killed "
+                    "registration", model_name, ", ".join(removed))
+    return removed
+
+
+def registered_with_weights(client, model_name: str, sha: str):
+    """The complete version of ``model_name`` that holds exactly these weights, or None."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        found = client.search_model_versions(f"name='{model_name}' and tag.`{TAG_WEIGHTS}` = '{sha}'")
+    except MlflowException:
+        return None
+    complete = [v for v in found if v.tags.get(TAG_COMPLETE) == "true"]
+    return max(complete, key=lambda v: int(v.version)) if complete else None
+
+
+def _already_registered(client, version, cfg: RegistrationConfig) -> dict[str, Any]:
+    """The decision of an existing version with the same weights: nothing new is made."""
+    aliases = [a for a in (CHAMPION, CHALLENGER)
+               if (held := _alias_version(client, cfg.model_name, a)) is not None
+               and str(held.version) == str(version.version)]
+    metric = float(version.tags.get(TAG_METRIC, "nan"))
+    return {"model_name": cfg.model_name, "version": str(version.version),
+            "alias": aliases[0] if aliases else "", "promoted": False, "metric": metric,
+            "metric_name": cfg.metric, "eval_data_id": version.tags.get(TAG_EVAL_DATA),
+            "reason": f"already registered as v{version.version} (the same weights): no new version",
+            "model_uri": f"models:/{cfg.model_name}/{version.version}",
+            "lineage": {k.removeprefix("dinoflow."): v for k, v in version.tags.items()
+                        if k.endswith("_run_id") or k in ("dinoflow.curated_data_md5",
+                                                          "dinoflow.git_commit")}}
 
 
 def _run_tags(client, run_id: str | None) -> dict[str, str]:
@@ -476,6 +574,44 @@ def _register_embedder(version, model: RegisteredBackbone, cfg: RegistrationConf
                              log_code=cfg.log_code)  # fmt: skip
 
 
+def _lineage(client, run_id: str, summary: Mapping[str, Any], metrics: Mapping[str, Any],
+             report: Mapping[str, Any], data_id: str, git_commit: str) -> dict[str, Any]:
+    """Where the version came from: its runs, data hash, code, env and config fingerprint."""
+    own_tags = _run_tags(client, run_id)
+    pretrain_tags = _run_tags(client, summary.get("mlflow_run_id"))
+    return {
+        "pretrain_run_id": summary.get("mlflow_run_id"),
+        "evaluation_run_id": metrics.get("mlflow_run_id") or report.get("mlflow_run_id")
+        or _evaluation_run(client, run_id, summary.get("mlflow_run_id"), data_id),
+        "registration_run_id": run_id,
+        "curated_data_md5": pretrain_tags.get("dinoflow.curated_data_md5", "unknown"),
+        "pretrain_git_commit": pretrain_tags.get("dinoflow.git_commit", "unknown"),
+        "git_commit": git_commit,
+        "kedro_env": own_tags.get("dinoflow.env", pretrain_tags.get("dinoflow.env", "unknown")),
+        "fingerprint": summary.get("fingerprint", ""),
+    }
+
+
+def _attach_card(client, cfg: RegistrationConfig, version: str, decision: Mapping[str, Any],
+                 summary: Mapping[str, Any], metrics: Mapping[str, Any],
+                 report: Mapping[str, Any], lineage: Mapping[str, Any],
+                 model: RegisteredBackbone) -> None:
+    """The model card: logged with its pictures on the run and as the version's description."""
+    import mlflow
+
+    pictures = _pictures(summary, report, cfg.pictures)
+    card = model_card(cfg.model_name, decision, summary, metrics, lineage,
+                      model.backbone.backbone_kwargs(), [p.name for p in pictures],
+                      cfg.embedder_name)  # fmt: skip
+    for p in pictures:
+        mlflow.log_artifact(str(p), artifact_path="model_card")
+    mlflow.log_text(card, "model_card/model_card.md")
+    description = card
+    if len(description) > MAX_DESCRIPTION:
+        description = card[:MAX_DESCRIPTION] + "\n\n(truncated: model_card/model_card.md)"
+    client.update_model_version(cfg.model_name, version, description=description)
+
+
 def register_pretrained(
     summary: Mapping[str, Any],
     metrics: Mapping[str, Any],
@@ -515,42 +651,34 @@ def register_pretrained(
              RegisteredBackbone(backbone.eval(), summary["mean"], summary["std"],
                                 summary["image_size"], summary.get("channels")))
     client = MlflowClient()
-    with _active_run() as run:
+    with registry_lock(), _active_run() as run:
+        repair_half_made_versions(client, cfg.model_name)
+        if cfg.embedder_name:
+            from dinoflow.serving import remove_orphan_embedders
+
+            remove_orphan_embedders(cfg.model_name, cfg.embedder_name, client)
+        sha = weights_sha256(model)
+        existing = registered_with_weights(client, cfg.model_name, sha)
+        if existing is not None:
+            result = _already_registered(client, existing, cfg)
+            log.info("%s: %s", cfg.model_name, result["reason"])
+            mlflow.set_tags({"dinoflow.registered_version": f"{cfg.model_name}/{existing.version}",
+                             "dinoflow.registration_decision": "unchanged"})
+            return result
         run_id = run.info.run_id
-        own_tags = _run_tags(client, run_id)
-        pretrain_tags = _run_tags(client, summary.get("mlflow_run_id"))
-        lineage = {
-            "pretrain_run_id": summary.get("mlflow_run_id"),
-            "evaluation_run_id": metrics.get("mlflow_run_id") or report.get("mlflow_run_id")
-            or _evaluation_run(client, run_id, summary.get("mlflow_run_id"), data_id),
-            "registration_run_id": run_id,
-            "curated_data_md5": pretrain_tags.get("dinoflow.curated_data_md5", "unknown"),
-            "pretrain_git_commit": pretrain_tags.get("dinoflow.git_commit", "unknown"),
-            "git_commit": git_commit,
-            "kedro_env": own_tags.get("dinoflow.env", pretrain_tags.get("dinoflow.env", "unknown")),
-            "fingerprint": summary.get("fingerprint", ""),
-        }
+        lineage = _lineage(client, run_id, summary, metrics, report, data_id, git_commit)
         known = {f"dinoflow.{k}": str(v) for k, v in lineage.items() if v not in (None, "")}
         parents = ("dinoflow.pretrain_run_id", "dinoflow.evaluation_run_id")
         mlflow.set_tags({k: v for k, v in known.items() if k in parents})
         version = log_and_register(
-            model, cfg.model_name, tags=known,
+            model, cfg.model_name, tags={**known, TAG_STARTED: "true", TAG_WEIGHTS: sha},
             metadata={"fingerprint": summary.get("fingerprint", "")},
             input_example_batch=cfg.input_example_batch, log_code=cfg.log_code,
         )  # fmt: skip
         decision = promote(version.version, value, data_id, cfg.model_name, cfg.min_improvement,
                            client)  # fmt: skip
-        pictures = _pictures(summary, report, cfg.pictures)
-        card = model_card(cfg.model_name, decision, summary, metrics, lineage,
-                          model.backbone.backbone_kwargs(), [p.name for p in pictures],
-                          cfg.embedder_name)  # fmt: skip
-        for p in pictures:
-            mlflow.log_artifact(str(p), artifact_path="model_card")
-        mlflow.log_text(card, "model_card/model_card.md")
-        description = card
-        if len(description) > MAX_DESCRIPTION:
-            description = card[:MAX_DESCRIPTION] + "\n\n(truncated: model_card/model_card.md)"
-        client.update_model_version(cfg.model_name, version.version, description=description)
+        _attach_card(client, cfg, version.version, decision, summary, metrics, report, lineage,
+                     model)
         numbers = {"registration/metric": value, "registration/promoted": float(decision["promoted"]),
                    "registration/version": float(version.version)}  # fmt: skip
         if decision["champion_metric"] is not None:
@@ -564,4 +692,5 @@ def register_pretrained(
         if cfg.embedder_name:
             result["embedder"] = _register_embedder(version, model, cfg, known)
         mlflow.log_dict(result, "registration/decision.json")
+        client.set_model_version_tag(cfg.model_name, version.version, TAG_COMPLETE, "true")
     return result

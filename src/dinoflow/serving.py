@@ -351,6 +351,29 @@ def sync_embedder_aliases(
     return synced
 
 
+def remove_orphan_embedders(backbone_name: str = "dinoflow-backbone",
+                            embedder_name: str = EMBEDDER_NAME, client=None) -> list[str]:
+    """Embedder versions over a backbone version that no longer exists (a half-made backbone
+    version removed by ``registry.repair_half_made_versions``): removed, aliases re-synced."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = client or MlflowClient()
+    try:
+        embedders = client.search_model_versions(f"name = '{embedder_name}'")
+        backbones = {str(v.version) for v in client.search_model_versions(f"name = '{backbone_name}'")}
+    except MlflowException:
+        return []
+    removed = []
+    for mv in embedders:
+        if mv.tags.get(TAG_BACKBONE_VERSION) not in backbones:
+            client.delete_model_version(embedder_name, mv.version)
+            removed.append(str(mv.version))
+    if removed:
+        sync_embedder_aliases(backbone_name, embedder_name, client)
+    return removed
+
+
 def move_alias(
     alias: str, backbone_version: str | int, backbone_name: str = "dinoflow-backbone",
     embedder_name: str = EMBEDDER_NAME, client=None,
