@@ -8,7 +8,8 @@ def create_pipeline(**kwargs) -> Pipeline:
         [
             Node(
                 register_backbone,
-                inputs=["pretrain_summary", "metrics", "evaluation_report", "params:registration"],
+                inputs=["pretrain_summary", "metrics", "evaluation_report", "params:registration",
+                        "params:data"],
                 outputs="registration_summary",
                 name="register_backbone",
             )

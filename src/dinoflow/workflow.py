@@ -121,12 +121,15 @@ def load_model_for_evaluation(model: str | None, pretrain_summary: dict | None):
 
 def run_evaluation(data: DataConfig, params: dict[str, Any], pretrain_summary: dict | None,
                    out_dir: str = "data/08_reporting") -> tuple[dict[str, float], dict[str, Any]]:
-    """Evaluate a teacher backbone (kNN, linear, segmentation, baselines, pictures).
+    """Evaluate a teacher backbone: label-free metrics always; kNN, linear, segmentation with labels;
+    baselines and pictures.
 
-    Returns (metrics for metrics.json, report with details, files and provenance).
+    Returns (metrics for metrics.json, report with details, files and provenance; ``labelled``
+    says whether the labelled metrics could be computed).
     """
     from dataclasses import fields
 
+    from dinoflow.evaluation.metric_spec import splits_are_labelled
     from dinoflow.evaluation.report import EvalSettings, evaluate_backbone
     from dinoflow.models.vit import DinoVisionTransformer
 
@@ -156,6 +159,7 @@ def run_evaluation(data: DataConfig, params: dict[str, Any], pretrain_summary: d
                                        random_backbone_factory=lambda: DinoVisionTransformer(**kwargs))
     report = {
         "model": info["source"], "pretrain_run_id": info["pretrain_run_id"],
+        "labelled": splits_are_labelled(splits),
         "eval_data_id": split_identity(splits["test"]), "val_data_id": split_identity(splits["val"]),
         "data": data.model_dump(mode="json"), "files": {k: str(v) for k, v in files.items()},
         "metrics": metrics,
