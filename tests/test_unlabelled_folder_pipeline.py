@@ -74,6 +74,12 @@ def test_unlabelled_folder_runs_the_default_pipeline(tmp_path: Path, layout: str
     assert metrics["rankme"] >= 1.0 and metrics["alignment"] >= 0.0
     assert metrics["uniformity"] <= 0.0 and 0.0 <= metrics["view_retrieval_top1"] <= 1.0
     assert not [k for k in metrics if "knn" in k or "linear" in k or "seg" in k], metrics
+    # pretraining spreads the embeddings: more effective dimensions and more uniform than random
+    # init (measured: 30 smoke steps on Fashion-MNIST rankme 8.8 vs 6.9, uniformity -1.16 vs
+    # -0.94; 800 conf/base steps 49 vs 16, -3.4 vs -1.2). Alignment and view retrieval are not
+    # asserted: at 30 steps they are within noise of random init.
+    assert metrics["rankme"] > metrics["baseline_random_rankme"], metrics
+    assert metrics["uniformity"] < metrics["baseline_random_uniformity"], metrics
     report = json.loads((root / "data/08_reporting/evaluation_report.json").read_text())
     assert report["labelled"] is False
     for picture in ("pca_features.png", "pca_features_random.png"):

@@ -162,8 +162,11 @@ def main(argv: list[str] | None = None) -> None:
         print("pretrain on Fashion-MNIST with the same budget ...", flush=True)
         times["fashion_mnist_s"] = kedro_run(fmnist, ["--pipelines=pretrain", "--params", epochs],
                                              work / "fashion_mnist.log")  # fmt: skip
-    summaries = {name: json.loads((p / "data/06_models/pretrain_summary.json").read_text())
-                 for name, p in (("own_images", own), ("fashion_mnist", fmnist))}  # fmt: skip
+    summaries = {}
+    for name, project in (("own_images", own), ("fashion_mnist", fmnist)):
+        summary = json.loads((project / "data/06_models/pretrain_summary.json").read_text())
+        summary["teacher_backbone"] = str(project / summary["teacher_backbone"])  # repo-relative
+        summaries[name] = summary
     print("measuring the three networks on the folder's held-out images ...", flush=True)
     results = measure(folder, summaries, progress=sys.stderr.isatty())
     pipeline_metrics = json.loads((own / "data/08_reporting/metrics.json").read_text())

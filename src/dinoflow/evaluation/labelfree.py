@@ -19,8 +19,8 @@ Four numbers, all on held-out images (the test split, see ``label_free_metrics``
 
 The two views are DINOv2's two global crops (``dinoflow.augment.MultiCropAugmentation``, kinds
 "global1" and "global2") with the evaluation's own parameters (``ViewSettings``: by default the
-reference DINOv2 values, independent of the training recipe, so models trained with different
-crops are measured on the same views). Each image's views are drawn from a generator seeded by
+reference DINOv2 values with a small-image blur, independent of the training recipe, so models
+trained with different crops are measured on the same views). Each image's views are drawn from a generator seeded by
 (seed, image index): the same seed gives the same views, whatever the batch size or the backbone.
 """
 
@@ -109,9 +109,13 @@ def feature_quality(
 class ViewSettings:
     """The two augmented views of a held-out image: DINOv2's global crops 1 and 2.
 
-    Defaults are the reference DINOv2 global-crop values (DINOV2.md section 1), not the training
-    recipe's, so two models are always measured on the same views. For tiny images (28 px) the
-    reference blur (sigma up to 2 px) is strong; it is the same for every model compared.
+    Defaults are the reference DINOv2 global-crop values (DINOV2.md section 1) except the blur
+    sigma: (0.1, 0.5) px instead of (0.1, 2.0), which is meant for 224-px crops (2 px erases a
+    28-px garment; conf/base trains with the same 0.5). They are fixed here, not taken from the
+    training recipe, so two models are always measured on the same views. Measured on
+    Fashion-MNIST test (2,000 images, a conf/base model after 800 steps vs random init): view
+    retrieval 0.031 vs 0.012 with these views, 0.014 vs 0.007 with the reference blur; large
+    photos may take ``blur_sigma=(0.1, 2.0)``.
     ``blur_p``: blur probability of (view 1, view 2); solarisation applies to view 2 only.
     """
 
@@ -121,7 +125,7 @@ class ViewSettings:
     jitter_p: float = 0.8
     grayscale_p: float = 0.2
     blur_kernel: int = 9
-    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    blur_sigma: tuple[float, float] = (0.1, 0.5)
     blur_p: tuple[float, float] = (1.0, 0.1)
     solarize_p: float = 0.2
 

@@ -176,40 +176,55 @@ def train_linear_segmentation(
     "pixel_accuracy", "examples": {"images", "masks", "predictions"} for the first n_examples
     test images, "head": the trained LinearSegHead}.
     """
-    from tqdm.auto import tqdm
-
     if epochs < 1:
         raise ValueError(f"segmentation: epochs must be >= 1, got {epochs}")
-    train_maps = extract_patch_maps(
-        backbone,
-        train_images,
-        mean,
-        std,
-        image_size,
-        feature_batch_size,
-        device,
-        progress,
-        "seg train tokens",
-    )
-    test_maps = extract_patch_maps(
-        backbone,
-        test_images,
-        mean,
-        std,
-        image_size,
-        feature_batch_size,
-        device,
-        progress,
-        "seg test tokens",
-    )
+    train_maps, test_maps = (
+        extract_patch_maps(backbone, images, mean, std, image_size, feature_batch_size, device,
+                           progress, f"seg {name} tokens")
+        for name, images in (("train", train_images), ("test", test_images))
+    )  # fmt: skip
     y_train = torch.as_tensor(np.asarray(train_masks), dtype=torch.long)
     y_test = torch.as_tensor(np.asarray(test_masks), dtype=torch.long)
-    size = (int(y_train.shape[-2]), int(y_train.shape[-1]))
-
-    generator = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):  # seeded head init, the caller's RNG untouched
         torch.manual_seed(seed)
         head = LinearSegHead(train_maps.shape[1], n_classes).to(device)
+    _train_head(head, train_maps, y_train, epochs, lr, weight_decay, batch_size, seed, device,
+                progress)  # fmt: skip
+    confusion, predictions = _test_head(head, test_maps, y_test, n_classes, batch_size,
+                                        n_examples, device)  # fmt: skip
+    miou, per_class = iou_from_confusion(confusion)
+    valid = int(confusion.sum())
+    n_ex = min(n_examples, len(test_maps))
+    return {
+        "seg_miou": miou,
+        "per_class_iou": per_class,
+        "pixel_accuracy": float(confusion.diag().sum()) / max(valid, 1),
+        "examples": {
+            "images": np.asarray(test_images)[:n_ex],
+            "masks": y_test[:n_ex].numpy(),
+            "predictions": predictions[:n_ex].numpy(),
+        },
+        "head": head,
+    }
+
+
+def _train_head(
+    head: LinearSegHead,
+    train_maps: torch.Tensor,
+    y_train: torch.Tensor,
+    epochs: int,
+    lr: float,
+    weight_decay: float,
+    batch_size: int,
+    seed: int,
+    device: str | torch.device,
+    progress: bool,
+) -> None:
+    """AdamW, linear decay to 0; maps (S, D, h, w) -> logits upsampled to the masks (S, H, W)."""
+    from tqdm.auto import tqdm
+
+    size = (int(y_train.shape[-2]), int(y_train.shape[-1]))
+    generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
     total = epochs * math.ceil(len(train_maps) / batch_size)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -231,32 +246,27 @@ def train_linear_segmentation(
             optimizer.step()
             scheduler.step()
 
+
+@torch.no_grad()
+def _test_head(
+    head: LinearSegHead,
+    test_maps: torch.Tensor,
+    y_test: torch.Tensor,
+    n_classes: int,
+    batch_size: int,
+    n_examples: int,
+    device: str | torch.device,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(confusion (n_classes, n_classes), predicted masks of at least the first n_examples)."""
     head.eval()
     test_size = (int(y_test.shape[-2]), int(y_test.shape[-1]))
     confusion = torch.zeros(n_classes, n_classes, dtype=torch.long)
     examples = []
-    with torch.no_grad():
-        for start in range(0, len(test_maps), batch_size):
-            pred = _upsampled_logits(
-                head, test_maps[start : start + batch_size].to(device), test_size
-            )
-            pred = pred.argmax(dim=1).cpu()
-            confusion += confusion_matrix(pred, y_test[start : start + batch_size], n_classes)
-            if sum(len(e) for e in examples) < n_examples:
-                examples.append(pred)
-    miou, per_class = iou_from_confusion(confusion)
-    valid = int(confusion.sum())
-    n_ex = min(n_examples, len(test_maps))
-    return {
-        "seg_miou": miou,
-        "per_class_iou": per_class,
-        "pixel_accuracy": float(confusion.diag().sum()) / max(valid, 1),
-        "examples": {
-            "images": np.asarray(test_images)[:n_ex],
-            "masks": y_test[:n_ex].numpy(),
-            "predictions": torch.cat(examples)[:n_ex].numpy()
-            if examples
-            else np.zeros((0, *test_size), np.int64),
-        },
-        "head": head,
-    }
+    for start in range(0, len(test_maps), batch_size):
+        pred = _upsampled_logits(head, test_maps[start : start + batch_size].to(device), test_size)
+        pred = pred.argmax(dim=1).cpu()
+        confusion += confusion_matrix(pred, y_test[start : start + batch_size], n_classes)
+        if sum(len(e) for e in examples) < n_examples:
+            examples.append(pred)
+    predictions = torch.cat(examples) if examples else torch.zeros((0, *test_size), dtype=torch.long)
+    return confusion, predictions
