@@ -44,10 +44,17 @@ def _evaluation(p: dict, _: dict) -> None:
         raise ConfigError(f"evaluation.model: {model} is neither a file nor a models:/ URI")
 
 
-def _registration(p: dict, _: dict) -> None:
-    from dinoflow.registry import RegistrationConfig
+def _registration(p: dict, everything: dict) -> None:
+    from dinoflow.evaluation.metric_spec import data_is_labelled
+    from dinoflow.registry import RegistrationConfig, resolve_registration_metric
 
-    validate(RegistrationConfig, p, "registration")
+    cfg = validate(RegistrationConfig, p, "registration")
+    data = validate(DataConfig, everything.get("data"), "data")
+    try:
+        labelled = data_is_labelled(data)  # lists a folder, decodes nothing
+    except Exception:  # noqa: BLE001 - a missing folder is the data section's (and the run's) error
+        return
+    resolve_registration_metric(cfg.metric, labelled)
 
 
 def _tuning(p: dict, everything: dict) -> None:

@@ -53,21 +53,28 @@ def test_scores_equal_brute_force_with_chunking(data):
 
 
 def test_accuracy_equals_brute_force(data):
-    train, labels, test, test_labels = data
-    ks = (1, 5, 20)
+    train, _, test, _ = data
+    # 8 classes, so that top-5 can miss (with 4 classes every label is in the top 5)
+    g = torch.Generator().manual_seed(5)
+    labels = torch.randint(0, 8, (len(train),), generator=g)
+    labels[[3, 17, 40]] = -1
+    test_labels = torch.randint(0, 8, (len(test),), generator=g)
+    ks = (1, 5, 20, 50)
     got = knn_classify(
-        train, labels, test, test_labels, 4, ks, temperature=0.1, test_chunk=6, train_chunk=11
+        train, labels, test, test_labels, 8, ks, temperature=0.1, test_chunk=6, train_chunk=11
     )
     for k in ks:
-        expected = brute_force_scores(train, labels, test, 4, k, 0.1)
+        expected = brute_force_scores(train, labels, test, 8, k, 0.1)
         top1 = sum(
             int(expected[i].argmax()) == int(test_labels[i]) for i in range(len(test))
         ) / len(test)
-        order = expected.argsort(dim=1, descending=True)[:, :4]
-        top4 = sum(int(test_labels[i]) in order[i].tolist() for i in range(len(test))) / len(test)
         assert got[f"top1_k{k}"] == pytest.approx(top1)
-        assert got[f"top5_k{k}"] == pytest.approx(top4)  # 4 classes: top-5 is top-4, always 1
-        assert got[f"top5_k{k}"] == 1.0
+    # top-5 where no class scores 0 (k = all 50 labelled rows): no tie decides the 5 classes
+    assert bool((expected > 0).all())
+    order = expected.argsort(dim=1, descending=True)[:, :5]
+    top5 = sum(int(test_labels[i]) in order[i].tolist() for i in range(len(test))) / len(test)
+    assert got["top5_k50"] == pytest.approx(top5)
+    assert got["top1_k50"] < top5 < 1.0  # the premise: top-5 adds hits and still misses some
 
 
 def test_hand_example_weights_decide():

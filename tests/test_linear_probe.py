@@ -49,9 +49,18 @@ def result(splits):
     )
 
 
-def test_selection_picks_the_informative_candidate(result):
+def test_selection_picks_the_informative_candidate(result, splits):
     assert len(result["val_accuracies"]) == len(VARIANTS) * len(LRS)
-    assert result["best"] == max(result["val_accuracies"], key=result["val_accuracies"].get)
+    # the returned head, re-scored on val here, has the reported accuracy, and no candidate
+    # before it (variant order, then lr order) is as good: the first best is chosen
+    val = splits[1]
+    preds = result["head"](variant_features(val, result["best_variant"])).argmax(dim=1)
+    val_top1 = float((preds == val.labels).float().mean())
+    assert result["val_top1"] == pytest.approx(val_top1)
+    names = list(result["val_accuracies"])
+    before = names[: names.index(result["best"])]
+    assert all(result["val_accuracies"][n] < val_top1 for n in before)
+    assert all(acc <= val_top1 for acc in result["val_accuracies"].values())
     assert result["best_variant"].endswith(
         "_avgpool"
     )  # only the pooled patch tokens are informative

@@ -7,10 +7,12 @@ contract also needs ``forward_patches`` and any multiple of the patch size). The
 in the library, so unpickling it in a fresh process only needs ``import dinoflow.registry``; the
 package source also travels with the model (``code_paths``) for machines without dinoflow.
 
-Promotion: a new version takes the alias ``champion`` only if its kNN top-1 beats the current
-champion's *on the same evaluation data* (same ``eval_data_id``); otherwise it gets
-``challenger``. The numbers, the data identities and the decision are kept as version tags, so
-each decision can be checked later from the registry alone.
+Promotion: a new version takes the alias ``champion`` only if its ``registration.metric`` beats
+the current champion's *on the same evaluation data* (same ``eval_data_id``); otherwise it gets
+``challenger``. The metric defaults to ``auto``: kNN top-1 with labels, view retrieval top-1
+without (``resolve_registration_metric``); lower-is-better metrics (alignment, uniformity) are
+compared the other way round. The numbers, the metric's name, the data identities and the
+decision are kept as version tags, so each decision can be checked later from the registry alone.
 """
 
 from __future__ import annotations
@@ -28,10 +30,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from torch import nn
 
+from dinoflow.config import ConfigError
 from dinoflow.data import data_identity
+from dinoflow.evaluation.labelfree import LABEL_FREE_KEYS
+from dinoflow.evaluation.metric_spec import base_name, direction, is_known_metric, needs_labels
 
 log = logging.getLogger(__name__)
 
@@ -46,14 +51,25 @@ __all__ = [
     "model_card",
     "promote",
     "register_pretrained",
+    "resolve_registration_metric",
 ]
 
 MODEL_NAME = "dinoflow-backbone"
 EXPERIMENT = "dinoflow"
 CHAMPION = "champion"
 CHALLENGER = "challenger"
-# Model-version tags: what promotion compares, and where the version came from.
+# Model-version tags: what promotion compares, and where the version came from. The value is kept
+# under "dinoflow.<metric name>" (so "dinoflow.knn_top1", as before, for kNN), the name under
+# TAG_PROMOTION_METRIC (also a tag of the registration run).
 TAG_METRIC = "dinoflow.knn_top1"
+TAG_PROMOTION_METRIC = "dinoflow.promotion_metric"
+AUTO_METRIC = "auto"
+# ``auto`` picks these. Without labels: view retrieval top-1, because it is higher-is-better and in
+# [0, 1] like kNN top-1, and it needs both things a good backbone has: views of one image close
+# (alignment alone is won by a collapsed network) and different images apart (uniformity and
+# RankMe alone are won by a random network); a collapsed network scores ~1/N.
+AUTO_LABELLED_METRIC = "knn_top1"
+AUTO_LABEL_FREE_METRIC = "view_retrieval_top1"
 TAG_EVAL_DATA = "dinoflow.eval_data_id"
 TAG_DECISION = "dinoflow.decision"
 # Atomic registration: a version is born "started" (its creation tags) and becomes "complete"
@@ -79,13 +95,59 @@ class RegistrationConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model_name: str = MODEL_NAME
-    metric: str = "knn_top1"  # key in metrics.json that promotion compares (higher is better)
-    min_improvement: float = Field(0.0, ge=0.0)  # champion moves only if new > old + this
+    # key in metrics.json that promotion compares; "auto": knn_top1 with labels,
+    # view_retrieval_top1 without (resolve_registration_metric); alignment/uniformity: lower wins
+    metric: str = AUTO_METRIC
+    min_improvement: float = Field(0.0, ge=0.0)  # champion moves only if it beats old by this
     pictures: list[str] = Field(default_factory=list)  # glob patterns of PNGs for the model card
     input_example_batch: int = Field(2, ge=1)
     log_code: bool = True  # ship src/dinoflow with the model (code_paths)
     # the pyfunc embedding service over each registered version (same aliases); None: none
     embedder_name: str | None = "dinoflow-embedder"
+
+    @field_validator("metric")
+    @classmethod
+    def _promotable(cls, value: str) -> str:
+        if value == AUTO_METRIC or (is_known_metric(value) and base_name(value) == value):
+            return value
+        raise ValueError(
+            f"{value!r} is not a metric the evaluation writes: choose auto, one of "
+            f"{', '.join(LABEL_FREE_KEYS)} (any data), or with labels knn_top1, knn_top5, "
+            "knn_top1_k<k>, linear_top1, seg_miou, ..."
+        )
+
+
+def resolve_registration_metric(metric: str, labelled: bool) -> str:
+    """The metrics.json key promotion compares, decided before any work.
+
+    metric: ``registration.metric`` ("auto" or a key); labelled: whether the data has labels
+    (``dinoflow.evaluation.metric_spec.data_is_labelled``). "auto" -> knn_top1 with labels,
+    view_retrieval_top1 without. Raises ConfigError naming ``registration.metric`` when the
+    metric cannot exist for the data (a labelled metric on unlabelled data) or is unknown.
+    """
+    if metric == AUTO_METRIC:
+        return AUTO_LABELLED_METRIC if labelled else AUTO_LABEL_FREE_METRIC
+    try:
+        RegistrationConfig(metric=metric)
+    except ValidationError as exc:
+        msg = exc.errors()[0]["msg"].removeprefix("Value error, ")
+        raise ConfigError(f"registration.metric: {msg}") from None
+    if needs_labels(metric) and not labelled:
+        raise ConfigError(
+            f"registration.metric: {metric!r} needs labels, and this data has none (labels are the "
+            "first-level sub-folders, at least 2 of them, every image in one); use auto or one of "
+            f"{', '.join(LABEL_FREE_KEYS)}"
+        )
+    return metric
+
+
+def _why(metric: str, requested: str, labelled: bool | None) -> str:
+    """One line for the model card and the logs: the promotion metric and why it was chosen."""
+    better = "higher" if direction(metric) == "higher" else "lower"
+    if requested != AUTO_METRIC:
+        return f"`{metric}` (registration.metric; {better} is better)"
+    data = "labelled data" if labelled else "no labels"
+    return f"`{metric}` (registration.metric auto: {data}; {better} is better)"
 
 
 class RegisteredBackbone(nn.Module):
@@ -257,14 +319,18 @@ def promote(
     model_name: str = MODEL_NAME,
     min_improvement: float = 0.0,
     client=None,
+    metric_name: str = "knn_top1",
 ) -> dict[str, Any]:
     """Give ``version`` the alias champion if it beats the champion on the same data, else challenger.
 
-    ``metric_value`` (kNN top-1, higher is better) and ``data_id`` (``eval_data_id``) are stored
-    as tags of the version; the champion's are read from its tags. Returns the decision:
-    {version, alias, promoted, metric, champion_metric, champion_version, eval_data_id,
-    champion_eval_data_id, reason}. A champion measured on other data is not comparable: the new
-    version then stays challenger (re-evaluate the champion, or move the alias by hand).
+    ``metric_value`` (the metrics.json key ``metric_name``; better = higher, or lower for
+    alignment and uniformity: ``metric_spec.direction``) and ``data_id`` (``eval_data_id``) are
+    stored as tags of the version; the champion's are read from its tags ("dinoflow.<metric_name>":
+    a champion promoted on another metric has none, and stays). Returns the decision:
+    {version, alias, promoted, metric, metric_name, champion_metric, champion_version,
+    eval_data_id, champion_eval_data_id, reason}. A champion measured on other data is not
+    comparable: the new version then stays challenger (re-evaluate the champion, or move the
+    alias by hand).
     """
     from mlflow import MlflowClient
 
@@ -273,7 +339,9 @@ def promote(
     metric_value = float(metric_value)
     if not math.isfinite(metric_value):
         raise ValueError(f"promote: metric value {metric_value} is not finite")
-    client.set_model_version_tag(model_name, version, TAG_METRIC, repr(metric_value))
+    tag_metric = f"dinoflow.{metric_name}"
+    client.set_model_version_tag(model_name, version, tag_metric, repr(metric_value))
+    client.set_model_version_tag(model_name, version, TAG_PROMOTION_METRIC, metric_name)
     client.set_model_version_tag(model_name, version, TAG_EVAL_DATA, data_id)
     champ = _alias_version(client, model_name, CHAMPION)
     if champ is not None and str(champ.version) != version:  # given back if this one is undone
@@ -281,7 +349,7 @@ def promote(
     champ_metric: float | None = None
     champ_data: str | None = None
     if champ is not None and str(champ.version) != version:
-        raw = champ.tags.get(TAG_METRIC)
+        raw = champ.tags.get(tag_metric)
         champ_metric = float(raw) if raw is not None else None
         champ_data = champ.tags.get(TAG_EVAL_DATA)
     if champ is None:
@@ -289,20 +357,14 @@ def promote(
     elif str(champ.version) == version:
         promoted, reason = True, "already the champion"
     elif champ_metric is None:
-        promoted, reason = False, f"champion v{champ.version} has no recorded {TAG_METRIC}"
+        promoted, reason = False, f"champion v{champ.version} has no recorded {tag_metric}"
     elif champ_data != data_id:
         promoted = False
         reason = (f"not comparable: champion v{champ.version} was evaluated on other data "
                   f"({champ_data} != {data_id})")  # fmt: skip
-    elif metric_value > champ_metric + min_improvement:
-        promoted = True
-        reason = f"beats champion v{champ.version}: {metric_value:.4f} > {champ_metric:.4f}"
-        if min_improvement:
-            reason += f" + {min_improvement}"
     else:
-        promoted = False
-        reason = (f"does not beat champion v{champ.version}: {metric_value:.4f} <= "
-                  f"{champ_metric:.4f}" + (f" + {min_improvement}" if min_improvement else ""))  # fmt: skip
+        promoted, reason = _compare(metric_name, metric_value, champ_metric, min_improvement,
+                                    champ.version)  # fmt: skip
     alias = CHAMPION if promoted else CHALLENGER
     client.set_registered_model_alias(model_name, alias, version)
     decision = {
@@ -311,6 +373,7 @@ def promote(
         "alias": alias,
         "promoted": promoted,
         "metric": metric_value,
+        "metric_name": metric_name,
         "champion_metric": champ_metric,
         "champion_version": None if champ is None else str(champ.version),
         "eval_data_id": data_id,
@@ -320,6 +383,23 @@ def promote(
     client.set_model_version_tag(model_name, version, TAG_DECISION, f"{alias}: {reason}")
     log.info("%s v%s -> %s (%s)", model_name, version, alias, reason)
     return decision
+
+
+def _compare(
+    metric_name: str, new: float, old: float, min_improvement: float, champion: Any
+) -> tuple[bool, str]:
+    """(promoted, reason): does ``new`` beat the champion's ``old`` by more than min_improvement,
+    in the metric's direction?"""
+    margin = f" + {min_improvement}" if min_improvement else ""
+    if direction(metric_name) == "higher":
+        if new > old + min_improvement:
+            return True, f"beats champion v{champion}: {new:.4f} > {old:.4f}{margin}"
+        return False, f"does not beat champion v{champion}: {new:.4f} <= {old:.4f}{margin}"
+    margin = f" - {min_improvement}" if min_improvement else ""
+    if new < old - min_improvement:
+        return True, f"beats champion v{champion}: {metric_name} {new:.4f} < {old:.4f}{margin}"
+    return False, (f"does not beat champion v{champion}: {metric_name} {new:.4f} >= "
+                   f"{old:.4f}{margin}")  # fmt: skip
 
 
 def _fmt(value: Any) -> str:
@@ -400,6 +480,7 @@ def model_card(
           if isinstance(val, int | float) and not isinstance(val, bool)),
         "",
         "## Promotion",
+        f"- metric: {decision.get('metric_why') or decision.get('metric_name', 'knn_top1')}",
         f"- this version: {decision['metric']:.4f}; champion before: "
         + ("none" if decision.get("champion_metric") is None
            else f"{decision['champion_metric']:.4f} (v{decision['champion_version']})"),
@@ -502,10 +583,11 @@ def _already_registered(client, version, cfg: RegistrationConfig) -> dict[str, A
     aliases = [a for a in (CHAMPION, CHALLENGER)
                if (held := _alias_version(client, cfg.model_name, a)) is not None
                and str(held.version) == str(version.version)]
-    metric = float(version.tags.get(TAG_METRIC, "nan"))
+    metric_name = version.tags.get("dinoflow.promotion_metric", "knn_top1")
+    metric = float(version.tags.get(f"dinoflow.{metric_name}", "nan"))
     return {"model_name": cfg.model_name, "version": str(version.version),
             "alias": aliases[0] if aliases else "", "promoted": False, "metric": metric,
-            "metric_name": cfg.metric, "eval_data_id": version.tags.get(TAG_EVAL_DATA),
+            "metric_name": metric_name, "eval_data_id": version.tags.get(TAG_EVAL_DATA),
             "reason": f"already registered as v{version.version} (the same weights): no new version",
             "model_uri": f"models:/{cfg.model_name}/{version.version}",
             "lineage": {k.removeprefix("dinoflow."): v for k, v in version.tags.items()
@@ -619,15 +701,18 @@ def register_pretrained(
     git_commit: str = "unknown",
     report: Mapping[str, Any] | None = None,
     backbone: nn.Module | None = None,
+    labelled: bool | None = None,
 ) -> dict[str, Any]:
     """The registration job: log + register the teacher backbone, promote it, attach the card.
 
     summary: pretrain_summary.json (teacher_backbone, mean, std, image_size, channels,
     mlflow_run_id, fingerprint, data, n_train_images, ...). metrics: metrics.json
-    (``cfg.metric``; optional ``eval_data_id``, ``mlflow_run_id``). report: evaluation_report.json
-    (``eval_data_id``, ``files``, optional ``mlflow_run_id``), read where metrics lacks a key.
-    Runs in the active MLflow run or a new one. Returns the registration summary (version, alias,
-    both numbers, reason, lineage).
+    (the promotion metric; optional ``eval_data_id``, ``mlflow_run_id``). report:
+    evaluation_report.json (``eval_data_id``, ``files``, ``labelled``, optional ``mlflow_run_id``),
+    read where metrics lacks a key. labelled: whether the data has labels (for
+    ``registration.metric: auto``; default: the report's ``labelled``, else whether metrics.json
+    holds knn_top1). Runs in the active MLflow run or a new one. Returns the registration summary
+    (version, alias, metric name and why, both numbers, reason, lineage).
     """
     import mlflow
     from mlflow import MlflowClient
@@ -635,13 +720,18 @@ def register_pretrained(
     summary = summary.model_dump(mode="json") if hasattr(summary, "model_dump") else summary
     report = report.model_dump(mode="json") if hasattr(report, "model_dump") else report
     cfg = cfg or RegistrationConfig()
-    if cfg.metric not in metrics:
-        raise KeyError(
-            f"registration.metric: {cfg.metric!r} is not in metrics.json "
+    report = report or {}
+    if labelled is None:
+        labelled = bool(report.get("labelled", AUTO_LABELLED_METRIC in metrics))
+    metric = resolve_registration_metric(cfg.metric, labelled)
+    if metric not in metrics:
+        raise ConfigError(
+            f"registration.metric: {metric!r} is not in metrics.json "
             f"(keys: {sorted(metrics)}); run the evaluation pipeline first"
         )
-    value = float(metrics[cfg.metric])
-    report = report or {}
+    value = float(metrics[metric])
+    why = _why(metric, cfg.metric, labelled)
+    log.info("registration: promotion metric %s", why)
     data_id = metrics.get("eval_data_id") or report.get("eval_data_id")
     if not data_id:
         # older metrics files: the data config fixes the splits for a given source
@@ -675,8 +765,10 @@ def register_pretrained(
             metadata={"fingerprint": summary.get("fingerprint", "")},
             input_example_batch=cfg.input_example_batch, log_code=cfg.log_code,
         )  # fmt: skip
+        mlflow.set_tag(TAG_PROMOTION_METRIC, metric)
         decision = promote(version.version, value, data_id, cfg.model_name, cfg.min_improvement,
-                           client)  # fmt: skip
+                           client, metric_name=metric)  # fmt: skip
+        decision["metric_why"] = why
         _attach_card(client, cfg, version.version, decision, summary, metrics, report, lineage,
                      model)
         numbers = {"registration/metric": value, "registration/promoted": float(decision["promoted"]),
@@ -686,7 +778,7 @@ def register_pretrained(
         mlflow.log_metrics(numbers)
         mlflow.set_tags({"dinoflow.registered_version": f"{cfg.model_name}/{version.version}",
                          "dinoflow.registration_decision": decision["alias"]})  # fmt: skip
-        result = {**decision, "metric_name": cfg.metric,
+        result = {**decision, "metric_name": metric,
                   "model_uri": f"models:/{cfg.model_name}/{version.version}",
                   "lineage": lineage}  # fmt: skip
         if cfg.embedder_name:

@@ -65,6 +65,7 @@ class RegistrationDecision(Result):
     alias: str
     promoted: bool
     metric_name: str = "knn_top1"
+    metric_why: str = ""  # why this metric decides (registration.metric auto: labels or not)
     metric: float
     champion_metric: float | None = None
     champion_version: str | None = None

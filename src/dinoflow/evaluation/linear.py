@@ -112,8 +112,6 @@ def linear_probe(
     "val_accuracies": {name: acc}, "test_predictions" (M,) int64 ndarray and "test_labels" (M,)
     for the labelled test rows, "head": the chosen nn.Linear}.
     """
-    from tqdm.auto import tqdm
-
     if epochs < 1:
         raise ValueError(f"linear probe: epochs must be >= 1, got {epochs}")
     variants = list(variants) if variants is not None else available_variants(train)
@@ -128,13 +126,54 @@ def linear_probe(
         n_classes = int(max(train_labels.max(), val_labels.max())) + 1
     lrs = [float(lr) for lr in lrs]
 
-    generator = torch.Generator().manual_seed(seed)
+    heads = _init_heads(train, train_rows[:1], variants, n_classes, len(lrs), seed)
+    _train_heads(heads, train, train_labels, train_rows, lrs, epochs, batch_size, seed, progress)
+    val_acc, best, best_variant, best_index = _select_on_val(heads, val, val_labels, val_rows, lrs)
+    head = heads[best_variant].heads[best_index]
+    # The test split is read here for the first time, for the chosen head only.
+    test_pred, test_target = _predict_test(head, test, best_variant)
+    return {
+        "best": best,
+        "best_variant": best_variant,
+        "best_lr": lrs[best_index],
+        "val_top1": val_acc[best],
+        "linear_top1": float((test_pred == test_target).float().mean()),
+        "val_accuracies": val_acc,
+        "test_predictions": test_pred.numpy().astype(np.int64),
+        "test_labels": test_target.numpy().astype(np.int64),
+        "head": head,
+    }
+
+
+def _init_heads(
+    train: Any, one_row: torch.Tensor, variants: Sequence[str], n_classes: int, n_lrs: int, seed: int
+) -> nn.ModuleDict:
+    """{variant: _VariantHeads}, one head per learning rate, seeded (the caller's RNG untouched)."""
     heads = nn.ModuleDict()
-    with torch.random.fork_rng(devices=[]):  # seeded head init, the caller's RNG untouched
+    with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         for variant in variants:
-            dim = variant_features(train, variant, train_rows[:1]).shape[1]
-            heads[variant] = _VariantHeads(dim, n_classes, len(lrs))
+            dim = variant_features(train, variant, one_row).shape[1]
+            heads[variant] = _VariantHeads(dim, n_classes, n_lrs)
+    return heads
+
+
+def _train_heads(
+    heads: nn.ModuleDict,
+    train: Any,
+    train_labels: torch.Tensor,
+    train_rows: torch.Tensor,
+    lrs: list[float],
+    epochs: int,
+    batch_size: int,
+    seed: int,
+    progress: bool,
+) -> None:
+    """All heads together: SGD momentum 0.9, lr * batch_size / 256, cosine to 0, same batches."""
+    from tqdm.auto import tqdm
+
+    generator = torch.Generator().manual_seed(seed)
+    variants = list(heads)
     groups = []
     for variant in variants:
         for head, lr in zip(heads[variant].heads, lrs, strict=True):
@@ -145,7 +184,6 @@ def linear_probe(
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
     )
-
     heads.train()
     for _ in tqdm(
         range(epochs), desc="linear probe", unit="epoch", disable=not progress, leave=False
@@ -166,40 +204,37 @@ def linear_probe(
             optimizer.step()
             scheduler.step()
 
-    # Selection on val only.
+
+def _select_on_val(
+    heads: nn.ModuleDict, val: Any, val_labels: torch.Tensor, val_rows: torch.Tensor,
+    lrs: list[float],
+) -> tuple[dict[str, float], str, str, int]:
+    """(val accuracy of every candidate, best name, its variant, its lr index), on val only.
+
+    Ties: the first of equals, in variant order then lr order."""
     heads.eval()
     val_target = val_labels[val_rows]
     val_acc: dict[str, float] = {}
     where: dict[str, tuple[str, int]] = {}
-    for variant in variants:
+    for variant in heads:
         preds = _predict(heads[variant], val, variant, val_rows, 4096)
         accs = (preds == val_target[:, None]).float().mean(dim=0)
         for i, (lr, acc) in enumerate(zip(lrs, accs.tolist(), strict=True)):
             val_acc[candidate_name(variant, lr)] = acc
             where[candidate_name(variant, lr)] = (variant, i)
-    best = max(val_acc, key=val_acc.__getitem__)  # first of equals: variant order, then lr order
-    best_variant, best_index = where[best]
-    head = heads[best_variant].heads[best_index]
+    best = max(val_acc, key=val_acc.__getitem__)
+    return val_acc, best, *where[best]
 
-    # The test split is read here for the first time, for the chosen head only.
+
+@torch.no_grad()
+def _predict_test(head: nn.Linear, test: Any, variant: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(predictions, labels) of the labelled test rows, for the chosen head."""
     test_labels = torch.as_tensor(test.labels, dtype=torch.long)
     test_rows = _labelled_rows(test_labels)
     if len(test_rows) == 0:
         raise ValueError("linear probe: the test set has no labelled rows")
-    with torch.no_grad():
-        test_pred = torch.cat([
-            head(variant_features(test, best_variant, test_rows[s : s + 4096])).argmax(dim=1)
-            for s in range(0, len(test_rows), 4096)
-        ])  # fmt: skip
-    test_target = test_labels[test_rows]
-    return {
-        "best": best,
-        "best_variant": best_variant,
-        "best_lr": lrs[best_index],
-        "val_top1": val_acc[best],
-        "linear_top1": float((test_pred == test_target).float().mean()),
-        "val_accuracies": val_acc,
-        "test_predictions": test_pred.numpy().astype(np.int64),
-        "test_labels": test_target.numpy().astype(np.int64),
-        "head": head,
-    }
+    test_pred = torch.cat([
+        head(variant_features(test, variant, test_rows[s : s + 4096])).argmax(dim=1)
+        for s in range(0, len(test_rows), 4096)
+    ])  # fmt: skip
+    return test_pred, test_labels[test_rows]

@@ -2,18 +2,22 @@
 
 ``evaluate_backbone`` is the single entry point the evaluation pipeline calls:
 
-1. features of train/val/test extracted once (``extract_features``) and shared by kNN and the
-   linear probe;
-2. kNN (DINOV2.md section 6) for every k, linear probe (selected on val, test read once), linear
-   segmentation on composite scenes (or a user's mask folder);
+1. always, labels or not: label-free feature quality on the test split (``labelfree``: RankMe,
+   alignment, uniformity, view retrieval) of the backbone and of its random-init twin;
+2. with labels (``metric_spec.splits_are_labelled``): features of train/val/test extracted once
+   (``extract_features``) and shared by kNN (DINOV2.md section 6, every k) and the linear probe
+   (selected on val, test read once); linear segmentation on composite scenes (or a user's mask
+   folder, which needs only its masks);
 3. the same for baselines: the same architecture at random initialisation and raw pixels, so each
    report shows what pretraining added;
-4. pictures: PCA of patch features, confusion matrix, segmentation predictions.
+4. pictures: PCA of patch features (always), confusion matrix, segmentation predictions.
 
-Metric keys (all in [0, 1]):
-    knn_top1 (k = knn_primary_k, 20), knn_top5, knn_top1_k{k}, knn_top5_k{k} for k in knn_ks,
-    linear_top1 (test), linear_val_top1, seg_miou, seg_pixel_accuracy, seg_iou_<class>,
-    baseline_random_{knn_top1, knn_top5, linear_top1, seg_miou},
+Metric keys (ranges in ``metric_spec.RANGES``; all others in [0, 1]):
+    always: rankme (>= 1), alignment (in [0, 4]), uniformity (in [-4, 0]), view_retrieval_top1,
+    and the same four prefixed baseline_random_;
+    with labels: knn_top1 (k = knn_primary_k, 20), knn_top5, knn_top1_k{k}, knn_top5_k{k} for k
+    in knn_ks, linear_top1 (test), linear_val_top1, seg_miou, seg_pixel_accuracy,
+    seg_iou_<class>, baseline_random_{knn_top1, knn_top5, linear_top1, seg_miou},
     baseline_pixels_{knn_top1, knn_top5, linear_top1}.
 Everything else (chosen linear candidate, its learning rate, all validation accuracies, timings,
 the settings) goes to ``<out_dir>/evaluation_details.json``.
@@ -28,12 +32,14 @@ import math
 import re
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
+from pydantic import ConfigDict, Field
+from pydantic.dataclasses import dataclass as pydantic_dataclass
 from torch import nn
 
 from dinoflow.evaluation.features import (
@@ -44,7 +50,9 @@ from dinoflow.evaluation.features import (
     raw_pixel_features,
 )
 from dinoflow.evaluation.knn import knn_classify
+from dinoflow.evaluation.labelfree import ViewSettings, held_out_indices, label_free_metrics
 from dinoflow.evaluation.linear import linear_probe
+from dinoflow.evaluation.metric_spec import out_of_range, splits_are_labelled
 from dinoflow.evaluation.pictures import (
     confusion_matrix_figure,
     pca_feature_maps,
@@ -63,50 +71,63 @@ SPLITS = ("train", "val", "test")
 SHORT_SCHEDULE_LRS: tuple[float, ...] = (1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0)
 
 
-@dataclass
+@pydantic_dataclass(config=ConfigDict(extra="forbid", arbitrary_types_allowed=True))
 class EvalSettings:
-    """Every knob of the evaluation. Defaults fit the CPU budget of conf/base (see the README)."""
+    """Every knob of the evaluation, validated (a bad value or an unknown key is one error naming
+    it, before any work). Defaults fit the CPU budget of conf/base (see the README)."""
 
     out_dir: str | Path = "data/08_reporting"
     image_size: int | None = None  # None: the images' own size (must be a multiple of the patch)
     mean: tuple[float, ...] = (0.5,)  # in [0, 1] units, one value or one per channel
     std: tuple[float, ...] = (0.5,)
-    batch_size: int = 256  # feature extraction
-    n_last_blocks: int = 4
+    batch_size: Annotated[int, Field(ge=1)] = 256  # feature extraction
+    n_last_blocks: Annotated[int, Field(ge=1)] = 4
     device: str = "cpu"
     progress: bool = True
     seed: int = 0
     # kNN
-    knn_ks: tuple[int, ...] = (10, 20, 100, 200)
-    knn_primary_k: int = 20
-    knn_temperature: float = 0.07
-    knn_test_chunk: int = 256
-    knn_train_chunk: int = 65536
+    knn_ks: tuple[Annotated[int, Field(ge=1)], ...] = (10, 20, 100, 200)
+    knn_primary_k: Annotated[int, Field(ge=1)] = 20
+    knn_temperature: Annotated[float, Field(gt=0)] = 0.07
+    knn_test_chunk: Annotated[int, Field(ge=1)] = 256
+    knn_train_chunk: Annotated[int, Field(ge=1)] = 65536
     # linear probe
-    linear_lrs: tuple[float, ...] = SHORT_SCHEDULE_LRS  # linear.DEFAULT_LRS: the reference
-    linear_epochs: int = 10
-    linear_batch_size: int = 256
+    linear_lrs: tuple[Annotated[float, Field(gt=0)], ...] = SHORT_SCHEDULE_LRS  # linear.DEFAULT_LRS: the reference
+    linear_epochs: Annotated[int, Field(ge=1)] = 10
+    linear_batch_size: Annotated[int, Field(ge=1)] = 256
     # linear segmentation
     seg_enabled: bool = True
     seg_source: Literal["scenes", "folder"] = "scenes"
     seg_folder: str | None = None  # source "folder": <seg_folder>/{train,test}/{images,masks}/
-    seg_train_scenes: int = 1000
-    seg_test_scenes: int = 250
-    seg_canvas: int = 56
+    seg_train_scenes: Annotated[int, Field(ge=1)] = 1000
+    seg_test_scenes: Annotated[int, Field(ge=1)] = 250
+    seg_canvas: Annotated[int, Field(ge=1)] = 56
     seg_objects_per_scene: tuple[int, int] = (2, 4)
     seg_scale_range: tuple[float, float] = (0.6, 1.2)
     seg_threshold: int = 32
-    seg_epochs: int = 10
-    seg_lr: float = 1e-3
-    seg_batch_size: int = 64
-    seg_feature_batch_size: int = 64  # patch-token extraction on the (larger) scenes
+    seg_epochs: Annotated[int, Field(ge=1)] = 10
+    seg_lr: Annotated[float, Field(gt=0)] = 1e-3
+    seg_batch_size: Annotated[int, Field(ge=1)] = 64
+    seg_feature_batch_size: Annotated[int, Field(ge=1)] = 64  # patch-token extraction on the (larger) scenes
     seg_image_size: int | None = None  # None: the canvas (or mask-folder image) size
     # baselines
     baselines: tuple[str, ...] = BASELINES
     baseline_max_train: int | None = None  # subsample train for the baselines, to bound time
     # pictures
-    n_pictures: int = 8
+    n_pictures: Annotated[int, Field(ge=0)] = 8
     pca_foreground_threshold: float | None = None
+    # label-free metrics (labelfree.py) on at most this many test images (a fixed-seed sample)
+    labelfree_max_images: int | None = 2000
+    # their two views: DINOv2's global crops 1 and 2 (labelfree.ViewSettings; reference defaults)
+    views_scale: tuple[float, float] = ViewSettings.scale
+    views_flip_p: float = ViewSettings.flip_p
+    views_jitter: tuple[float, float, float, float] = ViewSettings.jitter
+    views_jitter_p: float = ViewSettings.jitter_p
+    views_grayscale_p: float = ViewSettings.grayscale_p
+    views_blur_kernel: int = ViewSettings.blur_kernel
+    views_blur_sigma: tuple[float, float] = ViewSettings.blur_sigma
+    views_blur_p: tuple[float, float] = ViewSettings.blur_p
+    views_solarize_p: float = ViewSettings.solarize_p
 
     def __post_init__(self) -> None:
         unknown = set(self.baselines) - set(BASELINES)
@@ -120,6 +141,25 @@ class EvalSettings:
             )
         if self.seg_source == "folder" and self.seg_enabled and not self.seg_folder:
             raise ValueError("evaluation.seg_folder: required when seg_source=folder")
+        if self.labelfree_max_images is not None and self.labelfree_max_images < 2:
+            raise ValueError(
+                f"evaluation.labelfree_max_images: must be >= 2 (or null: the whole test split), "
+                f"got {self.labelfree_max_images}"
+            )
+        try:
+            self.view_settings().augmentation(max(self.views_blur_kernel, 8), self.mean, self.std)
+        except ValueError as exc:
+            raise ValueError(f"evaluation.views_*: {exc}") from None
+
+    def view_settings(self) -> ViewSettings:
+        """The two views of the label-free metrics, from the ``views_*`` keys."""
+        return ViewSettings(
+            scale=tuple(self.views_scale), flip_p=self.views_flip_p,
+            jitter=tuple(self.views_jitter), jitter_p=self.views_jitter_p,
+            grayscale_p=self.views_grayscale_p, blur_kernel=self.views_blur_kernel,
+            blur_sigma=tuple(self.views_blur_sigma), blur_p=tuple(self.views_blur_p),
+            solarize_p=self.views_solarize_p,
+        )  # fmt: skip
 
 
 class _Subset:
@@ -166,10 +206,6 @@ def _n_classes(splits: Mapping[str, ImageSource]) -> tuple[int, list[str]]:
     if len(names) < top:
         names = names + [str(i) for i in range(len(names), top)]
     return len(names), names
-
-
-def _labelled(split: ImageSource) -> bool:
-    return bool((np.asarray(split.labels) >= 0).any())
 
 
 def _metric_name(text: str) -> str:
@@ -281,6 +317,32 @@ def _extract_all(
     }
 
 
+class _Report:
+    """What one evaluation accumulates: flat metrics, picture/details files, timings, details."""
+
+    def __init__(self, cfg: EvalSettings) -> None:
+        self.out_dir = Path(cfg.out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.metrics: dict[str, float] = {}
+        self.files: dict[str, Path] = {}
+        self.timings: dict[str, float] = {}
+        self.details: dict[str, Any] = {"settings": _jsonable(asdict(cfg)), "timings_s": self.timings}
+
+    def timer(self, name: str) -> _Timer:
+        return _Timer(self.timings, name)
+
+    def finish(self) -> tuple[dict[str, float], dict[str, Path]]:
+        """Check every metric is in its range, write the details JSON; (metrics, files)."""
+        bad = out_of_range(self.metrics)
+        if bad:
+            raise RuntimeError(f"evaluation: metrics outside their range: {bad}")
+        self.details["metrics"] = self.metrics
+        self.files["details"] = self.out_dir / "evaluation_details.json"
+        self.files["details"].write_text(json.dumps(self.details, indent=2, sort_keys=True))
+        log.info("evaluation: %s", ", ".join(f"{k}={v:.4f}" for k, v in sorted(self.metrics.items())))
+        return self.metrics, self.files
+
+
 def evaluate_backbone(
     backbone: nn.Module,
     splits: Mapping[str, ImageSource],
@@ -293,109 +355,172 @@ def evaluate_backbone(
     splits: {"train", "val", "test"}: each with len, load(i) -> uint8 (C, H, W), labels (-1 =
     unlabelled); in-memory ``images`` arrays are used directly when present.
 
+    Always: the label-free metrics on the test split (``labelfree``) and the PCA pictures. With
+    labelled splits (``metric_spec.splits_are_labelled``): kNN, linear probe, confusion matrix and
+    segmentation on composite scenes; segmentation from a mask folder needs only its masks.
     Returns (metrics: flat {name: float}, files: {name: Path} of the PNG pictures and the
-    "details" JSON). Classification metrics need labelled splits, segmentation needs a dense
-    benchmark; what cannot be computed is left out with a warning.
+    "details" JSON).
     """
     for name in SPLITS:
         if name not in splits:
             raise ValueError(f"evaluation: split {name!r} missing (got {sorted(splits)})")
-    out_dir = Path(cfg.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    n_classes, class_names = _n_classes(splits)
-    labelled = all(_labelled(splits[s]) for s in SPLITS)
+    report = _Report(cfg)
+    labelled = splits_are_labelled(splits)
+    report.details["labelled"] = labelled
     if not labelled:
-        log.warning("evaluation: kNN and linear probe skipped: train, val and test need labels")
-    metrics: dict[str, float] = {}
-    files: dict[str, Path] = {}
-    timings: dict[str, float] = {}
-    details: dict[str, Any] = {"settings": _jsonable(asdict(cfg)), "timings_s": timings}
-
-    # -- the pretrained backbone
+        log.warning("evaluation: no labels (every train/val/test item needs one, and 2 classes): "
+                    "label-free metrics only, no kNN, linear probe or segmentation on scenes")
+    random_backbone = None
+    if "random" in cfg.baselines:
+        random_backbone = random_init_like(backbone, cfg.seed, random_backbone_factory)
+    _evaluate_label_free(report, backbone, random_backbone, splits["test"], cfg)
+    class_names = _n_classes(splits)[1] if labelled else []
     if labelled:
-        with _Timer(timings, "features"):
-            feats = _extract_all(backbone, splits, cfg, "features")
-        with _Timer(timings, "knn_linear"):
-            found, lin = _classification(feats, n_classes, cfg, "", full=True)
-        metrics.update(found)
-        details["linear"] = _linear_details(lin)
-        files["confusion_matrix"] = confusion_matrix_figure(
-            lin["test_labels"],
-            lin["test_predictions"],
-            class_names,
-            out_dir / "confusion_matrix.png",
-        )
-        del feats
+        _evaluate_classification(report, backbone, splits, cfg, class_names)
     bench = None
-    if cfg.seg_enabled:
-        with _Timer(timings, "seg_benchmark"):
+    if cfg.seg_enabled and (labelled or cfg.seg_source == "folder"):
+        with report.timer("seg_benchmark"):
             bench = segmentation_benchmark(splits, cfg, class_names)
     if bench is not None:
-        with _Timer(timings, "segmentation"):
-            seg = _segment(backbone, bench, cfg)
-        metrics["seg_miou"] = seg["seg_miou"]
-        metrics["seg_pixel_accuracy"] = seg["pixel_accuracy"]
-        for name, iou in zip(bench[4], seg["per_class_iou"], strict=True):
-            if not math.isnan(iou):
-                metrics[f"seg_iou_{_metric_name(name)}"] = float(iou)
-        details["seg_per_class_iou"] = {
-            n: _num(v) for n, v in zip(bench[4], seg["per_class_iou"], strict=True)
-        }
-        ex = seg["examples"]
-        files["segmentation"] = segmentation_figure(
-            ex["images"], ex["masks"], ex["predictions"], out_dir / "segmentation.png", len(bench[4]),
-            title=f"linear segmentation (mIoU {seg['seg_miou']:.3f})",
-        )  # fmt: skip
+        _evaluate_segmentation(report, backbone, bench, cfg)
     pictures = _picture_images(splits["test"], cfg.n_pictures, cfg.image_size)
-    files["pca_features"] = pca_feature_maps(
-        backbone, pictures, cfg.mean, cfg.std, out_dir / "pca_features.png", cfg.image_size,
-        cfg.pca_foreground_threshold, title="pretrained backbone",
+    _draw_pca(report, backbone, "", "pretrained backbone", pictures, bench, cfg)
+    _evaluate_baselines(report, random_backbone, splits, bench, pictures, cfg, labelled)
+    return report.finish()
+
+
+def _evaluate_label_free(
+    report: _Report,
+    backbone: nn.Module,
+    random_backbone: nn.Module | None,
+    held_out: ImageSource,
+    cfg: EvalSettings,
+) -> None:
+    """rankme, alignment, uniformity, view_retrieval_top1 (and baseline_random_ ones)."""
+    backbones = {"": backbone}
+    if random_backbone is not None:
+        backbones["baseline_random_"] = random_backbone
+    size = cfg.image_size or int(held_out.load(0).shape[-1])
+    with report.timer("label_free"):
+        found = label_free_metrics(
+            backbones, held_out, size, cfg.mean, cfg.std, cfg.view_settings(),
+            max_images=cfg.labelfree_max_images, seed=cfg.seed, batch_size=cfg.batch_size,
+            device=cfg.device, progress=cfg.progress,
+        )  # fmt: skip
+    for prefix, numbers in found.items():
+        report.metrics.update({f"{prefix}{k}": v for k, v in numbers.items()})
+    n = len(held_out_indices(len(held_out), cfg.labelfree_max_images, cfg.seed))
+    report.details["label_free"] = {"split": "test", "images": n, "image_size": size}
+
+
+def _evaluate_classification(
+    report: _Report,
+    backbone: nn.Module,
+    splits: Mapping[str, ImageSource],
+    cfg: EvalSettings,
+    class_names: list[str],
+) -> None:
+    """kNN (every k) and linear probe of the pretrained backbone, and the confusion matrix."""
+    with report.timer("features"):
+        feats = _extract_all(backbone, splits, cfg, "features")
+    with report.timer("knn_linear"):
+        found, lin = _classification(feats, len(class_names), cfg, "", full=True)
+    report.metrics.update(found)
+    report.details["linear"] = _linear_details(lin)
+    report.files["confusion_matrix"] = confusion_matrix_figure(
+        lin["test_labels"], lin["test_predictions"], class_names,
+        report.out_dir / "confusion_matrix.png",
     )  # fmt: skip
-    if bench is not None:  # larger inputs: a finer patch grid, several objects per picture
-        files["pca_scenes"] = pca_feature_maps(
-            backbone, bench[2][: cfg.n_pictures], cfg.mean, cfg.std, out_dir / "pca_scenes.png",
-            cfg.seg_image_size, cfg.pca_foreground_threshold, title="pretrained backbone, scenes",
+
+
+def _evaluate_segmentation(
+    report: _Report, backbone: nn.Module, bench: tuple, cfg: EvalSettings
+) -> None:
+    """Linear segmentation of the pretrained backbone: mIoU, pixel accuracy, per-class IoU, figure."""
+    names = bench[4]
+    with report.timer("segmentation"):
+        seg = _segment(backbone, bench, cfg)
+    report.metrics["seg_miou"] = seg["seg_miou"]
+    report.metrics["seg_pixel_accuracy"] = seg["pixel_accuracy"]
+    for name, iou in zip(names, seg["per_class_iou"], strict=True):
+        if not math.isnan(iou):
+            report.metrics[f"seg_iou_{_metric_name(name)}"] = float(iou)
+    report.details["seg_per_class_iou"] = {
+        n: _num(v) for n, v in zip(names, seg["per_class_iou"], strict=True)
+    }
+    ex = seg["examples"]
+    report.files["segmentation"] = segmentation_figure(
+        ex["images"], ex["masks"], ex["predictions"], report.out_dir / "segmentation.png",
+        len(names), title=f"linear segmentation (mIoU {seg['seg_miou']:.3f})",
+    )  # fmt: skip
+
+
+def _draw_pca(
+    report: _Report,
+    backbone: nn.Module,
+    suffix: str,
+    title: str,
+    pictures: np.ndarray,
+    bench: tuple | None,
+    cfg: EvalSettings,
+) -> None:
+    """PCA maps of the test pictures (pca_features{suffix}.png); for the pretrained backbone
+    (no suffix) also of the segmentation scenes, whose larger inputs give a finer patch grid."""
+    name = f"pca_features{suffix}"
+    report.files[name] = pca_feature_maps(
+        backbone, pictures, cfg.mean, cfg.std, report.out_dir / f"{name}.png", cfg.image_size,
+        cfg.pca_foreground_threshold, title=title,
+    )  # fmt: skip
+    if bench is not None and not suffix:
+        report.files["pca_scenes"] = pca_feature_maps(
+            backbone, bench[2][: cfg.n_pictures], cfg.mean, cfg.std,
+            report.out_dir / "pca_scenes.png", cfg.seg_image_size, cfg.pca_foreground_threshold,
+            title=f"{title}, scenes",
         )  # fmt: skip
 
-    # -- baselines
+
+def _baseline_splits(splits: Mapping[str, ImageSource], cfg: EvalSettings) -> dict[str, ImageSource]:
+    """The splits with train subsampled to ``baseline_max_train`` (fixed seed) when set."""
     base_splits = dict(splits)
     n_train = len(splits["train"])
     if cfg.baseline_max_train is not None and n_train > cfg.baseline_max_train:
         order = np.random.default_rng(cfg.seed).permutation(n_train)
         base_splits["train"] = _Subset(splits["train"], np.sort(order[: cfg.baseline_max_train]))
-    details["baseline_train_size"] = len(base_splits["train"])
-    if "random" in cfg.baselines:
-        random_backbone = random_init_like(backbone, cfg.seed, random_backbone_factory)
+    return base_splits
+
+
+def _evaluate_baselines(
+    report: _Report,
+    random_backbone: nn.Module | None,
+    splits: Mapping[str, ImageSource],
+    bench: tuple | None,
+    pictures: np.ndarray,
+    cfg: EvalSettings,
+    labelled: bool,
+) -> None:
+    """Random init (classification, segmentation, PCA) and raw pixels (classification)."""
+    base_splits = _baseline_splits(splits, cfg)
+    report.details["baseline_train_size"] = len(base_splits["train"])
+    n_classes = _n_classes(splits)[0] if labelled else 0
+    if random_backbone is not None:
         if labelled:
-            with _Timer(timings, "baseline_random"):
+            with report.timer("baseline_random"):
                 feats = _extract_all(random_backbone, base_splits, cfg, "random init")
                 found, lin = _classification(feats, n_classes, cfg, "baseline_random_", full=False)
-            metrics.update(found)
-            details["baseline_random_linear"] = _linear_details(lin)
+            report.metrics.update(found)
+            report.details["baseline_random_linear"] = _linear_details(lin)
             del feats
         if bench is not None:
-            with _Timer(timings, "baseline_random_segmentation"):
+            with report.timer("baseline_random_segmentation"):
                 random_seg = _segment(random_backbone, bench, cfg)
-            metrics["baseline_random_seg_miou"] = random_seg["seg_miou"]
-        files["pca_features_random"] = pca_feature_maps(
-            random_backbone, pictures, cfg.mean, cfg.std, out_dir / "pca_features_random.png",
-            cfg.image_size, cfg.pca_foreground_threshold, title="random initialisation",
-        )  # fmt: skip
+            report.metrics["baseline_random_seg_miou"] = random_seg["seg_miou"]
+        _draw_pca(report, random_backbone, "_random", "random initialisation", pictures, bench, cfg)
     if "pixels" in cfg.baselines and labelled:
-        with _Timer(timings, "baseline_pixels"):
+        with report.timer("baseline_pixels"):
             feats = {n: raw_pixel_features(base_splits[n], cfg.image_size) for n in SPLITS}
             found, lin = _classification(feats, n_classes, cfg, "baseline_pixels_", full=False)
-        metrics.update(found)
-        details["baseline_pixels_linear"] = _linear_details(lin)
-
-    bad = {k: v for k, v in metrics.items() if not 0.0 <= v <= 1.0}
-    if bad:
-        raise RuntimeError(f"evaluation: metrics outside [0, 1]: {bad}")
-    details["metrics"] = metrics
-    files["details"] = out_dir / "evaluation_details.json"
-    files["details"].write_text(json.dumps(details, indent=2, sort_keys=True))
-    log.info("evaluation: %s", ", ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items())))
-    return metrics, files
+        report.metrics.update(found)
+        report.details["baseline_pixels_linear"] = _linear_details(lin)
 
 
 def _num(value: float) -> float | None:

@@ -81,10 +81,12 @@ def evaluation_settings(params: dict[str, Any], out_dir: str, mean, std, image_s
 def run_evaluation(data: DataConfig, params: dict[str, Any], summary: PretrainSummary | None,
                    backbone: nn.Module | None = None,
                    out_dir: str = "data/08_reporting") -> tuple[dict[str, float], EvaluationReport]:
-    """Evaluate a teacher backbone (kNN, linear, segmentation, baselines, pictures).
+    """Evaluate a teacher backbone: label-free metrics always; kNN, linear probe and segmentation
+    with labels; baselines and pictures.
 
     Returns (metrics for metrics.json, report with details, files and provenance).
     """
+    from dinoflow.evaluation.metric_spec import splits_are_labelled
     from dinoflow.evaluation.report import evaluate_backbone
     from dinoflow.models.vit import DinoVisionTransformer
 
@@ -103,6 +105,6 @@ def run_evaluation(data: DataConfig, params: dict[str, Any], summary: PretrainSu
         model=info["source"], pretrain_run_id=info["pretrain_run_id"],
         eval_data_id=data_identity(splits["test"].ids), val_data_id=data_identity(splits["val"].ids),
         data=data.model_dump(mode="json"), files={k: str(v) for k, v in files.items()},
-        metrics=metrics,
+        metrics=metrics, labelled=splits_are_labelled(splits),
     )  # fmt: skip
     return metrics, report
