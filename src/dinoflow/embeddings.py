@@ -24,7 +24,9 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
+
+from dinoflow.config import Strict
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +43,9 @@ __all__ = [
 ]
 
 
-class EmbedConfig(BaseModel):
+class EmbedConfig(Strict):
     """``params:embed`` (conf/base/parameters_embed.yml)."""
 
-    model_config = ConfigDict(extra="forbid")
 
     model: str = "models:/dinoflow-backbone@champion"  # a models:/ or runs:/ URI
     folder: str | None = None  # a folder of images; None: the curated training set

@@ -19,7 +19,6 @@ summary (``export.json``) records them.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,10 +26,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from torch import nn
 
-from dinoflow.files import atomic_write_json
+from dinoflow.config import Strict
+from dinoflow.files import atomic_write_bytes, atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -50,10 +50,9 @@ TIMM_KWARGS_FILE = "timm_create_model.json"
 SUMMARY_FILE = "export.json"
 
 
-class ExportConfig(BaseModel):
+class ExportConfig(Strict):
     """``params:export`` (conf/base/parameters_export.yml)."""
 
-    model_config = ConfigDict(extra="forbid")
 
     model: str = "models:/dinoflow-backbone@champion"  # a models:/ or runs:/ URI
     out_dir: str = "data/06_models/export"
@@ -244,8 +243,8 @@ def export_backbone(model: nn.Module, cfg: ExportConfig, source: str = "") -> di
     if cfg.timm:
         kwargs = timm_create_model_kwargs(model)
         weights = timm_state_dict(model)
-        (out / TIMM_WEIGHTS_FILE).write_bytes(save(weights))
-        (out / TIMM_KWARGS_FILE).write_text(json.dumps(kwargs, indent=2) + "\n")
+        atomic_write_bytes(out / TIMM_WEIGHTS_FILE, save(weights))
+        atomic_write_json(out / TIMM_KWARGS_FILE, kwargs)
         diff = _timm_max_abs_diff(timm_model(kwargs, weights), model, image_size, cfg.seed)
         summary["files"]["timm_state_dict"] = str(out / TIMM_WEIGHTS_FILE)
         summary["files"]["timm_kwargs"] = str(out / TIMM_KWARGS_FILE)

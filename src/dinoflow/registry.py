@@ -30,10 +30,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator
 from torch import nn
 
-from dinoflow.config import ConfigError
+from dinoflow.config import ConfigError, Strict
 from dinoflow.data import data_identity
 from dinoflow.evaluation.labelfree import LABEL_FREE_KEYS
 from dinoflow.evaluation.metric_spec import base_name, direction, is_known_metric, needs_labels
@@ -89,10 +89,9 @@ PREPROCESSING = (
 )
 
 
-class RegistrationConfig(BaseModel):
+class RegistrationConfig(Strict):
     """``params:registration`` (conf/base/parameters_registration.yml)."""
 
-    model_config = ConfigDict(extra="forbid")
 
     model_name: str = MODEL_NAME
     # key in metrics.json that promotion compares; "auto": knn_top1 with labels,

@@ -60,6 +60,7 @@ from dinoflow.evaluation.pictures import (
 )
 from dinoflow.evaluation.scenes import IGNORE_INDEX, load_mask_folder, make_scenes
 from dinoflow.evaluation.segmentation import train_linear_segmentation
+from dinoflow.files import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -338,7 +339,7 @@ class _Report:
             raise RuntimeError(f"evaluation: metrics outside their range: {bad}")
         self.details["metrics"] = self.metrics
         self.files["details"] = self.out_dir / "evaluation_details.json"
-        self.files["details"].write_text(json.dumps(self.details, indent=2, sort_keys=True))
+        atomic_write_text(self.files["details"], json.dumps(self.details, indent=2, sort_keys=True))
         log.info("evaluation: %s", ", ".join(f"{k}={v:.4f}" for k, v in sorted(self.metrics.items())))
         return self.metrics, self.files
 
