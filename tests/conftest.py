@@ -106,3 +106,52 @@ class TinyBackbone(nn.Module):
 
     def forward_patches(self, x):
         return self.get_intermediate_layers(x)[-1][0]
+
+
+def project_copy(root: Path) -> Path:
+    """A Kedro project at ``root`` that runs the installed dinoflow: conf/ (without local/),
+    pyproject.toml, an empty src/ (Kedro checks it exists) and the data layers."""
+    import shutil
+
+    repo = Path(__file__).resolve().parents[1]
+    root.mkdir(parents=True)
+    shutil.copytree(repo / "conf", root / "conf", ignore=shutil.ignore_patterns("local"))
+    (root / "conf" / "local").mkdir()
+    shutil.copy(repo / "pyproject.toml", root / "pyproject.toml")
+    (root / "src").mkdir()
+    for layer in ("03_primary", "06_models", "07_model_output", "08_reporting"):
+        (root / "data" / layer).mkdir(parents=True)
+    return root
+
+
+def stop_process_group(proc) -> None:
+    """Stop a server started with ``start_new_session=True`` and every process of its group
+    (workers outlive a stopped parent): SIGTERM, then SIGKILL."""
+    import signal
+    import subprocess
+
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            proc.wait(timeout=20)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch) -> str:
+    """A tmp SQLite MLflow store with the ``dinoflow`` experiment; cwd = tmp_path so run
+    artifacts land there too."""
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment("dinoflow")
+    yield uri
+    mlflow.set_tracking_uri(None)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import project_copy
 from PIL import Image
 
 from dinoflow.export import (
@@ -96,13 +96,7 @@ def test_timm_create_model_gives_the_same_embeddings(tmp_path: Path, kw: dict) -
 
 
 def _project_copy(tmp_path: Path) -> Path:
-    root = tmp_path / "project"
-    root.mkdir()
-    shutil.copytree(REPO / "conf", root / "conf", ignore=shutil.ignore_patterns("local"))
-    (root / "conf" / "local").mkdir()
-    shutil.copy(REPO / "pyproject.toml", root / "pyproject.toml")
-    (root / "src").mkdir()  # Kedro checks the source dir exists; dinoflow itself is installed
-    return root
+    return project_copy(tmp_path / "project")
 
 
 def _register_champion(store: str, tmp_path: Path) -> RegisteredBackbone:

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import project_copy
 
 from dinoflow.config import ConfigError, PretrainConfig
 from dinoflow.data import Split
@@ -58,15 +59,7 @@ def test_tuning_paths_into_pretrain_are_checked_with_the_pretrain_section() -> N
 
 
 def _project(tmp_path: Path) -> Path:
-    root = tmp_path / "project"
-    root.mkdir()
-    shutil.copytree(REPO / "conf", root / "conf", ignore=shutil.ignore_patterns("local"))
-    (root / "conf" / "local").mkdir()
-    shutil.copy(REPO / "pyproject.toml", root / "pyproject.toml")
-    (root / "src").mkdir()
-    for layer in ("03_primary", "06_models", "07_model_output", "08_reporting"):
-        (root / "data" / layer).mkdir(parents=True)
-    return root
+    return project_copy(tmp_path / "project")
 
 
 def _kedro(root: Path, tmp_path: Path, *args: str, **popen) -> subprocess.CompletedProcess | subprocess.Popen:

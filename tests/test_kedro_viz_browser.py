@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from conftest import project_copy
 from test_mlflow_ui_browser import CHROMIUM, CHROMIUM_ARGS, ENV, free_port, stop
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,13 +38,7 @@ _SETTINGS_JS = ("localStorage.setItem('KedroViz', JSON.stringify("
 
 
 def _project_copy(tmp_path: Path) -> Path:
-    root = tmp_path / "project"
-    root.mkdir()
-    shutil.copytree(REPO / "conf", root / "conf", ignore=shutil.ignore_patterns("local"))
-    (root / "conf" / "local").mkdir()
-    shutil.copy(REPO / "pyproject.toml", root / "pyproject.toml")
-    (root / "src").mkdir()  # Kedro checks the source dir exists; dinoflow itself is installed
-    return root
+    return project_copy(tmp_path / "project")
 
 
 def _serve_static(folder: Path) -> tuple[subprocess.Popen, str]:

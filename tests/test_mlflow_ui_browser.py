@@ -10,7 +10,6 @@ that is not to the local server is aborted, so nothing leaves the machine.
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -19,6 +18,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from conftest import stop_process_group
 
 from dinoflow.config import DataConfig, PretrainConfig
 from dinoflow.jobs.tune import run_study
@@ -94,21 +94,10 @@ def start_mlflow_ui(store_uri: str, cwd: Path) -> tuple[subprocess.Popen, str]:
             time.sleep(1)
         if proc.poll() is not None:
             break
-    stop(proc)
+    stop_process_group(proc)
     raise RuntimeError(f"mlflow ui did not come up on {url}")
 
 
-def stop(proc: subprocess.Popen) -> None:
-    """Stop the server and every process of its group (workers outlive a stopped parent)."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            break
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            continue
 
 
 def compare_in_browser(url: str, parent_prefix: str, run_names: list[str], screenshot: Path) -> dict:
@@ -217,7 +206,7 @@ def test_compare_two_tuning_trials_in_the_mlflow_ui(tmp_path):
         page = compare_in_browser(url, "tuning | custom/4 | fashion_mnist |", names, shot)
         landing = landing_in_browser(ui_landing_url(url, uri), "tuning | custom/4 | fashion_mnist |")
     finally:
-        stop(proc)
+        stop_process_group(proc)
     # the runs table, not MLflow 3's GenAI overview (usage charts, traces, an assistant)
     assert f"/experiments/{experiment.experiment_id}/runs" in landing["url"], landing["url"]
     assert "workflowType=machine_learning" in landing["url"]

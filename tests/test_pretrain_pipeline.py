@@ -2,13 +2,13 @@
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import project_copy
 
 from dinoflow.monitor import TrainingDiverged, collapse_warning
 
@@ -102,15 +102,7 @@ def test_collapse_warnings_name_the_kind():
 
 
 def _project_copy(tmp_path: Path) -> Path:
-    root = tmp_path / "project"
-    root.mkdir()
-    shutil.copytree(REPO / "conf", root / "conf", ignore=shutil.ignore_patterns("local"))
-    (root / "conf" / "local").mkdir()
-    shutil.copy(REPO / "pyproject.toml", root / "pyproject.toml")
-    (root / "src").mkdir()  # Kedro checks the source dir exists; dinoflow itself is installed
-    for layer in ("03_primary", "06_models", "08_reporting"):
-        (root / "data" / layer).mkdir(parents=True)
-    return root
+    return project_copy(tmp_path / "project")
 
 
 @pytest.mark.parametrize("flag", ["--pipelines=pretrain", "--pipeline=pretrain"])

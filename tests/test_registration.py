@@ -65,18 +65,6 @@ def _knn_top1(vit: DinoVisionTransformer, train: Split, test: Split) -> float:
     return out["top1_k20"]
 
 
-@pytest.fixture
-def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
-    """A tmp sqlite store; cwd = tmp_path so run artifacts land there too."""
-    import mlflow
-
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_experiment("dinoflow")
-    yield uri
-    mlflow.set_tracking_uri(None)
 
 
 def test_registered_backbone_matches_backbone_and_preprocessing() -> None:

@@ -10,7 +10,6 @@ import base64
 import io
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -22,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import stop_process_group
 from PIL import Image
 
 from dinoflow.data.decode import decode_image
@@ -81,17 +81,6 @@ def register(tmp_path: Path, name: str, seed: int, knn: float, data_id: str = "d
                                  {"input_example_batch": 1}).model_dump()  # fmt: skip
 
 
-@pytest.fixture
-def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
-    import mlflow
-
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_experiment("dinoflow")
-    yield uri
-    mlflow.set_tracking_uri(None)
 
 
 def test_decode_image_grey_rgb_bytes_and_errors(tmp_path: Path) -> None:
@@ -219,21 +208,10 @@ def serve(store: str, cwd: Path) -> tuple[subprocess.Popen, str]:
                     return proc, url
         except OSError:
             time.sleep(1)
-    stop(proc)
+    stop_process_group(proc)
     raise RuntimeError(f"mlflow models serve did not come up:\n{(cwd / 'serve.log').read_text()[-3000:]}")
 
 
-def stop(proc: subprocess.Popen) -> None:
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            break
-        try:
-            proc.wait(timeout=20)
-            break
-        except subprocess.TimeoutExpired:
-            continue
 
 
 @pytest.mark.slow  # one registration (backbone + embedder), a model server on loopback
@@ -288,7 +266,7 @@ def test_served_embeddings_equal_the_pyfunc_and_the_backbone(store: str, tmp_pat
         status, body = post(f"{url}/invocations", bad)
         assert status == 400 and "image row 1" in body.get("message", ""), body
     finally:
-        stop(proc)
+        stop_process_group(proc)
     assert reg["embedder"]["aliases"] == [CHAMPION]
 
 

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import project_copy
 
 REPO = Path(__file__).resolve().parents[1]
 LABEL_FREE = ("rankme", "alignment", "uniformity", "view_retrieval_top1")
@@ -42,12 +42,7 @@ def _write_pngs(images: np.ndarray, folder: Path) -> None:
 
 
 def _project_copy(root: Path) -> Path:
-    root.mkdir()
-    shutil.copytree(REPO / "conf", root / "conf", ignore=shutil.ignore_patterns("local"))
-    (root / "conf" / "local").mkdir()
-    shutil.copy(REPO / "pyproject.toml", root / "pyproject.toml")
-    (root / "src").mkdir()  # Kedro checks the source dir exists; dinoflow itself is installed
-    return root
+    return project_copy(root)
 
 
 @pytest.mark.slow
