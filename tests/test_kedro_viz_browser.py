@@ -15,8 +15,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import project_copy
-from test_mlflow_ui_browser import CHROMIUM, CHROMIUM_ARGS, ENV, free_port, stop
+from conftest import project_copy, stop_process_group
+from test_mlflow_ui_browser import CHROMIUM, CHROMIUM_ARGS, ENV, free_port
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -54,7 +54,7 @@ def _serve_static(folder: Path) -> tuple[subprocess.Popen, str]:
                 return proc, url
         except OSError:
             time.sleep(0.2)
-    stop(proc)
+    stop_process_group(proc)
     raise RuntimeError(f"static server did not come up on {url}")
 
 
@@ -104,7 +104,7 @@ def test_kedro_viz_build_renders_every_pipeline(tmp_path: Path) -> None:
             finally:
                 browser.close()
     finally:
-        stop(proc)
+        stop_process_group(proc)
     for pid, names in EXPECTED.items():
         assert names <= shown[pid], (pid, shown[pid])
     assert "export_model" not in shown["__default__"]  # each pipeline shows its own graph
