@@ -483,8 +483,13 @@ def register_pretrained(
     git_commit: str = "unknown",
     report: Mapping[str, Any] | None = None,
     backbone: nn.Module | None = None,
+    extra_tags: Mapping[str, str] | None = None,
+    card_extra: str = "",
 ) -> dict[str, Any]:
     """The registration job: log + register the teacher backbone, promote it, attach the card.
+
+    ``extra_tags`` go on the version and the run (a distilled student: its teacher's version and
+    run); ``card_extra`` is markdown appended to the model card.
 
     summary: pretrain_summary.json (teacher_backbone, mean, std, image_size, channels,
     mlflow_run_id, fingerprint, data, n_train_images, ...). metrics: metrics.json
@@ -531,8 +536,9 @@ def register_pretrained(
             "fingerprint": summary.get("fingerprint", ""),
         }
         known = {f"dinoflow.{k}": str(v) for k, v in lineage.items() if v not in (None, "")}
+        known.update({k: str(v) for k, v in (extra_tags or {}).items()})
         parents = ("dinoflow.pretrain_run_id", "dinoflow.evaluation_run_id")
-        mlflow.set_tags({k: v for k, v in known.items() if k in parents})
+        mlflow.set_tags({k: v for k, v in known.items() if k in parents or k in (extra_tags or {})})
         version = log_and_register(
             model, cfg.model_name, tags=known,
             metadata={"fingerprint": summary.get("fingerprint", "")},
@@ -543,7 +549,7 @@ def register_pretrained(
         pictures = _pictures(summary, report, cfg.pictures)
         card = model_card(cfg.model_name, decision, summary, metrics, lineage,
                           model.backbone.backbone_kwargs(), [p.name for p in pictures],
-                          cfg.embedder_name)  # fmt: skip
+                          cfg.embedder_name) + card_extra  # fmt: skip
         for p in pictures:
             mlflow.log_artifact(str(p), artifact_path="model_card")
         mlflow.log_text(card, "model_card/model_card.md")
