@@ -190,8 +190,9 @@ def test_a_released_backbone_teaches_by_fitted_heads_or_by_features(
     data = {"val_size": 200, "train_limit": 256, "test_limit": 100}
     from dinoflow.config import DataConfig
 
-    teacher = {"source": str(released), "backbone": TEACHER["backbone"], "fit_steps": 8}
-    cfg = _config(released, tmp_path / "fit", teacher=teacher, head={"n_prototypes": 32},
+    teacher = {"source": str(released), "backbone": TEACHER["backbone"], "fit_steps": 8,
+               "fit_head": {"n_prototypes": 32, "hidden_dim": 32, "bottleneck_dim": 16}}
+    cfg = _config(released, tmp_path / "fit", teacher=teacher,
                   train={"epochs": 1, "knn_every_epochs": 100})
     fitted = run_distillation(DataConfig(**data), cfg)
     assert fitted.mode == "heads" and fitted.teacher["heads"].startswith("fitted: ")

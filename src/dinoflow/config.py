@@ -293,6 +293,7 @@ class TeacherConfig(Strict):
     # features regresses projections of the student's CLS and patch tokens onto the teacher's
     headless: Literal["fit_heads", "features"] = "fit_heads"
     fit_steps: int = Field(300, ge=1)
+    fit_head: HeadConfig = HeadConfig()  # fit_heads: the heads fitted (as pretrain.head)
 
 
 class StudentBackboneConfig(BackboneConfig):
@@ -311,7 +312,7 @@ class StudentBackboneConfig(BackboneConfig):
 class StudentHeadConfig(HeadConfig):
     """The student's new heads. Prototype counts must be the teacher's: None takes them."""
 
-    n_prototypes: int | None = Field(None, ge=2)  # None: the teacher's (65536 for fitted heads)
+    n_prototypes: int | None = Field(None, ge=2)  # None: the teacher's
     separate_ibot_head: bool | None = None  # None: as the teacher
 
 

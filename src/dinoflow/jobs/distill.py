@@ -20,7 +20,6 @@ from dinoflow.config import (
     ConfigError,
     DataConfig,
     DistillationConfig,
-    HeadConfig,
     InitConfig,
     PretrainConfig,
     TeacherConfig,
@@ -212,7 +211,6 @@ def fit_teacher_heads(cfg: DistillationConfig, teacher: TeacherSource, train: Sp
     init = fit_dir / "init_backbone.pt"
     save_backbone(teacher.backbone, init)
     kw = teacher.backbone.backbone_kwargs()
-    h = cfg.head
     pcfg = PretrainConfig(
         crops=cfg.crops, loss=cfg.loss, optim=cfg.optim, monitor=cfg.monitor,
         backbone=BackboneConfig(arch="custom", patch_size=kw["patch_size"], embed_dim=kw["embed_dim"],
@@ -223,10 +221,7 @@ def fit_teacher_heads(cfg: DistillationConfig, teacher: TeacherSource, train: Sp
                                 interpolate_offset=kw["interpolate_offset"],
                                 interpolate_antialias=kw["interpolate_antialias"],
                                 pos_embed_size=kw["img_size"]),
-        head=HeadConfig(n_prototypes=h.n_prototypes or 65536, hidden_dim=h.hidden_dim,
-                        bottleneck_dim=h.bottleneck_dim, nlayers=h.nlayers,
-                        separate_ibot_head=bool(h.separate_ibot_head),
-                        ibot_n_prototypes=h.ibot_n_prototypes, norm_last_layer=h.norm_last_layer),
+        head=cfg.teacher.fit_head,
         train=TrainConfig(**{**cfg.train.model_dump(), "epochs": 1, "max_steps": None,
                              "steps_per_epoch": cfg.teacher.fit_steps, "run_dir": str(fit_dir)}),
         init=InitConfig(weights=str(init), head_warmup_steps=cfg.teacher.fit_steps),

@@ -95,8 +95,8 @@ class DistillationStudent(SSLModel):
 
 def _student_heads(cfg: DistillationConfig, teacher: FrozenTeacher) -> tuple[int, int | None]:
     """(K of the student's DINO head, K of its separate iBOT head or None), from the teacher's."""
-    if not teacher.has_heads:
-        return cfg.head.n_prototypes or 65536, None
+    if not teacher.has_heads:  # features: the heads are projections, no prototypes
+        return cfg.head.n_prototypes or 2, None
     k, k_ibot = teacher.prototypes()
     h = cfg.head
     if h.n_prototypes is not None and h.n_prototypes != k:
