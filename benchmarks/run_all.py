@@ -1,4 +1,4 @@
-"""``make bench``: the step and evaluation benchmarks in one process, written to
+"""``make bench``: the step, evaluation and distillation benchmarks in one process, written to
 benchmarks/results/latest.json and a markdown table in benchmarks/results/latest.md.
 
     python -m benchmarks.run_all                  # 2 then 1 torch threads, 3 repetitions
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import bench_eval, bench_step
+from benchmarks import bench_distill, bench_eval, bench_step
 from benchmarks.common import ROOT, interleaved_times, machine_info, median
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -84,6 +84,8 @@ def markdown(result: dict, command: str) -> str:
               f"{k['queries']:,} x {k['bank']:,} (dim {k['dim']}, k = 10/20/100/200) in "
               f"{k['wall_s']:.1f} s ({k['queries_per_s']:.0f} queries/s, peak +{k['peak_rss_extra_mb']:.0f} MB).",
               ""]
+    if result.get("distillation"):
+        lines += [bench_distill.markdown(result["distillation"]), ""]
     return "\n".join(lines)
 
 
@@ -151,6 +153,8 @@ def main(argv: list[str] | None = None) -> dict:
     print("evaluation benchmark", file=sys.stderr, flush=True)
     result["eval"] = {"threads": args.threads[0], "features": bench_eval.bench_features(args.images),
                       "knn": bench_eval.bench_knn()}
+    print("distillation benchmark (student and teacher inference)", file=sys.stderr, flush=True)
+    result["distillation"] = bench_distill.bench(args.threads[0])
     # the headline numbers at the top level: the CPU profile's (first thread count unsuffixed)
     for threads in args.threads:
         cpu = result["profiles"].get(f"cpu@{threads}t")

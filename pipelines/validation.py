@@ -76,6 +76,26 @@ def _embed(p: dict, _: dict) -> None:
     validate(EmbedConfig, p, "embed")
 
 
+def _distillation(p: dict, _: dict) -> None:
+    from pathlib import Path
+
+    from dinoflow.config import DistillationConfig
+
+    cfg = validate(DistillationConfig, p, "distillation")
+    source = cfg.teacher.source
+    if not source.startswith("models:/") and not Path(source).exists():
+        raise ConfigError(f"distillation.teacher.source: {source} does not exist (a models:/ URI, "
+                          "a run directory or a backbone file)")
+    if cfg.teacher.heads and not Path(cfg.teacher.heads).is_file():
+        raise ConfigError(f"distillation.teacher.heads: {cfg.teacher.heads} does not exist")
+
+
+def _distillation_registration(p: dict, _: dict) -> None:
+    from dinoflow.registry import RegistrationConfig
+
+    validate(RegistrationConfig, p, "distillation_registration")
+
+
 VALIDATORS: dict[str, Validator] = {
     "data": _data,
     "curation": _curation,
@@ -85,6 +105,8 @@ VALIDATORS: dict[str, Validator] = {
     "tuning": _tuning,
     "export": _export,
     "embed": _embed,
+    "distillation": _distillation,
+    "distillation_registration": _distillation_registration,
 }
 
 

@@ -147,7 +147,7 @@ def _is_attribute(dotted: str) -> bool:
         return False
 
 
-@pytest.mark.parametrize("module", ["benchmarks.bench_step", "benchmarks.gpu_step",
+@pytest.mark.parametrize("module", ["benchmarks.bench_step", "benchmarks.gpu_step", "benchmarks.bench_distill",
                                     "experiments.profile_search", "experiments.continue_demo"])
 def test_benchmarks_and_experiments_run_as_modules(module: str) -> None:
     out = subprocess.run([sys.executable, "-m", module, "--help"], cwd=ROOT, capture_output=True,

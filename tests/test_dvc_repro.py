@@ -1,11 +1,12 @@
 """`KEDRO_ENV=smoke dvc repro` end to end in a temporary copy of the repository.
 
-1. first `dvc repro`: the four stages run; metrics.json and registration.json are written, and
+1. first `dvc repro`: the five stages run; metrics.json and registration.json are written (and
+   the distilled student's, which names its teacher's version), and
    the registered version leads back to the data (DVC md5 of the curated manifest) and the code
    (git commit) through its MLflow runs;
 2. second `dvc repro`: nothing runs;
-3. `dvc exp run --set-param` on a pretrain parameter: pretrain, evaluate and register run, curate
-   does not; the new version is promoted or not according to the two kNN numbers;
+3. `dvc exp run --set-param` on a pretrain parameter: pretrain, evaluate, register and distill
+   run, curate does not; the new version is promoted or not according to the two kNN numbers;
 4. `dvc push` to a local-folder remote, cache and outputs deleted, `dvc pull` restores them.
 """
 
@@ -22,7 +23,7 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = {"curate", "pretrain", "evaluate", "register"}
+STAGES = {"curate", "pretrain", "evaluate", "register", "distill"}
 
 
 def _run(cmd: list[str], cwd: Path, env: dict[str, str], timeout: int = 600) -> str:
@@ -95,6 +96,10 @@ def test_smoke_dvc_repro_twice_then_param_change_then_push_pull(tmp_path: Path) 
     first = json.loads((repo / "data/08_reporting/registration.json").read_text())
     assert (first["version"], first["alias"]) == ("1", "champion")
     assert first["metric"] == metrics["knn_top1"]
+    distilled = json.loads((repo / "data/08_reporting/distillation_registration.json").read_text())
+    assert (distilled["model_name"], distilled["version"]) == ("dinoflow-backbone-distilled", "1")
+    assert "teacher_knn_top1" in json.loads(
+        (repo / "data/08_reporting/distillation/metrics.json").read_text())
     _run(["git", "add", "dvc.lock"], repo, env)
     _run(["git", "-c", "commit.gpgsign=false", "commit", "-qm", "repro"], repo, env)
 
@@ -107,6 +112,10 @@ def test_smoke_dvc_repro_twice_then_param_change_then_push_pull(tmp_path: Path) 
     summary = json.loads((repo / "data/06_models/pretrain_summary.json").read_text())
     assert reg_tags["dinoflow.pretrain_run_id"] == summary["mlflow_run_id"]
     assert reg_tags["dinoflow.env"] == "smoke" and reg_tags["dinoflow.pipeline"] == "registration"
+    # the distilled student names its teacher's version, which names the student back
+    assert client.get_model_version("dinoflow-backbone-distilled", "1").tags[
+        "dinoflow.teacher_version"] == "1"  # fmt: skip
+    assert version.tags["dinoflow.distilled_into"] == "dinoflow-backbone-distilled/1"
     pre_tags = client.get_run(reg_tags["dinoflow.pretrain_run_id"]).data.tags
     eval_tags = client.get_run(reg_tags["dinoflow.evaluation_run_id"]).data.tags
     report = json.loads((repo / "data/08_reporting/evaluation_report.json").read_text())
@@ -126,7 +135,7 @@ def test_smoke_dvc_repro_twice_then_param_change_then_push_pull(tmp_path: Path) 
     assert _ran(out) == set(), out[-3000:]
     assert "Data and pipelines are up to date" in out
 
-    # 3. a pretrain parameter (smoke value: fewer steps) -> pretrain, evaluate, register only
+    # 3. a pretrain parameter (smoke value: fewer steps) -> pretrain, evaluate, register, distill
     out = _run(["dvc", "exp", "run", "--set-param",
                 "conf/smoke/parameters_pretrain.yml:pretrain.train.steps_per_epoch=10"], repo, env)  # fmt: skip
     assert _ran(out) == STAGES - {"curate"}, out[-3000:]

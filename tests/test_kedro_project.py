@@ -20,7 +20,7 @@ def test_kedro_lists_every_pipeline_without_the_type_hint_warning(tmp_path: Path
     assert out.returncode == 0, out.stderr[-3000:]
     listed = {line.strip("- ").strip() for line in out.stdout.splitlines() if line.startswith("- ")}
     assert listed == {"__default__", "curation", "pretrain", "evaluation", "registration", "tuning",
-                      "export", "embed"}  # fmt: skip
+                      "export", "embed", "distillation"}  # fmt: skip
     text = out.stdout + out.stderr
     assert "type hints" not in text and "predict" not in text, text[-3000:]
 

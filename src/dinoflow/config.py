@@ -16,8 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from dinoflow.errors import ConfigError
 
-__all__ = ["ConfigError", "DataConfig", "PretrainConfig", "Strict", "deep_merge", "fingerprint",
-           "validate"]
+__all__ = ["ConfigError", "DataConfig", "DistillationConfig", "PretrainConfig", "Strict",
+           "TeacherConfig", "deep_merge", "fingerprint", "validate"]
 
 
 class Strict(BaseModel):
@@ -271,6 +271,90 @@ class PretrainConfig(Strict):
         if self.masking.ratio_min > self.masking.ratio_max:
             raise ValueError("masking.ratio_min must be <= masking.ratio_max")
         return self
+
+
+# --------------------------------------------------------------------------- distillation
+class TeacherConfig(Strict):
+    """The frozen teacher of a distillation (``distillation.teacher``).
+
+    ``source``: ``models:/<name>@<alias>`` or ``models:/<name>/<version>`` (a registered
+    backbone; its heads are found in the run directory of the pretraining that made it, checked
+    bit for bit against the registered weights), a dinoflow run directory (``teacher_backbone.pt``,
+    ``teacher_heads.pt``, ``pretrain_summary.json``), or a backbone file: a dinoflow
+    ``save_backbone`` file, or a released file in the official DINOv2 layout (local only; then
+    ``backbone`` gives its architecture).
+    """
+
+    source: str = "models:/dinoflow-backbone@champion"
+    heads: str | None = None  # a teacher_heads.pt for a source that has none beside it
+    backbone: BackboneConfig | None = None  # a released file's architecture (required for one)
+    # a teacher without heads: fit_heads trains fresh DINO/iBOT heads on the frozen backbone
+    # first (``fit_steps`` steps of pretraining, backbone lr 0), then distils as with heads;
+    # features regresses projections of the student's CLS and patch tokens onto the teacher's
+    headless: Literal["fit_heads", "features"] = "fit_heads"
+    fit_steps: int = Field(300, ge=1)
+    fit_head: HeadConfig = HeadConfig()  # fit_heads: the heads fitted (as pretrain.head)
+
+
+class StudentBackboneConfig(BackboneConfig):
+    """The student's ViT: any size or patch size; no stochastic depth (DINOv2 section 5)."""
+
+    drop_path_rate: float = Field(0.0, ge=0, lt=1)
+
+    @model_validator(mode="after")
+    def _no_drop_path(self) -> StudentBackboneConfig:
+        if self.drop_path_rate:
+            raise ValueError(f"drop_path_rate={self.drop_path_rate}: DINOv2 distils without "
+                             "stochastic depth in the student; set it to 0")
+        return self
+
+
+class StudentHeadConfig(HeadConfig):
+    """The student's new heads. Prototype counts must be the teacher's: None takes them."""
+
+    n_prototypes: int | None = Field(None, ge=2)  # None: the teacher's
+    separate_ibot_head: bool | None = None  # None: as the teacher
+
+
+class DistillationTrainConfig(TrainConfig):
+    run_dir: str = "data/06_models/distillation"
+
+
+class DistillationConfig(Strict):
+    """Distillation (DINOv2 section 5): the pretraining loop with a frozen teacher (backbone and
+    heads, eval mode), a spare EMA of the student kept as the final model, no masking and no
+    stochastic depth in the student, iBOT on every patch token of the two global crops.
+
+    ``optim.momentum_teacher_*`` is the momentum of the student's EMA; ``optim.teacher_temp_*``
+    the temperature of the frozen teacher's targets. With ``teacher.headless=features`` the
+    ``loss.dino_weight`` weighs the CLS feature term and ``loss.ibot_weight`` the patch term.
+    """
+
+    teacher: TeacherConfig = TeacherConfig()
+    backbone: StudentBackboneConfig = StudentBackboneConfig()
+    head: StudentHeadConfig = StudentHeadConfig()
+    crops: CropsConfig = CropsConfig()
+    loss: LossConfig = LossConfig()
+    optim: OptimConfig = OptimConfig()
+    train: DistillationTrainConfig = DistillationTrainConfig()
+    monitor: MonitorConfig = MonitorConfig()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DistillationConfig:
+        self.student_config(2, None)  # the crop sizes against the patch size
+        return self
+
+    def student_config(self, n_prototypes: int, ibot_prototypes: int | None) -> PretrainConfig:
+        """The student as a pretraining config (the builders, loader and logger read it): heads
+        with the teacher's prototype counts (``ibot_prototypes``: a separate iBOT head), no masks."""
+        head = HeadConfig(**{**self.head.model_dump(), "n_prototypes": n_prototypes,
+                             "separate_ibot_head": ibot_prototypes is not None,
+                             "ibot_n_prototypes": ibot_prototypes})
+        return PretrainConfig(
+            crops=self.crops, backbone=BackboneConfig(**self.backbone.model_dump()), head=head,
+            masking=MaskingConfig(mask_probability=0.0), loss=self.loss, optim=self.optim,
+            train=TrainConfig(**self.train.model_dump()), monitor=self.monitor,
+        )  # fmt: skip
 
 
 _UNION_TAG = re.compile(r"^(constrained-|literal\[|function-|lax-|json-or-python)|^(int|str|float|bool|none)$")

@@ -676,14 +676,15 @@ def _lineage(client, run_id: str, summary: Mapping[str, Any], metrics: Mapping[s
 def _attach_card(client, cfg: RegistrationConfig, version: str, decision: Mapping[str, Any],
                  summary: Mapping[str, Any], metrics: Mapping[str, Any],
                  report: Mapping[str, Any], lineage: Mapping[str, Any],
-                 model: RegisteredBackbone) -> None:
-    """The model card: logged with its pictures on the run and as the version's description."""
+                 model: RegisteredBackbone, card_extra: str = "") -> None:
+    """The model card (``card_extra`` appended): logged with its pictures on the run and as the
+    version's description."""
     import mlflow
 
     pictures = _pictures(summary, report, cfg.pictures)
     card = model_card(cfg.model_name, decision, summary, metrics, lineage,
                       model.backbone.backbone_kwargs(), [p.name for p in pictures],
-                      cfg.embedder_name)  # fmt: skip
+                      cfg.embedder_name) + card_extra  # fmt: skip
     for p in pictures:
         mlflow.log_artifact(str(p), artifact_path="model_card")
     mlflow.log_text(card, "model_card/model_card.md")
@@ -701,8 +702,13 @@ def register_pretrained(
     report: Mapping[str, Any] | None = None,
     backbone: nn.Module | None = None,
     labelled: bool | None = None,
+    extra_tags: Mapping[str, str] | None = None,
+    card_extra: str = "",
 ) -> dict[str, Any]:
     """The registration job: log + register the teacher backbone, promote it, attach the card.
+
+    ``extra_tags`` go on the version and the run (a distilled student: its teacher's version and
+    run); ``card_extra`` is markdown appended to the model card.
 
     summary: pretrain_summary.json (teacher_backbone, mean, std, image_size, channels,
     mlflow_run_id, fingerprint, data, n_train_images, ...). metrics: metrics.json
@@ -757,8 +763,9 @@ def register_pretrained(
         run_id = run.info.run_id
         lineage = _lineage(client, run_id, summary, metrics, report, data_id, git_commit)
         known = {f"dinoflow.{k}": str(v) for k, v in lineage.items() if v not in (None, "")}
+        known.update({k: str(v) for k, v in (extra_tags or {}).items()})
         parents = ("dinoflow.pretrain_run_id", "dinoflow.evaluation_run_id")
-        mlflow.set_tags({k: v for k, v in known.items() if k in parents})
+        mlflow.set_tags({k: v for k, v in known.items() if k in parents or k in (extra_tags or {})})
         version = log_and_register(
             model, cfg.model_name, tags={**known, TAG_STARTED: "true", TAG_WEIGHTS: sha},
             metadata={"fingerprint": summary.get("fingerprint", "")},
@@ -769,7 +776,7 @@ def register_pretrained(
                            client, metric_name=metric)  # fmt: skip
         decision["metric_why"] = why
         _attach_card(client, cfg, version.version, decision, summary, metrics, report, lineage,
-                     model)
+                     model, card_extra)
         numbers = {"registration/metric": value, "registration/promoted": float(decision["promoted"]),
                    "registration/version": float(version.version)}  # fmt: skip
         if decision["champion_metric"] is not None:

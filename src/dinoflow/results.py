@@ -74,3 +74,46 @@ class RegistrationDecision(Result):
     reason: str
     model_uri: str = ""
     lineage: dict[str, Any] = Field(default_factory=dict)
+
+
+class DistillationSummary(Result):
+    """The distillation job's result: the student (its EMA, the final model), its teacher, the
+    FLOPs of both, how it was trained and how fast."""
+
+    run_dir: str
+    student_backbone: str  # save_backbone file of the student's EMA
+    student_heads: str
+    teacher: dict[str, Any] = Field(default_factory=dict)  # source, uri, model name/version, run
+    mode: str = "heads"  # heads: DINO + iBOT on the teacher's heads; features: feature regression
+    steps: int
+    resumed_from_step: int = 0
+    final: dict[str, float] = Field(default_factory=dict)
+    knn_history: list[dict[str, float]] = Field(default_factory=list)
+    images_per_second: float = 0.0
+    train_seconds: float = 0.0  # the training loop of this process (a resumed run: since resuming)
+    student_flops: int = 0  # one forward of one image at image_size (torch.utils.flop_counter)
+    teacher_flops: int = 0
+    notes: list[str] = Field(default_factory=list)
+    fingerprint: str = ""
+    mean: list[float] = Field(default_factory=list)
+    std: list[float] = Field(default_factory=list)
+    channels: int = 1
+    image_size: int = 224
+    world_size: int = 1
+    precision: str = "fp32"
+    n_train_images: int | None = None
+    data: dict[str, Any] | None = None
+    mlflow_run_id: str | None = None
+
+    def as_pretrain_summary(self) -> PretrainSummary:
+        """The student as a pretraining result: what evaluation and registration read."""
+        return PretrainSummary(
+            run_dir=self.run_dir, teacher_backbone=self.student_backbone,
+            teacher_heads=self.student_heads, steps=self.steps,
+            resumed_from_step=self.resumed_from_step, final=self.final,
+            knn_history=self.knn_history, images_per_second=self.images_per_second,
+            notes=self.notes, fingerprint=self.fingerprint, mean=self.mean, std=self.std,
+            channels=self.channels, image_size=self.image_size, world_size=self.world_size,
+            precision=self.precision, n_train_images=self.n_train_images, data=self.data,
+            mlflow_run_id=self.mlflow_run_id,
+        )  # fmt: skip

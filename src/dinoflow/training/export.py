@@ -70,7 +70,11 @@ def plot_training_curves(history: list[dict[str, float]], path: Path) -> Path:
                 ax.plot(*zip(*pts, strict=True), label=key.split("/")[-1], marker="." if len(pts) < 30 else None)
         ax.set_title(title)
         ax.set_xlabel("step")
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+        else:  # e.g. no online kNN in a short run
+            ax.text(0.5, 0.5, "not measured in this run", ha="center", va="center",
+                    transform=ax.transAxes, color="grey")
         ax.grid(alpha=0.3)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -73,10 +73,11 @@ class MetricLogger:
     collapse (warned once, also as an MLflow tag)."""
 
     def __init__(self, cfg: PretrainConfig, schedules: Schedules, history: list[dict[str, float]],
-                 start_step: int, last_step: int, world_size: int, main: bool):
+                 start_step: int, last_step: int, world_size: int, main: bool,
+                 label: str = "pretrain"):
         self.cfg, self.schedules, self.history = cfg, schedules, history
         self.last_step, self.world_size, self.main = last_step, world_size, main
-        self.bar = ProgressBar(main and cfg.train.progress, start_step, last_step)
+        self.bar = ProgressBar(main and cfg.train.progress, start_step, last_step, label)
         self.pending: list[dict[str, torch.Tensor]] = []
         self.final: dict[str, float] = {}
         self.t0, self.images, self.warned = time.perf_counter(), 0, False

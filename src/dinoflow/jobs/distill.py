@@ -1,0 +1,379 @@
+"""The distillation job: find the teacher (registry, run directory or file), fit its heads when
+it has none, distil (one writer per run directory), evaluate student and teacher with the
+evaluation job's code, register the student as ``dinoflow-backbone-distilled``."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from dinoflow.config import (
+    BackboneConfig,
+    ConfigError,
+    DataConfig,
+    DistillationConfig,
+    InitConfig,
+    PretrainConfig,
+    TeacherConfig,
+    TrainConfig,
+    fingerprint,
+)
+from dinoflow.data import Split, channel_stats, load_data
+from dinoflow.errors import DataError
+from dinoflow.files import FolderLock, atomic_write_json
+from dinoflow.models.vit import BACKBONE_FORMAT, DinoVisionTransformer, load_backbone, save_backbone
+from dinoflow.results import DistillationSummary, EvaluationReport, PretrainSummary
+from dinoflow.training.distill import distill
+from dinoflow.training.teacher import FrozenTeacher, heads_from_state
+
+log = logging.getLogger(__name__)
+
+__all__ = ["TeacherSource", "evaluate_distillation", "load_teacher", "register_distillation",
+           "run_distillation"]
+
+DISTILLED_MODEL_NAME = "dinoflow-backbone-distilled"
+TAG_DISTILLED_INTO = "dinoflow.distilled_into"  # on the teacher's version and run
+
+
+@dataclass
+class TeacherSource:
+    """A loaded teacher: backbone, heads (None: headless) and where it came from.
+
+    info: source (as given), uri (pinned: ``models:/name/<version>``, a directory or a file),
+    model_name, version, run_id (the MLflow run that trained it), heads (the file or "none").
+    """
+
+    backbone: DinoVisionTransformer
+    heads: tuple[nn.Module, nn.Module | None] | None
+    mean: list[float] | None = None
+    std: list[float] | None = None
+    image_size: int | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def frozen(self) -> FrozenTeacher:
+        dino, ibot = self.heads if self.heads is not None else (None, None)
+        return FrozenTeacher(self.backbone, dino, ibot)
+
+
+# --------------------------------------------------------------------------- the teacher
+def _load_heads(path: str | Path, backbone: DinoVisionTransformer, key: str):
+    if not Path(path).is_file():
+        raise ConfigError(f"{key}: {path} does not exist")
+    return heads_from_state(torch.load(path, map_location="cpu", weights_only=True), backbone.embed_dim)
+
+
+def _same_weights(a: nn.Module, b: nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def _heads_of_registered(client, version, backbone: DinoVisionTransformer) -> Path | None:
+    """The teacher_heads.pt of the pretraining run that made a registered version: its run
+    directory (the run's ``pretrain.train.run_dir``), if its teacher_backbone.pt is bit for bit
+    the registered backbone (a later run may have overwritten the folder)."""
+    run_id = version.tags.get("dinoflow.pretrain_run_id")
+    try:
+        run_dir = client.get_run(run_id).data.params.get("pretrain.train.run_dir") if run_id else None
+    except Exception:  # noqa: BLE001 - a run of another store: no heads found
+        run_dir = None
+    if not run_dir:
+        return None
+    files = Path(run_dir) / "teacher_backbone.pt", Path(run_dir) / "teacher_heads.pt"
+    if all(f.is_file() for f in files) and _same_weights(load_backbone(files[0]), backbone):
+        return files[1]
+    log.warning("teacher heads: %s does not hold the registered backbone's heads", run_dir)
+    return None
+
+
+def _registered_teacher(tcfg: TeacherConfig) -> TeacherSource:
+    """``models:/name@alias`` or ``models:/name/version``: the registered backbone (pinned to its
+    version) and, when found, the heads of the pretraining that made it."""
+    import mlflow
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    ref = tcfg.source.removeprefix("models:/")
+    name, sep, alias = ref.partition("@")
+    if not sep:
+        name, _, alias = ref.partition("/")
+    client = MlflowClient()
+    try:
+        version = (client.get_model_version(name, alias) if alias.isdigit()
+                   else client.get_model_version_by_alias(name, alias))
+    except MlflowException as exc:
+        raise ConfigError(f"distillation.teacher.source: {tcfg.source} is not in the registry at "
+                          f"{mlflow.get_tracking_uri()} ({str(exc)[:160]}); register a backbone "
+                          "first (kedro run) or give a run directory or a file") from None
+    uri = f"models:/{name}/{version.version}"
+    wrapper = mlflow.pytorch.load_model(uri, map_location="cpu")
+    backbone = getattr(wrapper, "backbone", wrapper)
+    if not isinstance(backbone, DinoVisionTransformer):
+        raise ConfigError(f"distillation.teacher.source: {uri} does not hold a dinoflow backbone")
+    heads_path = tcfg.heads or _heads_of_registered(client, version, backbone)
+    heads = _load_heads(heads_path, backbone, "distillation.teacher.heads") if heads_path else None
+    return TeacherSource(backbone, heads, list(wrapper.mean), list(wrapper.std), int(wrapper.image_size), {
+        "source": tcfg.source, "uri": uri, "model_name": name, "version": str(version.version),
+        "run_id": version.tags.get("dinoflow.pretrain_run_id"), "heads": str(heads_path or "none")})
+
+
+def _run_dir_teacher(tcfg: TeacherConfig, folder: Path) -> TeacherSource:
+    """A dinoflow run directory: teacher_backbone.pt, teacher_heads.pt, pretrain_summary.json."""
+    backbone_file = folder / "teacher_backbone.pt"
+    if not backbone_file.is_file():
+        raise ConfigError(f"distillation.teacher.source: {folder} has no teacher_backbone.pt "
+                          "(a dinoflow run directory holds teacher_backbone.pt and teacher_heads.pt)")
+    backbone = load_backbone(backbone_file)
+    heads_path = Path(tcfg.heads) if tcfg.heads else folder / "teacher_heads.pt"
+    heads = _load_heads(heads_path, backbone, "distillation.teacher.heads") if heads_path.is_file() else None
+    summary_file = folder / "pretrain_summary.json"
+    s = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
+    return TeacherSource(backbone, heads, s.get("mean"), s.get("std"), s.get("image_size"), {
+        "source": tcfg.source, "uri": str(folder), "run_id": s.get("mlflow_run_id"),
+        "heads": str(heads_path) if heads else "none",
+        **_version_of_run(s.get("mlflow_run_id"), s.get("fingerprint"))})
+
+
+def _version_of_run(run_id: str | None, fp: str | None) -> dict[str, str]:
+    """{model_name, version}: the newest registered ``dinoflow-backbone`` version made by pretrain
+    run ``run_id`` with fingerprint ``fp`` (lineage for a run-directory teacher); {} if none."""
+    from dinoflow.registry import MODEL_NAME
+
+    if not run_id:
+        return {}
+    try:
+        from mlflow import MlflowClient
+
+        found = MlflowClient().search_model_versions(
+            f"name = '{MODEL_NAME}' and tags.`dinoflow.pretrain_run_id` = '{run_id}'")
+    except Exception:  # noqa: BLE001 - no registry here: the run id is the lineage
+        return {}
+    same = [v for v in found if not fp or v.tags.get("dinoflow.fingerprint") == fp]
+    if not same:
+        return {}
+    newest = max(same, key=lambda v: int(v.version))
+    return {"model_name": MODEL_NAME, "version": str(newest.version)}
+
+
+def _file_teacher(tcfg: TeacherConfig, path: Path, in_chans: int, size: int) -> TeacherSource:
+    """A dinoflow backbone file, or a released file (official layout) of ``teacher.backbone``."""
+    from dinoflow.training.components import backbone_from_config
+    from dinoflow.weights import load_released_weights
+
+    raw = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(raw, dict) and raw.get("format") == BACKBONE_FORMAT:
+        backbone = load_backbone(path)
+    elif tcfg.backbone is None:
+        raise ConfigError(f"distillation.teacher.backbone: {path} is a released weights file; "
+                          "give its architecture (arch or embed_dim/depth/num_heads, patch_size)")
+    else:
+        with torch.random.fork_rng(devices=[]):
+            backbone = backbone_from_config(tcfg.backbone, size, in_chans)
+        try:
+            report = load_released_weights(backbone, path)
+        except ValueError as exc:
+            raise ConfigError(f"distillation.teacher: {exc}") from None
+        log.info("teacher from %s: %s", path, report.summary())
+    heads = _load_heads(tcfg.heads, backbone, "distillation.teacher.heads") if tcfg.heads else None
+    return TeacherSource(backbone, heads, info={"source": tcfg.source, "uri": str(path),
+                                                "heads": tcfg.heads or "none"})
+
+
+def load_teacher(tcfg: TeacherConfig, in_chans: int, global_size: int) -> TeacherSource:
+    """The teacher ``distillation.teacher`` names, with its heads where it has them."""
+    source = tcfg.source
+    if source.startswith("models:/"):
+        return _registered_teacher(tcfg)
+    path = Path(source)
+    if path.is_dir():
+        return _run_dir_teacher(tcfg, path)
+    if path.is_file():
+        return _file_teacher(tcfg, path, in_chans, global_size)
+    raise ConfigError(f"distillation.teacher.source: {source} is neither models:/<name>@<alias>, "
+                      "models:/<name>/<version>, a run directory nor a file")
+
+
+def fit_teacher_heads(cfg: DistillationConfig, teacher: TeacherSource, train: Split,
+                      mean: list[float], std: list[float]) -> TeacherSource:
+    """Fresh heads for a headless teacher: ``teacher.fit_steps`` steps of DINOv2 pretraining with
+    the backbone's lr at 0 (``pretrain.init.head_warmup_*``); the EMA's heads are kept. A fit
+    that finished before (same settings and backbone) is reused; a killed one resumes."""
+    from dinoflow.training import pretrain, total_steps_for
+
+    fit_dir = Path(cfg.train.run_dir) / "teacher_heads_fit"
+    init = fit_dir / "init_backbone.pt"
+    save_backbone(teacher.backbone, init)
+    kw = teacher.backbone.backbone_kwargs()
+    pcfg = PretrainConfig(
+        crops=cfg.crops, loss=cfg.loss, optim=cfg.optim, monitor=cfg.monitor,
+        backbone=BackboneConfig(arch="custom", patch_size=kw["patch_size"], embed_dim=kw["embed_dim"],
+                                depth=kw["depth"], num_heads=kw["num_heads"], mlp_ratio=kw["mlp_ratio"],
+                                num_register_tokens=kw["num_register_tokens"],
+                                layerscale_init=kw["layerscale_init"] or 0.0, drop_path_rate=0.0,
+                                layer_norm_eps=kw["layer_norm_eps"], ffn=kw["ffn"],
+                                interpolate_offset=kw["interpolate_offset"],
+                                interpolate_antialias=kw["interpolate_antialias"],
+                                pos_embed_size=kw["img_size"]),
+        head=cfg.teacher.fit_head,
+        train=TrainConfig(**{**cfg.train.model_dump(), "epochs": 1, "max_steps": None,
+                             "steps_per_epoch": cfg.teacher.fit_steps, "run_dir": str(fit_dir)}),
+        init=InitConfig(weights=str(init), head_warmup_steps=cfg.teacher.fit_steps),
+    )  # fmt: skip
+    key = fingerprint({"fit": pcfg.model_dump(mode="json"), "teacher": teacher.frozen().digest(),
+                       "n": len(train), "steps": total_steps_for(pcfg, len(train), 1)[0]})
+    done, heads_file = fit_dir / "fit.json", fit_dir / "teacher_heads.pt"
+    if not (done.is_file() and json.loads(done.read_text()).get("key") == key and heads_file.is_file()):
+        log.info("the teacher has no heads: fitting them for %d steps on the frozen backbone",
+                 cfg.teacher.fit_steps)
+        with nested_run("teacher heads fit"):
+            pretrain(pcfg, train, mean, std)
+        atomic_write_json(done, {"key": key})
+    heads = heads_from_state(torch.load(heads_file, weights_only=True), teacher.backbone.embed_dim)
+    return TeacherSource(teacher.backbone, heads, teacher.mean, teacher.std, teacher.image_size,
+                         {**teacher.info, "heads": f"fitted: {heads_file}"})
+
+
+@contextlib.contextmanager
+def nested_run(name: str) -> Iterator[None]:
+    """A nested MLflow run while an outer one is active (the head fit's curves apart)."""
+    try:
+        import mlflow
+    except ImportError:  # untracked
+        yield
+        return
+    if mlflow.active_run() is None:
+        yield
+        return
+    with mlflow.start_run(run_name=name, nested=True):
+        yield
+
+
+# --------------------------------------------------------------------------- the jobs
+def run_distillation(data: DataConfig, cfg: DistillationConfig, manifest_ids: list[str] | None = None,
+                     stop_after_steps: int | None = None) -> DistillationSummary:
+    """Load the data and the teacher, fit heads if needed, distil; one writer per run directory."""
+    from dinoflow.jobs.pretrain import _active_mlflow_run, apply_manifest, knn_subsets
+
+    splits = load_data(data)
+    train = apply_manifest(splits["train"], manifest_ids if cfg.train.use_curated_manifest else None)
+    source = load_teacher(cfg.teacher, train.channels, cfg.crops.global_size)
+    if source.mean is None or source.std is None:  # a file: the data's normalisation
+        source.mean, source.std = channel_stats(train)
+    if int(source.backbone.in_chans) != train.channels:
+        raise DataError(f"distillation.teacher: the teacher takes {source.backbone.in_chans}-channel "
+                        f"images, the data has {train.channels} (set data.channels)")
+    mode = "heads" if source.heads is not None else cfg.teacher.headless
+    t = cfg.train
+    bank, queries = knn_subsets(splits, t.knn_bank_size, t.knn_query_size, t.seed)
+    with FolderLock(Path(t.run_dir), "distillation"):
+        if mode == "fit_heads":
+            source = fit_teacher_heads(cfg, source, train, source.mean, source.std)
+        info = {**source.info, "mode": "features" if mode == "features" else "heads"}
+        summary = distill(cfg, source.frozen(), train, source.mean, source.std, bank, queries,
+                          stop_after_steps, teacher_info=info)
+    return summary.model_copy(update={"n_train_images": len(train), "data": data.model_dump(mode="json"),
+                                      "mlflow_run_id": _active_mlflow_run()})
+
+
+def evaluate_distillation(data: DataConfig, params: dict[str, Any], cfg: DistillationConfig,
+                          summary: DistillationSummary,
+                          out_dir: str | Path) -> tuple[dict[str, float], EvaluationReport]:
+    """The student and its teacher through ``run_evaluation`` (the evaluation pipeline's code and
+    settings): the student's keys, the teacher's prefixed ``teacher_``; the report is the
+    student's with the teacher's report, the FLOPs and the ratios added."""
+    from dinoflow.jobs.evaluate import run_evaluation
+
+    params = {k: v for k, v in (params or {}).items() if k != "model"}
+    out_dir = Path(out_dir)
+    student = load_backbone(summary.student_backbone)
+    metrics, report = run_evaluation(data, params, summary.as_pretrain_summary(), student,
+                                     str(out_dir / "student"))
+    pinned = cfg.teacher.model_copy(update={"source": summary.teacher.get("uri") or cfg.teacher.source})
+    teacher = load_teacher(pinned, summary.channels, summary.image_size).backbone
+    as_pretrain = PretrainSummary(run_dir="", teacher_backbone=str(pinned.source), teacher_heads="",
+                                  steps=0, mean=summary.mean, std=summary.std,
+                                  image_size=summary.image_size, channels=summary.channels,
+                                  mlflow_run_id=summary.teacher.get("run_id"))
+    # the baselines (random weights, raw pixels) are the student's; the teacher needs none
+    t_metrics, t_report = run_evaluation(data, {**params, "baselines": []}, as_pretrain, teacher,
+                                         str(out_dir / "teacher"))
+    metrics.update({f"teacher_{k}": v for k, v in t_metrics.items()})
+    ratios = {"flops_ratio": summary.student_flops / max(summary.teacher_flops, 1)}
+    if t_metrics.get("knn_top1"):
+        ratios["knn_top1_kept"] = metrics["knn_top1"] / t_metrics["knn_top1"]
+    report = report.model_copy(update={
+        "teacher": summary.teacher, "teacher_report": t_report.model_dump(mode="json"),
+        "student_flops": summary.student_flops, "teacher_flops": summary.teacher_flops, **ratios})
+    return metrics, report
+
+
+def distillation_card(summary: DistillationSummary, metrics: dict[str, Any]) -> str:
+    """The model card's distillation section: the teacher, the FLOPs, both sets of numbers."""
+    t = summary.teacher
+    keys = sorted(k for k in metrics if f"teacher_{k}" in metrics and not k.startswith("seg_iou_"))
+    lines = [
+        "## Distillation", "",
+        f"- teacher: `{t.get('uri') or t.get('source')}` (given as `{t.get('source')}`), model "
+        f"version `{t.get('model_name', '-')}/{t.get('version', '-')}`, run `{t.get('run_id')}`, "
+        f"heads: {t.get('heads')}",
+        f"- method: {summary.mode} (DINOv2 section 5: frozen teacher, student EMA kept, no masking "
+        "and no stochastic depth, iBOT on every patch of both global crops)",
+        f"- FLOPs per image at {summary.image_size} px: student {summary.student_flops:,}, "
+        f"teacher {summary.teacher_flops:,} "
+        f"({summary.student_flops / max(summary.teacher_flops, 1):.3f} of the teacher's)",
+        f"- distillation: {summary.steps} steps, {summary.train_seconds:.0f} s, "
+        f"{summary.images_per_second:.1f} images/s", "",
+        "| metric | student | teacher | kept |", "|---|---|---|---|",
+        *(f"| {k} | {metrics[k]:.4f} | {metrics['teacher_' + k]:.4f} | "
+          f"{metrics[k] / metrics['teacher_' + k]:.1%} |" if metrics["teacher_" + k] else
+          f"| {k} | {metrics[k]:.4f} | {metrics['teacher_' + k]:.4f} | - |" for k in keys), "",
+    ]  # fmt: skip
+    return "\n".join(lines)
+
+
+def register_distillation(summary: DistillationSummary, metrics: dict[str, Any],
+                          report: EvaluationReport | None, reg_cfg, git_commit: str = "unknown") -> dict:
+    """Register the student (the registration job's code, its model name), promoted by the same
+    rule; tagged with its teacher's version and run, which are tagged back with the student."""
+    from mlflow import MlflowClient
+
+    from dinoflow.registry import register_pretrained
+
+    t = summary.teacher
+    tags = {"dinoflow.distillation_mode": summary.mode, "dinoflow.teacher_source": t.get("source"),
+            "dinoflow.teacher_uri": t.get("uri"), "dinoflow.teacher_model_name": t.get("model_name"),
+            "dinoflow.teacher_version": t.get("version"), "dinoflow.teacher_run_id": t.get("run_id"),
+            "dinoflow.student_flops": summary.student_flops,
+            "dinoflow.teacher_flops": summary.teacher_flops}
+    tags = {k: str(v) for k, v in tags.items() if v not in (None, "")}
+    # the card's metric table: the student's; its distillation section sets the teacher's beside
+    own = {k: v for k, v in metrics.items() if not k.startswith("teacher_")}
+    decision = register_pretrained(summary.as_pretrain_summary(), own, reg_cfg, git_commit,
+                                   report, load_backbone(summary.student_backbone), extra_tags=tags,
+                                   card_extra=distillation_card(summary, metrics))
+    student = f"{reg_cfg.model_name}/{decision['version']}"
+    client = MlflowClient()
+    if t.get("model_name") and t.get("version"):
+        mv = client.get_model_version(t["model_name"], t["version"])
+        client.set_model_version_tag(t["model_name"], t["version"], TAG_DISTILLED_INTO,
+                                     _appended(mv.tags.get(TAG_DISTILLED_INTO), student))
+    if t.get("run_id"):
+        try:
+            run = client.get_run(t["run_id"])
+            client.set_tag(t["run_id"], TAG_DISTILLED_INTO,
+                           _appended(run.data.tags.get(TAG_DISTILLED_INTO), student))
+        except Exception:  # noqa: BLE001 - the teacher's run may live in another store
+            log.warning("the teacher's run %s is not in this tracking store", t["run_id"])
+    return decision
+
+
+def _appended(existing: str | None, item: str) -> str:
+    items = [i for i in (existing or "").split(",") if i]
+    return ",".join(items + ([item] if item not in items else []))
