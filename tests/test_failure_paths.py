@@ -282,9 +282,12 @@ def test_a_second_kedro_run_is_refused_and_sigterm_ends_the_first_as_killed(tmp_
     first = _kedro(root, tmp_path, "--env", "smoke", "--pipelines=pretrain", "--params", long_run,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
+        # the project lock (data/.dinoflow.lock) names its holder once the run has taken it
+        lock = root / "data" / ".dinoflow.lock"
         deadline = time.time() + 300
-        while not (root / "data" / "06_models" / ".dinoflow.lock").exists() and time.time() < deadline:
+        while f'"pid": {first.pid}' not in (lock.read_text() if lock.exists() else ""):
             assert first.poll() is None, "the first run ended early"
+            assert time.time() < deadline, "the first run never took the project lock"
             time.sleep(0.5)
         second = _kedro(root, tmp_path, "--env", "smoke", "--pipelines=pretrain")
         assert second.returncode == 2, second.stderr[-2000:]
