@@ -24,16 +24,14 @@ from torch import nn
 from dinoflow.config import DistillationConfig, PretrainConfig, fingerprint
 from dinoflow.data import Split
 from dinoflow.distributed import resolve_device, world
-from dinoflow.errors import ConfigError, TrainingDiverged
+from dinoflow.errors import ConfigError
 from dinoflow.files import atomic_torch_save, atomic_write_json
 from dinoflow.models.ssl import SSLModel, make_teacher
 from dinoflow.models.vit import save_backbone
-from dinoflow.monitor import check_finite, normalized_std, target_entropy
+from dinoflow.monitor import target_entropy
 from dinoflow.optim import (
     apply_schedules,
     build_optimizer,
-    clip_gradients,
-    ema_update,
     param_groups,
 )
 from dinoflow.results import DistillationSummary
@@ -51,10 +49,11 @@ from dinoflow.training.components import (
 )
 from dinoflow.training.data import build_loader
 from dinoflow.training.export import write_history
+from dinoflow.training.loop import run_steps
 from dinoflow.training.metrics import MetricLogger
 from dinoflow.training.online_knn import OnlineKNN
 from dinoflow.training.parallel import wrap_for_training
-from dinoflow.training.step import autocast_for, precision_choice
+from dinoflow.training.step import autocast_for, precision_choice, update_and_report
 from dinoflow.training.teacher import FrozenTeacher, backbone_flops
 
 log = logging.getLogger(__name__)
@@ -219,21 +218,9 @@ def distill_step(batch: dict[str, Any], step: int, student: nn.Module, ema: SSLM
     koleo = sum(losses.koleo(view) for view in out["global_cls"].float().chunk(2))
     total = lw.dino_weight * dino + lw.ibot_weight * ibot + lw.koleo_weight * koleo
     terms = {"dino": dino, "ibot": ibot, "koleo": koleo, "total": total}
-    check_finite(step, terms, None, cfg)
-    optimizer.zero_grad(set_to_none=True)
-    total.backward()
-    inner = student.module if hasattr(student, "module") else student
-    grad_norms = {}
-    if cfg.optim.clip_grad:
-        grad_norms = clip_gradients({"backbone": inner.backbone, **inner.heads()}, cfg.optim.clip_grad)
-    optimizer.step()
-    ema_update(ema, inner, schedules.momentum[step])  # the final model; the teacher never moves
-    return {
-        **{f"loss/{n}": v.detach() for n, v in terms.items()},
-        "monitor/teacher_entropy": entropy,
-        "monitor/student_cls_std": normalized_std(out["global_cls"].detach()),
-        **{f"grad_norm/{n}": torch.tensor(v) for n, v in grad_norms.items()},
-    }
+    # the EMA of the student is the final model; the frozen teacher never moves
+    return update_and_report(terms, step, student, ema, optimizer, schedules, cfg, entropy,
+                             out["global_cls"])
 
 
 def export_student(ema: SSLModel, run_dir: Path) -> tuple[Path, Path]:
@@ -281,26 +268,10 @@ def distill(cfg: DistillationConfig, teacher: FrozenTeacher, train: Split, mean:
     metrics = MetricLogger(pcfg, run.schedules, history, start_step, run.last_step, 1, True,
                            "distill")
     t0 = time.perf_counter()
-    try:
-        for batch in loader:
-            step, done = batch["step"], batch["step"] + 1
-            run.teacher.train(False)
-            model.train(True)
-            out = distill_step(batch, step, model, run.teacher, teacher, run.losses, run.optimizer,
-                               run.schedules, pcfg, device)
-            metrics.record(step, out, batch["batch_size"])
-            if knn is not None and knn.due(done, run.last_step):
-                knn.check(run.teacher, done, history)
-            if checkpoints.due(done, run.last_step):
-                path = checkpoints.save(done, run, history, cfg.model_dump(mode="json"))
-                if stop_after_steps is not None and done >= stop_after_steps:
-                    raise SystemExit(f"stopped after step {done} as asked (checkpoint {path})")
-    except TrainingDiverged as exc:
-        last = checkpoints.latest()
-        kept = f"the last good checkpoint is kept at {last}" if last else "no checkpoint was written yet"
-        raise TrainingDiverged(f"{exc} ({kept})") from None
-    finally:
-        metrics.close()
+    run_steps(loader, model, run, metrics, knn, checkpoints, history, cfg.model_dump(mode="json"),
+              stop_after_steps,
+              lambda batch, step: distill_step(batch, step, model, run.teacher, teacher, run.losses,
+                                               run.optimizer, run.schedules, pcfg, device))
     seconds = time.perf_counter() - t0
     run_dir = Path(t.run_dir)
     backbone_path, heads_path = export_student(run.teacher, run_dir)

@@ -11,8 +11,10 @@ import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
+from torch import nn
 
 from dinoflow.config import PretrainConfig
 from dinoflow.data import Split
@@ -20,7 +22,12 @@ from dinoflow.distributed import barrier, resolve_device, world
 from dinoflow.errors import TrainingDiverged
 from dinoflow.results import PretrainSummary
 from dinoflow.training.checkpoint import Checkpointer
-from dinoflow.training.components import backbone_from_config, build_components, build_student
+from dinoflow.training.components import (
+    Components,
+    backbone_from_config,
+    build_components,
+    build_student,
+)
 from dinoflow.training.data import build_loader
 from dinoflow.training.export import export_teacher, write_history
 from dinoflow.training.metrics import MetricLogger
@@ -71,26 +78,10 @@ def pretrain(
         if start_step == 0:
             knn.check(run.teacher, 0, history)  # the starting point: random init or loaded weights
     metrics = MetricLogger(cfg, run.schedules, history, start_step, run.last_step, world_size, main)
-    try:
-        for batch in loader:
-            step, done = batch["step"], batch["step"] + 1
-            run.teacher.train(False)
-            model.train(True)
-            out = train_step(batch, step, model, run.teacher, run.losses, run.optimizer,
-                             run.schedules, cfg, device)
-            metrics.record(step, out, batch["batch_size"])
-            if knn is not None and knn.due(done, run.last_step):
-                knn.check(run.teacher, done, history)
-            if checkpoints.due(done, run.last_step):
-                path = checkpoints.save(done, run, history, cfg.model_dump(mode="json"))
-                if stop_after_steps is not None and done >= stop_after_steps:
-                    raise SystemExit(f"stopped after step {done} as asked (checkpoint {path})")
-    except TrainingDiverged as exc:
-        last = checkpoints.latest()
-        kept = f"the last good checkpoint is kept at {last}" if last else "no checkpoint was written yet"
-        raise TrainingDiverged(f"{exc} ({kept})") from None
-    finally:
-        metrics.close()
+    run_steps(loader, model, run, metrics, knn, checkpoints, history, cfg.model_dump(mode="json"),
+              stop_after_steps,
+              lambda batch, step: train_step(batch, step, model, run.teacher, run.losses,
+                                             run.optimizer, run.schedules, cfg, device))
 
     run_dir = Path(t.run_dir)
     backbone_path, heads_path = export_teacher(run.teacher, run_dir, main, fsdp,
@@ -108,6 +99,33 @@ def pretrain(
         image_size=cfg.crops.global_size, world_size=world_size,
         precision=precision,
     )  # fmt: skip
+
+
+def run_steps(loader, model: nn.Module, run: Components, metrics: MetricLogger,
+              knn: OnlineKNN | None, checkpoints: Checkpointer, history: list[dict[str, float]],
+              config: dict[str, Any], stop_after_steps: int | None,
+              step_fn: Callable[[dict[str, Any], int], dict[str, torch.Tensor]]) -> None:
+    """The loop of pretraining and distillation: ``step_fn(batch, step)`` per batch, the metrics,
+    the online kNN of the EMA and the checkpoints when due; a divergence names the checkpoint
+    kept; ``stop_after_steps`` ends the process after a checkpoint (tests of resumption)."""
+    try:
+        for batch in loader:
+            step, done = batch["step"], batch["step"] + 1
+            run.teacher.train(False)
+            model.train(True)
+            metrics.record(step, step_fn(batch, step), batch["batch_size"])
+            if knn is not None and knn.due(done, run.last_step):
+                knn.check(run.teacher, done, history)
+            if checkpoints.due(done, run.last_step):
+                path = checkpoints.save(done, run, history, config)
+                if stop_after_steps is not None and done >= stop_after_steps:
+                    raise SystemExit(f"stopped after step {done} as asked (checkpoint {path})")
+    except TrainingDiverged as exc:
+        last = checkpoints.latest()
+        kept = f"the last good checkpoint is kept at {last}" if last else "no checkpoint was written yet"
+        raise TrainingDiverged(f"{exc} ({kept})") from None
+    finally:
+        metrics.close()
 
 
 def resolve_auto(cfg: PretrainConfig) -> PretrainConfig:

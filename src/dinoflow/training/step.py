@@ -119,18 +119,28 @@ def train_step(
     total = lw.dino_weight * dino + lw.ibot_weight * ibot + lw.koleo_weight * koleo
 
     terms = {"dino": dino, "ibot": ibot, "koleo": koleo, "total": total}
+    return update_and_report(terms, step, student, teacher, optimizer, schedules, cfg,
+                             target_entropy(dino_targets), out["global_cls"])
+
+
+def update_and_report(terms: dict[str, torch.Tensor], step: int, student: nn.Module,
+                      ema: nn.Module, optimizer: torch.optim.Optimizer, schedules: Schedules,
+                      cfg: PretrainConfig, teacher_entropy: torch.Tensor,
+                      global_cls: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The end of every step (pretraining and distillation): the finite check, backward,
+    gradient clipping, AdamW, the EMA of the student; the step's logged numbers."""
     check_finite(step, terms, None, cfg)
     optimizer.zero_grad(set_to_none=True)
-    total.backward()
+    terms["total"].backward()
     inner = student.module if hasattr(student, "module") else student
     grad_norms = {}
     if cfg.optim.clip_grad:
         grad_norms = clip_gradients({"backbone": inner.backbone, **inner.heads()}, cfg.optim.clip_grad)
     optimizer.step()
-    ema_update(teacher, inner, schedules.momentum[step])
+    ema_update(ema, inner, schedules.momentum[step])
     return {
         **{f"loss/{n}": v.detach() for n, v in terms.items()},
-        "monitor/teacher_entropy": target_entropy(dino_targets),
-        "monitor/student_cls_std": normalized_std(out["global_cls"].detach()),
+        "monitor/teacher_entropy": teacher_entropy,
+        "monitor/student_cls_std": normalized_std(global_cls.detach()),
         **{f"grad_norm/{n}": torch.tensor(v) for n, v in grad_norms.items()},
     }
