@@ -31,6 +31,7 @@ from dinoflow.errors import DataError
 from dinoflow.files import FolderLock, atomic_write_json
 from dinoflow.models.vit import BACKBONE_FORMAT, DinoVisionTransformer, load_backbone, save_backbone
 from dinoflow.results import DistillationSummary, EvaluationReport, PretrainSummary
+from dinoflow.serving import load_registered_backbone
 from dinoflow.training.distill import distill
 from dinoflow.training.teacher import FrozenTeacher, heads_from_state
 
@@ -113,7 +114,10 @@ def _registered_teacher(tcfg: TeacherConfig) -> TeacherSource:
                           f"{mlflow.get_tracking_uri()} ({str(exc)[:160]}); register a backbone "
                           "first (kedro run) or give a run directory or a file") from None
     uri = f"models:/{name}/{version.version}"
-    wrapper = mlflow.pytorch.load_model(uri, map_location="cpu")
+    try:
+        wrapper = load_registered_backbone(uri)
+    except ValueError as exc:
+        raise ConfigError(f"distillation.teacher.source: {exc}") from None
     backbone = getattr(wrapper, "backbone", wrapper)
     if not isinstance(backbone, DinoVisionTransformer):
         raise ConfigError(f"distillation.teacher.source: {uri} does not hold a dinoflow backbone")
