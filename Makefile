@@ -60,11 +60,12 @@ bench: data  ## benchmarks -> benchmarks/results/latest.json and the README tabl
 	$(PY) -m benchmarks.run_all
 	$(PY) -m benchmarks.bench_curation
 
-ui: install  ## the MLflow UI on the runs (prints the address that opens the training runs)
-	@# MLflow 3.17 opens experiments on its GenAI view unless the address names model training
+ui: install  ## the MLflow UI on the runs: http://127.0.0.1:5000 (experiments open on their training runs)
+	@# --app-name dinoflow: MLflow's server whose page starts in the model-training view
+	@# (MLflow 3.17 starts in GenAI; dinoflow.mlflow_app says why)
 	@$(PY) -c "from dinoflow.tracking import ui_landing_url as u; \
 	  print('MLflow UI, dinoflow training runs:', u('http://127.0.0.1:5000', 'sqlite:///mlflow.db'))"
-	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
+	$(VENV)/bin/mlflow ui --app-name dinoflow --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
 
 viz: install  ## kedro-viz: the pipelines as a graph (http://127.0.0.1:4141)
 	$(KEDRO) viz run --host 127.0.0.1 --port 4141 --no-browser

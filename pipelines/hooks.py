@@ -24,39 +24,51 @@ from kedro.framework.hooks import hook_impl
 
 log = logging.getLogger(__name__)
 
-# The start of MLflow's warning for a PythonModel subclass whose predict has no type hints.
-_NO_TYPE_HINTS_WARNING = "Add type hints to the `predict` method"
+# kedro-mlflow 2.0.3's KedroPipelineModel.predict, as released (no type hint), and with the hint
+# that MLflow asks for. pd.DataFrame is what a pyfunc hands a KedroPipelineModel, and one of the
+# hints MLflow infers no schema from, so the class behaves exactly as before (no input validation).
+_UNHINTED_PREDICT = "    def predict(self, context, model_input, params=None):"
+_HINTED_PREDICT = "    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None):"
+_KEDRO_PIPELINE_MODEL = "kedro_mlflow.mlflow.kedro_pipeline_model"
 
 
 def import_kedro_mlflow_models() -> None:
-    """Import ``kedro_mlflow.mlflow`` once, without MLflow's "Add type hints" warning.
+    """Import ``kedro_mlflow.mlflow`` with ``KedroPipelineModel.predict`` type-hinted.
 
-    Why a filter and not a fix: the warning comes from kedro-mlflow's own class
-    ``KedroPipelineModel(mlflow.pyfunc.PythonModel)``, whose ``predict(self, context,
-    model_input, params=None)`` has no type hint; MLflow warns when the class is *defined*
-    (``PythonModel.__init_subclass__``). kedro-mlflow's hook and CLI modules both import it at
-    module level, and Kedro loads them for every command; every kedro-mlflow release (2.0.3, the
-    latest) and its main branch define it so. ``warnings.filterwarnings`` cannot silence it either:
-    MLflow checks under ``catch_warnings()`` + ``simplefilter("once")``, which puts its own filter
-    first. So dinoflow.settings (imported by Kedro before the plugins) imports the module here,
-    recording its warnings, drops exactly that one and passes every other warning on. The class
-    is then defined once; later imports reuse it. The fix upstream is one annotation
-    (``model_input: pd.DataFrame``); drop this function when kedro-mlflow ships it.
+    Why: MLflow checks every ``mlflow.pyfunc.PythonModel`` subclass when the class is *defined*
+    (``PythonModel.__init_subclass__``) and prints "Add type hints to the `predict` method" for one
+    whose ``predict`` input has no hint. kedro-mlflow's ``KedroPipelineModel`` is such a class
+    (every release to 2.0.3, and its main branch), and kedro-mlflow's hook and CLI modules import it
+    at module level, so Kedro printed the warning for every command. The cause is the missing hint;
+    this supplies it: kedro-mlflow's own module is compiled from its own file with the one
+    annotation added (``model_input: pd.DataFrame``: the upstream fix, not dinoflow code), under its
+    own name, so every later ``from kedro_mlflow.mlflow import KedroPipelineModel`` gets that class
+    and MLflow has nothing to warn about. No warning is filtered. Once kedro-mlflow ships a hinted
+    ``predict`` (the released line is not in its file), this is a plain import; drop it then.
+    dinoflow.settings calls it, before Kedro loads kedro-mlflow's hook and CLI.
     """
+    import importlib.util
     import sys
-    import warnings
 
     if "kedro_mlflow.mlflow" in sys.modules:
         return
-    import kedro.framework.project  # noqa: F401 - Kedro's logging set-up replaces showwarning: first
-    import mlflow.pyfunc  # noqa: F401 - MLflow's own import-time warnings are not recorded here
+    import kedro_mlflow  # the top package only: kedro_mlflow.mlflow is not imported by it
 
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        import kedro_mlflow.mlflow  # noqa: F401
-    for w in caught:
-        if _NO_TYPE_HINTS_WARNING not in str(w.message):
-            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
+    path = Path(kedro_mlflow.__file__).parent / "mlflow" / "kedro_pipeline_model.py"
+    source = path.read_text(encoding="utf-8") if path.is_file() else ""
+    if _UNHINTED_PREDICT in source:
+        source = source.replace(_UNHINTED_PREDICT, _HINTED_PREDICT, 1).replace(
+            "\nclass KedroPipelineModel(", "\nimport pandas as pd  # dinoflow: the hint's type\n\n\n"
+            "class KedroPipelineModel(", 1)
+        spec = importlib.util.spec_from_file_location(_KEDRO_PIPELINE_MODEL, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[_KEDRO_PIPELINE_MODEL] = module
+        try:
+            exec(compile(source, str(path), "exec"), module.__dict__)  # noqa: S102 - kedro-mlflow's file
+        except BaseException:
+            del sys.modules[_KEDRO_PIPELINE_MODEL]
+            raise
+    import kedro_mlflow.mlflow  # noqa: F401 - binds KedroPipelineModel from the module above
 
 
 def git_commit(root: Path = Path(".")) -> str:

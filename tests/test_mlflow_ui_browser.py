@@ -74,10 +74,11 @@ def free_port() -> int:
 
 
 def start_mlflow_ui(store_uri: str, cwd: Path) -> tuple[subprocess.Popen, str]:
-    """``mlflow ui`` on loopback (own process group, so the workers stop with it); its base URL."""
+    """``mlflow ui --app-name dinoflow`` (as ``make ui``) on loopback, in its own process group (so
+    the workers stop with it); its base URL."""
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", store_uri,
+        [sys.executable, "-m", "mlflow", "ui", "--app-name", "dinoflow", "--backend-store-uri", store_uri,
          "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
         # no background job runner (its workers are of no use to a UI check)
         cwd=cwd, env={**os.environ, **ENV, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
@@ -114,8 +115,7 @@ def compare_in_browser(url: str, parent_prefix: str, run_names: list[str], scree
             page.route("**/*", lambda route: route.continue_() if route.request.url.startswith(url)
                        else route.abort())
             page.set_default_timeout(60_000)
-            page.goto(url + "/", wait_until="load")
-            page.get_by_text("Model training", exact=True).first.click()
+            page.goto(url + "/", wait_until="load")  # a fresh browser: no workflow chosen yet
             page.get_by_role("link", name="dinoflow", exact=True).first.click()
             parent = page.locator('div[role="row"]', has_text=parent_prefix).first
             parent.wait_for()
@@ -148,12 +148,17 @@ def compare_in_browser(url: str, parent_prefix: str, run_names: list[str], scree
     return {"run_ids": [r.strip() for r in run_ids], "params": params, "metrics": metrics, "text": text}
 
 
-def landing_in_browser(url: str, run_prefix: str) -> dict:
-    """A fresh browser (no stored GenAI / model-training choice) opens ``url``.
+def landing_in_browser(url: str, run_prefix: str, stored_workflow: str | None = None) -> dict:
+    """A fresh browser opens ``url``: with no stored GenAI / model-training choice, or with
+    ``stored_workflow`` stored as the user's own choice (as the UI's sidebar switch stores it).
 
     Returns {"url": where it landed, "runs": the rows naming ``run_prefix``, "text": the page}.
     """
+    import json
+
     from playwright.sync_api import sync_playwright
+
+    from dinoflow.mlflow_app import WORKFLOW_STORAGE_KEY
 
     base = url.split("/#")[0]
     with sync_playwright() as p:
@@ -163,9 +168,16 @@ def landing_in_browser(url: str, run_prefix: str) -> dict:
             page.route("**/*", lambda route: route.continue_() if route.request.url.startswith(base)
                        else route.abort())
             page.set_default_timeout(60_000)
+            if stored_workflow:
+                page.add_init_script(f"localStorage.setItem({json.dumps(WORKFLOW_STORAGE_KEY)}, "
+                                     f"{json.dumps(json.dumps(stored_workflow))})")
             page.goto(url, wait_until="load")
             rows = page.locator('div[role="row"]', has_text=run_prefix)
-            rows.first.wait_for()
+            if stored_workflow in (None, "machine_learning"):
+                rows.first.wait_for()
+            else:
+                page.wait_for_url(f"**workflowType={stored_workflow}**")
+                page.wait_for_timeout(2000)
             return {"url": page.url, "runs": rows.count(), "text": page.inner_text("body")}
         finally:
             browser.close()
@@ -204,15 +216,23 @@ def test_compare_two_tuning_trials_in_the_mlflow_ui(tmp_path):
     try:
         shot = tmp_path / "mlflow_compare.png"
         page = compare_in_browser(url, "tuning | custom/4 | fashion_mnist |", names, shot)
-        landing = landing_in_browser(ui_landing_url(url, uri), "tuning | custom/4 | fashion_mnist |")
+        prefix = "tuning | custom/4 | fashion_mnist |"
+        printed = landing_in_browser(ui_landing_url(url, uri), prefix)  # the address make ui prints
+        plain = landing_in_browser(f"{url}/#/experiments/{experiment.experiment_id}", prefix)
+        chosen = landing_in_browser(f"{url}/#/experiments/{experiment.experiment_id}", prefix,
+                                    stored_workflow="genai")
     finally:
         stop_process_group(proc)
-    # the runs table, not MLflow 3's GenAI overview (usage charts, traces, an assistant)
-    assert f"/experiments/{experiment.experiment_id}/runs" in landing["url"], landing["url"]
-    assert "workflowType=machine_learning" in landing["url"]
-    assert landing["runs"] >= 1
-    for genai in ("Usage", "Tool calls", "Token Usage"):
-        assert genai not in landing["text"], genai
+    # the runs table, not MLflow 3's GenAI overview (usage charts, traces, an assistant), from the
+    # experiment's plain address too (a bookmark, a link in a run's page)
+    for landing in (printed, plain):
+        assert f"/experiments/{experiment.experiment_id}/runs" in landing["url"], landing["url"]
+        assert "workflowType=machine_learning" in landing["url"]
+        assert landing["runs"] >= 1
+        for genai in ("Usage", "Tool calls", "Token Usage"):
+            assert genai not in landing["text"], genai
+    # a user who chose GenAI in the sidebar keeps that choice: the default never overwrites it
+    assert "workflowType=genai" in chosen["url"], chosen["url"]
 
     assert sorted(page["run_ids"]) == sorted(trials)
     for column, run_id in enumerate(page["run_ids"]):

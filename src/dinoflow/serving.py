@@ -32,8 +32,9 @@ backbone version whose promotion decision it must share, while ``pipeline_ml_fac
 needs Kedro, kedro-mlflow and the project's catalog in the serving environment and runs a Kedro
 runner per request; (4) a ``PipelineML`` added to other pipelines (our ``__default__`` is
 curation + pretrain + evaluation + registration) is demoted to a plain ``Pipeline`` and then
-logs nothing (kedro-mlflow issue 690); (5) its ``KedroPipelineModel.predict`` has no type hints,
-which is the MLflow warning every ``kedro`` command printed.
+logs nothing (kedro-mlflow issue 690); (5) its released ``KedroPipelineModel.predict`` has no
+type hints, so MLflow cannot validate its input (the warning every ``kedro`` command printed, until
+``dinoflow.pipelines.hooks.import_kedro_mlflow_models`` supplied the hint).
 """
 
 from __future__ import annotations

@@ -96,6 +96,7 @@ class TuningConfig(Strict):
     timeout: float | None = Field(None, gt=0)  # seconds; no new trial starts after it
     seed: int = 0  # TPE sampler seed
     startup_trials: int = Field(5, ge=1)  # random trials before TPE models the space
+    enqueue_base: bool = True  # trial 0 of a new study: the base parameters' own values
     pruner: PrunerConfig = PrunerConfig()
     budget: dict[str, Any] = {}  # dotted pretrain paths fixed in every trial (the short budget)
     space: dict[str, ParamSpec]
@@ -143,6 +144,21 @@ def apply_overrides(base: PretrainConfig, overrides: dict[str, Any], where: str 
             node = node[p]
         node[leaf] = value
     return validate(PretrainConfig, d, where)
+
+
+def base_values(base: PretrainConfig, space: dict[str, ParamSpec]) -> dict[str, Any]:
+    """The base parameters' own value of each searched path inside the space (the hand-picked
+    trial); a value outside its range is left to the sampler."""
+    values: dict[str, Any] = {}
+    for path, spec in space.items():
+        node: Any = base
+        for part in path.split("."):
+            node = getattr(node, part)
+        inside = (node in (spec.choices or []) if spec.type == "categorical"
+                  else spec.low <= node <= spec.high)
+        if inside:
+            values[path] = node
+    return values
 
 
 def check_tuning_config(base: PretrainConfig, tuning: TuningConfig) -> None:

@@ -24,6 +24,7 @@ from dinoflow.tuning import (
     OBJECTIVE_METRIC,
     TuningConfig,
     apply_overrides,
+    base_values,
     check_tuning_config,
     finished_trials,
     knn_reporter,
@@ -57,6 +58,8 @@ def open_study(data: DataConfig, base: PretrainConfig, tuning: TuningConfig,
     if known is None:
         study.set_user_attr("dinoflow.fingerprint", fp)
         study.set_user_attr("dinoflow.space", sorted(tuning.space))
+        if tuning.enqueue_base:  # the hand-picked values, scored on the same budget as the rest
+            study.enqueue_trial(base_values(base, tuning.space), user_attrs={"dinoflow.base": True})
     elif known != fp:
         raise ConfigError(
             f"study '{tuning.study_name}' in {tuning.storage} was made with other data, base "
