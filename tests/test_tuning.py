@@ -26,6 +26,7 @@ from dinoflow.tuning import (
     PrunerConfig,
     TuningConfig,
     apply_overrides,
+    base_values,
     check_tuning_config,
     make_pruner,
     read_best_params,
@@ -280,6 +281,11 @@ def test_real_trials_nest_in_mlflow_and_write_usable_best_params(tmp_path, mlflo
     summary = run_study(data, base, tuning_cfg(study_name="real", n_trials=2), root=tmp_path)
     study = optuna.load_study(study_name="real", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
     assert summary["states"]["complete"] == 2
+    # trial 0 is the base parameters' own schedules (the hand-picked point, on the same budget)
+    hand_picked = base_values(base, tuning_cfg().space)
+    assert hand_picked and study.trials[0].user_attrs["dinoflow.base"] is True
+    assert {k: study.trials[0].params[k] for k in hand_picked} == hand_picked
+    assert "dinoflow.base" not in study.trials[1].user_attrs
     client = mlflow.MlflowClient()
     parents = set()
     for t in study.trials:
@@ -359,3 +365,14 @@ def test_kedro_tuning_then_pretrain_with_the_best_params_file(tmp_path):
         group, key = path.split(".")
         assert used[group][key] == value
     assert used["train"]["epochs"] == 1 and used["backbone"]["embed_dim"] == 16
+
+
+def test_the_hand_picked_trial_takes_only_values_inside_the_space():
+    base = PretrainConfig.model_validate(TINY_PRETRAIN)
+    space = TuningConfig.model_validate({"space": {
+        "optim.momentum_teacher_shape": {"type": "categorical", "choices": ["linear"]},
+        "optim.teacher_temp_end": {"type": "float", "low": 0.0, "high": 1.0},
+        "optim.momentum_teacher_start": {"type": "float", "low": 0.0, "high": 0.5}}}).space
+    assert base.optim.momentum_teacher_shape == "cosine" and base.optim.momentum_teacher_start > 0.5
+    # outside the space: left to the sampler; inside: the base's own value
+    assert base_values(base, space) == {"optim.teacher_temp_end": base.optim.teacher_temp_end}
