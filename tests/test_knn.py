@@ -126,3 +126,27 @@ def test_raw_pixels_on_fashion_mnist_well_above_chance():
     assert metrics["top1_k20"] > 0.7  # chance is 0.1; raw-pixel kNN on this subset gets ~0.75-0.8
     assert metrics["top5_k20"] > metrics["top1_k20"]
     assert set(metrics) == {f"top{t}_k{k}" for t in (1, 5) for k in (10, 20, 100, 200)}
+
+
+def test_pixels_knn_is_the_raw_pixel_protocol_on_split_objects():
+    """The online reference (pixels_knn on bank/query splits) equals knn_classify on the images
+    flattened and scaled to [0, 1] by hand."""
+    from dinoflow.data import Split
+    from dinoflow.evaluation.knn import pixels_knn
+
+    def find(stem):
+        return next(p for p in (FMNIST / f"{stem}.gz", FMNIST / stem) if p.exists())
+
+    images = [_read_idx(find(s))[:n] for s, n in (("train-images-idx3-ubyte", 1000),
+                                                   ("t10k-images-idx3-ubyte", 300))]
+    labels = [_read_idx(find(s))[:n].astype(np.int64) for s, n in (("train-labels-idx1-ubyte", 1000),
+                                                                    ("t10k-labels-idx1-ubyte", 300))]
+    bank, queries = (Split(ids=[str(i) for i in range(len(x))], labels=y,
+                           class_names=[str(c) for c in range(10)], channels=1, images=x)
+                     for x, y in zip(images, labels, strict=True))
+    got = pixels_knn(bank, queries, image_size=28, ks=(20,))
+    flat = [torch.from_numpy(x.reshape(len(x), -1).astype(np.float32) / 255) for x in images]
+    expected = knn_classify(flat[0], torch.from_numpy(labels[0]), flat[1], torch.from_numpy(labels[1]),
+                            10, ks=(20,))
+    assert got == pytest.approx(expected)
+    assert got["top1_k20"] > 0.65  # chance is 0.1

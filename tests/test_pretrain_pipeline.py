@@ -49,6 +49,9 @@ def test_pipeline_on_an_in_memory_catalog(tmp_path):
     assert summary.steps == 6 and summary.n_train_images == 256
     assert [h["step"] for h in summary.knn_history] == [0, 6]  # the starting point and the end
     assert all(0.1 < h["knn/top1_k20"] <= 1 for h in summary.knn_history)  # real data, 10 classes
+    # raw pixels on the same bank and queries, once: the reference the features have to beat
+    assert 0.3 < summary.knn_history[0]["knn/raw_pixels_top1_k20"] <= 1
+    assert "knn/raw_pixels_top1_k20" not in summary.knn_history[1]
     saved = torch.load(summary.teacher_backbone, weights_only=True)
     assert saved["kwargs"]["embed_dim"] == 32
     backbone = catalog.load("teacher_backbone")  # the catalog's dataset: the module itself

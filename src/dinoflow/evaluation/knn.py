@@ -175,3 +175,14 @@ def backbone_knn(backbone: torch.nn.Module, bank, queries, mean: Sequence[float]
     bank_labels, query_labels = torch.as_tensor(bank.labels), torch.as_tensor(queries.labels)
     n_classes = int(max(bank_labels.max(), query_labels.max())) + 1
     return knn_classify(x[0], bank_labels, x[1], query_labels, n_classes, ks=tuple(ks))
+
+
+def pixels_knn(bank, queries, image_size: int | None, ks: Sequence[int] = (20,)) -> dict[str, float]:
+    """``backbone_knn``'s protocol on raw pixels (each image resized and flattened): the reference
+    a learned feature has to beat on the same bank and queries."""
+    from dinoflow.evaluation.features import raw_pixel_features
+
+    x = [raw_pixel_features(s, image_size).cls_last for s in (bank, queries)]
+    bank_labels, query_labels = torch.as_tensor(bank.labels), torch.as_tensor(queries.labels)
+    n_classes = int(max(bank_labels.max(), query_labels.max())) + 1
+    return knn_classify(x[0], bank_labels, x[1], query_labels, n_classes, ks=tuple(ks))

@@ -68,6 +68,10 @@ def plot_training_curves(history: list[dict[str, float]], path: Path) -> Path:
             pts = [(h["step"], h[key]) for h in history if key in h]
             if pts:
                 ax.plot(*zip(*pts, strict=True), label=key.split("/")[-1], marker="." if len(pts) < 30 else None)
+        if keys == ["knn/top1_k20"]:  # the raw-pixel reference on the same bank and queries
+            raw = [h["knn/raw_pixels_top1_k20"] for h in history if "knn/raw_pixels_top1_k20" in h]
+            if raw:
+                ax.axhline(raw[0], color="grey", linestyle="--", label=f"raw pixels {raw[0]:.3f}")
         ax.set_title(title)
         ax.set_xlabel("step")
         if ax.get_legend_handles_labels()[0]:

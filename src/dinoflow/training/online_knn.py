@@ -1,4 +1,5 @@
-"""The teacher's kNN top-1 on a fixed labelled subset during training (the starting point too)."""
+"""The teacher's kNN top-1 on a fixed labelled subset during training (the starting point too),
+and once, on the same subset, raw pixels' (the reference the features have to beat)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from dinoflow import tracking
 from dinoflow.config import PretrainConfig
 from dinoflow.data import Split
 from dinoflow.distributed import broadcast_from_main
-from dinoflow.evaluation.knn import backbone_knn
+from dinoflow.evaluation.knn import backbone_knn, pixels_knn
 from dinoflow.models.ssl import SSLModel
 
 log = logging.getLogger(__name__)
@@ -20,7 +21,9 @@ log = logging.getLogger(__name__)
 class OnlineKNN:
     """``check(teacher, step)`` every ``train.knn_every_epochs``: k = 20, DINOv2 weighting, a train
     bank against val queries (never test). Under FSDP rank 0 evaluates an unsharded copy.
-    ``on_knn(step, top1)`` (an Optuna pruner) is called after each check and may raise."""
+    ``on_knn(step, top1)`` (an Optuna pruner) is called after each check and may raise. The
+    first check also measures raw pixels on the same bank and queries (``knn/raw_pixels_top1_k20``,
+    logged at that step and kept in that history row)."""
 
     def __init__(self, cfg: PretrainConfig, bank: Split, queries: Split, mean: list[float],
                  std: list[float], steps_per_epoch: int, device: torch.device, fsdp: bool,
@@ -30,6 +33,7 @@ class OnlineKNN:
         self.every = max(1, int(round(cfg.train.knn_every_epochs * steps_per_epoch)))
         self.device, self.fsdp, self.main = device, fsdp, main
         self.build_backbone, self.on_knn = build_backbone, on_knn
+        self.raw_pixels: float | None = None
 
     def due(self, done: int, last_step: int) -> bool:
         return done % self.every == 0 or done == last_step
@@ -52,10 +56,15 @@ class OnlineKNN:
             acc = float(broadcast_from_main(top1))
         else:
             acc = self._top1(teacher.backbone)
-        history.append({"step": done, "knn/top1_k20": acc})
+        row = {"step": done, "knn/top1_k20": acc}
+        if self.raw_pixels is None:
+            self.raw_pixels = pixels_knn(self.bank, self.queries, self.cfg.crops.global_size)["top1_k20"]
+            row["knn/raw_pixels_top1_k20"] = self.raw_pixels
+        history.append(row)
         if self.main:
-            tracking.log_metrics({"knn/top1_k20": acc}, step=done)
-            log.info("step %d: online kNN top-1 (k=20) %.4f", done, acc)
+            tracking.log_metrics({k: v for k, v in row.items() if k != "step"}, step=done)
+            log.info("step %d: online kNN top-1 (k=20) %.4f (raw pixels %.4f)", done, acc,
+                     self.raw_pixels)
         if self.on_knn is not None:
             self.on_knn(done, acc)
         return acc
