@@ -106,7 +106,7 @@ def test_evaluate_backbone_reports_every_metric_and_baseline(tmp_path):
     cfg = EvalSettings(
         out_dir=tmp_path, mean=(0.3,), std=(0.3,), batch_size=32, linear_lrs=(0.01, 0.1), linear_epochs=3,
         linear_batch_size=16, seg_train_scenes=24, seg_test_scenes=8, seg_canvas=16, seg_epochs=2,
-        seg_batch_size=8, n_pictures=3, progress=False, baseline_max_train=50,
+        seg_batch_size=8, n_pictures=3, progress=False, baseline_max_train=50, baseline_random_max_train=40,
     )  # fmt: skip
     backbone = TinyBackbone()
     metrics, files = evaluate_backbone(backbone, splits, cfg)
@@ -139,6 +139,7 @@ def test_evaluate_backbone_reports_every_metric_and_baseline(tmp_path):
         png_size(files[name])
     details = json.loads(files["details"].read_text())
     assert details["settings"]["linear_epochs"] == 3 and details["baseline_train_size"] == 50
+    assert details["baseline_random_train_size"] == 40  # the random-init baseline's own cap
     assert details["linear"]["test_top1"] == metrics["linear_top1"]
     assert len(details["linear"]["val_accuracies"]) == 4 * 2
     assert set(details["timings_s"]) >= {

@@ -114,6 +114,8 @@ class EvalSettings:
     # baselines
     baselines: tuple[str, ...] = BASELINES
     baseline_max_train: int | None = None  # subsample train for the baselines, to bound time
+    # the random-init baseline alone (its features cost a forward pass per image; pixels' do not)
+    baseline_random_max_train: int | None = None
     # pictures
     n_pictures: Annotated[int, Field(ge=0)] = 8
     pca_foreground_threshold: float | None = None
@@ -480,13 +482,15 @@ def _draw_pca(
         )  # fmt: skip
 
 
-def _baseline_splits(splits: Mapping[str, ImageSource], cfg: EvalSettings) -> dict[str, ImageSource]:
-    """The splits with train subsampled to ``baseline_max_train`` (fixed seed) when set."""
+def _baseline_splits(splits: Mapping[str, ImageSource], cfg: EvalSettings,
+                     *caps: int | None) -> dict[str, ImageSource]:
+    """The splits with train subsampled (fixed seed) to the smallest of ``caps`` that is set."""
     base_splits = dict(splits)
     n_train = len(splits["train"])
-    if cfg.baseline_max_train is not None and n_train > cfg.baseline_max_train:
+    cap = min((c for c in caps if c is not None), default=None)
+    if cap is not None and n_train > cap:
         order = np.random.default_rng(cfg.seed).permutation(n_train)
-        base_splits["train"] = _Subset(splits["train"], np.sort(order[: cfg.baseline_max_train]))
+        base_splits["train"] = _Subset(splits["train"], np.sort(order[:cap]))
     return base_splits
 
 
@@ -500,13 +504,15 @@ def _evaluate_baselines(
     labelled: bool,
 ) -> None:
     """Random init (classification, segmentation, PCA) and raw pixels (classification)."""
-    base_splits = _baseline_splits(splits, cfg)
+    base_splits = _baseline_splits(splits, cfg, cfg.baseline_max_train)
+    random_splits = _baseline_splits(splits, cfg, cfg.baseline_max_train, cfg.baseline_random_max_train)
     report.details["baseline_train_size"] = len(base_splits["train"])
+    report.details["baseline_random_train_size"] = len(random_splits["train"])
     n_classes = _n_classes(splits)[0] if labelled else 0
     if random_backbone is not None:
         if labelled:
             with report.timer("baseline_random"):
-                feats = _extract_all(random_backbone, base_splits, cfg, "random init")
+                feats = _extract_all(random_backbone, random_splits, cfg, "random init")
                 found, lin = _classification(feats, n_classes, cfg, "baseline_random_", full=False)
             report.metrics.update(found)
             report.details["baseline_random_linear"] = _linear_details(lin)
