@@ -172,9 +172,15 @@ def backbone_knn(backbone: torch.nn.Module, bank, queries, mean: Sequence[float]
         backbone.train(was_training)
     x = [f.cls_last if features == "cls" else torch.cat([f.cls_last, f.patch_mean], dim=1)
          for f in feats]
+    return _split_knn(x[0], x[1], bank, queries, ks)
+
+
+def _split_knn(bank_x: torch.Tensor, query_x: torch.Tensor, bank, queries,
+               ks: Sequence[int]) -> dict[str, float]:
+    """``knn_classify`` of features of a bank split and a query split, with their labels."""
     bank_labels, query_labels = torch.as_tensor(bank.labels), torch.as_tensor(queries.labels)
     n_classes = int(max(bank_labels.max(), query_labels.max())) + 1
-    return knn_classify(x[0], bank_labels, x[1], query_labels, n_classes, ks=tuple(ks))
+    return knn_classify(bank_x, bank_labels, query_x, query_labels, n_classes, ks=tuple(ks))
 
 
 def pixels_knn(bank, queries, image_size: int | None, ks: Sequence[int] = (20,)) -> dict[str, float]:
@@ -183,6 +189,4 @@ def pixels_knn(bank, queries, image_size: int | None, ks: Sequence[int] = (20,))
     from dinoflow.evaluation.features import raw_pixel_features
 
     x = [raw_pixel_features(s, image_size).cls_last for s in (bank, queries)]
-    bank_labels, query_labels = torch.as_tensor(bank.labels), torch.as_tensor(queries.labels)
-    n_classes = int(max(bank_labels.max(), query_labels.max())) + 1
-    return knn_classify(x[0], bank_labels, x[1], query_labels, n_classes, ks=tuple(ks))
+    return _split_knn(x[0], x[1], bank, queries, ks)
