@@ -56,7 +56,7 @@ def import_kedro_mlflow_models() -> None:
 
     path = Path(kedro_mlflow.__file__).parent / "mlflow" / "kedro_pipeline_model.py"
     source = path.read_text(encoding="utf-8") if path.is_file() else ""
-    if _UNHINTED_PREDICT in source:
+    if _UNHINTED_PREDICT in source and "\nclass KedroPipelineModel(" in source:
         source = source.replace(_UNHINTED_PREDICT, _HINTED_PREDICT, 1).replace(
             "\nclass KedroPipelineModel(", "\nimport pandas as pd  # dinoflow: the hint's type\n\n\n"
             "class KedroPipelineModel(", 1)

@@ -59,9 +59,9 @@ def flatten(d: dict[str, Any], prefix: str = "", sep: str = ".") -> dict[str, An
     return out
 
 
-# MLflow 3's UI has two workflows, GenAI and model training. The experiment tag
-# ``mlflow.experimentKind`` says which one an experiment belongs to (and stops the UI asking);
-# dinoflow's experiments are model training.
+# MLflow 3 has two workflows, GenAI and model training; the experiment tag ``mlflow.experimentKind``
+# records which one an experiment belongs to (dinoflow's: model training). MLflow 3.17's UI no
+# longer reads it to pick its view (dinoflow.mlflow_app does that); the tag stays the record.
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 TRAINING_EXPERIMENT_KIND = "custom_model_development"
 
