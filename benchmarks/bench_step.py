@@ -55,13 +55,15 @@ from benchmarks.common import (
 )
 from dinoflow.config import PretrainConfig, deep_merge
 from dinoflow.training import (
-    MaskingCollate,
+    MultiCropCollate,
+    MultiCropDataset,
+    StepMasks,
     backbone_from_config,
     build_components,
     train_step,
     wrap_for_training,
 )
-from dinoflow.training.data import MultiCropDataset, build_augmentation
+from dinoflow.training.data import build_augmentation
 from dinoflow.training.step import precision_choice
 
 VIT_S14 = {
@@ -93,7 +95,7 @@ def make_batches(cfg: PretrainConfig, channels: int, n: int, seed: int = 0) -> l
     """n synthetic collated batches (normalised crops, training masks drawn as in training)."""
     g = torch.Generator().manual_seed(seed)
     b, c = cfg.train.batch_size, cfg.crops
-    masking = MaskingCollate(cfg.model_copy(update={"train": cfg.train.model_copy(
+    masking = StepMasks(cfg.model_copy(update={"train": cfg.train.model_copy(
         update={"seed": seed})}), 0, 1)
     batches = []
     for i in range(n):
@@ -286,7 +288,7 @@ def bench_loader(cfg: PretrainConfig, channels: int, n_batches: int = 2) -> dict
     split = Split(ids=[str(i) for i in range(len(images))], labels=np.zeros(len(images), np.int64),
                   class_names=["x"], channels=channels, images=images)
     aug = build_augmentation(cfg.crops, [0.5] * channels, [0.25] * channels)
-    dataset, collate = MultiCropDataset(split, aug, 0), MaskingCollate(cfg, 0, 1)
+    dataset, collate = MultiCropDataset(split, 0), MultiCropCollate(aug, StepMasks(cfg, 0, 1))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in a DataLoader worker (torch sets 1 thread there)
     try:

@@ -22,7 +22,7 @@ import torch
 import yaml
 
 from dinoflow.config import PretrainConfig
-from dinoflow.training import MaskingCollate, build_components, train_step, wrap_for_training
+from dinoflow.training import StepMasks, build_components, train_step, wrap_for_training
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,7 +47,7 @@ def synthetic_batch(cfg: PretrainConfig, device: torch.device, seed: int = 0) ->
     """Random normalised crops (2B global, N*B local) and iBOT block masks as the loader makes."""
     b, c = cfg.train.batch_size, cfg.crops
     g = torch.Generator().manual_seed(seed)
-    masks = MaskingCollate(cfg, 0, 1).masks(step=0, global_batch=b)
+    masks = StepMasks(cfg, 0, 1).masks(step=0, global_batch=b)
     return {
         "global_crops": torch.randn(2 * b, 3, c.global_size, c.global_size, generator=g).to(device),
         "local_crops": torch.randn(c.n_local * b, 3, c.local_size, c.local_size, generator=g).to(device),

@@ -1,4 +1,4 @@
-"""MultiCropAugmentation, EvalTransform and collate_multicrop."""
+"""MultiCropAugmentation (against torchvision's own per-crop ops) and EvalTransform."""
 
 from __future__ import annotations
 
@@ -7,12 +7,12 @@ import math
 import pytest
 import torch
 import torchvision.transforms.v2.functional as TF
+from torchvision.transforms.v2 import InterpolationMode
 
 from dinoflow.augment import (
     CropParams,
     EvalTransform,
     MultiCropAugmentation,
-    collate_multicrop,
     effective_blur_kernel,
 )
 
@@ -130,7 +130,7 @@ def test_blur_kernel_clamped_to_crop() -> None:
     aug = MultiCropAugmentation(global_size=16, local_size=8, n_local=1)
     img = torch.randint(0, 256, (1, 8, 8), dtype=torch.uint8, generator=torch.Generator())
     p = CropParams((0, 0, 8, 8), False, None, False, 1.5, False)
-    got = aug.apply_crop(img, p, 8)
+    got = aug.apply_crops([img], [p], 8)[0]
     assert torch.equal(got, TF.gaussian_blur(img, kernel_size=[7, 7], sigma=[1.5, 1.5]))
     assert not torch.equal(got, img)
 
@@ -139,9 +139,9 @@ def test_solarize_and_flip_by_hand() -> None:
     aug = MultiCropAugmentation(global_size=6, local_size=4, mean=(0.0,), std=(1.0,))
     img = torch.tensor([[[10, 100, 127, 128, 200, 255]] * 6], dtype=torch.uint8)  # (1, 6, 6)
     full = (0, 0, 6, 6)
-    sol = aug.apply_crop(img, CropParams(full, False, None, False, None, True), 6)
+    sol = aug.apply_crops([img], [CropParams(full, False, None, False, None, True)], 6)[0]
     assert sol[0, 0].tolist() == [10, 100, 127, 127, 55, 0]  # >= 128 -> 255 - x
-    flip = aug.apply_crop(img, CropParams(full, True, None, False, None, False), 6)
+    flip = aug.apply_crops([img], [CropParams(full, True, None, False, None, False)], 6)[0]
     assert flip[0, 0].tolist() == [255, 200, 128, 127, 100, 10]
     norm = aug.normalize(sol.unsqueeze(0))[0]
     torch.testing.assert_close(norm[0, 0], torch.tensor([10, 100, 127, 127, 55, 0]) / 255.0)
@@ -153,7 +153,7 @@ def test_one_channel_jitter_keeps_channel_and_brightness_applies() -> None:
     full = (0, 0, 4, 4)
     # brightness 1.2, contrast 1, saturation 0.5 and hue 0.1 (no-ops on one channel)
     p = CropParams(full, False, ((2, 3, 0, 1), (1.2, 1.0, 0.5, 0.1)), True, None, False)
-    out = aug.apply_crop(img, p, 4)
+    out = aug.apply_crops([img], [p], 4)[0]
     assert out.shape == (1, 4, 4) and torch.all(out == 120)
 
 
@@ -189,27 +189,71 @@ def test_generator_determinism() -> None:
     assert not torch.equal(a["global_crops"][0], c["global_crops"][0])
 
 
-def test_collate_order() -> None:
-    b_size, n_local = 3, 2
-
-    def sample(b: int) -> dict:
-        return {
-            "global_crops": [torch.full((1, 4, 4), 10.0 * b + v) for v in range(2)],
-            "local_crops": [torch.full((1, 2, 2), 100.0 + 10 * b + v) for v in range(n_local)],
-        }
-
-    out = collate_multicrop([sample(b) for b in range(b_size)])
-    assert out["global_crops"].shape == (6, 1, 4, 4)
-    assert out["local_crops"].shape == (6, 1, 2, 2)
+def test_views_order_and_batch_independence() -> None:
+    """views: [view v of image b] at v * B + b; an image's crops are those it gets alone."""
+    aug = MultiCropAugmentation(global_size=12, local_size=6, n_local=2, mean=(0.5,), std=(0.2,))
+    images = [torch.randint(0, 256, (1, 20, 20), dtype=torch.uint8, generator=torch.Generator().manual_seed(b))
+              for b in range(3)]  # fmt: skip
+    gens = [torch.Generator().manual_seed(10 + b) for b in range(3)]
+    out = aug.views(images, gens)
+    assert out["global_crops"].shape == (6, 1, 12, 12)
+    assert out["local_crops"].shape == (6, 1, 6, 6)
     assert out["n_local"] == 2 and out["batch_size"] == 3
-    for v in range(2):
-        for b in range(b_size):
-            assert out["global_crops"][v * b_size + b, 0, 0, 0] == 10 * b + v
-    for v in range(n_local):
-        for b in range(b_size):
-            assert out["local_crops"][v * b_size + b, 0, 0, 0] == 100 + 10 * b + v
-    empty = collate_multicrop([{"global_crops": [torch.zeros(1, 4, 4)] * 2, "local_crops": []}])
-    assert empty["local_crops"].shape == (0, 1, 4, 4) and empty["n_local"] == 0
+    for b, img in enumerate(images):
+        alone = aug(img, generator=torch.Generator().manual_seed(10 + b))
+        for v in range(2):
+            assert torch.equal(out["global_crops"][v * 3 + b], alone["global_crops"][v])
+            assert torch.equal(out["local_crops"][v * 3 + b], alone["local_crops"][v])
+    empty = MultiCropAugmentation(global_size=12, local_size=6, n_local=0, mean=(0.5,), std=(0.2,)).views(
+        images[:1], [torch.Generator()]
+    )
+    assert empty["local_crops"].shape == (0, 1, 12, 12) and empty["n_local"] == 0
+    with pytest.raises(ValueError, match="different numbers of channels"):
+        aug.views([images[0], torch.zeros(3, 20, 20, dtype=torch.uint8)], gens[:2])
+
+
+def _torchvision_crop(aug: MultiCropAugmentation, img: torch.Tensor, p: CropParams, size: int):
+    """One crop with torchvision's own per-image ops: what apply_crops must equal."""
+    top, left, h, w = p.box
+    x = TF.resized_crop(img, top, left, h, w, [size, size],
+                        interpolation=InterpolationMode.BICUBIC, antialias=True)  # fmt: skip
+    if p.flip:
+        x = TF.horizontal_flip(x)
+    if p.jitter is not None:
+        order, factors = p.jitter
+        ops = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
+        for op in order:
+            x = ops[op](x, factors[op])
+    if p.grayscale and x.shape[-3] == 3:
+        x = TF.rgb_to_grayscale(x, num_output_channels=3)
+    if p.blur_sigma is not None:
+        k = effective_blur_kernel(aug.blur_kernel, size)
+        x = TF.gaussian_blur(x, kernel_size=[k, k], sigma=[p.blur_sigma, p.blur_sigma])
+    if p.solarize:
+        x = TF.solarize(x, threshold=aug.solarize_threshold)
+    return x
+
+
+@pytest.mark.parametrize("c", [1, 3])
+def test_batched_crops_equal_torchvisions_per_crop_ops(c: int) -> None:
+    """Every op often (blur and solarisation at 0.5, sigma up to 2 px), images of two sizes in
+    one batch (padded to one canvas), up- and down-scaling crops: equal to the last grey level."""
+    aug = MultiCropAugmentation(global_size=28, local_size=12, n_local=4, mean=(0.5,) * c,
+                                std=(0.25,) * c, blur_p=(1.0, 0.5, 0.5), blur_sigma=(0.1, 2.0),
+                                solarize_p=0.5)  # fmt: skip
+    g = torch.Generator().manual_seed(c)
+    images = [torch.randint(0, 256, (c, 28, 28) if i % 2 else (c, 40, 31), dtype=torch.uint8,
+                            generator=g) for i in range(200)]  # fmt: skip
+    for size, kind in ((28, "global2"), (12, "local")):
+        params = [aug.sample_crop_params(i.shape[1], i.shape[2], kind, g) for i in images]
+        assert sum(p.jitter is not None for p in params) > 100  # the ops really ran
+        assert sum(p.blur_sigma is not None for p in params) > 50
+        if kind == "global2":
+            assert sum(p.solarize for p in params) > 50
+        got = aug.apply_crops(images, params, size)
+        want = torch.stack([_torchvision_crop(aug, i, p, size) for i, p in zip(images, params, strict=True)])
+        assert got.dtype == torch.uint8 and got.shape == (200, c, size, size)
+        assert torch.equal(got, want), f"{int((got != want).sum())} pixels differ"
 
 
 def test_eval_transform() -> None:

@@ -113,14 +113,18 @@ def test_directions_and_ranges():
 def test_views_are_a_function_of_seed_and_index():
     img = torch.randint(0, 256, (1, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     aug = ViewSettings().augmentation(28, [0.3], [0.35])
-    a1, b1 = two_views(img, aug, image_generator(0, 5))
-    a2, b2 = two_views(img, aug, image_generator(0, 5))
+    a1, b1 = two_views([img], aug, [image_generator(0, 5)])
+    a2, b2 = two_views([img], aug, [image_generator(0, 5)])
     assert torch.equal(a1, a2) and torch.equal(b1, b2)
-    assert a1.shape == (1, 28, 28) and a1.dtype == torch.uint8
+    assert a1.shape == (1, 1, 28, 28) and a1.dtype == torch.uint8
     assert not torch.equal(a1, b1)  # two different views
-    a3, _ = two_views(img, aug, image_generator(0, 6))
-    a4, _ = two_views(img, aug, image_generator(1, 5))
+    a3, _ = two_views([img], aug, [image_generator(0, 6)])
+    a4, _ = two_views([img], aug, [image_generator(1, 5)])
     assert not torch.equal(a1, a3) and not torch.equal(a1, a4)
+    # in a batch, an image gets the views it gets alone
+    other = torch.randint(0, 256, (1, 28, 28), dtype=torch.uint8, generator=torch.Generator())
+    a5, b5 = two_views([other, img], aug, [image_generator(0, 9), image_generator(0, 5)])
+    assert torch.equal(a5[1:], a1) and torch.equal(b5[1:], b1)
     assert held_out_indices(10, None, 0).tolist() == list(range(10))
     sample = held_out_indices(100, 7, 0)
     assert len(sample) == 7 and sorted(sample.tolist()) == sample.tolist()

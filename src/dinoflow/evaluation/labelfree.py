@@ -149,16 +149,20 @@ def image_generator(seed: int, index: int) -> torch.Generator:
 
 
 def two_views(
-    image: torch.Tensor, augmentation: MultiCropAugmentation, generator: torch.Generator
+    images: Sequence[torch.Tensor],
+    augmentation: MultiCropAugmentation,
+    generators: Sequence[torch.Generator],
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """uint8 (C, H, W), C in {1, 3} -> two uint8 views (C, S, S), S = augmentation.global_size."""
-    _, height, width = image.shape
+    """B uint8 images (C, H, W), C in {1, 3}, image b's draws from generators[b] -> the two
+    uint8 views (B, C, S, S) each, S = augmentation.global_size."""
+    params = [
+        [augmentation.sample_crop_params(i.shape[1], i.shape[2], kind, g)
+         for kind in ("global1", "global2")]
+        for i, g in zip(images, generators, strict=True)
+    ]  # fmt: skip
     size = augmentation.global_size
     return tuple(
-        augmentation.apply_crop(
-            image, augmentation.sample_crop_params(height, width, kind, generator), size
-        )
-        for kind in ("global1", "global2")
+        augmentation.apply_crops(images, [p[view] for p in params], size) for view in (0, 1)
     )  # type: ignore[return-value]
 
 
@@ -250,15 +254,13 @@ def _batch_inputs(
 ) -> dict[str, torch.Tensor]:
     """{"clean", "view1", "view2"}: normalised float32 (B, channels, S, S) of one batch."""
     size = augmentation.global_size
-    clean, view1, view2 = [], [], []
-    for image, index in zip(images, indices, strict=True):
-        image = match_channels(image[None], channels)[0]
-        clean.append(preprocess(image[None], size, augmentation.mean, augmentation.std)[0])
-        a, b = two_views(image, augmentation, image_generator(seed, int(index)))
-        view1.append(a)
-        view2.append(b)
+    images = [match_channels(image[None], channels)[0] for image in images]
+    clean = [preprocess(image[None], size, augmentation.mean, augmentation.std)[0]
+             for image in images]  # fmt: skip
+    generators = [image_generator(seed, int(index)) for index in indices]
+    view1, view2 = two_views(images, augmentation, generators)
     return {
         "clean": torch.stack(clean),
-        "view1": augmentation.normalize(torch.stack(view1)),
-        "view2": augmentation.normalize(torch.stack(view2)),
+        "view1": augmentation.normalize(view1),
+        "view2": augmentation.normalize(view2),
     }

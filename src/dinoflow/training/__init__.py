@@ -21,7 +21,13 @@ from dinoflow.training.components import (
     run_fingerprint,
     total_steps_for,
 )
-from dinoflow.training.data import MaskingCollate, MultiCropDataset, StepBatchSampler, build_loader
+from dinoflow.training.data import (
+    MultiCropCollate,
+    MultiCropDataset,
+    StepBatchSampler,
+    StepMasks,
+    build_loader,
+)
 from dinoflow.training.loop import pretrain
 from dinoflow.training.parallel import compile_for_training, wrap_for_training
 from dinoflow.training.step import autocast_for, resolve_precision, train_step
@@ -29,9 +35,10 @@ from dinoflow.training.step import autocast_for, resolve_precision, train_step
 __all__ = [
     "Components",
     "Losses",
-    "MaskingCollate",
+    "MultiCropCollate",
     "MultiCropDataset",
     "StepBatchSampler",
+    "StepMasks",
     "autocast_for",
     "backbone_from_config",
     "build_components",

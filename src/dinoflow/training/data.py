@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from dinoflow.augment import MultiCropAugmentation, collate_multicrop
+from dinoflow.augment import MultiCropAugmentation
 from dinoflow.config import CropsConfig, PretrainConfig
 from dinoflow.data import Split
 from dinoflow.masking import BlockMaskGenerator, sample_masks
@@ -33,13 +33,14 @@ def build_augmentation(crops: CropsConfig, mean: list[float], std: list[float]) 
 
 
 class MultiCropDataset(Dataset):
-    """Items are (step, data_epoch, index); crops are a pure function of (seed, epoch, index).
+    """Items are (step, data_epoch, index) -> the image and the generator of its crops.
 
-    Seeding per sample makes the views independent of workers, ranks and resumption.
+    The generator is seeded from (seed, epoch, index), so the views are independent of workers,
+    ranks, batches and resumption; ``MultiCropCollate`` augments the batch's images together.
     """
 
-    def __init__(self, split: Split, augmentation: MultiCropAugmentation, seed: int):
-        self.split, self.augmentation, self.seed = split, augmentation, seed
+    def __init__(self, split: Split, seed: int):
+        self.split, self.seed = split, seed
 
     def __len__(self) -> int:
         return len(self.split)
@@ -49,9 +50,7 @@ class MultiCropDataset(Dataset):
         # a generator of its own: the global RNG stays untouched, and torch.manual_seed would
         # also queue a CUDA seeding with a formatted stack trace (14% of the loader's time)
         rng = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) * 10_000_019 + index)
-        crops = self.augmentation(self.split.load(index), generator=rng)
-        crops["step"] = step
-        return crops
+        return {"image": self.split.load(index), "generator": rng, "step": step}
 
 
 class StepBatchSampler:
@@ -88,8 +87,8 @@ class StepBatchSampler:
             yield [(step, e, i) for i in rows]
 
 
-class MaskingCollate:
-    """Stacks crops and adds iBOT masks drawn for the global batch from (seed, step).
+class StepMasks:
+    """The iBOT masks of a step, drawn for the global batch from (seed, step).
 
     Masks are drawn for all 2 * B * world crops and each rank keeps the rows of its images, so
     1 process and N processes see the same masks for the same image.
@@ -111,14 +110,27 @@ class MaskingCollate:
         return sample_masks(2 * global_batch, self.grid, self.generator, rng,
                             self.m.mask_probability, (self.m.ratio_min, self.m.ratio_max))
 
-    def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
-        step = samples[0]["step"]
-        batch = collate_multicrop(samples)
-        b, g = batch["batch_size"], batch["batch_size"] * self.world_size
+    def for_rank(self, step: int, batch_size: int) -> torch.Tensor:
+        """(2 * batch_size, H*W) bool: this rank's rows, ordered as its global crops."""
+        g = batch_size * self.world_size
         masks = self.masks(step, g)
         # global position of local image j on this rank is rank + world * j (DistributedSampler)
-        mine = self.rank + self.world_size * torch.arange(b)
-        batch["masks"] = torch.cat([masks[mine], masks[g + mine]])
+        mine = self.rank + self.world_size * torch.arange(batch_size)
+        return torch.cat([masks[mine], masks[g + mine]])
+
+
+class MultiCropCollate:
+    """MultiCropDataset samples -> the step's batch: the images' multi-crop views, augmented
+    together (``MultiCropAugmentation.views``), and their iBOT masks."""
+
+    def __init__(self, augmentation: MultiCropAugmentation, masks: StepMasks):
+        self.augmentation, self.step_masks = augmentation, masks
+
+    def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        step = samples[0]["step"]
+        batch = self.augmentation.views([s["image"] for s in samples],
+                                        [s["generator"] for s in samples])
+        batch["masks"] = self.step_masks.for_rank(step, batch["batch_size"])
         batch["step"] = step
         return batch
 
@@ -130,9 +142,10 @@ def build_loader(cfg: PretrainConfig, train: Split, mean: list[float], std: list
     t = cfg.train
     sampler = StepBatchSampler(len(train), t.batch_size, rank, world_size, t.seed, start_step,
                                last_step)
-    dataset = MultiCropDataset(train, build_augmentation(cfg.crops, mean, std), t.seed)
+    collate = MultiCropCollate(build_augmentation(cfg.crops, mean, std),
+                               StepMasks(cfg, rank, world_size))
     workers = t.num_workers
-    return DataLoader(dataset, batch_sampler=sampler, collate_fn=MaskingCollate(cfg, rank, world_size),
+    return DataLoader(MultiCropDataset(train, t.seed), batch_sampler=sampler, collate_fn=collate,
                       num_workers=workers, pin_memory=t.pin_memory and device.type == "cuda",
                       persistent_workers=False, prefetch_factor=4 if workers else None,
                       # its own generator: the loader must not draw from the global RNG (drop
