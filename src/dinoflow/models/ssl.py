@@ -48,12 +48,12 @@ class SSLModel(nn.Module):
         n_g, n_l = cls_g.shape[0], 0 if cls_l is None else cls_l.shape[0]
         if self.ibot_head is None:  # shared head: one pass over every token that needs it
             tokens = torch.cat([cls_g] + ([cls_l] if cls_l is not None else []) + [masked_tokens])
-            logits = _eager_head(self.dino_head, tokens)
+            logits = self.dino_head(tokens)
             global_logits, local_logits, masked_logits = logits.split([n_g, n_l, masked_tokens.shape[0]])
         else:
             cls_tokens = cls_g if cls_l is None else torch.cat([cls_g, cls_l])
             global_logits, local_logits = self.dino_head(cls_tokens).split([n_g, n_l])
-            masked_logits = _eager_head(self.ibot_head, masked_tokens)
+            masked_logits = self.ibot_head(masked_tokens)
         return {
             "global_logits": global_logits,
             "local_logits": local_logits,
@@ -66,18 +66,9 @@ class SSLModel(nn.Module):
         out = self.backbone.forward_features(global_crops, select=masks)
         cls, patches = out["x_norm_clstoken"], out["x_norm_selected"]
         if self.ibot_head is None:
-            logits = _eager_head(self.dino_head, torch.cat([cls, patches]))
+            logits = self.dino_head(torch.cat([cls, patches]))
             return logits[: cls.shape[0]], logits[cls.shape[0] :]
-        return self.dino_head(cls), _eager_head(self.ibot_head, patches)
-
-
-# The masked patch tokens are a different number at every step. Under torch.compile a head over
-# them becomes a dynamic-shape graph (forward and backward), which on CPU ran the whole
-# conf/base step at 0.475 s against 0.413 s with the heads eager (the backbone's blocks, whose
-# shapes are fixed, stay compiled; docs/performance.md). So the heads run eagerly.
-@torch.compiler.disable
-def _eager_head(head: DINOHead, tokens: torch.Tensor) -> torch.Tensor:
-    return head(tokens)
+        return self.dino_head(cls), self.ibot_head(patches)
 
 
 def make_teacher(student: SSLModel) -> SSLModel:
