@@ -234,16 +234,21 @@ def _torchvision_crop(aug: MultiCropAugmentation, img: torch.Tensor, p: CropPara
     return x
 
 
-@pytest.mark.parametrize("c", [1, 3])
-def test_batched_crops_equal_torchvisions_per_crop_ops(c: int) -> None:
+@pytest.mark.parametrize(
+    ("c", "sizes"),
+    [(1, ((28, 28), (40, 31))), (3, ((20, 20), (24, 18))), (3, ((28, 28), (40, 31)))],
+    ids=["grey-matmul-resize", "rgb-matmul-resize", "rgb-per-crop-resize"],
+)
+def test_batched_crops_equal_torchvisions_per_crop_ops(c: int, sizes) -> None:
     """Every op often (blur and solarisation at 0.5, sigma up to 2 px), images of two sizes in
-    one batch (padded to one canvas), up- and down-scaling crops: equal to the last grey level."""
+    one batch (padded to one canvas), up- and down-scaling crops: equal to the last grey level.
+    Small sources are resized by the batched matmuls, larger ones by torchvision per crop."""
     aug = MultiCropAugmentation(global_size=28, local_size=12, n_local=4, mean=(0.5,) * c,
                                 std=(0.25,) * c, blur_p=(1.0, 0.5, 0.5), blur_sigma=(0.1, 2.0),
                                 solarize_p=0.5)  # fmt: skip
     g = torch.Generator().manual_seed(c)
-    images = [torch.randint(0, 256, (c, 28, 28) if i % 2 else (c, 40, 31), dtype=torch.uint8,
-                            generator=g) for i in range(200)]  # fmt: skip
+    images = [torch.randint(0, 256, (c, *sizes[i % 2]), dtype=torch.uint8, generator=g)
+              for i in range(200)]  # fmt: skip
     for size, kind in ((28, "global2"), (12, "local")):
         params = [aug.sample_crop_params(i.shape[1], i.shape[2], kind, g) for i in images]
         assert sum(p.jitter is not None for p in params) > 100  # the ops really ran

@@ -332,7 +332,8 @@ def _round_uint8(x: torch.Tensor) -> torch.Tensor:
 def _resized_crops(
     images: Sequence[torch.Tensor], params: Sequence[CropParams], size: int
 ) -> torch.Tensor:
-    """resized_crop (bicubic, antialias) + flip of each crop as two batched matmuls.
+    """resized_crop (bicubic, antialias) + flip of each crop; for small sources as two batched
+    matmuls (larger ones: torchvision per crop, ``_MATMUL_RESIZE_MAX_PIXELS``).
 
     Image i is padded into a common (C, H, W) canvas; its crop is R_y @ image @ R_x^T with R_y
     (size, H) and R_x (size, W) the resize weights placed at the crop box (zeros elsewhere, so
@@ -341,6 +342,8 @@ def _resized_crops(
     """
     n, c = len(images), images[0].shape[0]
     height, width = max(i.shape[1] for i in images), max(i.shape[2] for i in images)
+    if c * height * width > _MATMUL_RESIZE_MAX_PIXELS:  # torch's per-crop kernel: same numbers
+        return torch.stack([_resized_crop(img, p, size) for img, p in zip(images, params, strict=True)])
     if all(i.shape[1:] == (height, width) for i in images):
         canvas = torch.stack(list(images)).double()
     else:
@@ -355,6 +358,20 @@ def _resized_crops(
         cols[k, 0, :, left : left + w] = _resize_weights(w, size, p.flip)
     horizontal = _round_uint8(canvas @ cols.transpose(-1, -2))
     return _round_uint8(rows @ horizontal).to(torch.float32)
+
+
+# Sources up to this many values (28 x 28 grey: 784) go through the dense batched matmuls; for
+# larger ones (48 x 48 RGB on) torch's per-crop kernel, which touches only the kernel's taps, is
+# faster (measured 1 thread: 0.12 against 0.23 ms a crop at 28 px grey, 0.36 against 0.09 at 48 px RGB).
+_MATMUL_RESIZE_MAX_PIXELS = 2048
+
+
+def _resized_crop(img: torch.Tensor, p: CropParams, size: int) -> torch.Tensor:
+    """One crop with torchvision's resized_crop (bicubic, antialias) and flip -> float32."""
+    top, left, h, w = p.box
+    x = TF.resized_crop(img, top, left, h, w, [size, size],
+                        interpolation=InterpolationMode.BICUBIC, antialias=True)  # fmt: skip
+    return (TF.horizontal_flip(x) if p.flip else x).to(torch.float32)
 
 
 def _per_crop(factor: torch.Tensor) -> torch.Tensor:
