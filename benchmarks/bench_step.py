@@ -104,7 +104,8 @@ def make_batches(cfg: PretrainConfig, channels: int, n: int, seed: int = 0) -> l
             "global_crops": torch.randn(2 * b, channels, c.global_size, c.global_size, generator=g),
             "local_crops": torch.randn(c.n_local * b, channels, c.local_size, c.local_size,
                                        generator=g),
-            "masks": masks, "n_local": c.n_local, "batch_size": b, "step": i,
+            "masks": masks, "max_masked": masking.max_masked(b), "n_local": c.n_local,
+            "batch_size": b, "step": i,
         })  # fmt: skip
     return batches
 

@@ -47,11 +47,13 @@ def synthetic_batch(cfg: PretrainConfig, device: torch.device, seed: int = 0) ->
     """Random normalised crops (2B global, N*B local) and iBOT block masks as the loader makes."""
     b, c = cfg.train.batch_size, cfg.crops
     g = torch.Generator().manual_seed(seed)
-    masks = StepMasks(cfg, 0, 1).masks(step=0, global_batch=b)
+    step_masks = StepMasks(cfg, 0, 1)
+    masks = step_masks.masks(step=0, global_batch=b)
     return {
         "global_crops": torch.randn(2 * b, 3, c.global_size, c.global_size, generator=g).to(device),
         "local_crops": torch.randn(c.n_local * b, 3, c.local_size, c.local_size, generator=g).to(device),
         "n_local": c.n_local, "batch_size": b, "masks": masks.to(device),
+        "max_masked": step_masks.max_masked(b),
     }
 
 

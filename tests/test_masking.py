@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from dinoflow.masking import BlockMaskGenerator, sample_masks
+from dinoflow.masking import BlockMaskGenerator, masked_count_bounds, sample_masks
 
 GRID = (16, 16)  # 224 / 14, the reference grid
 N = GRID[0] * GRID[1]
@@ -32,6 +32,38 @@ def test_stratified_ratio_bands() -> None:
         # bands are disjoint and increasing, so the k-th smallest count lies in band k
         assert (counts <= hi).all() and (counts >= lo - tol).all(), (counts, lo, hi)
         assert lo.sum() - n_masked * tol <= counts.sum() <= hi.sum()
+
+
+def test_the_masked_count_bounds() -> None:
+    # 4 crops, 2 masked, bands linspace(0.1, 0.5, 3) = [0.1, 0.3, 0.5] (float32):
+    # int(49 * 0.5) = 24 and int(49 * 0.3000000119) = 14
+    assert masked_count_bounds(4, 49, 0.5, (0.1, 0.5)) == [24, 14]
+    assert masked_count_bounds(5, 49, 0.5, (0.1, 0.5)) == [24, 14]
+    assert masked_count_bounds(3, 49, 0.0, (0.1, 0.5)) == []
+    for grid in ((7, 7), GRID):
+        gen, n = BlockMaskGenerator(grid), grid[0] * grid[1]
+        bounds = masked_count_bounds(64, n)
+        for seed in range(30):
+            counts = sample_masks(64, grid, gen, np.random.default_rng(seed)).sum(1).numpy()
+            top = np.sort(counts)[::-1][: len(bounds)]
+            assert (top <= bounds).all(), (grid, seed)  # the k-th largest under the k-th bound
+
+
+def test_step_masks_bound_each_rank() -> None:
+    from dinoflow.config import PretrainConfig
+    from dinoflow.training import StepMasks
+
+    cfg = PretrainConfig.model_validate({"crops": {"global_size": 28, "local_size": 12}, "backbone": {
+        "arch": "custom", "patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2}})
+    one = StepMasks(cfg, 0, 1)
+    assert one.max_masked(16) == sum(masked_count_bounds(32, 49))
+    for world in (1, 2, 4):
+        ranks = [StepMasks(cfg, r, world) for r in range(world)]
+        bound = ranks[0].max_masked(8)
+        counts = [int(m.for_rank(step, 8).sum()) for step in range(40) for m in ranks]
+        assert max(counts) <= bound
+        if world == 1:  # one process: the bound is near every step's count (~10% padding)
+            assert min(counts) >= 0.85 * bound, (min(counts), bound)
 
 
 def test_masks_are_shuffled_over_crops() -> None:

@@ -203,3 +203,40 @@ def test_compile_without_a_cxx_compiler_trains_eagerly(tmp_path, monkeypatch, ca
         curve = np.array(run_curve(str(tmp_path / "run"), compile=True))
     assert "no C++ compiler" in caplog.text
     np.testing.assert_allclose(curve, np.array(REFERENCE), rtol=RTOL, atol=ATOL)
+
+
+def test_padded_masked_tokens_keep_the_losses_and_one_compiled_graph() -> None:
+    """The masked tokens padded to the step's bound (dinov2's upperbound): the real rows equal
+    the unpadded pass, and the compiled student sees the same shapes whatever the masks."""
+    from dinoflow.models.ssl import masked_rows
+    from dinoflow.training import StepMasks, build_components
+
+    cfg = tiny_config("unused")
+    student = build_components(cfg, 48, 1).student
+    step_masks = StepMasks(cfg, 0, 1)
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(16, 1, 28, 28, generator=g), torch.randn(16, 1, 12, 12, generator=g),
+                step_masks.masks(step, 8)) for step in range(3)]
+    bound = step_masks.max_masked(8)
+    assert len({int(m.sum()) for *_, m in batches}) == 3  # three different masked counts
+    student.eval()  # no drop-path draws: the two passes must see the same network
+    with torch.no_grad():
+        for glob, loc, masks in batches:
+            padded, plain = student(glob, loc, masks, bound), student(glob, loc, masks)
+            assert padded["masked_logits"].shape[0] == bound > int(masks.sum())
+            torch.testing.assert_close(masked_rows(padded["masked_logits"], masks),
+                                       plain["masked_logits"], rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(padded["global_logits"], plain["global_logits"])
+
+    import torch._dynamo as dynamo
+
+    dynamo.reset()
+    compiled = torch.compile(student, backend="eager")  # dynamo decides recompiles, not inductor
+    with torch.no_grad(), dynamo.config.patch(error_on_recompile=True):
+        with dynamo.config.patch(error_on_recompile=False):
+            compiled(*batches[0], bound)  # compiles its graphs (the local crops' shapes too)
+        for glob, loc, masks in batches[1:]:
+            compiled(glob, loc, masks, bound)  # other masks, the same graphs
+        with pytest.raises(Exception, match="[Rr]ecompil"):  # unpadded: the shapes change
+            compiled(*batches[1])
+    dynamo.reset()

@@ -106,6 +106,20 @@ class BlockMaskGenerator:
         return mask
 
 
+def masked_count_bounds(
+    n_crops: int, n_patches: int, mask_probability: float = 0.5,
+    ratio_min_max: tuple[float, float] = (0.1, 0.5),
+) -> list[int]:
+    """The most patches ``sample_masks`` can mask in each masked crop, largest first.
+
+    Masked crop i asks for int(n_patches * ratio) patches with ratio at most r_(i+1), so
+    int(n_patches * r_(i+1)) bounds it; dinov2's collate sums these into its ``upperbound``.
+    """
+    n_masked = int(n_crops * mask_probability)
+    bands = torch.linspace(ratio_min_max[0], ratio_min_max[1], n_masked + 1)
+    return sorted((int(n_patches * bands[i + 1]) for i in range(n_masked)), reverse=True)
+
+
 def sample_masks(
     n_crops: int,
     grid: tuple[int, int],

@@ -27,16 +27,19 @@ class SSLModel(nn.Module):
         return heads
 
     def forward(
-        self, global_crops: torch.Tensor, local_crops: torch.Tensor | None, masks: torch.Tensor
+        self, global_crops: torch.Tensor, local_crops: torch.Tensor | None, masks: torch.Tensor,
+        max_masked: int | None = None,
     ) -> dict[str, torch.Tensor]:
         """Student pass.
 
         global_crops (2B, C, G, G), local_crops (N*B, C, L, L) or None, masks (2B, P) bool.
-        Returns global_logits (2B, K), local_logits (N*B, K), masked_logits (M, K) for the M masked
-        patches in row-major (crop, patch) order, global_cls (2B, D) backbone CLS (for KoLeo).
+        Returns global_logits (2B, K), local_logits (N*B, K), masked_logits (M', K): the M masked
+        patches in row-major (crop, patch) order, then padding up to M' = max(M, max_masked)
+        rows (``masked_rows`` keeps the M), global_cls (2B, D) backbone CLS (for KoLeo).
         """
         # select: only CLS and the masked patches leave the backbone (its last block skips the rest)
-        out_g = self.backbone.forward_features(global_crops, masks=masks, select=masks)
+        out_g = self.backbone.forward_features(global_crops, masks=masks, select=masks,
+                                               pad_selected_to=max_masked)
         cls_g, masked_tokens = out_g["x_norm_clstoken"], out_g["x_norm_selected"]
         cls_l = None
         if local_crops is not None and local_crops.numel():
@@ -61,14 +64,21 @@ class SSLModel(nn.Module):
             "global_cls": cls_g,
         }
 
-    def teacher_forward(self, global_crops: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Teacher pass on unmasked global crops: CLS logits (2B, K), logits at masked positions (M, K)."""
-        out = self.backbone.forward_features(global_crops, select=masks)
+    def teacher_forward(self, global_crops: torch.Tensor, masks: torch.Tensor,
+                        max_masked: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher pass on unmasked global crops: CLS logits (2B, K), logits at the masked
+        positions (M', K), padded as the student's ``masked_logits``."""
+        out = self.backbone.forward_features(global_crops, select=masks, pad_selected_to=max_masked)
         cls, patches = out["x_norm_clstoken"], out["x_norm_selected"]
         if self.ibot_head is None:
             logits = self.dino_head(torch.cat([cls, patches]))
             return logits[: cls.shape[0]], logits[cls.shape[0] :]
         return self.dino_head(cls), self.ibot_head(patches)
+
+
+def masked_rows(logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """The M = masks.sum() rows of padded masked-token logits (M', K) that are real."""
+    return logits[: int(masks.sum())]
 
 
 def make_teacher(student: SSLModel) -> SSLModel:

@@ -392,7 +392,8 @@ class DinoVisionTransformer(nn.Module):
 
     # ------------------------------------------------------------------ forwards
     def forward_features(
-        self, x: torch.Tensor, masks: torch.Tensor | None = None, select: torch.Tensor | None = None
+        self, x: torch.Tensor, masks: torch.Tensor | None = None, select: torch.Tensor | None = None,
+        pad_selected_to: int | None = None,
     ) -> dict[str, torch.Tensor | None]:
         """x (B, C, H, W), masks (B, N) bool | None -> dict of normalised tokens.
 
@@ -402,10 +403,13 @@ class DinoVisionTransformer(nn.Module):
         select (B, N) bool: only CLS and the selected patch tokens are wanted. The last block
         then computes just those (the same values, less work) and the dict holds
         x_norm_clstoken (B, D) and x_norm_selected (M, D) = x_norm_patchtokens[select].
+        pad_selected_to: x_norm_selected then has max(M, pad_selected_to) rows, padding (the
+        norm of a zero token) after the M selected ones, so that what follows sees the same shape every step (torch.compile
+        graphs stay static while M changes with the masks, as dinov2's ``upperbound``).
         """
         x = self._tokens(x, masks)
         if select is not None:
-            return self._forward_selected(x, select, masks)
+            return self._forward_selected(x, select, masks, pad_selected_to)
         x = self.vit.blocks(x)
         x = self.vit.norm(x)
         r = self.num_register_tokens
@@ -417,21 +421,38 @@ class DinoVisionTransformer(nn.Module):
         }
 
     def _forward_selected(
-        self, x: torch.Tensor, select: torch.Tensor, masks: torch.Tensor | None
+        self, x: torch.Tensor, select: torch.Tensor, masks: torch.Tensor | None,
+        pad_selected_to: int | None,
     ) -> dict[str, torch.Tensor | None]:
         b, t, _ = x.shape
         p = self.num_prefix_tokens
         if select.shape != (b, t - p):
             raise ValueError(f"select must have shape {(b, t - p)}, got {tuple(select.shape)}")
-        rows = torch.zeros(b, t, dtype=torch.bool, device=x.device)
-        rows[:, 0] = True  # CLS (registers are not outputs of the loss)
-        rows[:, p:] = select.to(device=x.device, dtype=torch.bool)
         *body, last = self.vit.blocks
         for blk in body:
             x = blk(x)
-        out = self.vit.norm(last(x, rows=rows))  # (R, D), row-major (sample, token)
+        cls, selected = self._last_block_selected(last, x, select, pad_selected_to or 0)
+        # the norm on what the loss reads (padding rows come out as the norm's bias)
+        return {"x_norm_clstoken": self.vit.norm(cls), "x_norm_selected": self.vit.norm(selected),
+                "masks": masks}
+
+    # data-dependent shapes (the selected rows): eager under torch.compile; what it returns has
+    # the same shapes every step when padded
+    @torch.compiler.disable
+    def _last_block_selected(self, last: DinoBlock, x: torch.Tensor, select: torch.Tensor,
+                             pad_to: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(CLS (B, D), selected (max(M, pad_to), D)) out of the last block, before the norm;
+        zero rows after the M selected ones."""
+        b, t, d = x.shape
+        rows = torch.zeros(b, t, dtype=torch.bool, device=x.device)
+        rows[:, 0] = True  # CLS (registers are not outputs of the loss)
+        rows[:, self.num_prefix_tokens:] = select.to(device=x.device, dtype=torch.bool)
+        out = last(x, rows=rows)  # (R, D), row-major (sample, token)
         is_cls = rows.cumsum(1).flatten()[rows.flatten()] == 1  # each sample's first row is CLS
-        return {"x_norm_clstoken": out[is_cls], "x_norm_selected": out[~is_cls], "masks": masks}
+        selected = out[~is_cls]
+        if pad_to > selected.shape[0]:
+            selected = torch.cat([selected, selected.new_zeros(pad_to - selected.shape[0], d)])
+        return out[is_cls], selected
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, C, H, W) -> CLS embedding after the final norm (B, D)."""

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from dinoflow.augment import MultiCropAugmentation
 from dinoflow.config import CropsConfig, PretrainConfig
 from dinoflow.data import Split
-from dinoflow.masking import BlockMaskGenerator, sample_masks
+from dinoflow.masking import BlockMaskGenerator, masked_count_bounds, sample_masks
 
 
 def build_augmentation(crops: CropsConfig, mean: list[float], std: list[float]) -> MultiCropAugmentation:
@@ -110,6 +110,15 @@ class StepMasks:
         return sample_masks(2 * global_batch, self.grid, self.generator, rng,
                             self.m.mask_probability, (self.m.ratio_min, self.m.ratio_max))
 
+    def max_masked(self, batch_size: int) -> int:
+        """The most masked patches this rank's 2 * batch_size global crops can hold: the
+        largest bounds of ``masked_count_bounds``, one per crop (all of them on one process).
+        The networks pad the masked tokens to it, so their shapes stay the same every step."""
+        g = batch_size * self.world_size
+        bounds = masked_count_bounds(2 * g, self.grid[0] * self.grid[1], self.m.mask_probability,
+                                     (self.m.ratio_min, self.m.ratio_max))
+        return sum(bounds[: 2 * batch_size])
+
     def for_rank(self, step: int, batch_size: int) -> torch.Tensor:
         """(2 * batch_size, H*W) bool: this rank's rows, ordered as its global crops."""
         g = batch_size * self.world_size
@@ -131,6 +140,7 @@ class MultiCropCollate:
         batch = self.augmentation.views([s["image"] for s in samples],
                                         [s["generator"] for s in samples])
         batch["masks"] = self.step_masks.for_rank(step, batch["batch_size"])
+        batch["max_masked"] = self.step_masks.max_masked(batch["batch_size"])
         batch["step"] = step
         return batch
 
