@@ -37,9 +37,9 @@ def test_stratified_ratio_bands() -> None:
 def test_the_masked_count_bounds() -> None:
     # 4 crops, 2 masked, bands linspace(0.1, 0.5, 3) = [0.1, 0.3, 0.5] (float32):
     # int(49 * 0.5) = 24 and int(49 * 0.3000000119) = 14
-    assert masked_count_bounds(4, 49, 0.5, (0.1, 0.5)) == [24, 14]
-    assert masked_count_bounds(5, 49, 0.5, (0.1, 0.5)) == [24, 14]
-    assert masked_count_bounds(3, 49, 0.0, (0.1, 0.5)) == []
+    assert masked_count_bounds(4, 49, 0.5, (0.1, 0.5)) == (24, 14)
+    assert masked_count_bounds(5, 49, 0.5, (0.1, 0.5)) == (24, 14)
+    assert masked_count_bounds(3, 49, 0.0, (0.1, 0.5)) == ()
     for grid in ((7, 7), GRID):
         gen, n = BlockMaskGenerator(grid), grid[0] * grid[1]
         bounds = masked_count_bounds(64, n)

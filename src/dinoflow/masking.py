@@ -17,6 +17,7 @@ for an even grid (every reference config: 224 / 14 = 16) but floor(H / 2) * W fo
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -106,10 +107,11 @@ class BlockMaskGenerator:
         return mask
 
 
+@functools.lru_cache(maxsize=16)  # the same few arguments every step of a run
 def masked_count_bounds(
     n_crops: int, n_patches: int, mask_probability: float = 0.5,
     ratio_min_max: tuple[float, float] = (0.1, 0.5),
-) -> list[int]:
+) -> tuple[int, ...]:
     """The most patches ``sample_masks`` can mask in each masked crop, largest first.
 
     Masked crop i asks for int(n_patches * ratio) patches with ratio at most r_(i+1), so
@@ -117,7 +119,7 @@ def masked_count_bounds(
     """
     n_masked = int(n_crops * mask_probability)
     bands = torch.linspace(ratio_min_max[0], ratio_min_max[1], n_masked + 1)
-    return sorted((int(n_patches * bands[i + 1]) for i in range(n_masked)), reverse=True)
+    return tuple(sorted((int(n_patches * bands[i + 1]) for i in range(n_masked)), reverse=True))
 
 
 def sample_masks(

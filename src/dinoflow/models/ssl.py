@@ -35,7 +35,7 @@ class SSLModel(nn.Module):
         global_crops (2B, C, G, G), local_crops (N*B, C, L, L) or None, masks (2B, P) bool.
         Returns global_logits (2B, K), local_logits (N*B, K), masked_logits (M', K): the M masked
         patches in row-major (crop, patch) order, then padding up to M' = max(M, max_masked)
-        rows (``masked_rows`` keeps the M), global_cls (2B, D) backbone CLS (for KoLeo).
+        rows (the first M are the real ones), global_cls (2B, D) backbone CLS (for KoLeo).
         """
         # select: only CLS and the masked patches leave the backbone (its last block skips the rest)
         out_g = self.backbone.forward_features(global_crops, masks=masks, select=masks,
@@ -74,11 +74,6 @@ class SSLModel(nn.Module):
             logits = self.dino_head(torch.cat([cls, patches]))
             return logits[: cls.shape[0]], logits[cls.shape[0] :]
         return self.dino_head(cls), self.ibot_head(patches)
-
-
-def masked_rows(logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-    """The M = masks.sum() rows of padded masked-token logits (M', K) that are real."""
-    return logits[: int(masks.sum())]
 
 
 def make_teacher(student: SSLModel) -> SSLModel:

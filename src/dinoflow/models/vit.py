@@ -218,8 +218,7 @@ class DinoBlock(Block):
         a = self.attn
         return a.proj_drop(a.proj(a.norm(short_attention(*self._qkv(h), a.num_heads))))
 
-    # data-dependent shapes (the selected rows): eager under torch.compile, no graph-break warnings
-    @torch.compiler.disable
+    # data-dependent shapes: run eagerly, inside the backbone's ``_last_block_selected``
     def _forward_rows(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         b, t, _ = x.shape
         s1, s2 = _keep_scale(self.drop_path1, x), _keep_scale(self.drop_path2, x)
@@ -404,8 +403,9 @@ class DinoVisionTransformer(nn.Module):
         then computes just those (the same values, less work) and the dict holds
         x_norm_clstoken (B, D) and x_norm_selected (M, D) = x_norm_patchtokens[select].
         pad_selected_to: x_norm_selected then has max(M, pad_selected_to) rows, padding (the
-        norm of a zero token) after the M selected ones, so that what follows sees the same shape every step (torch.compile
-        graphs stay static while M changes with the masks, as dinov2's ``upperbound``).
+        norm of a zero token) after the M selected ones, so that what follows sees the same
+        shape every step (torch.compile graphs stay static while M changes with the masks, as
+        dinov2's ``upperbound``).
         """
         x = self._tokens(x, masks)
         if select is not None:

@@ -116,7 +116,7 @@ class StepMasks:
         The networks pad the masked tokens to it, so their shapes stay the same every step."""
         g = batch_size * self.world_size
         bounds = masked_count_bounds(2 * g, self.grid[0] * self.grid[1], self.m.mask_probability,
-                                     (self.m.ratio_min, self.m.ratio_max))
+                                     (self.m.ratio_min, self.m.ratio_max))  # cached
         return sum(bounds[: 2 * batch_size])
 
     def for_rank(self, step: int, batch_size: int) -> torch.Tensor:

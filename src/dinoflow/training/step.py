@@ -11,7 +11,7 @@ from torch import nn
 
 from dinoflow.config import PretrainConfig
 from dinoflow.losses.ibot import masked_token_weights
-from dinoflow.models.ssl import SSLModel, masked_rows
+from dinoflow.models.ssl import SSLModel
 from dinoflow.monitor import check_finite, normalized_std, target_entropy
 from dinoflow.optim import apply_schedules, clip_gradients, ema_update
 from dinoflow.schedules import Schedules
@@ -101,22 +101,23 @@ def train_step(
                     freeze_last_layer=bool(schedules.last_layer_lr_zero[step]),
                     backbone_lr_scale=cfg.init.head_warmup_backbone_lr_mult if warming_up else 1.0)
 
-    # the masked tokens padded to the batch's bound: the same shapes every step for compile
-    max_masked = batch.get("max_masked")
+    # the masked tokens padded to the batch's bound: the same shapes every step for compile;
+    # the first n_masked rows are the real ones (counted on the host copy: no device sync)
+    max_masked, n_masked = batch.get("max_masked"), int(batch["masks"].sum())
     with autocast_for(cfg, device):  # the networks in the run's precision (bf16 autocast or fp32)
         with torch.inference_mode():
             t_cls, t_masked = teacher.teacher_forward(global_crops, masks, max_masked)
         out = student(global_crops, local_crops, masks, max_masked)
     # targets, centering and losses in fp32 whatever the precision (as the reference on GPU);
     # inference tensors cannot be saved for backward: plain copies (2B x K, small)
-    t_cls, t_masked = t_cls.float().clone(), masked_rows(t_masked, batch["masks"]).float().clone()
+    t_cls, t_masked = t_cls.float().clone(), t_masked[:n_masked].float().clone()
     dino_targets = losses.dino.teacher_targets(t_cls.view(2, b, -1), temp)
     ibot_targets = losses.ibot.teacher_targets(t_masked, temp)
     k = out["global_logits"].shape[-1]
     dino = losses.dino(out["global_logits"].float().view(2, b, k),
                        out["local_logits"].float().view(-1, b, k), dino_targets)
-    s_masked = masked_rows(out["masked_logits"], batch["masks"]).float()
-    ibot = losses.ibot(s_masked, ibot_targets, masked_token_weights(masks), n_global)
+    ibot = losses.ibot(out["masked_logits"][:n_masked].float(), ibot_targets,
+                       masked_token_weights(masks), n_global)
     koleo = sum(losses.koleo(view) for view in out["global_cls"].float().chunk(2))
     total = lw.dino_weight * dino + lw.ibot_weight * ibot + lw.koleo_weight * koleo
 
