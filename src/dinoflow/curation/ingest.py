@@ -76,6 +76,63 @@ def load_rgb(split: Split, i: int, max_pixels: int) -> np.ndarray | None:
     return decode_file(split.paths[i], max_pixels).rgb
 
 
+def box_thumbnails(rgb: np.ndarray, size: int) -> np.ndarray:
+    """(N, H, H, 3) uint8 -> (N, size, size, 3): exactly Pillow's BOX resize of each image.
+
+    Pillow resizes in two 1-D passes (uint8 rounding between them) and each output row of a
+    horizontal pass depends on its input row only. So the batch is stacked into one tall image and
+    resized horizontally, then its tiles are transposed and the same is done again: two Pillow calls
+    instead of N. Square images only: for H != W Pillow picks the cheaper pass first, which this
+    does not follow (tests/test_curation_units.py checks the equality).
+    """
+    from PIL import Image
+
+    n, h, w = rgb.shape[:3]
+    if h != w:
+        raise ValueError(f"box_thumbnails takes square images, got {h} x {w}")
+
+    def horizontal(x: np.ndarray) -> np.ndarray:
+        tall = Image.fromarray(x.reshape(n * x.shape[1], x.shape[2], 3))
+        return np.asarray(tall.resize((size, tall.height), Image.Resampling.BOX)).reshape(
+            n, x.shape[1], size, 3)
+
+    once = horizontal(rgb)  # (N, H, size, 3)
+    return np.ascontiguousarray(horizontal(np.ascontiguousarray(once.transpose(0, 2, 1, 3)))
+                                .transpose(0, 2, 1, 3))
+
+
+def describe_arrays(images: np.ndarray, thumb_size: int, compute_phash: bool,
+                    phash_min_side: int = 0) -> tuple[dict[str, list], np.ndarray]:
+    """``describe`` of a batch of in-memory images (N, H, W) or (N, H, W, C) uint8 with array
+    operations: their metadata columns and (N, s, s, 3) thumbnails, the same numbers."""
+    import imagehash
+    from PIL import Image
+
+    n, h, w = images.shape[:3]
+    channels = 1 if images.ndim == 3 else images.shape[3]
+    rgb = np.ascontiguousarray(
+        np.repeat(images[..., None] if images.ndim == 3 else images, 3, axis=3)
+        if channels == 1 else images[..., :3])
+    grey = rgb_to_luma(rgb).reshape(n, -1)
+    # the images' histograms in one bincount: image j's levels are offset by 256 j
+    counts = np.bincount((grey + (np.arange(n) * 256)[:, None]).ravel(),
+                         minlength=256 * n).reshape(n, 256)
+    p = counts / grey.shape[1]
+    plogp = np.where(counts > 0, p * np.log2(np.where(counts > 0, p, 1.0)), 0.0)
+    phash = [str(imagehash.phash(Image.fromarray(g.reshape(h, w)))) for g in grey] \
+        if compute_phash and min(h, w) >= phash_min_side else [""] * n
+    columns = {
+        "width": [w] * n, "height": [h] * n, "channels": [channels] * n,
+        "mode": [{1: "L", 3: "RGB", 4: "RGBA"}.get(channels, "L")] * n,
+        "file_bytes": [images[0].nbytes] * n, "sha256": [pixel_sha256(x) for x in rgb],
+        "phash": phash, "std": list(grey.std(axis=1)), "entropy": list(-plogp.sum(axis=1) + 0.0),
+        "readable": [True] * n,
+    }  # fmt: skip
+    thumbs = box_thumbnails(rgb, thumb_size) if h == w else np.stack(
+        [describe(x, thumb_size, False)[1] for x in rgb])
+    return columns, thumbs
+
+
 def ingest_split(
     split: Split,
     name: str,
@@ -84,45 +141,49 @@ def ingest_split(
     compute_phash: bool = True,
     progress: bool = True,
     phash_min_side: int = 0,
+    chunk: int = 4096,
 ) -> tuple[pd.DataFrame, np.ndarray]:
     """Metadata rows (COLUMNS) and thumbnails (N, s, s, 3) uint8 for every item of a split.
 
     pHash is computed only for images whose short side is at least phash_min_side (dedup ignores
-    it below; skipping it saves a third of the ingest time on Fashion-MNIST).
+    it below; skipping it saves a third of the ingest time on Fashion-MNIST). In-memory images
+    are described ``chunk`` at a time with array operations; files one by one.
     """
     from tqdm.auto import tqdm
 
     n = len(split)
     thumbs = np.zeros((n, thumb_size, thumb_size, 3), dtype=np.uint8)
-    rows = []
-    for i in tqdm(range(n), desc=f"ingest {name}", disable=not progress, mininterval=1.0):
-        row = {
-            "split": name, "index": i, "item_id": split.ids[i], "label": int(split.labels[i]),
-            "path": "" if split.paths is None else str(split.paths[i]), "readable": False,
-            "width": -1, "height": -1, "mode": "", "channels": -1, "n_frames": 1,
-            "file_bytes": -1, "sha256": "", "phash": "", "std": np.nan, "entropy": np.nan,
-            "reason": "", "detail": "",
-        }  # fmt: skip
+    rows = [{
+        "split": name, "index": i, "item_id": split.ids[i], "label": int(split.labels[i]),
+        "path": "" if split.paths is None else str(split.paths[i]), "readable": False,
+        "width": -1, "height": -1, "mode": "", "channels": -1, "n_frames": 1,
+        "file_bytes": -1, "sha256": "", "phash": "", "std": np.nan, "entropy": np.nan,
+        "reason": "", "detail": "",
+    } for i in range(n)]  # fmt: skip
+    with tqdm(total=n, desc=f"ingest {name}", disable=not progress, mininterval=1.0) as bar:
         if split.images is not None:
-            image = np.asarray(split.images[i])
-            rgb = array_to_rgb(image)
-            channels = 1 if image.ndim == 2 else image.shape[2]
-            row.update(
-                width=rgb.shape[1], height=rgb.shape[0], channels=channels,
-                mode={1: "L", 3: "RGB", 4: "RGBA"}.get(channels, "L"), file_bytes=image.nbytes,
-            )  # fmt: skip
-        else:
+            columns: dict[str, list] = {}
+            for start in range(0, n, chunk):
+                batch, thumbs[start:start + chunk] = describe_arrays(
+                    np.asarray(split.images[start:start + chunk]), thumb_size, compute_phash,
+                    phash_min_side)
+                for key, values in batch.items():
+                    columns.setdefault(key, []).extend(values)
+                bar.update(min(chunk, n - start))
+            frame = pd.DataFrame(rows, columns=COLUMNS)
+            for key, values in columns.items():
+                frame[key] = values
+            return frame, thumbs
+        for i, row in enumerate(rows):
             decoded = decode_file(split.paths[i], max_pixels)
             row.update(decoded.meta)
             row["reason"], row["detail"] = decoded.reason, decoded.detail
-            rgb = decoded.rgb
-        if rgb is not None:
-            want_phash = compute_phash and min(rgb.shape[:2]) >= phash_min_side
-            info, thumbs[i] = describe(rgb, thumb_size, want_phash)
-            row.update(info, readable=True)
-        rows.append(row)
-    frame = pd.DataFrame(rows, columns=COLUMNS)
-    return frame, thumbs
+            if decoded.rgb is not None:
+                want_phash = compute_phash and min(decoded.rgb.shape[:2]) >= phash_min_side
+                info, thumbs[i] = describe(decoded.rgb, thumb_size, want_phash)
+                row.update(info, readable=True)
+            bar.update(1)
+    return pd.DataFrame(rows, columns=COLUMNS), thumbs
 
 
 def ingest_splits(
