@@ -305,6 +305,9 @@ def bench_loader(cfg: PretrainConfig, channels: int, n_batches: int = 2) -> dict
 
 def bench_profile(name: str, repeats: int, threads: int, with_lightly: bool = True) -> dict:
     """Interleaved dinoflow / lightly steps (and a matmul block) of one profile -> a result."""
+    # a fresh dynamo cache per profile: the compiled models of earlier profiles (and thread
+    # counts) would otherwise count against the recompile limit and leave this one eager
+    torch._dynamo.reset()
     cfg, channels = profile_config(name)
     batches = make_batches(cfg, channels, n=4)
     # the precision the run would train in (train.precision auto: bf16 only on a CPU with bf16
