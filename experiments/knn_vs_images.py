@@ -2,7 +2,7 @@
 
 Reads what ``make run`` (or any pretrain + evaluation run) left, from the repository root:
 
-    python -m experiments.knn_vs_images [--run-dir data/06_models] [--metrics data/08_reporting/metrics.json]
+    python -m experiments.knn_vs_images --label "make run" [--run-dir data/06_models] [--metrics data/08_reporting/metrics.json]
 
 - the online curve: the teacher's kNN top-1 (k = 20) at every check of the run (a fixed train
   bank against validation queries; ``history.json``), with raw pixels on the same bank and queries
@@ -11,7 +11,9 @@ Reads what ``make run`` (or any pretrain + evaluation run) left, from the reposi
   the run's ``knn_top1`` and ``baseline_pixels_knn_top1``.
 
 Images seen = steps x batch size x processes (each image gives 2 global and ``n_local`` local
-crops). Writes docs/images/knn_vs_images.png and experiments/results/knn_vs_images.json.
+crops). The run's curve is stored under ``--label`` in experiments/results/knn_vs_images.json
+beside the runs stored before (a longer run overwrites data/06_models, not the stored curves);
+docs/images/knn_vs_images.png draws them all.
 """
 
 from __future__ import annotations
@@ -43,30 +45,35 @@ def load_curve(run_dir: Path, metrics_path: Path) -> dict:
     }
 
 
-def draw(curve: dict, path: Path) -> Path:
+def draw(curves: dict[str, dict], path: Path) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    xs, ys = zip(*curve["online"], strict=True)
-    ax.plot([x / 1e3 for x in xs], ys, marker="o", label="features, online (train bank vs val queries)")
-    if curve["online_raw_pixels"] is not None:
-        ax.axhline(curve["online_raw_pixels"], color="C0", linestyle="--", alpha=0.6,
-                   label=f"raw pixels, online {curve['online_raw_pixels']:.3f}")
-    if curve["eval_knn_top1"] is not None:
-        x = curve["eval_images_seen"] / 1e3
-        ax.plot([x], [curve["eval_knn_top1"]], marker="*", markersize=14, color="C1", linestyle="",
-                label=f"features, evaluation (train vs test) {curve['eval_knn_top1']:.3f}")
-        if curve["eval_raw_pixels_knn_top1"] is not None:
-            ax.axhline(curve["eval_raw_pixels_knn_top1"], color="C1", linestyle="--", alpha=0.6,
-                       label=f"raw pixels, evaluation {curve['eval_raw_pixels_knn_top1']:.3f}")
-    ax.set_xlabel(f"images seen (thousands; x{2 + curve['n_local_crops']} crops each)")
+    fig, ax = plt.subplots(figsize=(7.5, 4.3))
+    raw_online = raw_eval = None
+    for i, (label, curve) in enumerate(sorted(curves.items(), key=lambda kv: kv[1]["steps"] or 0)):
+        xs, ys = zip(*curve["online"], strict=True)
+        ax.plot([x / 1e3 for x in xs], ys, marker="o", color=f"C{i}",
+                label=f"{label}: online (train bank vs val queries)")
+        if curve["eval_knn_top1"] is not None:
+            ax.plot([curve["eval_images_seen"] / 1e3], [curve["eval_knn_top1"]], marker="*",
+                    markersize=14, color=f"C{i}", linestyle="",
+                    label=f"{label}: evaluation (train vs test) {curve['eval_knn_top1']:.3f}")
+        raw_online = curve["online_raw_pixels"] if raw_online is None else raw_online
+        raw_eval = curve["eval_raw_pixels_knn_top1"] if raw_eval is None else raw_eval
+    if raw_online is not None:
+        ax.axhline(raw_online, color="grey", linestyle=":", label=f"raw pixels, online {raw_online:.3f}")
+    if raw_eval is not None:
+        ax.axhline(raw_eval, color="black", linestyle="--", alpha=0.7,
+                   label=f"raw pixels, evaluation {raw_eval:.3f}")
+    n_crops = 2 + next(iter(curves.values()))["n_local_crops"]
+    ax.set_xlabel(f"images seen (thousands; x{n_crops} crops each)")
     ax.set_ylabel("kNN top-1 (k = 20)")
     ax.set_title("What pretraining compute buys: kNN against images seen")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -74,18 +81,24 @@ def draw(curve: dict, path: Path) -> Path:
     return path
 
 
+def stored_curves(path: Path) -> dict[str, dict]:
+    """The curves stored before, by label."""
+    return json.loads(path.read_text())["runs"] if path.is_file() else {}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run-dir", type=Path, default=ROOT / "data/06_models")
     parser.add_argument("--metrics", type=Path, default=ROOT / "data/08_reporting/metrics.json")
+    parser.add_argument("--label", default="make run", help="the run's name in the picture")
     parser.add_argument("--out", type=Path, default=ROOT / "docs/images/knn_vs_images.png")
     args = parser.parse_args()
-    curve = load_curve(args.run_dir, args.metrics)
-    draw(curve, args.out)
     result = ROOT / "experiments/results/knn_vs_images.json"
+    curves = {**stored_curves(result), args.label: load_curve(args.run_dir, args.metrics)}
+    draw(curves, args.out)
     result.parent.mkdir(parents=True, exist_ok=True)
-    result.write_text(json.dumps(curve, indent=1))
-    print(json.dumps(curve, indent=1))
+    result.write_text(json.dumps({"runs": curves}, indent=1))
+    print(json.dumps(curves[args.label], indent=1))
 
 
 if __name__ == "__main__":
