@@ -185,7 +185,7 @@ def _picture(result: dict, teacher_knn: float, path: Path) -> None:
     ax.axhline(teacher_knn * 0.97, color="tab:red", ls="--", lw=1, label="97% of the teacher")
     ax.set_ylim(0.7, max(r[1] for r in rows) + 0.03)
     ax.set_ylabel("test kNN top-1 (k = 20)")
-    ax.set_title("Distillation vs the same student from scratch, equal wall time", fontsize=9)
+    ax.set_title("Distillation vs the same student from scratch (steps of equal time in one process)", fontsize=9)
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
