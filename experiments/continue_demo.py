@@ -95,7 +95,7 @@ def recipe(
                                           0.3 * steps / steps_per_epoch),
     })  # fmt: skip
     params["train"].update({
-        "epochs": steps / steps_per_epoch, "steps_per_epoch": steps_per_epoch,
+        "epochs": steps / steps_per_epoch, "steps_per_epoch": steps_per_epoch, "time_budget_min": None,
         "batch_size": batch_size, "seed": seed, "device": "cpu", "num_workers": 0, "threads": None,
         "run_dir": str(run_dir), "checkpoint_every_steps": 10_000, "resume": False,
         "log_every_steps": 25, "knn_every_epochs": 1, "progress": False,

@@ -56,7 +56,7 @@ def scratch_config(steps: int) -> PretrainConfig:
     """conf/base pretraining with the distillation student's backbone, ``steps`` steps long."""
     student = distillation_config().backbone.model_dump()
     return PretrainConfig.model_validate(deep_merge(_yaml("parameters_pretrain.yml", "pretrain"), {
-        "backbone": student, "train": {"epochs": steps / 200, "steps_per_epoch": 200,
+        "backbone": student, "train": {"epochs": steps / 200, "steps_per_epoch": 200, "time_budget_min": None,
                                        "run_dir": str(SCRATCH_DIR)}}))
 
 

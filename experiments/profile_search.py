@@ -67,7 +67,7 @@ def main(argv: list[str]) -> None:
     per_epoch = params["train"]["steps_per_epoch"]  # conf/base's, or the overrides'
     if args.steps % per_epoch:
         raise SystemExit(f"--steps: a multiple of steps_per_epoch ({per_epoch})")
-    params = deep_merge(params, {"train": {"epochs": args.steps // per_epoch, "threads": args.threads,
+    params = deep_merge(params, {"train": {"epochs": args.steps // per_epoch, "time_budget_min": None, "threads": args.threads,
                                            "knn_every_epochs": args.knn_every / per_epoch}})
     train_over = {"run_dir": f"{args.run_root}/{args.name}", "progress": args.progress, "resume": False,
                   "checkpoint_every_steps": 100_000, "device": args.device, "precision": "fp32"}

@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> None:
     folder = work / "images"
     print(f"writing {args.images} unlabelled PNG files to {folder} ...", flush=True)
     write_unlabelled_folder(folder, args.images)
-    epochs = f"pretrain.train.epochs={args.epochs}"
+    epochs = f"pretrain.train.epochs={args.epochs},pretrain.train.time_budget_min=null"
     own, fmnist = scratch_project(work / "own_images"), scratch_project(work / "fashion_mnist")
     times = {}
     if args.force or not _finished(own, args.epochs):

@@ -193,6 +193,8 @@ class TrainConfig(Strict):
     epochs: float = Field(100, gt=0)
     steps_per_epoch: int | None = Field(None, ge=1)  # None: real epochs; 1250 = the reference
     max_steps: int | None = Field(None, ge=1)  # stop early (tuning budgets); schedules unchanged
+    # wall-clock minutes: train the steps that fit, at most `epochs`' worth (training/budget.py)
+    time_budget_min: float | None = Field(None, gt=0)
     batch_size: int = Field(64, ge=1)  # per process
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"

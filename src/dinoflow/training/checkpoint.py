@@ -48,6 +48,7 @@ class Checkpointer:
         self.folder = Path(run_dir) / "checkpoints" / fp
         self.legacy = Path(run_dir) / "checkpoints" / f"{fp}.pt"  # one-file layout of older runs
         self.every, self.keep, self.fsdp, self.main = every, keep, fsdp, main
+        self.restored_chosen_steps: int | None = None  # the length a time budget chose
 
     # ------------------------------------------------------------------ reading
     def files(self) -> list[Path]:
@@ -99,6 +100,7 @@ class Checkpointer:
         run.losses.dino.load_state_dict(state["dino_loss"])
         run.losses.ibot.load_state_dict(state["ibot_loss"])
         set_rng_state(state["rng"])
+        self.restored_chosen_steps = state.get("chosen_steps")
         log.info("resuming %s from step %d of %d (checkpoint %s)", run.fingerprint, state["step"],
                  run.last_step, path)
         return int(state["step"]), list(state["history"])
@@ -123,7 +125,7 @@ class Checkpointer:
                 "step": done, "student": student_sd, "teacher": teacher_sd, "optimizer": optim_sd,
                 "dino_loss": run.losses.dino.state_dict(), "ibot_loss": run.losses.ibot.state_dict(),
                 "rng": rng_state(), "history": history, "config": config,
-                "fingerprint": run.fingerprint,
+                "fingerprint": run.fingerprint, "chosen_steps": run.chosen_steps,
             }, path)  # fmt: skip
             for old in self.files()[self.keep:]:
                 old.unlink(missing_ok=True)

@@ -50,6 +50,7 @@ class Components:
     steps_per_epoch: int
     last_step: int  # where this run stops (train.max_steps may stop it early)
     notes: list[str] = field(default_factory=list)  # schedule capping, for the logs
+    chosen_steps: int | None = None  # the length a time budget chose (kept in checkpoints)
 
 
 def backbone_from_config(bb: BackboneConfig, img_size: int, in_chans: int) -> DinoVisionTransformer:
@@ -116,6 +117,15 @@ def schedules_for(cfg: PretrainConfig, total_steps: int, steps_per_epoch: int,
         freeze_last_layer_epochs=o.freeze_last_layer_epochs, max_warmup_fraction=o.max_warmup_fraction,
         convention=o.schedule_convention,
     )  # fmt: skip
+
+
+def set_run_length(run: Components, cfg: PretrainConfig, total_steps: int, global_batch: int) -> None:
+    """A time budget chose the run's length: the schedules rebuilt for ``total_steps``."""
+    run.schedules, notes = schedules_for(cfg, total_steps, run.steps_per_epoch, global_batch)
+    for note in notes:
+        log.warning(note)
+    run.total_steps = run.chosen_steps = total_steps
+    run.last_step = min(total_steps, cfg.train.max_steps or total_steps)
 
 
 def run_fingerprint(cfg: PretrainConfig, n_images: int, world_size: int = 1) -> str:

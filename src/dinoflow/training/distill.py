@@ -36,6 +36,7 @@ from dinoflow.optim import (
 )
 from dinoflow.results import DistillationSummary
 from dinoflow.schedules import Schedules
+from dinoflow.training.budget import budget_for
 from dinoflow.training.checkpoint import Checkpointer
 from dinoflow.training.components import (
     Components,
@@ -45,6 +46,7 @@ from dinoflow.training.components import (
     build_student,
     run_fingerprint,
     schedules_for,
+    set_run_length,
     total_steps_for,
 )
 from dinoflow.training.data import build_loader
@@ -240,6 +242,7 @@ def distill(cfg: DistillationConfig, teacher: FrozenTeacher, train: Split, mean:
     ``mean``/``std``: the normalisation the teacher was trained with. ``stop_after_steps`` ends
     the process after a checkpoint (tests of resumption). One process (no launcher).
     """
+    started = time.perf_counter()  # a time budget counts from here
     rank, world_size = world()
     if world_size > 1:
         raise ConfigError("distillation runs in one process (no distillation.launcher yet)")
@@ -250,6 +253,9 @@ def distill(cfg: DistillationConfig, teacher: FrozenTeacher, train: Split, mean:
     run, pcfg = build_distillation(cfg, teacher, len(train), train.channels, 1, device)
     checkpoints = Checkpointer(t.run_dir, run.fingerprint, t.checkpoint_every_steps, t.keep_checkpoints)
     start_step, history = checkpoints.restore(run) if t.resume else (0, [])
+    budget = budget_for(pcfg, run.total_steps, start_step, checkpoints.restored_chosen_steps, started)
+    if budget is not None and budget.decided is not None:
+        set_run_length(run, pcfg, budget.decided, t.batch_size)  # the length it was resumed on
     model = wrap_for_training(run.student, teacher, pcfg, 1, device, False)
     loader = build_loader(pcfg, train, mean, std, 0, 1, start_step, run.last_step, device)
     precision, why = precision_choice(pcfg, device)
@@ -271,8 +277,11 @@ def distill(cfg: DistillationConfig, teacher: FrozenTeacher, train: Split, mean:
     run_steps(loader, model, run, metrics, knn, checkpoints, history, cfg.model_dump(mode="json"),
               stop_after_steps,
               lambda batch, step: distill_step(batch, step, model, run.teacher, teacher, run.losses,
-                                               run.optimizer, run.schedules, pcfg, device))
+                                               run.optimizer, run.schedules, pcfg, device),
+              budget, lambda total: set_run_length(run, pcfg, total, t.batch_size))
     seconds = time.perf_counter() - t0
+    if budget is not None and budget.decided is not None:
+        run.notes.append(budget.note or f"train.time_budget_min: {budget.decided} steps")
     run_dir = Path(t.run_dir)
     backbone_path, heads_path = export_student(run.teacher, run_dir)
     write_history(history, run_dir, pcfg)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,12 +22,14 @@ from dinoflow.data import Split
 from dinoflow.distributed import barrier, resolve_device, world
 from dinoflow.errors import TrainingDiverged
 from dinoflow.results import PretrainSummary
+from dinoflow.training.budget import StepBudget, budget_for
 from dinoflow.training.checkpoint import Checkpointer
 from dinoflow.training.components import (
     Components,
     backbone_from_config,
     build_components,
     build_student,
+    set_run_length,
 )
 from dinoflow.training.data import build_loader
 from dinoflow.training.export import export_teacher, write_history
@@ -54,6 +57,7 @@ def pretrain(
     ``on_knn(step, top1)`` is called after each online kNN check (e.g. an Optuna pruner); it may
     raise to stop the run. A fresh run checks kNN at step 0 too: the starting point.
     """
+    started = time.perf_counter()  # a time budget counts from here
     cfg = resolve_auto(cfg)
     rank, world_size = world()
     main, device, t = rank == 0, resolve_device(cfg.train.device), cfg.train
@@ -64,6 +68,10 @@ def pretrain(
     checkpoints = Checkpointer(t.run_dir, run.fingerprint, t.checkpoint_every_steps,
                                t.keep_checkpoints, fsdp, main)
     start_step, history = checkpoints.restore(run) if t.resume else (0, [])
+    budget = budget_for(cfg, run.total_steps, start_step, checkpoints.restored_chosen_steps, started)
+    global_batch = t.batch_size * world_size
+    if budget is not None and budget.decided is not None:
+        set_run_length(run, cfg, budget.decided, global_batch)  # the length it was resumed on
     seed_ranks(t.seed, start_step, rank, world_size)
     model = wrap_for_training(run.student, run.teacher, cfg, world_size, device, fsdp)
     loader = build_loader(cfg, train, mean, std, rank, world_size, start_step, run.last_step, device)
@@ -81,7 +89,10 @@ def pretrain(
     run_steps(loader, model, run, metrics, knn, checkpoints, history, cfg.model_dump(mode="json"),
               stop_after_steps,
               lambda batch, step: train_step(batch, step, model, run.teacher, run.losses,
-                                             run.optimizer, run.schedules, cfg, device))
+                                             run.optimizer, run.schedules, cfg, device),
+              budget, lambda total: set_run_length(run, cfg, total, global_batch))
+    if budget is not None and budget.decided is not None:
+        run.notes.append(budget.note or f"train.time_budget_min: {budget.decided} steps")
 
     run_dir = Path(t.run_dir)
     backbone_path, heads_path = export_teacher(run.teacher, run_dir, main, fsdp,
@@ -104,22 +115,34 @@ def pretrain(
 def run_steps(loader, model: nn.Module, run: Components, metrics: MetricLogger,
               knn: OnlineKNN | None, checkpoints: Checkpointer, history: list[dict[str, float]],
               config: dict[str, Any], stop_after_steps: int | None,
-              step_fn: Callable[[dict[str, Any], int], dict[str, torch.Tensor]]) -> None:
+              step_fn: Callable[[dict[str, Any], int], dict[str, torch.Tensor]],
+              budget: StepBudget | None = None,
+              set_length: Callable[[int], None] | None = None) -> None:
     """The loop of pretraining and distillation: ``step_fn(batch, step)`` per batch, the metrics,
     the online kNN of the EMA and the checkpoints when due; a divergence names the checkpoint
-    kept; ``stop_after_steps`` ends the process after a checkpoint (tests of resumption)."""
+    kept; ``stop_after_steps`` ends the process after a checkpoint (tests of resumption).
+    ``budget``: a time budget, which chooses the run's length early on; ``set_length(total)``
+    rebuilds the run's schedules for it (the loader then ends early: the loop stops)."""
     try:
         for batch in loader:
             step, done = batch["step"], batch["step"] + 1
             run.teacher.train(False)
             model.train(True)
-            metrics.record(step, step_fn(batch, step), batch["batch_size"])
+            out = step_fn(batch, step)
+            if budget is not None and set_length is not None:
+                total = budget.observe(done, knn.every if knn else None, knn.seconds if knn else 0.0)
+                if total is not None:
+                    set_length(total)
+                    metrics.set_length(run.last_step, run.schedules)
+            metrics.record(step, out, batch["batch_size"])
             if knn is not None and knn.due(done, run.last_step):
                 knn.check(run.teacher, done, history)
             if checkpoints.due(done, run.last_step):
                 path = checkpoints.save(done, run, history, config)
                 if stop_after_steps is not None and done >= stop_after_steps:
                     raise SystemExit(f"stopped after step {done} as asked (checkpoint {path})")
+            if done >= run.last_step:  # a time budget ended the run before the loader's end
+                break
     except TrainingDiverged as exc:
         last = checkpoints.latest()
         kept = f"the last good checkpoint is kept at {last}" if last else "no checkpoint was written yet"

@@ -4,6 +4,7 @@ and once, on the same subset, raw pixels' (the reference the features have to be
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 
 import torch
@@ -34,6 +35,7 @@ class OnlineKNN:
         self.device, self.fsdp, self.main = device, fsdp, main
         self.build_backbone, self.on_knn = build_backbone, on_knn
         self.raw_pixels: float | None = None
+        self.seconds = 0.0  # the last check's wall time (a time budget reserves it per check)
 
     def due(self, done: int, last_step: int) -> bool:
         return done % self.every == 0 or done == last_step
@@ -43,6 +45,7 @@ class OnlineKNN:
                             self.cfg.crops.global_size, self.device)["top1_k20"]
 
     def check(self, teacher: SSLModel, done: int, history: list[dict[str, float]]) -> float:
+        started = time.perf_counter()
         if self.fsdp:
             from dinoflow.distributed import gather_full_state
 
@@ -56,6 +59,7 @@ class OnlineKNN:
             acc = float(broadcast_from_main(top1))
         else:
             acc = self._top1(teacher.backbone)
+        self.seconds = time.perf_counter() - started  # the features' check, without raw pixels
         row = {"step": done, "knn/top1_k20": acc}
         if self.raw_pixels is None:
             self.raw_pixels = pixels_knn(self.bank, self.queries, self.cfg.crops.global_size)["top1_k20"]

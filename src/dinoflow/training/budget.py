@@ -1,0 +1,105 @@
+"""``train.time_budget_min``: as many steps as fit in a wall-clock budget, at most ``epochs``' worth.
+
+Machines differ (an AVX2-only CPU trains conf/base at ~80 images/s in fp32, one with bf16 units
+at ~130 in bf16), so a fixed step count either overruns a time limit on the slow one or leaves the
+fast one idle. With a budget the run starts on the schedules of its ``epochs`` (the cap), times
+its steps 10 to 60 (compile and warm-up are before them), and then fixes its
+length: what the budget has left after the time already spent, less the online kNN checks still
+due (each as long as the last one), over the measured seconds per step (taken 3 % high). The schedules are rebuilt
+for that length from there on. The steps before the decision keep the cap's values; the lr and
+teacher-temperature warm-ups are set in epochs, not as fractions of the run, so they are the same,
+and the cosine schedules move by under 1e-3 of their range in those first steps either way.
+
+The length chosen is kept in every checkpoint: a resumed run keeps it and does not measure again.
+A run resumed before it was chosen measures its own steps 10 to 60 after the resume, on its own
+clock.
+Set ``time_budget_min: null`` for a fixed length (``epochs``), as reproducible runs and
+comparisons at equal steps want.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from dinoflow import tracking
+from dinoflow.config import PretrainConfig
+from dinoflow.distributed import broadcast_from_main
+
+log = logging.getLogger(__name__)
+
+PROBE_FROM = 10  # the first timed step (after the run's first step): compiling is over
+PROBE_STEPS = 50  # timed steps; the decision is made after them
+# the measured step time is taken this much high: the 800-step blocks of one run differed by up
+# to 6 % on the AVX2 machine, and the budget is a limit (make run's 30 minutes), not a target
+STEP_TIME_MARGIN = 1.03
+
+
+@dataclass
+class StepBudget:
+    """The budget of one run: ``observe(done)`` after every step; after the timed steps it
+    returns the run's length, else None. ``started``: the run's start (``time.perf_counter()``)."""
+
+    minutes: float
+    cap: int  # the most steps (the schedules' length without a budget)
+    started: float = field(default_factory=time.perf_counter)
+    probe_from: int = PROBE_FROM  # the step (done) the timing starts at
+    decided: int | None = None  # the length, once chosen (or restored from a checkpoint)
+    probe_start: float | None = None
+    note: str | None = None  # how the length was chosen (the run's notes, the summary)
+
+    def observe(self, done: int, knn_every: int | None, knn_seconds: float) -> int | None:
+        if self.decided is not None:
+            return None
+        now = time.perf_counter()
+        if done == self.probe_from:
+            self.probe_start = now
+        if done != self.probe_from + PROBE_STEPS or self.probe_start is None:
+            return None
+        per_step = (now - self.probe_start) / PROBE_STEPS
+        steps = fitting_steps(self.minutes * 60 - (now - self.started), per_step * STEP_TIME_MARGIN,
+                              done, self.cap,
+                              knn_every, knn_seconds)
+        steps = int(broadcast_from_main(torch.tensor([steps], dtype=torch.int64)).item())
+        self.decided = steps
+        note = (f"train.time_budget_min {self.minutes:g}: {steps} steps fit (of at most "
+                f"{self.cap}): {per_step:.3f} s per step over steps {self.probe_from}-{done}, "
+                f"{now - self.started:.0f} s spent before step {done}"
+                + (f", {knn_seconds:.1f} s per online kNN check" if knn_every else ""))
+        log.info(note)
+        self.note = note
+        tracking.set_tags({"dinoflow.time_budget_steps": steps,
+                           "dinoflow.time_budget_s_per_step": round(per_step, 4)})
+        return steps
+
+
+def fitting_steps(seconds_left: float, per_step: float, done: int, cap: int,
+                  knn_every: int | None = None, knn_seconds: float = 0.0) -> int:
+    """The run's length: ``done`` plus the steps that fit in ``seconds_left`` at ``per_step``
+    seconds each, less the online kNN checks due on the way (at multiples of ``knn_every`` and
+    at the end), within [done + 1, cap]."""
+    n = max(0, math.floor(seconds_left / per_step))
+    for _ in range(3):  # the checks depend on the length: settle it (converges in one or two)
+        total = min(cap, done + n)
+        checks = (total // knn_every - done // knn_every + (total % knn_every != 0)) if knn_every else 0
+        n = max(0, math.floor((seconds_left - checks * knn_seconds) / per_step))
+    return max(done + 1, min(cap, done + n))
+
+
+def budget_for(cfg: PretrainConfig, cap: int, start_step: int, restored: int | None,
+               started: float) -> StepBudget | None:
+    """The run's budget (None without ``train.time_budget_min``). A resumed run takes the length
+    its checkpoint holds (``restored``); one resumed before the length was chosen times its own
+    steps after the resume."""
+    minutes = cfg.train.time_budget_min
+    if minutes is None:
+        return None
+    budget = StepBudget(minutes, cap, started, probe_from=start_step + PROBE_FROM)
+    if restored is not None:
+        budget.decided = restored
+        budget.note = f"train.time_budget_min {minutes:g}: {restored} steps, chosen before the resume"
+    return budget
