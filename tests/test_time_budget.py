@@ -16,10 +16,10 @@ TINY = {
     "backbone": {"arch": "custom", "patch_size": 4, "embed_dim": 16, "depth": 1, "num_heads": 2},
     "head": {"n_prototypes": 32, "hidden_dim": 16, "bottleneck_dim": 8},
     "optim": {"warmup_epochs": 1, "teacher_temp_warmup_epochs": 1, "freeze_last_layer_epochs": 1},
-    "train": {"epochs": 6, "steps_per_epoch": 20, "batch_size": 8, "num_workers": 0,
+    "train": {"epochs": 15, "steps_per_epoch": 20, "batch_size": 8, "num_workers": 0,
               "checkpoint_every_steps": 20, "log_every_steps": 1, "progress": False},
 }  # fmt: skip
-CAP = 120  # 6 epochs of 20 steps
+CAP = 300  # 15 epochs of 20 steps: past the timed steps (10-210)
 
 
 def _cfg(run_dir: Path, **train) -> PretrainConfig:
@@ -66,12 +66,12 @@ def test_an_ample_budget_trains_the_cap_and_resumes_on_it(tmp_path, tiny_train) 
     assert whole.steps == CAP
 
     killed = tmp_path / "killed"
-    with pytest.raises(SystemExit):  # after the checkpoint of step 80: the length is chosen
-        pretrain(_cfg(killed, time_budget_min=60.0), train, mean, std, stop_after_steps=80)
-    state = torch.load(next((killed / "checkpoints").rglob("step_*80.pt")), weights_only=True)
+    with pytest.raises(SystemExit):  # after the checkpoint of step 240: the length is chosen
+        pretrain(_cfg(killed, time_budget_min=60.0), train, mean, std, stop_after_steps=240)
+    state = torch.load(next((killed / "checkpoints").rglob("step_*240.pt")), weights_only=True)
     assert state["chosen_steps"] == CAP
     resumed = pretrain(_cfg(killed, time_budget_min=60.0), train, mean, std)
-    assert (resumed.resumed_from_step, resumed.steps) == (80, CAP)
+    assert (resumed.resumed_from_step, resumed.steps) == (240, CAP)
     assert any("chosen before the resume" in note for note in resumed.notes)
     a = torch.load(tmp_path / "whole" / "teacher_backbone.pt", weights_only=False)["state_dict"]
     b = torch.load(killed / "teacher_backbone.pt", weights_only=False)["state_dict"]
