@@ -52,6 +52,7 @@ class StepBudget:
     cap: int  # the most steps (the schedules' length without a budget)
     started: float = field(default_factory=time.perf_counter)
     probe_from: int = PROBE_FROM  # the step (done) the timing starts at
+    device: torch.device | str = "cpu"  # where the length is broadcast from rank 0 (NCCL: CUDA)
     decided: int | None = None  # the length, once chosen (or restored from a checkpoint)
     probe_start: float | None = None
     note: str | None = None  # how the length was chosen (the run's notes, the summary)
@@ -68,7 +69,8 @@ class StepBudget:
         steps = fitting_steps(self.minutes * 60 - (now - self.started), per_step * STEP_TIME_MARGIN,
                               done, self.cap,
                               knn_every, knn_seconds)
-        steps = int(broadcast_from_main(torch.tensor([steps], dtype=torch.int64)).item())
+        steps = int(broadcast_from_main(torch.tensor([steps], dtype=torch.int64,
+                                                     device=self.device)).item())
         self.decided = steps
         note = (f"train.time_budget_min {self.minutes:g}: {steps} steps fit (of at most "
                 f"{self.cap}): {per_step:.3f} s per step over steps {self.probe_from}-{done}, "
@@ -95,14 +97,14 @@ def fitting_steps(seconds_left: float, per_step: float, done: int, cap: int,
 
 
 def budget_for(cfg: PretrainConfig, cap: int, start_step: int, restored: int | None,
-               started: float) -> StepBudget | None:
+               started: float, device: torch.device | str = "cpu") -> StepBudget | None:
     """The run's budget (None without ``train.time_budget_min``). A resumed run takes the length
     its checkpoint holds (``restored``); one resumed before the length was chosen times its own
     steps after the resume."""
     minutes = cfg.train.time_budget_min
     if minutes is None:
         return None
-    budget = StepBudget(minutes, cap, started, probe_from=start_step + PROBE_FROM)
+    budget = StepBudget(minutes, cap, started, probe_from=start_step + PROBE_FROM, device=device)
     if restored is not None:
         budget.decided = restored
         budget.note = f"train.time_budget_min {minutes:g}: {restored} steps, chosen before the resume"

@@ -253,7 +253,8 @@ def distill(cfg: DistillationConfig, teacher: FrozenTeacher, train: Split, mean:
     run, pcfg = build_distillation(cfg, teacher, len(train), train.channels, 1, device)
     checkpoints = Checkpointer(t.run_dir, run.fingerprint, t.checkpoint_every_steps, t.keep_checkpoints)
     start_step, history = checkpoints.restore(run) if t.resume else (0, [])
-    budget = budget_for(pcfg, run.total_steps, start_step, checkpoints.restored_chosen_steps, started)
+    budget = budget_for(pcfg, run.total_steps, start_step, checkpoints.restored_chosen_steps, started,
+                        device)
     if budget is not None and budget.decided is not None:
         set_run_length(run, pcfg, budget.decided, t.batch_size)  # the length it was resumed on
     model = wrap_for_training(run.student, teacher, pcfg, 1, device, False)

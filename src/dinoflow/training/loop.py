@@ -68,7 +68,8 @@ def pretrain(
     checkpoints = Checkpointer(t.run_dir, run.fingerprint, t.checkpoint_every_steps,
                                t.keep_checkpoints, fsdp, main)
     start_step, history = checkpoints.restore(run) if t.resume else (0, [])
-    budget = budget_for(cfg, run.total_steps, start_step, checkpoints.restored_chosen_steps, started)
+    budget = budget_for(cfg, run.total_steps, start_step, checkpoints.restored_chosen_steps, started,
+                        device)
     global_batch = t.batch_size * world_size
     if budget is not None and budget.decided is not None:
         set_run_length(run, cfg, budget.decided, global_batch)  # the length it was resumed on
