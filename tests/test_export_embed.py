@@ -192,7 +192,9 @@ def test_export_and_embed_pipelines_through_the_cli(tmp_path: Path) -> None:
     unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
     cos = unit @ unit.T
     np.fill_diagonal(cos, -2)
-    assert (rows[:, 1] == cos.argmax(1)).all()
+    # (by similarity: two neighbours within float noise of each other may come in either order,
+    # as faiss's AVX-512 and AVX2 kernels round differently)
+    np.testing.assert_allclose(cos[np.arange(9), rows[:, 1]], cos.max(1), atol=1e-5)
     # a query image embedded the same way finds its own row
     q = ids.index("vstripes/1.jpg")
     with torch.no_grad():

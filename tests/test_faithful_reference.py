@@ -27,6 +27,9 @@ from experiments.faithful.reference import mask_stats, official_name, stream_mas
 
 ATOL = 5e-6
 RTOL = 2e-6  # head gradients reach ~15: float32 rounding there is ~1e-6
+# gradients on a CPU other than the fixtures' (AVX2): AVX-512 matmul kernels sum in another
+# order; measured up to 7e-6 on entries of ~0.5 (AMD EPYC Zen 4), ~5e-7 of the largest gradient
+GRAD_ATOL = 2e-5
 META = ref.load_fixture("meta")
 G, V = "last_layer.parametrizations.weight.original0", "last_layer.parametrizations.weight.original1"
 
@@ -63,7 +66,7 @@ def test_dino_head_outputs_gradients_and_adamw_steps_equal_the_reference(case: s
                                        atol=ATOL)
             for n, p in head.named_parameters():
                 np.testing.assert_allclose(p.grad.numpy(), arrays[f"{case}/grad/{official_name(n)}"],
-                                           rtol=RTOL, atol=ATOL, err_msg=n)
+                                           rtol=RTOL, atol=GRAD_ATOL, err_msg=n)
         apply_schedules(optimizer, info["lr"], info["wd"], freeze_last_layer=frozen)
         optimizer.step()
         for n, p in head.named_parameters():

@@ -77,3 +77,27 @@ def test_the_summary_says_the_precision(tmp_path) -> None:
     expected = "bf16" if step_mod.cpu_bf16_units() and step_mod.bf16_speedup(
         2 * 4 * 17, 16, 64) > 1.1 else "fp32"
     assert summary.precision == precision_choice(c, CPU)[0] == expected
+
+
+def test_the_bf16_measurement_leaves_the_random_stream_alone() -> None:
+    """A resumed process measures again after restoring the RNG state: drop-path would then draw
+    other numbers than the uninterrupted run (exact resume broke on a bf16 CPU)."""
+    step_mod.bf16_speedup.cache_clear()
+    torch.manual_seed(3)
+    expected = torch.rand(4)
+    torch.manual_seed(3)
+    step_mod.bf16_speedup(16, 8, 8, repeats=1)
+    assert torch.equal(torch.rand(4), expected)
+
+
+def test_a_resumed_run_keeps_the_precision_its_checkpoint_was_trained_in(monkeypatch) -> None:
+    from types import SimpleNamespace
+
+    from dinoflow.training import loop
+
+    monkeypatch.setattr(loop, "precision_choice", lambda c, d: ("fp32", "auto measured 1.05x"))
+    run = SimpleNamespace(precision=None)
+    pinned, why = loop.pin_precision(run, cfg(), "bf16", CPU)
+    assert pinned.train.precision == run.precision == "bf16" and "checkpoint" in why
+    fresh, _ = loop.pin_precision(run, cfg(), None, CPU)
+    assert fresh.train.precision == run.precision == "fp32"

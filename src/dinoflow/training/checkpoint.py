@@ -49,6 +49,7 @@ class Checkpointer:
         self.legacy = Path(run_dir) / "checkpoints" / f"{fp}.pt"  # one-file layout of older runs
         self.every, self.keep, self.fsdp, self.main = every, keep, fsdp, main
         self.restored_chosen_steps: int | None = None  # the length a time budget chose
+        self.restored_precision: str | None = None  # the precision the run was trained in
 
     # ------------------------------------------------------------------ reading
     def files(self) -> list[Path]:
@@ -101,6 +102,7 @@ class Checkpointer:
         run.losses.ibot.load_state_dict(state["ibot_loss"])
         set_rng_state(state["rng"])
         self.restored_chosen_steps = state.get("chosen_steps")
+        self.restored_precision = state.get("precision")
         log.info("resuming %s from step %d of %d (checkpoint %s)", run.fingerprint, state["step"],
                  run.last_step, path)
         return int(state["step"]), list(state["history"])
@@ -126,6 +128,7 @@ class Checkpointer:
                 "dino_loss": run.losses.dino.state_dict(), "ibot_loss": run.losses.ibot.state_dict(),
                 "rng": rng_state(), "history": history, "config": config,
                 "fingerprint": run.fingerprint, "chosen_steps": run.chosen_steps,
+                "precision": run.precision,
             }, path)  # fmt: skip
             for old in self.files()[self.keep:]:
                 old.unlink(missing_ok=True)

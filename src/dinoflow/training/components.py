@@ -51,6 +51,7 @@ class Components:
     last_step: int  # where this run stops (train.max_steps may stop it early)
     notes: list[str] = field(default_factory=list)  # schedule capping, for the logs
     chosen_steps: int | None = None  # the length a time budget chose (kept in checkpoints)
+    precision: str | None = None  # what train.precision resolved to (kept in checkpoints)
 
 
 def backbone_from_config(bb: BackboneConfig, img_size: int, in_chans: int) -> DinoVisionTransformer:

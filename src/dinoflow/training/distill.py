@@ -51,11 +51,11 @@ from dinoflow.training.components import (
 )
 from dinoflow.training.data import build_loader
 from dinoflow.training.export import write_history
-from dinoflow.training.loop import run_steps
+from dinoflow.training.loop import pin_precision, run_steps
 from dinoflow.training.metrics import MetricLogger
 from dinoflow.training.online_knn import OnlineKNN
 from dinoflow.training.parallel import wrap_for_training
-from dinoflow.training.step import autocast_for, precision_choice, update_and_report
+from dinoflow.training.step import autocast_for, update_and_report
 from dinoflow.training.teacher import FrozenTeacher, backbone_flops
 
 log = logging.getLogger(__name__)
@@ -257,9 +257,10 @@ def distill(cfg: DistillationConfig, teacher: FrozenTeacher, train: Split, mean:
                         device)
     if budget is not None and budget.decided is not None:
         set_run_length(run, pcfg, budget.decided, t.batch_size)  # the length it was resumed on
+    pcfg, why = pin_precision(run, pcfg, checkpoints.restored_precision, device)
+    precision = pcfg.train.precision
     model = wrap_for_training(run.student, teacher, pcfg, 1, device, False)
     loader = build_loader(pcfg, train, mean, std, 0, 1, start_step, run.last_step, device)
-    precision, why = precision_choice(pcfg, device)
     flops = {"student_flops": backbone_flops(run.teacher.backbone, pcfg.crops.global_size),
              "teacher_flops": backbone_flops(teacher.backbone, pcfg.crops.global_size)}
     log.info("distillation: precision %s (%s); FLOPs per image student %.3g, teacher %.3g (%.3f)",

@@ -73,10 +73,11 @@ def pretrain(
     global_batch = t.batch_size * world_size
     if budget is not None and budget.decided is not None:
         set_run_length(run, cfg, budget.decided, global_batch)  # the length it was resumed on
+    cfg, why = pin_precision(run, cfg, checkpoints.restored_precision, device)
+    precision = cfg.train.precision
     seed_ranks(t.seed, start_step, rank, world_size)
     model = wrap_for_training(run.student, run.teacher, cfg, world_size, device, fsdp)
     loader = build_loader(cfg, train, mean, std, rank, world_size, start_step, run.last_step, device)
-    precision, why = precision_choice(cfg, device)
     log.info("precision %s (%s)", precision, why)
     _tag_run(run.fingerprint, world_size, run.notes, precision, main)
     knn = None
@@ -150,6 +151,19 @@ def run_steps(loader, model: nn.Module, run: Components, metrics: MetricLogger,
         raise TrainingDiverged(f"{exc} ({kept})") from None
     finally:
         metrics.close()
+
+
+def pin_precision(run: Components, cfg: PretrainConfig, restored: str | None,
+                  device: torch.device) -> tuple[PretrainConfig, str]:
+    """``train.precision`` resolved once for the run: ``auto`` measures, and a measurement can
+    come out otherwise in a later process, so a resumed run keeps the precision its checkpoint
+    was trained in (exact resume). -> (cfg with the precision fixed, why)."""
+    precision, why = precision_choice(cfg, device)
+    if restored is not None and restored != precision:
+        why = f"as the checkpoint resumed was trained (now: {precision}, {why})"
+        precision = restored
+    run.precision = precision
+    return cfg.model_copy(update={"train": cfg.train.model_copy(update={"precision": precision})}), why
 
 
 def resolve_auto(cfg: PretrainConfig) -> PretrainConfig:

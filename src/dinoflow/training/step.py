@@ -31,8 +31,11 @@ def bf16_speedup(rows: int, dim: int, hidden: int, repeats: int = 5) -> float:
     ((rows, dim) @ (dim, hidden)), forward and backward, measured here (best of ``repeats``)."""
     import time
 
-    x = torch.randn(rows, dim, requires_grad=True)
-    w = torch.randn(dim, hidden, requires_grad=True)
+    # its own generator: the measurement must not move the run's random stream (drop-path draws
+    # from the global one; a resumed process measures again after restoring it)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(rows, dim, generator=g).requires_grad_()
+    w = torch.randn(dim, hidden, generator=g).requires_grad_()
 
     def best(bf16: bool) -> float:
         times = []
