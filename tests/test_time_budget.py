@@ -1,4 +1,5 @@
-"""train.time_budget_min: the run's length is what fits, chosen once, kept across a resume."""
+"""train.time_budget_min: the run's length is what fits, fitted again on the later steps, kept
+across a resume."""
 
 from pathlib import Path
 
@@ -7,8 +8,18 @@ import torch
 
 from dinoflow.config import ConfigError, PretrainConfig, validate
 from dinoflow.data import Split, channel_stats, load_splits
+from dinoflow.training import budget as budget_module
 from dinoflow.training import pretrain
-from dinoflow.training.budget import PROBE_FROM, PROBE_STEPS, fitting_steps
+from dinoflow.training.budget import (
+    PROBE_FROM,
+    PROBE_STEPS,
+    REFIT_EVERY,
+    REFIT_MARGIN,
+    STEP_TIME_MARGIN,
+    StepBudget,
+    budget_for,
+    fitting_steps,
+)
 from dinoflow.training.components import schedules_for
 
 TINY = {
@@ -42,6 +53,53 @@ def test_fitting_steps_by_hand() -> None:
     assert fitting_steps(100.0, 0.5, 60, 10_000, knn_every=100, knn_seconds=10.0) in (200, 220)
     assert fitting_steps(100.0, 0.5, 60, 150) == 150  # never past the cap
     assert fitting_steps(-5.0, 0.5, 60, 10_000) == 61  # the budget is spent: one more step
+
+
+class _Clock:
+    """A step clock: 1 s per step up to step 210, 0.5 s after it, 10 s per online kNN check
+    (every 800 steps, run after the step it is due at)."""
+
+    def __init__(self) -> None:
+        self.done = 0
+
+    def perf_counter(self) -> float:
+        d = self.done
+        return min(d, 210) * 1.0 + max(d - 210, 0) * 0.5 + 10.0 * ((d - 1) // 800 if d else 0)
+
+
+def _observe_until(budget: StepBudget, clock: _Clock, last: int) -> dict[int, int]:
+    """{done: new length} for every step at which the budget (re)fitted the length."""
+    fits = {}
+    for done in range(1, last + 1):
+        clock.done = done
+        total = budget.observe(done, 800, 10.0)
+        if total is not None:
+            fits[done] = total
+    return fits
+
+
+def test_the_length_is_fitted_again_on_the_later_steps(monkeypatch) -> None:
+    clock = _Clock()
+    monkeypatch.setattr(budget_module, "time", clock)
+    budget = StepBudget(minutes=50, cap=100_000, started=0.0)  # 3,000 s
+    fits = _observe_until(budget, clock, 2210)
+    first, refit = PROBE_FROM + PROBE_STEPS, PROBE_FROM + PROBE_STEPS + REFIT_EVERY
+    assert list(fits)[:2] == [first, refit]
+    # at step 210: 2,790 s left at 1 s per step (x 1.05), less the kNN checks on the way
+    assert fits[first] == fitting_steps(2790.0, STEP_TIME_MARGIN, first, 100_000, 800, 10.0)
+    # at step 1,210: 710 s of steps and one 10 s check spent; 1,000 steps at 0.5 s each (the
+    # check taken out), so the run gets about twice the steps the first fit gave it
+    assert fits[refit] == fitting_steps(3000.0 - 720.0, 0.5 * REFIT_MARGIN, refit, 100_000, 800, 10.0)
+    assert fits[refit] > 1.8 * fits[first]
+    assert budget.decided == fits[max(fits)] and "re-fitted at step 1210" in budget.note
+
+
+def test_a_length_restored_from_a_checkpoint_is_never_fitted_again(monkeypatch, tmp_path) -> None:
+    clock = _Clock()
+    monkeypatch.setattr(budget_module, "time", clock)
+    cfg = _cfg(tmp_path, time_budget_min=50.0)
+    budget = budget_for(cfg, 100_000, 500, restored=4000, started=0.0)
+    assert _observe_until(budget, clock, 3000) == {} and budget.decided == 4000
 
 
 def test_a_spent_budget_ends_the_run_on_rebuilt_schedules(tmp_path, tiny_train) -> None:

@@ -10,6 +10,14 @@ for that length from there on. The steps before the decision keep the cap's valu
 teacher-temperature warm-ups are set in epochs, not as fractions of the run, so they are the same,
 and the cosine schedules move by under 3e-3 of their range in those first steps either way.
 
+Steps do not keep the pace of the timed ones (measured on conf/base, 2 cores: 5-10 % slower
+or faster later in the same run), so the length is fitted again every ``REFIT_EVERY`` steps on
+the steps since the last fit (their online kNN checks taken out), with a smaller margin,
+until ``REFIT_UNTIL`` of the run: the run ends close to its budget instead of a margin early or
+late. Each re-fit rebuilds the schedules for the new length; a change of the length by a
+fraction d moves the cosine schedules by at most d times their progress (a few 1e-3 of their
+range for the few per cent a re-fit changes), and the last fifth of the run is not touched.
+
 The length chosen is kept in every checkpoint: a resumed run keeps it and does not measure again.
 A run resumed before it was chosen measures its own steps 10 to 210 after the resume, on its
 own clock.
@@ -41,6 +49,11 @@ PROBE_STEPS = 200
 # the measured step time is taken this much high: 800-step blocks of one run differ by up to
 # 6 %, and the budget is a limit (make run's 30 minutes), not a target
 STEP_TIME_MARGIN = 1.05
+# re-fits: every 1,000 steps on the steps since the last fit (a mean over 1,000 steps is
+# within ~2 % of the next 1,000's), taken 2 % high, not in the last fifth of the run
+REFIT_EVERY = 1000
+REFIT_MARGIN = 1.02
+REFIT_UNTIL = 0.8
 
 
 @dataclass
@@ -56,10 +69,13 @@ class StepBudget:
     decided: int | None = None  # the length, once chosen (or restored from a checkpoint)
     probe_start: float | None = None
     note: str | None = None  # how the length was chosen (the run's notes, the summary)
+    fitted_at: int | None = None  # the step (done) of the last fit in this process, and when
+    fitted_time: float | None = None
 
     def observe(self, done: int, knn_every: int | None, knn_seconds: float) -> int | None:
+        """The run's new length when this step fits it (first or again), else None."""
         if self.decided is not None:
-            return None
+            return self._refit(done, knn_every, knn_seconds)
         now = time.perf_counter()
         if done == self.probe_from:
             self.probe_start = now
@@ -69,9 +85,8 @@ class StepBudget:
         steps = fitting_steps(self.minutes * 60 - (now - self.started), per_step * STEP_TIME_MARGIN,
                               done, self.cap,
                               knn_every, knn_seconds)
-        steps = int(broadcast_from_main(torch.tensor([steps], dtype=torch.int64,
-                                                     device=self.device)).item())
-        self.decided = steps
+        steps = self._broadcast(steps)
+        self.decided, self.fitted_at, self.fitted_time = steps, done, now
         note = (f"train.time_budget_min {self.minutes:g}: {steps} steps fit (of at most "
                 f"{self.cap}): {per_step:.3f} s per step over steps {self.probe_from}-{done}, "
                 f"{now - self.started:.0f} s spent before step {done}"
@@ -81,6 +96,36 @@ class StepBudget:
         tracking.set_tags({"dinoflow.time_budget_steps": steps,
                            "dinoflow.time_budget_s_per_step": round(per_step, 4)})
         return steps
+
+    def _refit(self, done: int, knn_every: int | None, knn_seconds: float) -> int | None:
+        """The length fitted again on the steps since the last fit (a length restored from a
+        checkpoint is kept: ``fitted_at`` is None then)."""
+        if (self.fitted_at is None or self.fitted_time is None or done - self.fitted_at < REFIT_EVERY
+                or done > REFIT_UNTIL * self.decided):
+            return None
+        now = time.perf_counter()
+        # the online kNN checks run after the step they are due at: those of [fitted_at, done)
+        checks = ((done - 1) // knn_every - (self.fitted_at - 1) // knn_every) if knn_every else 0
+        per_step = max(now - self.fitted_time - checks * knn_seconds, 0.0) / (done - self.fitted_at)
+        steps = self._broadcast(fitting_steps(self.minutes * 60 - (now - self.started),
+                                              per_step * REFIT_MARGIN, done, self.cap, knn_every,
+                                              knn_seconds))
+        first, self.fitted_at, self.fitted_time = self.fitted_at, done, now
+        if steps == self.decided:
+            return None
+        log.info("train.time_budget_min %g: %d steps instead of %d (%.3f s per step over steps "
+                 "%d-%d)", self.minutes, steps, self.decided, per_step, first, done)
+        self.note = (f"{self.note}; re-fitted at step {done}: {steps} steps ({per_step:.3f} s per "
+                     f"step over steps {first}-{done})")
+        self.decided = steps
+        tracking.set_tags({"dinoflow.time_budget_steps": steps,
+                           "dinoflow.time_budget_s_per_step": round(per_step, 4)})
+        return steps
+
+    def _broadcast(self, steps: int) -> int:
+        """Rank 0's length on every rank (their clocks differ)."""
+        return int(broadcast_from_main(torch.tensor([steps], dtype=torch.int64,
+                                                    device=self.device)).item())
 
 
 def fitting_steps(seconds_left: float, per_step: float, done: int, cap: int,
