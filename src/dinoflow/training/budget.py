@@ -67,65 +67,51 @@ class StepBudget:
     probe_from: int = PROBE_FROM  # the step (done) the timing starts at
     device: torch.device | str = "cpu"  # where the length is broadcast from rank 0 (NCCL: CUDA)
     decided: int | None = None  # the length, once chosen (or restored from a checkpoint)
-    probe_start: float | None = None
     note: str | None = None  # how the length was chosen (the run's notes, the summary)
-    fitted_at: int | None = None  # the step (done) of the last fit in this process, and when
-    fitted_time: float | None = None
+    # (step done, perf_counter) where the timed window began: the probe's start, then the last
+    # fit; None before the probe and for a length restored from a checkpoint (never re-fitted)
+    window: tuple[int, float] | None = None
 
     def observe(self, done: int, knn_every: int | None, knn_seconds: float) -> int | None:
-        """The run's new length when this step fits it (first or again), else None."""
-        if self.decided is not None:
-            return self._refit(done, knn_every, knn_seconds)
-        now = time.perf_counter()
-        if done == self.probe_from:
-            self.probe_start = now
-        if done != self.probe_from + PROBE_STEPS or self.probe_start is None:
+        """The run's new length when this step ends a timed window (the probe, then every
+        ``REFIT_EVERY`` steps until ``REFIT_UNTIL`` of the run), else None."""
+        first = self.decided is None
+        if first and done == self.probe_from:
+            self.window = (done, time.perf_counter())
+        if self.window is None:
             return None
-        per_step = (now - self.probe_start) / PROBE_STEPS
-        steps = fitting_steps(self.minutes * 60 - (now - self.started), per_step * STEP_TIME_MARGIN,
-                              done, self.cap,
-                              knn_every, knn_seconds)
-        steps = self._broadcast(steps)
-        self.decided, self.fitted_at, self.fitted_time = steps, done, now
-        note = (f"train.time_budget_min {self.minutes:g}: {steps} steps fit (of at most "
-                f"{self.cap}): {per_step:.3f} s per step over steps {self.probe_from}-{done}, "
-                f"{now - self.started:.0f} s spent before step {done}"
-                + (f", {knn_seconds:.1f} s per online kNN check" if knn_every else ""))
-        log.info(note)
-        self.note = note
-        tracking.set_tags({"dinoflow.time_budget_steps": steps,
-                           "dinoflow.time_budget_s_per_step": round(per_step, 4)})
-        return steps
-
-    def _refit(self, done: int, knn_every: int | None, knn_seconds: float) -> int | None:
-        """The length fitted again on the steps since the last fit (a length restored from a
-        checkpoint is kept: ``fitted_at`` is None then)."""
-        if (self.fitted_at is None or self.fitted_time is None or done - self.fitted_at < REFIT_EVERY
-                or done > REFIT_UNTIL * self.decided):
+        start, began = self.window
+        if done - start < (PROBE_STEPS if first else REFIT_EVERY) or (
+                not first and done > REFIT_UNTIL * self.decided):
             return None
         now = time.perf_counter()
-        # the online kNN checks run after the step they are due at: those of [fitted_at, done)
-        checks = ((done - 1) // knn_every - (self.fitted_at - 1) // knn_every) if knn_every else 0
-        per_step = max(now - self.fitted_time - checks * knn_seconds, 0.0) / (done - self.fitted_at)
-        steps = self._broadcast(fitting_steps(self.minutes * 60 - (now - self.started),
-                                              per_step * REFIT_MARGIN, done, self.cap, knn_every,
-                                              knn_seconds))
-        first, self.fitted_at, self.fitted_time = self.fitted_at, done, now
+        # the online kNN checks run after the step they are due at: those of [start, done)
+        checks = ((done - 1) // knn_every - (start - 1) // knn_every) if knn_every else 0
+        per_step = max(now - began - checks * knn_seconds, 0.0) / (done - start)
+        margin = STEP_TIME_MARGIN if first else REFIT_MARGIN
+        steps = fitting_steps(self.minutes * 60 - (now - self.started), per_step * margin, done,
+                              self.cap, knn_every, knn_seconds)
+        # rank 0's length on every rank (their clocks differ)
+        steps = int(broadcast_from_main(torch.tensor([steps], dtype=torch.int64,
+                                                     device=self.device)).item())
+        self.window = (done, now)
         if steps == self.decided:
             return None
-        log.info("train.time_budget_min %g: %d steps instead of %d (%.3f s per step over steps "
-                 "%d-%d)", self.minutes, steps, self.decided, per_step, first, done)
-        self.note = (f"{self.note}; re-fitted at step {done}: {steps} steps ({per_step:.3f} s per "
-                     f"step over steps {first}-{done})")
+        if first:
+            self.note = (f"train.time_budget_min {self.minutes:g}: {steps} steps fit (of at most "
+                         f"{self.cap}): {per_step:.3f} s per step over steps {start}-{done}, "
+                         f"{now - self.started:.0f} s spent before step {done}"
+                         + (f", {knn_seconds:.1f} s per online kNN check" if knn_every else ""))
+            log.info(self.note)
+        else:
+            log.info("train.time_budget_min %g: %d steps instead of %d (%.3f s per step over "
+                     "steps %d-%d)", self.minutes, steps, self.decided, per_step, start, done)
+            self.note += (f"; re-fitted at step {done}: {steps} steps ({per_step:.3f} s per step "
+                          f"over steps {start}-{done})")
         self.decided = steps
         tracking.set_tags({"dinoflow.time_budget_steps": steps,
                            "dinoflow.time_budget_s_per_step": round(per_step, 4)})
         return steps
-
-    def _broadcast(self, steps: int) -> int:
-        """Rank 0's length on every rank (their clocks differ)."""
-        return int(broadcast_from_main(torch.tensor([steps], dtype=torch.int64,
-                                                    device=self.device)).item())
 
 
 def fitting_steps(seconds_left: float, per_step: float, done: int, cap: int,
