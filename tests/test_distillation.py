@@ -58,6 +58,25 @@ def teacher_dir(tmp_path_factory, train_split) -> Path:
     return folder
 
 
+def test_a_pretraining_run_directory_is_a_teacher_with_its_run(tmp_path) -> None:
+    """run_pretraining writes pretrain_summary.json into its run directory (not only where the
+    catalog keeps it): a run-directory teacher has its normalisation and its MLflow run."""
+    import mlflow
+
+    from dinoflow.config import DataConfig
+    from dinoflow.jobs.pretrain import run_pretraining
+
+    run_dir = tmp_path / "smoke_run"
+    cfg = PretrainConfig.model_validate({**TEACHER, "train": {**TEACHER["train"], "epochs": 1,
+                                                              "run_dir": str(run_dir)}})
+    data = DataConfig.model_validate({"val_size": 200, "train_limit": 128, "test_limit": 100})
+    with mlflow.start_run() as run:
+        summary = run_pretraining(data, cfg)
+    teacher = load_teacher(_config(run_dir, tmp_path / "student").teacher, in_chans=1, global_size=16)
+    assert teacher.info["run_id"] == run.info.run_id == summary.mlflow_run_id
+    assert teacher.mean == summary.mean and teacher.std == summary.std and teacher.heads is not None
+
+
 def _config(source: str | Path, run_dir: Path, **sections) -> DistillationConfig:
     params = {**STUDENT, "teacher": {"source": str(source)},
               "train": {**STUDENT["train"], "run_dir": str(run_dir)}}

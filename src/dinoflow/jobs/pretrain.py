@@ -12,7 +12,7 @@ from dinoflow.config import DataConfig, PretrainConfig
 from dinoflow.data import Split, channel_stats, load_data
 from dinoflow.distributed import is_main_process
 from dinoflow.errors import DataError
-from dinoflow.files import FolderLock
+from dinoflow.files import FolderLock, atomic_write_json
 from dinoflow.results import PretrainSummary
 from dinoflow.training import pretrain
 
@@ -61,9 +61,14 @@ def run_pretraining(data: DataConfig, cfg: PretrainConfig, manifest_ids: list[st
     with lock:
         summary = pretrain(cfg, train, mean, std, bank, queries, stop_after_steps=stop_after_steps,
                            on_knn=on_knn)
-    return summary.model_copy(update={
-        "n_train_images": len(train), "data": data.model_dump(mode="json"),
-        "mlflow_run_id": _active_mlflow_run()})
+        summary = summary.model_copy(update={
+            "n_train_images": len(train), "data": data.model_dump(mode="json"),
+            "mlflow_run_id": _active_mlflow_run()})
+        if is_main_process():  # the run directory is a teacher on its own (distillation): its
+            # normalisation and MLflow run beside its weights, wherever the catalog keeps its copy
+            atomic_write_json(Path(cfg.train.run_dir) / "pretrain_summary.json",
+                              summary.model_dump(mode="json"))
+    return summary
 
 
 def _active_mlflow_run() -> str | None:
