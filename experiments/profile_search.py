@@ -52,7 +52,10 @@ def main(argv: list[str]) -> None:
     parser.add_argument("overrides", nargs="?", default="{}", help="JSON merged into conf/base's pretrain")
     parser.add_argument("--steps", type=int, default=6400, help="total steps (conf/base: 6,400 of batch 16)")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--device", default="cpu", help="cpu | cuda (fp32 either way)")
+    parser.add_argument("--device", default="cpu", help="cpu | cuda")
+    parser.add_argument("--precision", default="fp32", help="fp32 (the sweeps of the README) | bf16 | auto (as make run)")
+    parser.add_argument("--budget-min", type=float, default=None,
+                        help="train.time_budget_min: the length is what fits, --steps the cap (as make run)")
     parser.add_argument("--workers", type=int, default=None, help="data-loader workers (conf/base's by default)")
     parser.add_argument("--knn-every", type=int, default=1600, help="online kNN every N steps")
     parser.add_argument("--final-knn", action="store_true", help="full test-split kNN at the end")
@@ -67,10 +70,11 @@ def main(argv: list[str]) -> None:
     per_epoch = params["train"]["steps_per_epoch"]  # conf/base's, or the overrides'
     if args.steps % per_epoch:
         raise SystemExit(f"--steps: a multiple of steps_per_epoch ({per_epoch})")
-    params = deep_merge(params, {"train": {"epochs": args.steps // per_epoch, "time_budget_min": None, "threads": args.threads,
+    params = deep_merge(params, {"train": {"epochs": args.steps // per_epoch, "time_budget_min": args.budget_min,
+                                           "threads": args.threads,
                                            "knn_every_epochs": args.knn_every / per_epoch}})
     train_over = {"run_dir": f"{args.run_root}/{args.name}", "progress": args.progress, "resume": False,
-                  "checkpoint_every_steps": 100_000, "device": args.device, "precision": "fp32"}
+                  "checkpoint_every_steps": 100_000, "device": args.device, "precision": args.precision}
     if args.workers is not None:
         train_over["num_workers"] = args.workers
     params = deep_merge(params, {"train": train_over, "launcher": {"type": "local"}})
@@ -87,6 +91,7 @@ def main(argv: list[str]) -> None:
     summary = run_pretraining(data, cfg, on_knn=on_knn)
     train_s = time.time() - start
     result = {"name": args.name, "overrides": json.loads(args.overrides), "steps": summary.steps,
+              "precision": summary.precision,
               "train_s": round(train_s), "images_per_s": round(summary.images_per_second, 1),
               "online_knn": [[h["step"], round(h["knn/top1_k20"], 4)] for h in summary.knn_history]}
     if args.final_knn:
