@@ -122,6 +122,12 @@ def test_smoke_dvc_repro_twice_then_param_change_then_push_pull(tmp_path: Path) 
     assert eval_tags["dinoflow.pipeline"] == "evaluation"
     assert eval_tags["dinoflow.pretrain_run_id"] == summary["mlflow_run_id"]
     assert eval_tags["dinoflow.eval_data_id"] == report["eval_data_id"] == first["eval_data_id"]
+    # the features' precision (evaluation.precision auto): on the MLflow run, in the report and
+    # in the details, the same choice as pretrain's rule on this CPU
+    details = json.loads((repo / "data/08_reporting/evaluation/evaluation_details.json").read_text())
+    assert eval_tags["dinoflow.eval_precision"] == report["precision"] == details["precision"][
+        "precision"] in ("fp32", "bf16")  # fmt: skip
+    assert details["precision"]["why"].startswith("auto")
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
     manifest_md5 = next(o["md5"] for o in lock["stages"]["curate"]["outs"]
                         if o["path"] == "data/03_primary/curated_manifest.csv")  # fmt: skip

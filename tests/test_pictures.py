@@ -126,7 +126,11 @@ def test_evaluate_backbone_reports_every_metric_and_baseline(tmp_path):
     # the reported kNN is the k = 20 protocol on the train bank, recomputed on its own here
     from dinoflow.evaluation.knn import backbone_knn
 
-    again = backbone_knn(backbone, splits["train"], splits["test"], (0.3,), (0.3,), None)
+    details = json.loads(files["details"].read_text())
+    precision = details["precision"]["precision"]  # auto: what this CPU measured (fp32 or bf16)
+    assert precision in ("fp32", "bf16") and details["settings"]["precision"] == precision
+    again = backbone_knn(backbone, splits["train"], splits["test"], (0.3,), (0.3,), None,
+                         precision=precision)
     assert metrics["knn_top1"] == metrics["knn_top1_k20"] == again["top1_k20"]
     assert metrics["baseline_pixels_knn_top1"] > 0.9  # bright quadrant: trivially separable pixels
     for name in (
@@ -137,7 +141,6 @@ def test_evaluate_backbone_reports_every_metric_and_baseline(tmp_path):
         "pca_features_random",
     ):
         png_size(files[name])
-    details = json.loads(files["details"].read_text())
     assert details["settings"]["linear_epochs"] == 3 and details["baseline_train_size"] == 50
     assert details["baseline_random_train_size"] == 40  # the random-init baseline's own cap
     assert details["linear"]["test_top1"] == metrics["linear_top1"]

@@ -58,7 +58,8 @@ def log_to_mlflow(metrics: dict[str, float], report: EvaluationReport) -> None:
         mlflow.log_artifact(path, "evaluation")
     mlflow.log_text(json.dumps(metrics, indent=2), "evaluation/metrics.json")
     mlflow.set_tags({"dinoflow.eval_data_id": report.eval_data_id,
-                     "dinoflow.evaluated_model": report.model[:250]})
+                     "dinoflow.evaluated_model": report.model[:250],
+                     "dinoflow.eval_precision": report.precision})
     pretrain_run = report.pretrain_run_id
     if pretrain_run and pretrain_run != run.info.run_id:
         client = mlflow.MlflowClient()

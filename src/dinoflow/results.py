@@ -54,6 +54,7 @@ class EvaluationReport(Result):
     files: dict[str, str] = Field(default_factory=dict)
     metrics: dict[str, float] = Field(default_factory=dict)
     labelled: bool = True
+    precision: str = "fp32"  # the backbone's forward (evaluation.precision, resolved)
     mlflow_run_id: str | None = None
 
 

@@ -17,6 +17,7 @@ from torch import nn
 from torchvision.transforms.v2 import functional as TF
 
 from dinoflow.data.transforms import match_channels, preprocess
+from dinoflow.precision import autocast
 
 __all__ = ["FeatureSet", "ImageSource", "extract_features", "load_batch", "match_channels",
            "preprocess", "raw_pixel_features"]
@@ -108,12 +109,15 @@ def extract_features(
     device: str | torch.device = "cpu",
     desc: str = "features",
     progress: bool = True,
+    precision: str = "fp32",
 ) -> FeatureSet:
     """Run the frozen backbone once over ``split`` and keep what every evaluator needs.
 
     The backbone must provide ``get_intermediate_layers(x, n)`` -> n tuples of
     (patch tokens (B, N, D), CLS (B, D)), last block last. Output tensors are preallocated on the
-    CPU so peak memory is the features themselves plus one batch.
+    CPU so peak memory is the features themselves plus one batch. ``precision``: the backbone's
+    forward in "fp32" or under "bf16" autocast (as DINOv2's evaluations run their feature
+    models); the features are kept in float32 either way.
     """
     n = len(split)
     if n == 0:
@@ -130,7 +134,8 @@ def extract_features(
                 x = preprocess(
                     load_batch(split, start, stop, image_size), image_size, mean, std, channels
                 )
-                outs = backbone.get_intermediate_layers(x.to(device), n_last_blocks)
+                with autocast(precision, device):
+                    outs = backbone.get_intermediate_layers(x.to(device), n_last_blocks)
                 last_patches, last_cls = outs[-1]
                 cls_cat = torch.cat([cls for _, cls in outs], dim=-1)
                 if cls_last is None:  # shapes are known after the first batch

@@ -153,11 +153,12 @@ def knn_classify(
 def backbone_knn(backbone: torch.nn.Module, bank, queries, mean: Sequence[float],
                  std: Sequence[float], image_size: int | None, device: str | torch.device = "cpu",
                  ks: Sequence[int] = (20,), batch_size: int = 256,
-                 features: str = "cls") -> dict[str, float]:
+                 features: str = "cls", precision: str = "fp32") -> dict[str, float]:
     """kNN (DINOv2 weighting) of a backbone: a labelled bank split against a labelled query
     split (anything with ``len``, ``load(i)`` and ``labels``) -> ``knn_classify``'s
     {"top1_k20": ..., "top5_k20": ...}. ``features``: "cls" (the DINOv2 protocol) or
-    "cls+patch_mean" (the CLS concatenated with the mean patch token, for information)."""
+    "cls+patch_mean" (the CLS concatenated with the mean patch token, for information).
+    ``precision``: the backbone's forward, "fp32" or "bf16" autocast (``extract_features``)."""
     from dinoflow.evaluation.features import extract_features
 
     if features not in ("cls", "cls+patch_mean"):
@@ -166,7 +167,8 @@ def backbone_knn(backbone: torch.nn.Module, bank, queries, mean: Sequence[float]
     backbone.eval()
     try:
         feats = [extract_features(backbone, s, image_size, mean, std, batch_size=batch_size,
-                                  n_last_blocks=1, device=str(device), progress=False)
+                                  n_last_blocks=1, device=str(device), progress=False,
+                                  precision=precision)
                  for s in (bank, queries)]
     finally:
         backbone.train(was_training)

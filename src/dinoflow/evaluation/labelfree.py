@@ -37,6 +37,7 @@ from torch import nn
 
 from dinoflow.augment import MultiCropAugmentation
 from dinoflow.evaluation.features import ImageSource, match_channels, preprocess
+from dinoflow.precision import autocast
 
 LABEL_FREE_KEYS: tuple[str, ...] = ("rankme", "alignment", "uniformity", "view_retrieval_top1")
 RANKME_EPS = 1e-7
@@ -174,9 +175,10 @@ def held_out_indices(n_items: int, max_images: int | None, seed: int) -> np.ndar
 
 
 # ----------------------------------------------------------------------------- the job
-def _cls(backbone: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def _cls(backbone: nn.Module, x: torch.Tensor, precision: str) -> torch.Tensor:
     """CLS embedding after the final norm (B, D): the kNN feature (``extract_features.cls_last``)."""
-    return backbone.get_intermediate_layers(x, 1)[-1][1].float().cpu()
+    with autocast(precision, x.device):
+        return backbone.get_intermediate_layers(x, 1)[-1][1].float().cpu()
 
 
 def _progress(total: int, enabled: bool):
@@ -198,6 +200,7 @@ def label_free_metrics(
     batch_size: int = 256,
     device: str | torch.device = "cpu",
     progress: bool = True,
+    precision: str = "fp32",
 ) -> dict[str, dict[str, float]]:
     """{name: feature_quality(...)} for each backbone, on the same images and the same views.
 
@@ -210,6 +213,7 @@ def label_free_metrics(
     Each backbone: ``get_intermediate_layers(x, 1)`` -> [(patch tokens (B, N, D), CLS (B, D))],
     attribute ``in_chans`` (the images' own channels when absent). Images are uint8 (C, H, W);
     views and clean images are ``image_size`` x ``image_size``, normalised with mean/std.
+    ``precision``: the backbones' forward, "fp32" or "bf16" autocast; embeddings in float32.
     """
     rows = held_out_indices(len(held_out), max_images, seed)
     if len(rows) < 2:
@@ -234,7 +238,7 @@ def label_free_metrics(
                     if c not in inputs_by_channels:  # the views are made once per batch
                         inputs_by_channels[c] = _batch_inputs(images, batch, c, augmentation, seed)
                     for kind, x in inputs_by_channels[c].items():
-                        out[name][kind].append(_cls(backbone, x.to(device)))
+                        out[name][kind].append(_cls(backbone, x.to(device), precision))
                 bar.update(len(batch))
     finally:
         for name, b in backbones.items():

@@ -32,7 +32,7 @@ import math
 import re
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -61,6 +61,7 @@ from dinoflow.evaluation.pictures import (
 from dinoflow.evaluation.scenes import IGNORE_INDEX, load_mask_folder, make_scenes
 from dinoflow.evaluation.segmentation import train_linear_segmentation
 from dinoflow.files import atomic_write_text
+from dinoflow.precision import auto_precision
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +85,10 @@ class EvalSettings:
     batch_size: Annotated[int, Field(ge=1)] = 256  # feature extraction
     n_last_blocks: Annotated[int, Field(ge=1)] = 4
     device: str = "cpu"
+    # the frozen backbone's forward: fp32, or bf16 autocast as DINOv2's evaluations run their
+    # feature models (features, heads and probes stay float32); auto: train.precision's rule
+    # (dinoflow.precision.auto_precision) for the evaluation's shapes
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
     progress: bool = True
     seed: int = 0
     # kNN
@@ -289,7 +294,7 @@ def _segment(backbone: nn.Module, bench: tuple, cfg: EvalSettings) -> dict[str, 
         backbone, tr_x, tr_y, te_x, te_y, cfg.mean, cfg.std, len(names), epochs=cfg.seg_epochs,
         lr=cfg.seg_lr, batch_size=cfg.seg_batch_size, image_size=cfg.seg_image_size,
         n_examples=cfg.n_pictures, seed=cfg.seed, feature_batch_size=cfg.seg_feature_batch_size,
-        device=cfg.device, progress=cfg.progress,
+        device=cfg.device, progress=cfg.progress, precision=cfg.precision,
     )  # fmt: skip
 
 
@@ -315,6 +320,7 @@ def _extract_all(
             cfg.device,
             desc=f"{tag} {name}",
             progress=cfg.progress,
+            precision=cfg.precision,
         )  # fmt: skip
         for name in SPLITS
     }
@@ -367,7 +373,11 @@ def evaluate_backbone(
     for name in SPLITS:
         if name not in splits:
             raise ValueError(f"evaluation: split {name!r} missing (got {sorted(splits)})")
+    precision, why = evaluation_precision(cfg, backbone)
+    cfg = replace(cfg, precision=precision)
+    log.info("evaluation: precision %s (%s)", precision, why)
     report = _Report(cfg)
+    report.details["precision"] = {"precision": precision, "why": why}
     labelled = splits_are_labelled(splits)
     report.details["labelled"] = labelled
     if not labelled:
@@ -392,6 +402,18 @@ def evaluate_backbone(
     return report.finish()
 
 
+def evaluation_precision(cfg: EvalSettings, backbone: nn.Module) -> tuple[str, str]:
+    """(precision, why) of the backbone's forward: ``evaluation.precision``, or for auto the
+    rule of ``train.precision`` measured on one MLP layer of a feature batch's shapes."""
+    if cfg.precision != "auto":
+        return cfg.precision, f"evaluation.precision={cfg.precision}"
+    dim = int(getattr(backbone, "embed_dim", 384))
+    patch = getattr(backbone, "patch_size", 16)
+    patch = int(patch[0] if isinstance(patch, tuple) else patch)
+    tokens = (cfg.image_size // patch) ** 2 + 1 if cfg.image_size else 197
+    return auto_precision(cfg.device, min(4096, cfg.batch_size * tokens), dim, 4 * dim)
+
+
 def _evaluate_label_free(
     report: _Report,
     backbone: nn.Module,
@@ -408,7 +430,7 @@ def _evaluate_label_free(
         found = label_free_metrics(
             backbones, held_out, size, cfg.mean, cfg.std, cfg.view_settings(),
             max_images=cfg.labelfree_max_images, seed=cfg.seed, batch_size=cfg.batch_size,
-            device=cfg.device, progress=cfg.progress,
+            device=cfg.device, progress=cfg.progress, precision=cfg.precision,
         )  # fmt: skip
     for prefix, numbers in found.items():
         report.metrics.update({f"{prefix}{k}": v for k, v in numbers.items()})

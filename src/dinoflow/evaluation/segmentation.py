@@ -19,6 +19,7 @@ from torch import nn
 
 from dinoflow.evaluation.features import preprocess
 from dinoflow.evaluation.scenes import IGNORE_INDEX
+from dinoflow.precision import autocast
 
 
 class LinearSegHead(nn.Module):
@@ -60,10 +61,12 @@ def extract_patch_maps(
     device: str | torch.device = "cpu",
     progress: bool = True,
     desc: str = "patch tokens",
+    precision: str = "fp32",
 ) -> torch.Tensor:
     """Frozen last-block patch tokens as maps: uint8 images (S, H, W[, C]) -> float32 (S, D, h, w).
 
-    Uses ``backbone.forward_patches(x) -> (B, h*w, D)`` (row-major grid, final norm applied).
+    Uses ``backbone.forward_patches(x) -> (B, h*w, D)`` (row-major grid, final norm applied),
+    in "fp32" or under "bf16" autocast (``precision``).
     """
     from tqdm.auto import tqdm
 
@@ -88,7 +91,8 @@ def extract_patch_maps(
             leave=False,
         ):
             x = preprocess(x_all[start : start + batch_size], size, mean, std, channels)
-            tokens = backbone.forward_patches(x.to(device)).float().cpu()  # (B, h*w, D)
+            with autocast(precision, device):
+                tokens = backbone.forward_patches(x.to(device)).float().cpu()  # (B, h*w, D)
             if out is None:
                 out = torch.empty(len(x_all), tokens.shape[-1], h, w)
             out[start : start + len(x)] = tokens.view(len(x), h, w, -1).permute(0, 3, 1, 2)
@@ -168,8 +172,10 @@ def train_linear_segmentation(
     feature_batch_size: int = 128,
     device: str | torch.device = "cpu",
     progress: bool = True,
+    precision: str = "fp32",
 ) -> dict[str, Any]:
     """Train the linear head on (train_images, train_masks), report mIoU on the test pair.
+    The frozen patch tokens come from the backbone in ``precision`` (the head trains in fp32).
 
     images uint8 (S, H, W[, C]); masks int64 (S, H, W) with classes 0..n_classes-1, 255 = ignore.
     Returns {"seg_miou", "per_class_iou" (n_classes,) with NaN for absent classes,
@@ -180,7 +186,7 @@ def train_linear_segmentation(
         raise ValueError(f"segmentation: epochs must be >= 1, got {epochs}")
     train_maps, test_maps = (
         extract_patch_maps(backbone, images, mean, std, image_size, feature_batch_size, device,
-                           progress, f"seg {name} tokens")
+                           progress, f"seg {name} tokens", precision)
         for name, images in (("train", train_images), ("test", test_images)))
     y_train = torch.as_tensor(np.asarray(train_masks), dtype=torch.long)
     y_test = torch.as_tensor(np.asarray(test_masks), dtype=torch.long)

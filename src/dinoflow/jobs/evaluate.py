@@ -87,7 +87,7 @@ def run_evaluation(data: DataConfig, params: dict[str, Any], summary: PretrainSu
     Returns (metrics for metrics.json, report with details, files and provenance).
     """
     from dinoflow.evaluation.metric_spec import splits_are_labelled
-    from dinoflow.evaluation.report import evaluate_backbone
+    from dinoflow.evaluation.report import evaluate_backbone, evaluation_precision
     from dinoflow.models.vit import DinoVisionTransformer
 
     params = dict(params or {})
@@ -98,6 +98,8 @@ def run_evaluation(data: DataConfig, params: dict[str, Any], summary: PretrainSu
     if info["mean"] is None or info["std"] is None:
         info["mean"], info["std"] = channel_stats(splits["train"])
     settings = evaluation_settings(params, out_dir, info["mean"], info["std"], info.get("image_size"))
+    # the report's precision; evaluate_backbone resolves auto itself, to the same (cached) choice
+    precision = evaluation_precision(settings, backbone)[0]
     kwargs = backbone.backbone_kwargs()
     metrics, files = evaluate_backbone(backbone, splits, settings,
                                        random_backbone_factory=lambda: DinoVisionTransformer(**kwargs))
@@ -105,6 +107,6 @@ def run_evaluation(data: DataConfig, params: dict[str, Any], summary: PretrainSu
         model=info["source"], pretrain_run_id=info["pretrain_run_id"],
         eval_data_id=data_identity(splits["test"].ids), val_data_id=data_identity(splits["val"].ids),
         data=data.model_dump(mode="json"), files={k: str(v) for k, v in files.items()},
-        metrics=metrics, labelled=splits_are_labelled(splits),
+        metrics=metrics, labelled=splits_are_labelled(splits), precision=precision,
     )  # fmt: skip
     return metrics, report

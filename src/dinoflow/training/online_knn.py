@@ -41,8 +41,11 @@ class OnlineKNN:
         return done % self.every == 0 or done == last_step
 
     def _top1(self, backbone: torch.nn.Module) -> float:
+        # the features in the run's precision (pinned before the loop: "fp32" or "bf16"), as
+        # the evaluation pipeline extracts them (evaluation.precision auto)
         return backbone_knn(backbone, self.bank, self.queries, self.mean, self.std,
-                            self.cfg.crops.global_size, self.device)["top1_k20"]
+                            self.cfg.crops.global_size, self.device,
+                            precision=self.cfg.train.precision)["top1_k20"]
 
     def check(self, teacher: SSLModel, done: int, history: list[dict[str, float]]) -> float:
         started = time.perf_counter()

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import functools
-from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -14,59 +12,22 @@ from dinoflow.losses.ibot import masked_token_weights
 from dinoflow.models.ssl import SSLModel
 from dinoflow.monitor import check_finite, normalized_std, target_entropy
 from dinoflow.optim import apply_schedules, clip_gradients, ema_update
+from dinoflow.precision import auto_precision, autocast
 from dinoflow.schedules import Schedules
 from dinoflow.training.components import Losses
 
 
-def cpu_bf16_units() -> bool:
-    """Native bf16 matrix units on this CPU (Intel AMX tiles or AVX512-BF16; lscpu's
-    ``amx_bf16`` / ``avx512_bf16``). Without them bf16 matmuls are emulated, ~100x slower."""
-    checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
-    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
-
-
-@functools.lru_cache(maxsize=16)
-def bf16_speedup(rows: int, dim: int, hidden: int, repeats: int = 5) -> float:
-    """fp32 time / bf16-autocast time of the matmuls of one MLP layer of the run's shapes
-    ((rows, dim) @ (dim, hidden)), forward and backward, measured here (best of ``repeats``)."""
-    import time
-
-    # its own generator: the measurement must not move the run's random stream (drop-path draws
-    # from the global one; a resumed process measures again after restoring it)
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(rows, dim, generator=g).requires_grad_()
-    w = torch.randn(dim, hidden, generator=g).requires_grad_()
-
-    def best(bf16: bool) -> float:
-        times = []
-        for _ in range(repeats + 1):  # the first call warms the kernels up
-            t0 = time.perf_counter()
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                (x @ w).float().sum().backward()
-            times.append(time.perf_counter() - t0)
-        return min(times[1:])
-
-    return best(False) / best(True)
-
-
 def precision_choice(cfg: PretrainConfig, device: torch.device) -> tuple[str, str]:
-    """(precision, why) for ``train.precision``. auto: bf16 autocast on CUDA; on a CPU, bf16
-    when it has bf16 matrix units and bf16 is measured faster for the run's own shapes (one MLP
-    layer at the global crops' tokens x batch), else fp32."""
+    """(precision, why) for ``train.precision``. auto (``dinoflow.precision.auto_precision``):
+    bf16 autocast on CUDA; on a CPU, bf16 when it has bf16 matrix units and bf16 is measured
+    faster for the run's own shapes (one MLP layer at the global crops' tokens x batch), else fp32."""
     want = cfg.train.precision
     if want != "auto":
         return want, f"train.precision={want}"
-    if device.type == "cuda":
-        return "bf16", "auto on CUDA: bf16 autocast"
-    if not cpu_bf16_units():
-        return "fp32", "auto on a CPU without bf16 matrix units (AMX / AVX512-BF16): fp32"
     tokens = (cfg.crops.global_size // cfg.backbone.patch_size) ** 2 + 1
     dim = cfg.backbone.embed_dim or 384
-    speedup = bf16_speedup(min(4096, 2 * cfg.train.batch_size * tokens), dim,
-                           int(dim * cfg.backbone.mlp_ratio))
-    if speedup > 1.1:
-        return "bf16", f"auto on a CPU with bf16 units: bf16 measured {speedup:.2f}x fp32 here"
-    return "fp32", f"auto: the CPU has bf16 units but bf16 measured {speedup:.2f}x fp32 here"
+    return auto_precision(device, min(4096, 2 * cfg.train.batch_size * tokens), dim,
+                          int(dim * cfg.backbone.mlp_ratio))
 
 
 def resolve_precision(cfg: PretrainConfig, device: torch.device) -> str:
@@ -75,9 +36,7 @@ def resolve_precision(cfg: PretrainConfig, device: torch.device) -> str:
 
 def autocast_for(cfg: PretrainConfig, device: torch.device):
     """The autocast context of the resolved precision (fp32 master weights either way)."""
-    if resolve_precision(cfg, device) == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return nullcontext()
+    return autocast(resolve_precision(cfg, device), device)
 
 
 def train_step(
