@@ -360,7 +360,8 @@ def evaluate_backbone(
 ) -> tuple[dict[str, float], dict[str, Path]]:
     """Evaluate a frozen backbone and its baselines.
 
-    backbone: forward_patches(x) -> (B, N, D), get_intermediate_layers(x, n), attribute patch_size.
+    backbone: forward_patches(x) -> (B, N, D), get_intermediate_layers(x, n), attributes patch_size
+    and embed_dim (evaluation.precision auto measures its shapes; the choice is in the details).
     splits: {"train", "val", "test"}: each with len, load(i) -> uint8 (C, H, W), labels (-1 =
     unlabelled); in-memory ``images`` arrays are used directly when present.
 
@@ -407,10 +408,8 @@ def evaluation_precision(cfg: EvalSettings, backbone: nn.Module) -> tuple[str, s
     rule of ``train.precision`` measured on one MLP layer of a feature batch's shapes."""
     if cfg.precision != "auto":
         return cfg.precision, f"evaluation.precision={cfg.precision}"
-    dim = int(getattr(backbone, "embed_dim", 384))
-    patch = getattr(backbone, "patch_size", 16)
-    patch = int(patch[0] if isinstance(patch, tuple) else patch)
-    tokens = (cfg.image_size // patch) ** 2 + 1 if cfg.image_size else 197
+    dim, patch = int(backbone.embed_dim), int(backbone.patch_size)
+    tokens = (cfg.image_size // patch) ** 2 + 1 if cfg.image_size else 197  # None: 224 px at 16
     return auto_precision(cfg.device, min(4096, cfg.batch_size * tokens), dim, 4 * dim)
 
 

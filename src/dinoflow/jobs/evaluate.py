@@ -3,6 +3,7 @@ every protocol with its baselines -> metrics and the report."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -87,7 +88,7 @@ def run_evaluation(data: DataConfig, params: dict[str, Any], summary: PretrainSu
     Returns (metrics for metrics.json, report with details, files and provenance).
     """
     from dinoflow.evaluation.metric_spec import splits_are_labelled
-    from dinoflow.evaluation.report import evaluate_backbone, evaluation_precision
+    from dinoflow.evaluation.report import evaluate_backbone
     from dinoflow.models.vit import DinoVisionTransformer
 
     params = dict(params or {})
@@ -98,11 +99,11 @@ def run_evaluation(data: DataConfig, params: dict[str, Any], summary: PretrainSu
     if info["mean"] is None or info["std"] is None:
         info["mean"], info["std"] = channel_stats(splits["train"])
     settings = evaluation_settings(params, out_dir, info["mean"], info["std"], info.get("image_size"))
-    # the report's precision; evaluate_backbone resolves auto itself, to the same (cached) choice
-    precision = evaluation_precision(settings, backbone)[0]
     kwargs = backbone.backbone_kwargs()
     metrics, files = evaluate_backbone(backbone, splits, settings,
                                        random_backbone_factory=lambda: DinoVisionTransformer(**kwargs))
+    # the precision evaluate_backbone resolved (evaluation.precision auto) is in its details
+    precision = json.loads(Path(files["details"]).read_text())["precision"]["precision"]
     report = EvaluationReport(
         model=info["source"], pretrain_run_id=info["pretrain_run_id"],
         eval_data_id=data_identity(splits["test"].ids), val_data_id=data_identity(splits["val"].ids),
