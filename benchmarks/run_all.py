@@ -79,7 +79,8 @@ def markdown(result: dict, command: str) -> str:
                      f"({p['config']['batch_size']} images).")
     f, k = result["eval"]["features"], result["eval"]["knn"]
     lines += ["",
-              f"Evaluation ({result['eval']['threads']} threads): feature extraction {f['images_per_s']:.0f} images/s ({f['images']} images "
+              f"Evaluation ({result['eval']['threads']} threads): feature extraction {f['images_per_s']:.0f} images/s in "
+              f"{f['precision']} ({f['speedup_vs_fp32']:.2f}x fp32's {f['fp32_images_per_s']:.0f}; {f['images']} images "
               f"at {f['image_size']} px, peak +{f['peak_rss_extra_mb']:.0f} MB); kNN "
               f"{k['queries']:,} x {k['bank']:,} (dim {k['dim']}, k = 10/20/100/200) in "
               f"{k['wall_s']:.1f} s ({k['queries_per_s']:.0f} queries/s, peak +{k['peak_rss_extra_mb']:.0f} MB).",
