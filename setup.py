@@ -1,4 +1,4 @@
-"""Maps the top-level ``pipelines/`` folder to ``dinoflow.pipelines`` (CONTRACT.md layout).
+"""Maps the top-level ``pipelines/`` folder to ``dinoflow.pipelines`` (Kedro's find_pipelines).
 
 Metadata and dependencies are in pyproject.toml; only the package list is computed here, so a
 new pipeline folder or library sub-package is picked up without editing anything.

@@ -311,7 +311,7 @@ def bench_profile(name: str, repeats: int, threads: int, with_lightly: bool = Tr
     cfg, channels = profile_config(name)
     batches = make_batches(cfg, channels, n=4)
     # the precision the run would train in (train.precision auto: bf16 only on a CPU with bf16
-    # matrix units where it is measured faster); lightly's step runs under the same autocast
+    # matrix units for shapes large enough); lightly's step runs under the same autocast
     precision, precision_reason = precision_choice(cfg, torch.device("cpu"))
     contenders: dict[str, Any] = {"dinoflow": DinoflowStep(cfg, channels)}
     if with_lightly:

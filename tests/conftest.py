@@ -142,6 +142,26 @@ def stop_process_group(proc) -> None:
             continue
 
 
+def real_photo(width: int, height: int):
+    """A width x height RGB PIL image cut from the centre of a real photo (the Debian wallpapers
+    in /usr/share/backgrounds), the photo first shrunk to about twice that size so the crop holds
+    a scene; the test is skipped when none is installed."""
+    from PIL import Image
+
+    photos = sorted(Path("/usr/share/backgrounds").glob("*.jpg"))
+    if not photos:
+        pytest.skip("no photo in /usr/share/backgrounds (Debian wallpaper packages not installed)")
+    with Image.open(photos[0]) as im:
+        scale = min(1.0, max(2 * width / im.width, 2 * height / im.height))  # covers 2w x 2h
+        size = (round(im.width * scale), round(im.height * scale))
+        im.draft("RGB", size)  # JPEG: decode at a reduced scale, much faster
+        im = im.convert("RGB").resize(size, Image.BILINEAR)
+    left, top = (im.width - width) // 2, (im.height - height) // 2
+    if left < 0 or top < 0:
+        pytest.skip(f"{photos[0]} is smaller than {width}x{height}")
+    return im.crop((left, top, left + width, top + height))
+
+
 @pytest.fixture
 def store(tmp_path, monkeypatch) -> str:
     """A tmp SQLite MLflow store with the ``dinoflow`` experiment; cwd = tmp_path so run

@@ -16,7 +16,8 @@ TINY = {
     "head": {"n_prototypes": 64, "hidden_dim": 32, "bottleneck_dim": 16},
     "optim": {"warmup_epochs": 1, "teacher_temp_warmup_epochs": 1, "freeze_last_layer_epochs": 1},
     "train": {"epochs": 3, "batch_size": 16, "num_workers": 0, "checkpoint_every_steps": 4,
-              "log_every_steps": 2, "progress": False},
+              "log_every_steps": 2, "progress": False,
+              "precision": "fp32"},  # pinned: runs compared bit for bit train in one precision
 }
 
 

@@ -52,7 +52,8 @@ def tiny_cfg(run_dir: Path, batch_size: int, centering: str = "softmax", koleo: 
                   "freeze_last_layer_epochs": 0, "teacher_temp_warmup_epochs": 1 / 6,
                   "momentum_teacher_start": 0.9},
         "train": {"epochs": 1, "steps_per_epoch": STEPS, "batch_size": batch_size,
-                  "device": "cpu", "num_workers": 0, "log_every_steps": 1, "progress": False,
+                  "device": "cpu", "precision": "fp32", "num_workers": 0, "log_every_steps": 1,
+                  "progress": False,
                   "checkpoint_every_steps": checkpoint_every, "run_dir": str(run_dir)},
         "launcher": {"strategy": strategy},
     })  # fmt: skip

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import project_copy
+from conftest import project_copy, real_photo
 from PIL import Image
 
 from dinoflow.export import (
@@ -93,6 +93,42 @@ def test_timm_create_model_gives_the_same_embeddings(tmp_path: Path, kw: dict) -
         assert diff < 1e-5 if timm_like else 1e-5 < diff < 2e-2
     assert summary["max_abs_diff"]["timm/cls"] < 1e-5
     assert (timm_model(kwargs, tmp_path / "timm_backbone.safetensors")(x) - ours).abs().max() < 1e-5
+
+
+def test_export_json_holds_the_preprocessing_an_onnx_user_reproduces(tmp_path: Path) -> None:
+    import onnxruntime as ort
+    from torchvision.transforms.v2 import InterpolationMode
+    from torchvision.transforms.v2 import functional as TF
+
+    model = backbone(size=16)
+    export_backbone(model, ExportConfig(out_dir=str(tmp_path), timm=False, check_batch_sizes=[1]))
+    spec = json.loads((tmp_path / "export.json").read_text())["preprocessing"]
+    steps = {s["op"]: s for s in spec["steps"]}
+    ops = ["channels", "resize_shorter_side", "center_crop", "scale", "normalize"]
+    assert [s["op"] for s in spec["steps"]] == ops
+    assert (spec["image_size"], spec["crop_ratio"], spec["in_chans"]) == (16, 0.875, 1)
+    assert steps["resize_shorter_side"]["size"] == 18  # round(16 / 0.875)
+    assert steps["resize_shorter_side"]["interpolation"] == "bilinear"
+    assert steps["resize_shorter_side"]["antialias"] is True
+    assert steps["center_crop"]["size"] == [16, 16]
+    assert steps["scale"]["factor"] == 1 / 255
+    assert (steps["normalize"]["mean"], steps["normalize"]["std"]) == (MEAN, STD)
+
+    # what a user does from export.json alone, on a real 60x40 photo, then the ONNX file
+    grey = real_photo(240, 160).convert("L").resize((60, 40), Image.BILINEAR)
+    x = torch.from_numpy(np.asarray(grey))[None]  # (1, 40, 60)
+    resize = steps["resize_shorter_side"]
+    x = TF.resize(x, resize["size"], interpolation=InterpolationMode.BILINEAR, antialias=True)
+    size = steps["center_crop"]["size"][0]
+    top, left = round((x.shape[1] - size) / 2), round((x.shape[2] - size) / 2)
+    x = x[:, top : top + size, left : left + size].float() * steps["scale"]["factor"]
+    x = (x - steps["normalize"]["mean"][0]) / steps["normalize"]["std"][0]
+    onnx_file = str(tmp_path / "backbone.onnx")
+    session = ort.InferenceSession(onnx_file, providers=["CPUExecutionProvider"])
+    cls, _ = session.run(None, {"images": x[None].numpy()})
+    expected = model.embed(torch.from_numpy(np.asarray(grey))[None, None]).numpy()
+    assert np.abs(expected).max() > 0.5
+    assert np.abs(cls - expected).max() < 1e-4
 
 
 def _project_copy(tmp_path: Path) -> Path:

@@ -1,4 +1,4 @@
-"""Losses against hand computations and naive python loops on tiny tensors (DINOV2.md 4)."""
+"""Losses against hand computations and naive python loops on tiny tensors (docs/method.md section 4)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""iBOT block masking (DINOV2.md 3)."""
+"""iBOT block masking (docs/method.md section 3)."""
 
 from __future__ import annotations
 

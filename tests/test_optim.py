@@ -1,4 +1,4 @@
-"""Parameter groups, schedule application, per-module clipping and EMA (DINOV2.md 5)."""
+"""Parameter groups, schedule application, per-module clipping and EMA (docs/method.md section 5)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""``train.precision: auto``: bf16 autocast where the CPU has bf16 matrix units and bf16 is
-measured faster for the run's shapes, fp32 elsewhere; the choice is logged and in the summary."""
+"""``train.precision: auto``: bf16 autocast where the CPU has bf16 matrix units and the run's
+shapes are large enough, fp32 elsewhere; never a timing; logged and in the summary."""
 
 from __future__ import annotations
 
@@ -25,15 +25,51 @@ def test_auto_is_fp32_on_a_cpu_without_bf16_units(monkeypatch) -> None:
     assert precision == "fp32" and "without bf16 matrix units" in why
 
 
-def test_auto_is_bf16_on_a_cpu_with_units_where_measured_faster(monkeypatch) -> None:
-    """The choice on the other kind of CPU (Intel AMX): the capability is what lscpu reports
-    there; the measured speedup decides (1.4x was measured for conf/base's step on AMX)."""
+def test_auto_on_a_cpu_with_units_is_a_rule_of_the_shapes(monkeypatch) -> None:
+    """The choice on a CPU with bf16 units (Zen 4/5, Intel AMX): bf16 from one MLP layer of
+    2^24 multiply-accumulates; conf/base's step (batch 32, 50 tokens, 128 -> 256) is 105M."""
     monkeypatch.setattr(prec, "cpu_bf16_units", lambda: True)
-    monkeypatch.setattr(prec, "bf16_speedup", lambda rows, dim, hidden: 1.4)
-    precision, why = precision_choice(cfg(), CPU)
-    assert precision == "bf16" and "1.40x" in why
-    monkeypatch.setattr(prec, "bf16_speedup", lambda rows, dim, hidden: 0.9)
-    assert precision_choice(cfg(), CPU)[0] == "fp32"  # units, but slower for these shapes
+    precision, why = precision_choice(cfg(batch_size=32), CPU)
+    assert precision == "bf16" and "3200x128 @ 128x512 = 209.7M MACs" in why
+    # batch 1: 2 x 50 rows x 128 x 512 = 6.6M MACs, where bf16 measured 1.0-1.3x
+    assert precision_choice(cfg(batch_size=1), CPU)[0] == "fp32"
+    assert prec.auto_precision(CPU, 2**10, 2**7, 2**7) == (
+        "bf16", "auto on a CPU with bf16 units: bf16 (one MLP layer 1024x128 @ 128x128 "
+        "= 16.8M MACs >= 16.8M)")
+    assert prec.auto_precision(CPU, 2**10 - 1, 2**7, 2**7)[0] == "fp32"
+
+
+def test_auto_takes_no_timing_and_repeats_whatever_the_load(monkeypatch) -> None:
+    """Two resolutions of the same run never differ: no clock is read (a timing taken at run
+    start once gave fp32 in one run and bf16 in the next, and the weights differed)."""
+    import threading
+    import time
+
+    def no_clock():
+        raise AssertionError("the precision rule read a clock")
+
+    answers = [precision_choice(cfg(batch_size=b), CPU) for b in (1, 8, 32)]
+    monkeypatch.setattr(time, "perf_counter", no_clock)
+    monkeypatch.setattr(time, "time", no_clock)
+    monkeypatch.setattr(time, "monotonic", no_clock)
+    assert [precision_choice(cfg(batch_size=b), CPU) for b in (1, 8, 32)] == answers
+    stop = threading.Event()
+
+    def busy() -> None:  # load the cores with matmuls while the choice is made again
+        a = torch.randn(256, 256)
+        while not stop.is_set():
+            a @ a
+
+    hogs = [threading.Thread(target=busy) for _ in range(2)]
+    for t in hogs:
+        t.start()
+    try:
+        loaded = [precision_choice(cfg(batch_size=b), CPU) for b in (1, 8, 32)]
+    finally:
+        stop.set()
+        for t in hogs:
+            t.join()
+    assert loaded == answers
 
 
 def test_explicit_precision_and_cuda() -> None:
@@ -48,13 +84,6 @@ def test_this_machine_is_reported_as_it_is() -> None:
 
     flags = set(Path("/proc/cpuinfo").read_text().split())
     assert prec.cpu_bf16_units() == bool(flags & {"amx_bf16", "avx512_bf16"})
-
-
-def test_bf16_speedup_is_a_measurement() -> None:
-    ratio = prec.bf16_speedup(64, 32, 64, repeats=2)
-    assert ratio > 0 and ratio == prec.bf16_speedup(64, 32, 64, repeats=2)  # cached
-    if not prec.cpu_bf16_units():
-        assert ratio < 1.1  # emulated bf16 is not faster (AVX2 only: ~100x slower at scale)
 
 
 def test_the_summary_says_the_precision(tmp_path) -> None:
@@ -74,19 +103,18 @@ def test_the_summary_says_the_precision(tmp_path) -> None:
     split = Split(ids=[str(i) for i in range(8)], labels=np.zeros(8, np.int64), class_names=["a"],
                   channels=1, images=rng.integers(0, 256, (8, 16, 16), dtype=np.uint8))
     summary = pretrain(c, split, [0.5], [0.25])
-    expected = "bf16" if prec.cpu_bf16_units() and prec.bf16_speedup(
-        2 * 4 * 17, 16, 64) > 1.1 else "fp32"
+    # 2 x 4 x 17 rows x 16 x 64: 0.07M MACs, fp32 on every CPU
+    expected = "fp32"
     assert summary.precision == precision_choice(c, CPU)[0] == expected
 
 
-def test_the_bf16_measurement_leaves_the_random_stream_alone() -> None:
-    """A resumed process measures again after restoring the RNG state: drop-path would then draw
-    other numbers than the uninterrupted run (exact resume broke on a bf16 CPU)."""
-    prec.bf16_speedup.cache_clear()
+def test_choosing_leaves_the_random_stream_alone() -> None:
+    """A resumed process resolves again after restoring the RNG state: drop-path must then
+    draw the same numbers as the uninterrupted run."""
     torch.manual_seed(3)
     expected = torch.rand(4)
     torch.manual_seed(3)
-    prec.bf16_speedup(16, 8, 8, repeats=1)
+    precision_choice(cfg(), CPU)
     assert torch.equal(torch.rand(4), expected)
 
 
@@ -95,7 +123,7 @@ def test_a_resumed_run_keeps_the_precision_its_checkpoint_was_trained_in(monkeyp
 
     from dinoflow.training import loop
 
-    monkeypatch.setattr(loop, "precision_choice", lambda c, d: ("fp32", "auto measured 1.05x"))
+    monkeypatch.setattr(loop, "precision_choice", lambda c, d: ("fp32", "auto: no bf16 units"))
     run = SimpleNamespace(precision=None)
     pinned, why = loop.pin_precision(run, cfg(), "bf16", CPU)
     assert pinned.train.precision == run.precision == "bf16" and "checkpoint" in why
@@ -116,12 +144,11 @@ def test_evaluation_precision_follows_the_same_rule(monkeypatch) -> None:
     precision, why = evaluation_precision(settings, backbone)
     assert precision == "fp32" and "without bf16 matrix units" in why
     monkeypatch.setattr(prec, "cpu_bf16_units", lambda: True)
-    seen = []
-    monkeypatch.setattr(prec, "bf16_speedup", lambda rows, dim, hidden: seen.append(
-        (rows, dim, hidden)) or 1.6)
-    assert evaluation_precision(settings, backbone) == (
-        "bf16", "auto on a CPU with bf16 units: bf16 measured 1.60x fp32 here")
-    assert seen == [(64 * (16 // 4) ** 2 + 64, 32, 128)]  # a feature batch's tokens, D, 4D
+    # a feature batch's tokens x D x 4D: 1088 x 32 x 128 = 4.5M MACs: too small for bf16
+    precision, why = evaluation_precision(settings, backbone)
+    assert precision == "fp32" and "1088x32 @ 32x128" in why
+    wide = TinyBackbone(dim=128)  # 1088 x 128 x 512 = 71M MACs
+    assert evaluation_precision(settings, wide)[0] == "bf16"
     assert evaluation_precision(EvalSettings(precision="fp32"), backbone)[0] == "fp32"
     assert evaluation_precision(EvalSettings(precision="auto", device="cuda"), backbone)[0] == "bf16"
 

@@ -1,4 +1,4 @@
-"""Schedules (DINOV2.md 5): values at step 0, at the end of warm-up and at the last step."""
+"""Schedules (docs/method.md section 5): values at step 0, at the end of warm-up and at the last step."""
 
 from __future__ import annotations
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import stop_process_group
+from conftest import real_photo, stop_process_group
 from PIL import Image
 
 from dinoflow.data.decode import decode_image
@@ -277,3 +277,69 @@ def test_example_input_is_real_image_files() -> None:
     sizes = [Image.open(io.BytesIO(base64.b64decode(v))).size for v in frame["image"]]
     modes = [Image.open(io.BytesIO(base64.b64decode(v))).mode for v in frame["image"]]
     assert sizes == [(20, 24), (30, 26)] and modes == ["L", "RGB"]
+
+
+def test_the_embedder_sees_a_wide_photo_as_its_centre_crop(tmp_path: Path) -> None:
+    import copy
+    import pickle
+
+    import pandas as pd
+    from torchvision.transforms.v2 import InterpolationMode
+    from torchvision.transforms.v2 import functional as TF
+
+    from dinoflow.serving import DinoflowEmbedder
+
+    path = tmp_path / "photo.png"  # lossless: both paths below decode the same pixels
+    real_photo(640, 480).save(path)
+    torch.manual_seed(0)
+    vit = DinoVisionTransformer(
+        img_size=224, patch_size=16, in_chans=3, embed_dim=16, depth=1, num_heads=2
+    )
+    with torch.no_grad():  # away from the init, as tiny_backbone: embeddings of size ~1
+        for p in vit.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+    model = RegisteredBackbone(vit.eval(), mean, std, 224, 3).eval()
+    assert model.crop_ratio == 0.875
+    embedder = DinoflowEmbedder()
+    embedder.model = model
+    got = embedder.predict(None, pd.DataFrame({"image": [encode_image(path)]}))
+
+    # independently: the shorter side 480 -> 224 / 0.875 = 256, the centre 224 by slicing
+    x = torch.from_numpy(np.asarray(Image.open(path).convert("RGB"))).permute(2, 0, 1)
+    resized = TF.resize(x, 256, interpolation=InterpolationMode.BILINEAR, antialias=True)
+    assert resized.shape == (3, 256, 341)
+    crop = resized[:, 16:240, 58:282].float() / 255
+    crop = (crop - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+    with torch.no_grad():
+        expected = vit.forward_features(crop[None])["x_norm_clstoken"].numpy()
+        squashed = TF.resize(x, [224, 224], antialias=True).float() / 255
+        squashed = (squashed - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+        old = vit.forward_features(squashed[None])["x_norm_clstoken"].numpy()
+    assert got.shape == (1, 16) and np.abs(expected).max() > 0.5
+    assert np.abs(got - expected).max() < 1e-5
+    assert np.abs(old - expected).max() > 1e-3  # the squashed square is another picture
+
+    # a version pickled before crop_ratio existed loads with the default
+    before = copy.deepcopy(model)
+    del before.crop_ratio
+    restored = pickle.loads(pickle.dumps(before))
+    assert restored.crop_ratio == 0.875
+    assert torch.equal(restored.preprocess(x[None]), model.preprocess(x[None]))
+
+
+def test_registration_keeps_the_evaluations_crop(tmp_path: Path) -> None:
+    from dinoflow.registry import _registered_model, weights_sha256
+
+    summary = {"mean": MEAN, "std": STD, "image_size": SIZE, "channels": 1}
+    evaluated = _registered_model(summary, {"image_size": 24, "crop_ratio": 0.5}, tiny_backbone(0))
+    assert (evaluated.image_size, evaluated.crop_ratio) == (24, 0.5)
+    older = _registered_model(summary, {}, tiny_backbone(0))  # a report without the crop
+    assert (older.image_size, older.crop_ratio) == (SIZE, 0.875)
+    grey = torch.from_numpy(np.asarray(real_photo(64, 40).convert("L")))[None, None]
+    assert evaluated.preprocess(grey).shape == (1, 1, 24, 24)
+    half = _registered_model(summary, {"crop_ratio": 0.5}, tiny_backbone(0))
+    assert not torch.equal(half.preprocess(grey), older.preprocess(grey))
+    assert weights_sha256(half) != weights_sha256(older)
+    with pytest.raises(ValueError, match="crop_ratio"):
+        RegisteredBackbone(tiny_backbone(0), MEAN, STD, SIZE, 1, crop_ratio=1.2)

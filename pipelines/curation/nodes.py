@@ -8,17 +8,32 @@ notebook, the tests) runs the pipeline ``from_inputs("curation_splits")``.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 
 from dinoflow import curation
 from dinoflow.config import DataConfig, validate
 from dinoflow.data import Split, load_data
+from dinoflow.data.cache import build_for_data
 
 
-def load_curation_splits(data: dict) -> dict[str, Split]:
+def build_image_cache(data: dict) -> dict:
+    """``data.cache``: the folder's images stored once at ``short_side`` px (only new or changed
+    files are read); its counts, or ``{"short_side": None}`` when the cache is off. The folder
+    exists either way: DVC keeps it as an output of this stage."""
+    cfg = validate(DataConfig, data, "data")
+    Path(cfg.cache.dir).mkdir(parents=True, exist_ok=True)
+    report = build_for_data(cfg)
+    return report.as_dict() if report is not None else {"short_side": None}
+
+
+def load_curation_splits(data: dict, image_cache: dict | None = None) -> dict[str, Split]:
     """The train/val/test splits every pipeline uses; ``root`` is the folder of an image_folder
-    source (its files the source skipped are listed in the quarantine)."""
+    source (its files the source skipped are listed in the quarantine). ``image_cache`` (the
+    report of ``build_image_cache``) only orders this node after the build."""
+    del image_cache
     cfg = validate(DataConfig, data, "data")
     splits = load_data(cfg)
     root = cfg.path if cfg.source == "image_folder" else None

@@ -1,4 +1,5 @@
-"""The curation pipeline: splits -> ingest -> validate -> quality -> embed -> dedup -> sample -> outputs."""
+"""The curation pipeline: image cache -> splits -> ingest -> validate -> quality -> embed -> dedup
+-> sample -> outputs."""
 
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ _CURATION = "params:curation"
 def create_pipeline(**kwargs) -> Pipeline:
     """Outputs for the catalog: ``curated_manifest``, ``quarantine``, ``curation_report``."""
     return Pipeline([
-        Node(nodes.load_curation_splits, "params:data", "curation_splits", name="curation_splits"),
+        Node(nodes.build_image_cache, "params:data", "image_cache_report", name="build_image_cache"),
+        Node(nodes.load_curation_splits, ["params:data", "image_cache_report"], "curation_splits",
+             name="curation_splits"),
         Node(nodes.ingest_images, ["curation_splits", _CURATION],
              ["curation_metadata_raw", "curation_thumbnails"], name="curation_ingest"),
         Node(nodes.validate_images, ["curation_metadata_raw", "curation_splits", _CURATION],

@@ -1,4 +1,4 @@
-"""DINOv2 multi-crop views (DINOV2.md section 1) on uint8 tensors with torchvision.transforms.v2.
+"""DINOv2 multi-crop views (docs/method.md section 1) on uint8 tensors with torchvision.transforms.v2.
 
 Per image: 2 global crops and ``n_local`` local crops. Every crop: random resized crop (bicubic,
 antialias), horizontal flip, colour jitter (random order of brightness/contrast/saturation/hue,

@@ -1,4 +1,4 @@
-"""Validated configuration: every knob of DINOV2.md is a named value here.
+"""Validated configuration: every knob of the method (docs/method.md) is a named value here.
 
 Defaults are the reference recipe (the GPU profile, ``conf/gpu``). The CPU profile
 (``conf/base``) and the smoke profile (``conf/smoke``) override some of them in YAML.
@@ -16,8 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from dinoflow.errors import ConfigError
 
-__all__ = ["ConfigError", "DataConfig", "DistillationConfig", "PretrainConfig", "Strict",
-           "TeacherConfig", "deep_merge", "fingerprint", "validate"]
+__all__ = ["ConfigError", "DataConfig", "DistillationConfig", "ImageCacheConfig", "PretrainConfig",
+           "Strict", "TeacherConfig", "deep_merge", "fingerprint", "validate"]
 
 
 class Strict(BaseModel):
@@ -44,6 +44,16 @@ def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]
     return out
 
 
+class ImageCacheConfig(Strict):
+    """``data.cache``: an image folder stored once at a smaller size (``dinoflow.data.cache``)."""
+
+    # shorter side in px of the stored images; null: off (every read decodes the original).
+    # Every consumer then sees the images at this size (smaller ones as they are)
+    short_side: int | None = Field(None, ge=32)
+    dir: str = "data/02_intermediate/image_cache"  # one sub-folder per short_side
+    workers: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"  # build processes; auto: cores
+
+
 class DataConfig(Strict):
     """Where images come from and how they are split (shared by every pipeline)."""
 
@@ -58,10 +68,19 @@ class DataConfig(Strict):
     # Keep a fixed random subset (smoke runs, quick experiments); None keeps everything.
     train_limit: int | None = Field(None, ge=10)
     test_limit: int | None = Field(None, ge=10)
+    cache: ImageCacheConfig = ImageCacheConfig()  # image_folder only
+
+    @model_validator(mode="after")
+    def _folder_needs_a_path(self) -> DataConfig:
+        # refused before any work: a GPU node must not start on the wrong (or no) images
+        if self.source == "image_folder" and not self.path:
+            raise ValueError("data.path is required with data.source=image_folder: the folder of "
+                             "your images (--params data.path=/data/photos)")
+        return self
 
 
 class CropsConfig(Strict):
-    """Multi-crop views (DINOV2.md section 1)."""
+    """Multi-crop views (docs/method.md section 1)."""
 
     global_size: int = Field(224, ge=8)
     local_size: int = Field(98, ge=4)  # reference 96 px at patch 16; 98 = 7 x 14 for /14 models
@@ -88,7 +107,7 @@ class CropsConfig(Strict):
 
 
 class BackboneConfig(Strict):
-    """The ViT (DINOV2.md section 2). ``arch`` picks a size preset; explicit values override it."""
+    """The ViT (docs/method.md section 2). ``arch`` picks a size preset; explicit values override it."""
 
     arch: Literal["vit_tiny", "vit_small", "vit_base", "vit_large", "vit_giant", "custom"] = "vit_small"
     patch_size: int = Field(14, ge=1)
@@ -133,7 +152,7 @@ class HeadConfig(Strict):
 
 
 class MaskingConfig(Strict):
-    """iBOT block masking (DINOV2.md section 3)."""
+    """iBOT block masking (docs/method.md section 3)."""
 
     mask_probability: float = Field(0.5, ge=0, le=1)
     ratio_min: float = Field(0.1, ge=0, le=1)
@@ -148,7 +167,7 @@ class MaskingConfig(Strict):
 
 
 class LossConfig(Strict):
-    """Loss terms and targets (DINOV2.md section 4)."""
+    """Loss terms and targets (docs/method.md section 4)."""
 
     dino_weight: float = Field(1.0, ge=0)
     ibot_weight: float = Field(1.0, ge=0)
@@ -161,7 +180,7 @@ class LossConfig(Strict):
 
 
 class OptimConfig(Strict):
-    """AdamW, layer-wise decay and every schedule (DINOV2.md section 5)."""
+    """AdamW, layer-wise decay and every schedule (docs/method.md section 5)."""
 
     base_lr: float = Field(0.004, gt=0)
     lr_scaling: Literal["sqrt", "none"] = "sqrt"  # lr = base_lr * sqrt(global_batch / 1024)
@@ -206,6 +225,9 @@ class TrainConfig(Strict):
     compile: bool = False
     threads: int | None = Field(None, ge=1)  # torch intra-op threads on CPU; None: torch's default
     use_curated_manifest: bool = True  # train on curation's output when it exists
+    # files unreadable at training time are replaced by another image; past this fraction of
+    # the train split the run stops (training/data.py UnreadableFiles)
+    max_unreadable_fraction: float = Field(0.01, ge=0, le=1)
     run_dir: str = "data/06_models"
     checkpoint_every_steps: int = Field(200, ge=1)
     keep_checkpoints: int = Field(2, ge=1)  # the newest N; an unreadable newest falls back to the next
@@ -218,7 +240,7 @@ class TrainConfig(Strict):
 
 
 class MonitorConfig(Strict):
-    """Collapse detection thresholds (DINOV2.md section 7)."""
+    """Collapse detection thresholds (docs/method.md section 7)."""
 
     uniform_entropy_fraction: float = Field(0.95, gt=0, le=1)  # entropy > this * ln(K): uniform
     onehot_entropy: float = Field(0.05, ge=0)  # mean entropy below this (nats): one-hot

@@ -35,15 +35,17 @@ def is_main_process() -> bool:
     return world()[0] == 0
 
 
-def resolve_device(want: str) -> torch.device:
-    """``train.device`` (auto / cpu / cuda) -> the device of this process (LOCAL_RANK's GPU)."""
+def resolve_device(want: str, key: str = "pretrain.train.device") -> torch.device:
+    """A ``device`` setting (auto / cpu / cuda, or an explicit one such as cuda:1) -> a device.
+    auto and cuda: this process's GPU (LOCAL_RANK's), so every stage of a run (training,
+    evaluation, curation's embedder, embed, export) lands where training does."""
     if want == "auto":
         want = "cuda" if torch.cuda.is_available() else "cpu"
+    if want.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"{key}={want} but no CUDA device is visible")
     if want == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError("pretrain.train.device=cuda but no CUDA device is visible")
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device("cpu")
+    return torch.device(want)
 
 
 def backend_for(backend: str, device: torch.device) -> str:
@@ -103,6 +105,15 @@ def broadcast_from_main(tensor: torch.Tensor) -> torch.Tensor:
     if is_distributed():
         dist.broadcast(tensor, 0)
     return tensor
+
+
+def all_gather_objects(obj: Any) -> list[Any]:
+    """Every process's picklable ``obj``, in rank order ([obj] on one process)."""
+    if not is_distributed():
+        return [obj]
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
 
 
 # --------------------------------------------------------------------------- FSDP2

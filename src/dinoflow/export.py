@@ -12,9 +12,10 @@ training), plus a ``mask_token`` that only pretraining uses. So:
   dynamic batch and S = the training crop size; outputs ``cls`` (B, D) and ``patch_tokens``
   (B, N, D), both after the final norm, as ``forward`` / ``forward_patches`` give them.
 
-Preprocessing is not in either export: decode, match channels, resize to S (antialiased) and
-normalise with the recorded mean/std as ``RegisteredBackbone.preprocess`` does; the export
-summary (``export.json``) records them.
+Preprocessing is not in either export: decode, match channels, resize the shorter side to N
+(bilinear, antialiased), centre crop S, scale by 1/255 and normalise with the recorded mean/std
+as ``RegisteredBackbone.preprocess`` does; the export summary (``export.json``) records each
+step with its numbers (``preprocessing_spec``).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from pydantic import Field
 from torch import nn
 
 from dinoflow.config import Strict
+from dinoflow.data.transforms import DEFAULT_CROP_RATIO, resized_shorter_side
 from dinoflow.files import atomic_write_bytes, atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -39,6 +41,7 @@ __all__ = [
     "export_backbone",
     "export_onnx",
     "onnx_max_abs_diff",
+    "preprocessing_spec",
     "timm_create_model_kwargs",
     "timm_model",
     "timm_state_dict",
@@ -209,6 +212,44 @@ def _timm_max_abs_diff(net: nn.Module, model: nn.Module, image_size: int, seed: 
         return float((net(x) - backbone(x)).abs().max())
 
 
+def preprocessing_spec(model: nn.Module) -> dict[str, Any]:
+    """What ``RegisteredBackbone.preprocess`` does, step by step with its numbers, for a user of
+    the ONNX or timm export (``dinoflow.data.transforms.resize_center_crop`` and ``normalize``)."""
+    size = int(getattr(model, "image_size", _dino_vit(model).img_size))
+    ratio = float(getattr(model, "crop_ratio", DEFAULT_CROP_RATIO))
+    channels = int(_dino_vit(model).in_chans)
+    mean, std = list(getattr(model, "mean", [])), list(getattr(model, "std", []))
+    shorter = resized_shorter_side(size, ratio)
+    luma = "L = (19595 R + 38470 G + 7471 B + 32768) >> 16, as Pillow's convert('L')"
+    steps = [
+        {"op": "channels", "channels": channels, "rule": f"grey repeated to RGB; RGB to {luma}"},
+        {
+            "op": "resize_shorter_side",
+            "size": shorter,
+            "longer_side": f"int({shorter} * longer / shorter)",
+            "interpolation": "bilinear",
+            "antialias": True,
+            "skip_if_shorter_side_is": size,  # then only the centre crop
+        },
+        {
+            "op": "center_crop",
+            "size": [size, size],
+            "offset": "top = round((H - S) / 2), left = round((W - S) / 2), half to even",
+        },
+        {"op": "scale", "factor": 1 / 255, "dtype": "float32"},
+        {"op": "normalize", "mean": mean, "std": std, "formula": "(x - mean) / std"},
+    ]
+    return {
+        "image_size": size,
+        "crop_ratio": ratio,
+        "in_chans": channels,
+        "mean": mean,
+        "std": std,
+        "steps": steps,
+        "text": getattr(model, "preprocessing", ""),
+    }
+
+
 def export_backbone(model: nn.Module, cfg: ExportConfig, source: str = "") -> dict[str, Any]:
     """Write the ONNX file and/or the timm weights + kwargs under ``cfg.out_dir``; check both.
 
@@ -223,14 +264,10 @@ def export_backbone(model: nn.Module, cfg: ExportConfig, source: str = "") -> di
     image_size = int(getattr(model, "image_size", _dino_vit(model).img_size))
     summary: dict[str, Any] = {
         "source": source,
-        "preprocessing": {
-            "image_size": image_size, "in_chans": int(_dino_vit(model).in_chans),
-            "mean": list(getattr(model, "mean", [])), "std": list(getattr(model, "std", [])),
-            "text": getattr(model, "preprocessing", ""),
-        },
+        "preprocessing": preprocessing_spec(model),
         "files": {},
         "max_abs_diff": {},
-    }  # fmt: skip
+    }
     if cfg.onnx:
         path = export_onnx(model, out / ONNX_FILE, image_size, cfg.opset)
         diffs = onnx_max_abs_diff(path, model, image_size, cfg.check_batch_sizes, cfg.seed)

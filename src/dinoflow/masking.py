@@ -1,4 +1,4 @@
-"""iBOT block masking of the student's global crops (DINOV2.md 3).
+"""iBOT block masking of the student's global crops (docs/method.md section 3).
 
 Follows dinov2's ``MaskingGenerator`` (dinov2/data/masking.py) and the masking part of
 ``collate_data_and_cast`` (dinov2/data/collate.py) draw for draw, with a numpy Generator instead

@@ -1,4 +1,4 @@
-"""Training health: collapse detection and the non-finite-loss guard (DINOV2.md section 7)."""
+"""Training health: collapse detection and the non-finite-loss guard (docs/method.md section 7)."""
 
 from __future__ import annotations
 

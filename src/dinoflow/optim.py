@@ -1,4 +1,4 @@
-"""Optimiser plumbing (DINOV2.md 5): parameter groups with layer-wise lr decay, AdamW,
+"""Optimiser plumbing (docs/method.md section 5): parameter groups with layer-wise lr decay, AdamW,
 per-step schedule application, per-module gradient clipping and the teacher EMA.
 """
 

@@ -1,6 +1,6 @@
 """MLflow model registry: the registered backbone, champion/challenger promotion, the model card.
 
-The registered model ``dinoflow-backbone`` (CONTRACT.md) is a ``RegisteredBackbone``: the teacher
+The registered model ``dinoflow-backbone`` is a ``RegisteredBackbone``: the teacher
 backbone plus the preprocessing it was trained with. It is logged with ``mlflow.pytorch`` in the
 pickle format (``torch.export``'s "pt2" keeps only ``forward`` and fixes the image size; the
 contract also needs ``forward_patches`` and any multiple of the patch size). The class lives here,
@@ -35,6 +35,7 @@ from torch import nn
 
 from dinoflow.config import ConfigError, Strict
 from dinoflow.data import data_identity
+from dinoflow.data.transforms import DEFAULT_CROP_RATIO
 from dinoflow.evaluation.labelfree import LABEL_FREE_KEYS
 from dinoflow.evaluation.metric_spec import base_name, direction, is_known_metric, needs_labels
 
@@ -82,7 +83,9 @@ MAX_DESCRIPTION = 4900  # MLflow's SQL store keeps descriptions in a 5000-charac
 
 PREPROCESSING = (
     "images: uint8 (B, C, H, W) or (B, H, W) -> model.preprocess(images): channels matched to "
-    "in_chans (grey repeated / RGB to luma), resized to image_size x image_size (antialiased), "
+    "in_chans (grey repeated / RGB to luma), the shorter side resized to "
+    "round(image_size / crop_ratio) (bilinear, antialiased; aspect kept; an image whose shorter "
+    "side is image_size is not resized), the centre image_size x image_size crop kept, "
     "scaled to [0, 1], normalised with mean/std (per channel) -> float32 (B, in_chans, S, S). "
     "forward / forward_patches take that tensor; any H, W that are multiples of patch_size work "
     "(position embeddings are resampled)."
@@ -157,8 +160,9 @@ class RegisteredBackbone(nn.Module):
     preprocess(uint8 images) -> x as the backbone saw it in training (see ``preprocessing``)
     embed(uint8 images) -> forward(preprocess(images))
 
-    Attributes: mean, std (in [0, 1] units, one per channel or one for all), image_size,
-    in_chans, patch_size, embed_dim, depth, preprocessing (the text above).
+    Attributes: mean, std (in [0, 1] units, one per channel or one for all), image_size (the
+    centre crop), crop_ratio (of the crop to the resized shorter side), in_chans, patch_size,
+    embed_dim, depth, preprocessing (the text above).
     """
 
     def __init__(
@@ -168,6 +172,7 @@ class RegisteredBackbone(nn.Module):
         std: Sequence[float],
         image_size: int,
         channels: int | None = None,
+        crop_ratio: float = DEFAULT_CROP_RATIO,
     ) -> None:
         super().__init__()
         self.backbone = backbone
@@ -182,7 +187,15 @@ class RegisteredBackbone(nn.Module):
         self.depth = int(backbone.depth)
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size {image_size} is not a multiple of {self.patch_size}")
+        if not 0 < crop_ratio <= 1:
+            raise ValueError(f"crop_ratio must be in (0, 1], got {crop_ratio}")
+        self.crop_ratio = float(crop_ratio)
         self.preprocessing = PREPROCESSING
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # versions pickled before crop_ratio existed get the default
+        state.setdefault("crop_ratio", DEFAULT_CROP_RATIO)
+        super().__setstate__(state)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, C, H, W) preprocessed -> CLS embedding (B, D)."""
@@ -199,7 +212,8 @@ class RegisteredBackbone(nn.Module):
         return self.backbone.get_intermediate_layers(x, n)
 
     def preprocess(self, images: torch.Tensor | np.ndarray) -> torch.Tensor:
-        """uint8 (B, C, H, W) or (B, H, W) -> float32 (B, in_chans, image_size, image_size)."""
+        """uint8 (B, C, H, W) or (B, H, W) -> float32 (B, in_chans, image_size, image_size): the
+        centre crop at crop_ratio (``dinoflow.data.transforms.resize_center_crop``)."""
         from dinoflow.evaluation.features import preprocess
 
         x = torch.as_tensor(np.asarray(images)) if isinstance(images, np.ndarray) else images
@@ -207,7 +221,7 @@ class RegisteredBackbone(nn.Module):
             x = x.unsqueeze(1)
         if x.dtype != torch.uint8:
             raise TypeError(f"preprocess takes uint8 images, got {x.dtype}")
-        return preprocess(x, self.image_size, self.mean, self.std, self.in_chans)
+        return preprocess(x, self.image_size, self.mean, self.std, self.in_chans, self.crop_ratio)
 
     @torch.inference_mode()
     def embed(self, images: torch.Tensor | np.ndarray) -> torch.Tensor:
@@ -289,8 +303,9 @@ def log_and_register(
         metadata={
             "dinoflow": {
                 "mean": list(model.mean), "std": list(model.std), "image_size": model.image_size,
-                "in_chans": model.in_chans, "patch_size": model.patch_size,
-                "embed_dim": model.embed_dim, "preprocessing": model.preprocessing,
+                "crop_ratio": model.crop_ratio, "in_chans": model.in_chans,
+                "patch_size": model.patch_size, "embed_dim": model.embed_dim,
+                "preprocessing": model.preprocessing,
                 **(metadata or {}),
             }
         },
@@ -511,9 +526,12 @@ def _active_run(experiment: str = EXPERIMENT) -> Iterator[Any]:
 # --------------------------------------------------------------------------- atomic registration
 def weights_sha256(model: RegisteredBackbone) -> str:
     """A hash of what the registered model computes: every tensor of the backbone (by name) and
-    the preprocessing. The same weights registered twice give the same hash."""
-    digest = hashlib.sha256(json.dumps([model.mean, model.std, model.image_size,
-                                        model.in_chans]).encode())
+    the preprocessing. The same weights registered twice give the same hash (the default
+    crop_ratio adds nothing: versions registered before it existed keep their hash)."""
+    preprocessing = [model.mean, model.std, model.image_size, model.in_chans]
+    if model.crop_ratio != DEFAULT_CROP_RATIO:
+        preprocessing.append(model.crop_ratio)
+    digest = hashlib.sha256(json.dumps(preprocessing).encode())
     for name, tensor in sorted(model.backbone.state_dict().items()):
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
@@ -694,6 +712,23 @@ def _attach_card(client, cfg: RegistrationConfig, version: str, decision: Mappin
     client.update_model_version(cfg.model_name, version, description=description)
 
 
+def _registered_model(
+    summary: Mapping[str, Any], report: Mapping[str, Any], backbone: nn.Module | None
+) -> RegisteredBackbone:
+    """The backbone with the preprocessing its metrics were measured with: the evaluation's crop
+    size and crop ratio (evaluation_report.json), else the training size and the default ratio."""
+    if backbone is None:
+        backbone = RegisteredBackbone.from_summary(summary).backbone
+    return RegisteredBackbone(
+        backbone.eval(),
+        summary["mean"],
+        summary["std"],
+        report.get("image_size") or summary["image_size"],
+        summary.get("channels"),
+        crop_ratio=report.get("crop_ratio") or DEFAULT_CROP_RATIO,
+    )
+
+
 def register_pretrained(
     summary: Mapping[str, Any],
     metrics: Mapping[str, Any],
@@ -742,9 +777,7 @@ def register_pretrained(
         # older metrics files: the data config fixes the splits for a given source
         data_id = "data:" + data_identity([json.dumps(summary.get("data"), sort_keys=True)])
         log.warning("no eval_data_id in metrics or report: using %s (from the data config)", data_id)
-    model = (RegisteredBackbone.from_summary(summary) if backbone is None else
-             RegisteredBackbone(backbone.eval(), summary["mean"], summary["std"],
-                                summary["image_size"], summary.get("channels")))
+    model = _registered_model(summary, report, backbone)
     client = MlflowClient()
     with registry_lock(), _active_run() as run:
         repair_half_made_versions(client, cfg.model_name)

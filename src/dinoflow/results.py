@@ -41,6 +41,12 @@ class PretrainSummary(Result):
     n_train_images: int | None = None
     data: dict[str, Any] | None = None
     mlflow_run_id: str | None = None
+    # train files unreadable at training time, each replaced by another image of the split
+    n_unreadable_files: int = 0
+    unreadable_files: list[str] = Field(default_factory=list)
+    # train.time_budget_min: the length it chose, and the --params of the same fixed-length run
+    budget_steps: int | None = None
+    budget_replay: str | None = None
 
 
 class EvaluationReport(Result):
@@ -55,6 +61,9 @@ class EvaluationReport(Result):
     metrics: dict[str, float] = Field(default_factory=dict)
     labelled: bool = True
     precision: str = "fp32"  # the backbone's forward (evaluation.precision, resolved)
+    # the images the metrics saw: the image_size centre crop at crop_ratio (None: not recorded)
+    image_size: int | None = None
+    crop_ratio: float | None = None
     mlflow_run_id: str | None = None
 
 
@@ -92,6 +101,8 @@ class DistillationSummary(Result):
     knn_history: list[dict[str, float]] = Field(default_factory=list)
     images_per_second: float = 0.0
     train_seconds: float = 0.0  # the training loop of this process (a resumed run: since resuming)
+    budget_steps: int | None = None  # train.time_budget_min: as PretrainSummary's
+    budget_replay: str | None = None
     student_flops: int = 0  # one forward of one image at image_size (torch.utils.flop_counter)
     teacher_flops: int = 0
     notes: list[str] = Field(default_factory=list)
@@ -116,5 +127,6 @@ class DistillationSummary(Result):
             notes=self.notes, fingerprint=self.fingerprint, mean=self.mean, std=self.std,
             channels=self.channels, image_size=self.image_size, world_size=self.world_size,
             precision=self.precision, n_train_images=self.n_train_images, data=self.data,
-            mlflow_run_id=self.mlflow_run_id,
+            mlflow_run_id=self.mlflow_run_id, budget_steps=self.budget_steps,
+            budget_replay=self.budget_replay,
         )  # fmt: skip

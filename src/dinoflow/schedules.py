@@ -1,4 +1,4 @@
-"""Per-step schedules for lr, weight decay, teacher momentum and temperature (DINOV2.md 5).
+"""Per-step schedules for lr, weight decay, teacher momentum and temperature (docs/method.md section 5).
 
 Schedules are precomputed numpy arrays indexed by the global step. convention="dinov2" (the
 default) gives the values of dinov2's ``CosineScheduler`` and ``build_schedulers``

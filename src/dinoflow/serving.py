@@ -3,8 +3,10 @@
 Input: a DataFrame with a column ``image`` of base64-encoded image files (PNG, JPEG, anything
 Pillow opens; grey or RGB). Each is decoded by the project's one decoder
 (``dinoflow.data.decode.decode_image``, as curation decodes) to the backbone's channels, then
-resized and normalised as evaluation does (``RegisteredBackbone.preprocess`` ->
-``dinoflow.evaluation.features.preprocess``). Output: one embedding per row, float32:
+cropped and normalised as evaluation does (``RegisteredBackbone.preprocess`` ->
+``dinoflow.data.transforms.preprocess``: the shorter side resized to round(image_size /
+crop_ratio), the centre image_size square kept, so a wide photo is not squashed). Output: one
+embedding per row, float32:
 
 - ``embedding="cls"`` (default): the CLS token after the final norm, (B, D), what ``forward`` gives;
 - ``embedding="patch_mean"``: the mean of the patch tokens, (B, D);
@@ -122,7 +124,8 @@ def preprocess_images(
     """Image files (paths) or encoded file bytes -> float32 (B, in_chans, S, S), as evaluation.
 
     ``model`` is a RegisteredBackbone (in_chans, preprocess). Each image is decoded to the
-    model's channels and preprocessed on its own (sizes may differ), then stacked.
+    model's channels and preprocessed on its own (sizes may differ: each becomes the model's
+    centre crop, ``dinoflow.data.transforms.resize_center_crop``), then stacked.
     ``names`` label the images in errors (default: "image row i" / the path).
     """
     from dinoflow.data.decode import decode_image

@@ -16,6 +16,7 @@ from collections.abc import Callable
 import numpy as np
 
 from dinoflow.curation.config import EmbeddingConfig
+from dinoflow.distributed import resolve_device
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -94,7 +95,7 @@ def load_model(cfg: EmbeddingConfig):
         std = cfg.std or list(data_cfg["std"])
     else:
         raise ValueError(f"curation.embedding.kind={cfg.kind!r} has no model")
-    model.eval().to(cfg.device)
+    model.eval().to(resolve_device(cfg.device, "curation.embedding.device"))
     return model, in_chans, mean, std
 
 
@@ -110,8 +111,9 @@ def model_embeddings(
     """(n_total, D) L2-normalised model embeddings of ``rows`` (others zero).
 
     load(row) -> (H, W, 3) uint8. Images go through ``dinoflow.data.transforms.preprocess`` (grey
-    if the model takes one channel, resized to image_size^2, normalised by mean/std (the config's,
-    else the model's own for timm, else the dataset's for dinoflow).
+    if the model takes one channel, the image_size centre crop at the default crop ratio as
+    evaluation's, normalised by mean/std (the config's, else the model's own for timm, else the
+    dataset's for dinoflow).
     """
     import torch
     from tqdm.auto import tqdm
@@ -125,7 +127,7 @@ def model_embeddings(
         mean, std = [float(np.mean(mean))], [float(np.mean(std))]
     mean, std = list(mean[:in_chans]), list(std[:in_chans])
     out: np.ndarray | None = None
-    size = cfg.image_size
+    size, device = cfg.image_size, next(model.parameters()).device
     batches = range(0, len(rows), cfg.batch_size)
     with torch.inference_mode():
         for start in tqdm(batches, desc=f"embed ({cfg.kind})", disable=not progress):
@@ -133,7 +135,7 @@ def model_embeddings(
             # the one normaliser (dinoflow.data.transforms), image by image: sizes differ
             x = torch.cat([preprocess(torch.from_numpy(np.ascontiguousarray(load(int(r))))
                                       .permute(2, 0, 1)[None], size, mean, std, in_chans)
-                           for r in chunk]).to(cfg.device)
+                           for r in chunk]).to(device)
             feats = model(x).float().cpu().numpy()
             if out is None:
                 out = np.zeros((n_total, feats.shape[1]), dtype=np.float32)

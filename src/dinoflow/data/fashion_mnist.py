@@ -1,6 +1,6 @@
 """Fashion-MNIST from its IDX files, found locally or downloaded with a checksum check.
 
-Lookup order (CONTRACT.md): ``data/01_raw/fashion-mnist/``, then the Debian/Ubuntu package
+Lookup order: ``data/01_raw/fashion-mnist/``, then the Debian/Ubuntu package
 ``dataset-fashion-mnist`` (``/usr/share/datasets/fashion-mnist/``), then the canonical address.
 Files may be gzipped or not. The check is on the decompressed bytes, so a re-compressed copy of
 the same data (as Debian ships) passes, and a corrupt or different file does not.

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,9 +14,12 @@ import torch
 
 from dinoflow.config import DataConfig
 from dinoflow.data import fashion_mnist
+from dinoflow.data.cache import cache_folder, cached_paths
 from dinoflow.data.decode import decode_image
 from dinoflow.data.image_folder import list_image_folder
 from dinoflow.errors import DataError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -23,6 +28,8 @@ class Split:
 
     ids: stable item ids ("train/000123" or the path relative to the folder root).
     labels: int64 (N,), -1 where unlabelled. channels: 1 (grayscale) or 3 (RGB) for load().
+    short_side, cached (files, ``data.cache``): images read with their shorter side at
+    ``short_side`` px, from ``cached[i]`` (the image cache's copy) where there is one.
     """
 
     ids: list[str]
@@ -33,6 +40,8 @@ class Split:
     paths: list[Path] | None = None
     name: str = ""
     extra: dict = field(default_factory=dict)
+    short_side: int | None = None
+    cached: list[Path | None] | None = None
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -43,7 +52,11 @@ class Split:
             # a copy: the array may be a read-only view (numpy >= 2 warns, torch would alias it)
             img = torch.from_numpy(np.array(self.images[i], copy=True))
             return img.unsqueeze(0) if img.ndim == 2 else img.permute(2, 0, 1)
-        return decode_image(self.paths[i], self.channels)
+        if self.cached is not None and self.cached[i] is not None:
+            # a cached copy gone or damaged since the split was listed: the original below
+            with contextlib.suppress(DataError):
+                return decode_image(self.cached[i], self.channels)
+        return decode_image(self.paths[i], self.channels, short_side=self.short_side)
 
     def subset(self, indices: np.ndarray | list[int]) -> Split:
         """A new split holding the given rows, in the given order."""
@@ -56,6 +69,8 @@ class Split:
             images=None if self.images is None else self.images[indices],
             paths=None if self.paths is None else [self.paths[i] for i in indices],
             name=self.name,
+            short_side=self.short_side,
+            cached=None if self.cached is None else [self.cached[i] for i in indices],
         )
 
     @property
@@ -137,11 +152,30 @@ def load_splits(
 
 def load_data(data: DataConfig) -> dict[str, Split]:
     """``params:data`` -> the train/val/test splits (every pipeline loads them this way)."""
-    return load_splits(source=data.source, path=data.path, val_size=data.val_size,
-                       test_fraction=data.test_fraction, seed=data.seed, channels=data.channels,
-                       allow_download=data.allow_download, train_limit=data.train_limit,
-                       test_limit=data.test_limit,
-                       follow_symlinks_out_of_root=data.follow_symlinks_out_of_root)
+    splits = load_splits(source=data.source, path=data.path, val_size=data.val_size,
+                         test_fraction=data.test_fraction, seed=data.seed, channels=data.channels,
+                         allow_download=data.allow_download, train_limit=data.train_limit,
+                         test_limit=data.test_limit,
+                         follow_symlinks_out_of_root=data.follow_symlinks_out_of_root)
+    if data.source == "image_folder" and data.cache.short_side is not None:
+        use_image_cache(splits, data)
+    return splits
+
+
+def use_image_cache(splits: dict[str, Split], data: DataConfig) -> None:
+    """``data.cache``: every split reads its images at ``short_side`` px, from the image cache
+    where it holds them (the same files, listed as without the cache)."""
+    folder = cache_folder(data.cache)
+    found = 0
+    for split in splits.values():
+        split.short_side = data.cache.short_side
+        split.cached = cached_paths(split.paths, data.path, folder)
+        found += sum(p is not None for p in split.cached)
+    total = sum(len(split) for split in splits.values())
+    if found < total:
+        log.warning("data.cache: %d of %d images are not in the image cache %s (not built, or "
+                    "changed since: the curation pipeline builds it); those are decoded from the "
+                    "originals at %d px", total - found, total, folder, data.cache.short_side)
 
 
 def data_identity(ids: Sequence[str]) -> str:

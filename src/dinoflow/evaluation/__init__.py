@@ -1,4 +1,4 @@
-"""Evaluation of a frozen backbone (DINOV2.md section 6): label-free feature quality (any data),
+"""Evaluation of a frozen backbone (docs/method.md section 6): label-free feature quality (any data),
 kNN, linear probe, linear segmentation (with labels), feature pictures, and the report that runs
 them all with baselines (``evaluate_backbone``).
 

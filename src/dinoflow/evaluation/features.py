@@ -1,6 +1,6 @@
 """Frozen-backbone features, extracted once per split and shared by every evaluator.
 
-One forward pass per image gives everything the kNN and linear protocols (DINOV2.md section 6)
+One forward pass per image gives everything the kNN and linear protocols (docs/method.md section 6)
 need: the CLS token of the last block, the CLS tokens of the last n blocks, and the average-pooled
 patch tokens of the last block, all after the final norm.
 """
@@ -16,7 +16,12 @@ import torch
 from torch import nn
 from torchvision.transforms.v2 import functional as TF
 
-from dinoflow.data.transforms import match_channels, preprocess
+from dinoflow.data.transforms import (
+    DEFAULT_CROP_RATIO,
+    match_channels,
+    preprocess,
+    resize_center_crop,
+)
 from dinoflow.precision import autocast
 
 __all__ = ["FeatureSet", "ImageSource", "extract_features", "load_batch", "match_channels",
@@ -67,9 +72,16 @@ def _backbone_channels(backbone: nn.Module, default: int) -> int:
     return int(getattr(backbone, "in_chans", default))
 
 
-def load_batch(split: ImageSource, start: int, stop: int, image_size: int | None) -> torch.Tensor:
-    """Items start..stop-1 as uint8 (B, C, H, W); items of different sizes are resized to
-    ``image_size`` one by one so they can be stacked. In-memory arrays are sliced directly."""
+def load_batch(
+    split: ImageSource,
+    start: int,
+    stop: int,
+    image_size: int | None,
+    crop_ratio: float = DEFAULT_CROP_RATIO,
+) -> torch.Tensor:
+    """Items start..stop-1 as uint8 (B, C, H, W); items of different sizes are each brought to
+    the ``image_size`` centre crop (``resize_center_crop``, which ``preprocess`` then leaves as
+    it is) so they can be stacked. In-memory arrays are sliced directly."""
     images = getattr(split, "images", None)
     if isinstance(images, np.ndarray):
         x = torch.from_numpy(np.array(images[start:stop]))  # a copy: sources may be read-only
@@ -80,7 +92,7 @@ def load_batch(split: ImageSource, start: int, stop: int, image_size: int | None
             raise ValueError(
                 f"items {start}..{stop - 1} differ in size: set an image size to evaluate them"
             )
-        items = [TF.resize(t, [image_size, image_size], antialias=True) for t in items]
+        items = [resize_center_crop(t, image_size, crop_ratio) for t in items]
     return torch.stack(items)
 
 
@@ -110,6 +122,7 @@ def extract_features(
     desc: str = "features",
     progress: bool = True,
     precision: str = "fp32",
+    crop_ratio: float = DEFAULT_CROP_RATIO,
 ) -> FeatureSet:
     """Run the frozen backbone once over ``split`` and keep what every evaluator needs.
 
@@ -117,7 +130,8 @@ def extract_features(
     (patch tokens (B, N, D), CLS (B, D)), last block last. Output tensors are preallocated on the
     CPU so peak memory is the features themselves plus one batch. ``precision``: the backbone's
     forward in "fp32" or under "bf16" autocast (as DINOv2's evaluations run their feature
-    models); the features are kept in float32 either way.
+    models); the features are kept in float32 either way. Each image is the ``image_size`` centre
+    crop of its resized self (``dinoflow.data.transforms.resize_center_crop``, ``crop_ratio``).
     """
     n = len(split)
     if n == 0:
@@ -131,9 +145,8 @@ def extract_features(
         with _progress(n, desc, progress) as bar:
             for start in range(0, n, batch_size):
                 stop = min(start + batch_size, n)
-                x = preprocess(
-                    load_batch(split, start, stop, image_size), image_size, mean, std, channels
-                )
+                images = load_batch(split, start, stop, image_size, crop_ratio)
+                x = preprocess(images, image_size, mean, std, channels, crop_ratio)
                 with autocast(precision, device):
                     outs = backbone.get_intermediate_layers(x.to(device), n_last_blocks)
                 last_patches, last_cls = outs[-1]
@@ -155,19 +168,24 @@ def extract_features(
 
 
 def raw_pixel_features(
-    split: ImageSource, size: int | None = None, batch_size: int = 4096, channels: int | None = None
+    split: ImageSource,
+    size: int | None = None,
+    batch_size: int = 4096,
+    channels: int | None = None,
+    crop_ratio: float = DEFAULT_CROP_RATIO,
 ) -> FeatureSet:
-    """The raw-pixel baseline: each image resized to ``size`` and flattened, scaled to [0, 1].
+    """The raw-pixel baseline: each image's ``size`` centre crop (``resize_center_crop``, as the
+    backbones see it) flattened, scaled to [0, 1].
 
     Returns a FeatureSet with only ``cls_last`` (N, C*S*S) set.
     """
     n = len(split)
     chunks = []
     for start in range(0, n, batch_size):
-        x = load_batch(split, start, min(start + batch_size, n), size)
+        x = load_batch(split, start, min(start + batch_size, n), size, crop_ratio)
         if channels is not None:
             x = match_channels(x, channels)
-        if size is not None and list(x.shape[-2:]) != [size, size]:
-            x = TF.resize(x, [size, size], antialias=True)
+        if size is not None:
+            x = resize_center_crop(x, size, crop_ratio)
         chunks.append(TF.to_dtype(x, torch.float32, scale=True).flatten(1))
     return FeatureSet(cls_last=torch.cat(chunks), labels=_labels_of(split))

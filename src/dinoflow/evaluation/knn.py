@@ -1,4 +1,4 @@
-"""Weighted kNN classification, the DINOv2 protocol (DINOV2.md section 6).
+"""Weighted kNN classification, the DINOv2 protocol (docs/method.md section 6).
 
 Features are L2-normalised; similarity is the cosine; the top ``max(ks)`` neighbours of each test
 row are found once; neighbour j votes for its class with weight exp(sim_j / temperature); class
@@ -15,6 +15,8 @@ from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
+
+from dinoflow.data.transforms import DEFAULT_CROP_RATIO
 
 
 def _top_neighbours(
@@ -150,15 +152,26 @@ def knn_classify(
 
 
 @torch.inference_mode()
-def backbone_knn(backbone: torch.nn.Module, bank, queries, mean: Sequence[float],
-                 std: Sequence[float], image_size: int | None, device: str | torch.device = "cpu",
-                 ks: Sequence[int] = (20,), batch_size: int = 256,
-                 features: str = "cls", precision: str = "fp32") -> dict[str, float]:
+def backbone_knn(
+    backbone: torch.nn.Module,
+    bank,
+    queries,
+    mean: Sequence[float],
+    std: Sequence[float],
+    image_size: int | None,
+    device: str | torch.device = "cpu",
+    ks: Sequence[int] = (20,),
+    batch_size: int = 256,
+    features: str = "cls",
+    precision: str = "fp32",
+    crop_ratio: float = DEFAULT_CROP_RATIO,
+) -> dict[str, float]:
     """kNN (DINOv2 weighting) of a backbone: a labelled bank split against a labelled query
     split (anything with ``len``, ``load(i)`` and ``labels``) -> ``knn_classify``'s
     {"top1_k20": ..., "top5_k20": ...}. ``features``: "cls" (the DINOv2 protocol) or
     "cls+patch_mean" (the CLS concatenated with the mean patch token, for information).
-    ``precision``: the backbone's forward, "fp32" or "bf16" autocast (``extract_features``)."""
+    ``precision``: the backbone's forward, "fp32" or "bf16" autocast (``extract_features``).
+    Images: the ``image_size`` centre crop at ``crop_ratio`` (``resize_center_crop``)."""
     from dinoflow.evaluation.features import extract_features
 
     if features not in ("cls", "cls+patch_mean"):
@@ -166,29 +179,50 @@ def backbone_knn(backbone: torch.nn.Module, bank, queries, mean: Sequence[float]
     was_training = backbone.training
     backbone.eval()
     try:
-        feats = [extract_features(backbone, s, image_size, mean, std, batch_size=batch_size,
-                                  n_last_blocks=1, device=str(device), progress=False,
-                                  precision=precision)
-                 for s in (bank, queries)]
+        feats = [
+            extract_features(
+                backbone,
+                s,
+                image_size,
+                mean,
+                std,
+                batch_size=batch_size,
+                n_last_blocks=1,
+                device=str(device),
+                progress=False,
+                precision=precision,
+                crop_ratio=crop_ratio,
+            )
+            for s in (bank, queries)
+        ]
     finally:
         backbone.train(was_training)
-    x = [f.cls_last if features == "cls" else torch.cat([f.cls_last, f.patch_mean], dim=1)
-         for f in feats]
+    x = [
+        f.cls_last if features == "cls" else torch.cat([f.cls_last, f.patch_mean], dim=1)
+        for f in feats
+    ]
     return _split_knn(x[0], x[1], bank, queries, ks)
 
 
-def _split_knn(bank_x: torch.Tensor, query_x: torch.Tensor, bank, queries,
-               ks: Sequence[int]) -> dict[str, float]:
+def _split_knn(
+    bank_x: torch.Tensor, query_x: torch.Tensor, bank, queries, ks: Sequence[int]
+) -> dict[str, float]:
     """``knn_classify`` of features of a bank split and a query split, with their labels."""
     bank_labels, query_labels = torch.as_tensor(bank.labels), torch.as_tensor(queries.labels)
     n_classes = int(max(bank_labels.max(), query_labels.max())) + 1
     return knn_classify(bank_x, bank_labels, query_x, query_labels, n_classes, ks=tuple(ks))
 
 
-def pixels_knn(bank, queries, image_size: int | None, ks: Sequence[int] = (20,)) -> dict[str, float]:
-    """``backbone_knn``'s protocol on raw pixels (each image resized and flattened): the reference
-    a learned feature has to beat on the same bank and queries."""
+def pixels_knn(
+    bank,
+    queries,
+    image_size: int | None,
+    ks: Sequence[int] = (20,),
+    crop_ratio: float = DEFAULT_CROP_RATIO,
+) -> dict[str, float]:
+    """``backbone_knn``'s protocol on raw pixels (each image's centre crop, flattened): the
+    reference a learned feature has to beat on the same bank and queries."""
     from dinoflow.evaluation.features import raw_pixel_features
 
-    x = [raw_pixel_features(s, image_size).cls_last for s in (bank, queries)]
+    x = [raw_pixel_features(s, image_size, crop_ratio=crop_ratio).cls_last for s in (bank, queries)]
     return _split_knn(x[0], x[1], bank, queries, ks)

@@ -36,10 +36,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from dinoflow.augment import MultiCropAugmentation
+from dinoflow.data.transforms import DEFAULT_CROP_RATIO
 from dinoflow.evaluation.features import ImageSource, match_channels, preprocess
 from dinoflow.precision import autocast
 
 LABEL_FREE_KEYS: tuple[str, ...] = ("rankme", "alignment", "uniformity", "view_retrieval_top1")
+INPUTS: tuple[str, ...] = ("clean", "view1", "view2")  # what each held-out image is embedded as
 RANKME_EPS = 1e-7
 UNIFORMITY_T = 2.0
 
@@ -110,7 +112,7 @@ def feature_quality(
 class ViewSettings:
     """The two augmented views of a held-out image: DINOv2's global crops 1 and 2.
 
-    Defaults are the reference DINOv2 global-crop values (DINOV2.md section 1) except the blur
+    Defaults are the reference DINOv2 global-crop values (docs/method.md section 1) except the blur
     sigma: (0.1, 0.5) px instead of (0.1, 2.0), which is meant for 224-px crops (2 px erases a
     28-px garment; conf/base trains with the same 0.5). They are fixed here, not taken from the
     training recipe, so two models are always measured on the same views. Measured on
@@ -201,6 +203,7 @@ def label_free_metrics(
     device: str | torch.device = "cpu",
     progress: bool = True,
     precision: str = "fp32",
+    crop_ratio: float = DEFAULT_CROP_RATIO,
 ) -> dict[str, dict[str, float]]:
     """{name: feature_quality(...)} for each backbone, on the same images and the same views.
 
@@ -211,8 +214,8 @@ def label_free_metrics(
     3 forward passes per image and backbone, and the (N, N) retrieval and uniformity matrices.
 
     Each backbone: ``get_intermediate_layers(x, 1)`` -> [(patch tokens (B, N, D), CLS (B, D))],
-    attribute ``in_chans`` (the images' own channels when absent). Images are uint8 (C, H, W);
-    views and clean images are ``image_size`` x ``image_size``, normalised with mean/std.
+    attribute ``in_chans`` (else the images' channels). Images uint8 (C, H, W) -> views and clean
+    images (the ``crop_ratio`` centre crop, as kNN's) ``image_size`` square, normalised by mean/std.
     ``precision``: the backbones' forward, "fp32" or "bf16" autocast; embeddings in float32.
     """
     rows = held_out_indices(len(held_out), max_images, seed)
@@ -222,9 +225,7 @@ def label_free_metrics(
     first = held_out.load(int(rows[0]))
     channels = {name: int(getattr(b, "in_chans", first.shape[0])) for name, b in backbones.items()}
     was_training = {name: b.training for name, b in backbones.items()}
-    out: dict[str, dict[str, list[torch.Tensor]]] = {
-        name: {"clean": [], "view1": [], "view2": []} for name in backbones
-    }
+    out: dict[str, dict[str, list[torch.Tensor]]] = {n: {k: [] for k in INPUTS} for n in backbones}
     try:
         for b in backbones.values():
             b.eval().to(device)
@@ -236,7 +237,9 @@ def label_free_metrics(
                 for name, backbone in backbones.items():
                     c = channels[name]
                     if c not in inputs_by_channels:  # the views are made once per batch
-                        inputs_by_channels[c] = _batch_inputs(images, batch, c, augmentation, seed)
+                        inputs_by_channels[c] = _batch_inputs(
+                            images, batch, c, augmentation, seed, crop_ratio
+                        )
                     for kind, x in inputs_by_channels[c].items():
                         out[name][kind].append(_cls(backbone, x.to(device), precision))
                 bar.update(len(batch))
@@ -244,8 +247,7 @@ def label_free_metrics(
         for name, b in backbones.items():
             b.train(was_training[name])
     return {
-        name: feature_quality(*(torch.cat(parts[k]) for k in ("clean", "view1", "view2")))
-        for name, parts in out.items()
+        name: feature_quality(*(torch.cat(parts[k]) for k in INPUTS)) for name, parts in out.items()
     }
 
 
@@ -255,12 +257,15 @@ def _batch_inputs(
     channels: int,
     augmentation: MultiCropAugmentation,
     seed: int,
+    crop_ratio: float = DEFAULT_CROP_RATIO,
 ) -> dict[str, torch.Tensor]:
     """{"clean", "view1", "view2"}: normalised float32 (B, channels, S, S) of one batch."""
     size = augmentation.global_size
     images = [match_channels(image[None], channels)[0] for image in images]
-    clean = [preprocess(image[None], size, augmentation.mean, augmentation.std)[0]
-             for image in images]  # fmt: skip
+    clean = [
+        preprocess(image[None], size, augmentation.mean, augmentation.std, crop_ratio=crop_ratio)[0]
+        for image in images
+    ]
     generators = [image_generator(seed, int(index)) for index in indices]
     view1, view2 = two_views(images, augmentation, generators)
     return {

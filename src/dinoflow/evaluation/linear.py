@@ -1,4 +1,4 @@
-"""Linear probe on frozen, cached features (DINOV2.md section 6).
+"""Linear probe on frozen, cached features (docs/method.md section 6).
 
 Candidates = feature variants (last 1 or 4 blocks' CLS, each with or without the average-pooled
 patch tokens of the last block) x a learning-rate grid. All candidates train together: one pass per

@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from dinoflow.data.transforms import DEFAULT_CROP_RATIO, resize_center_crop
+
 
 def _figure(nrows: int, ncols: int, figsize: tuple[float, float]):
     """A pyplot-free figure and its (nrows, ncols) axes array."""
@@ -85,6 +87,15 @@ def _display(images: np.ndarray) -> tuple[np.ndarray, str | None]:
     return images, ("gray" if images.ndim == 3 else None)
 
 
+def _centre_crops(images: np.ndarray, size: int, crop_ratio: float) -> np.ndarray:
+    """uint8 (n, H, W[, C]) -> (n, size, size[, C]): each image's ``resize_center_crop``."""
+    images = np.asarray(images)
+    x = torch.as_tensor(images)
+    x = x.unsqueeze(1) if images.ndim == 3 else x.permute(0, 3, 1, 2)
+    out = resize_center_crop(x, size, crop_ratio).permute(0, 2, 3, 1).numpy()
+    return out[..., 0] if images.ndim == 3 else out
+
+
 def pca_feature_maps(
     backbone: nn.Module,
     images: np.ndarray,
@@ -94,10 +105,15 @@ def pca_feature_maps(
     image_size: int | None = None,
     foreground_threshold: float | None = None,
     title: str | None = None,
+    crop_ratio: float = DEFAULT_CROP_RATIO,
 ) -> Path:
     """Write the DINOv2 PCA figure for uint8 ``images`` (n, H, W[, C]): inputs on the top row,
-    PCA-of-patch-features RGB maps below. Returns the PNG path."""
+    PCA-of-patch-features RGB maps below. Returns the PNG path. With ``image_size`` both rows are
+    the ``image_size`` centre crop at ``crop_ratio`` (``resize_center_crop``): what kNN sees."""
     from dinoflow.evaluation.segmentation import extract_patch_maps
+
+    if image_size is not None:
+        images = _centre_crops(images, image_size, crop_ratio)
 
     maps = extract_patch_maps(
         backbone, images, mean, std, image_size, progress=False

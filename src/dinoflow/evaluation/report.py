@@ -5,7 +5,7 @@
 1. always, labels or not: label-free feature quality on the test split (``labelfree``: RankMe,
    alignment, uniformity, view retrieval) of the backbone and of its random-init twin;
 2. with labels (``metric_spec.splits_are_labelled``): features of train/val/test extracted once
-   (``extract_features``) and shared by kNN (DINOV2.md section 6, every k) and the linear probe
+   (``extract_features``) and shared by kNN (docs/method.md section 6, every k) and the linear probe
    (selected on val, test read once); linear segmentation on composite scenes (or a user's mask
    folder, which needs only its masks);
 3. the same for baselines: the same architecture at random initialisation and raw pixels, so each
@@ -42,6 +42,7 @@ from pydantic import ConfigDict, Field
 from pydantic.dataclasses import dataclass as pydantic_dataclass
 from torch import nn
 
+from dinoflow.data.transforms import DEFAULT_CROP_RATIO
 from dinoflow.evaluation.features import (
     FeatureSet,
     ImageSource,
@@ -80,6 +81,9 @@ class EvalSettings:
 
     out_dir: str | Path = "data/08_reporting"
     image_size: int | None = None  # None: the images' own size (must be a multiple of the patch)
+    # every image: shorter side to round(image_size / crop_ratio), centre image_size crop
+    # (dinoflow.data.transforms.resize_center_crop; DINOv2's 224 / 256)
+    crop_ratio: Annotated[float, Field(gt=0, le=1)] = DEFAULT_CROP_RATIO
     mean: tuple[float, ...] = (0.5,)  # in [0, 1] units, one value or one per channel
     std: tuple[float, ...] = (0.5,)
     batch_size: Annotated[int, Field(ge=1)] = 256  # feature extraction
@@ -298,9 +302,11 @@ def _segment(backbone: nn.Module, bench: tuple, cfg: EvalSettings) -> dict[str, 
     )  # fmt: skip
 
 
-def _picture_images(split: ImageSource, n: int, image_size: int | None) -> np.ndarray:
+def _picture_images(
+    split: ImageSource, n: int, image_size: int | None, crop_ratio: float
+) -> np.ndarray:
     """The first n images as uint8 (n, H, W) or (n, H, W, C)."""
-    x = load_batch(split, 0, min(n, len(split)), image_size)  # (n, C, H, W)
+    x = load_batch(split, 0, min(n, len(split)), image_size, crop_ratio)  # (n, C, H, W)
     x = x.permute(0, 2, 3, 1).numpy()
     return x[..., 0] if x.shape[-1] == 1 else x
 
@@ -321,6 +327,7 @@ def _extract_all(
             desc=f"{tag} {name}",
             progress=cfg.progress,
             precision=cfg.precision,
+            crop_ratio=cfg.crop_ratio,
         )  # fmt: skip
         for name in SPLITS
     }
@@ -361,7 +368,7 @@ def evaluate_backbone(
     """Evaluate a frozen backbone and its baselines.
 
     backbone: forward_patches(x) -> (B, N, D), get_intermediate_layers(x, n), attributes patch_size
-    and embed_dim (evaluation.precision auto measures its shapes; the choice is in the details).
+    and embed_dim (evaluation.precision auto: the rule for its shapes; the choice is in the details).
     splits: {"train", "val", "test"}: each with len, load(i) -> uint8 (C, H, W), labels (-1 =
     unlabelled); in-memory ``images`` arrays are used directly when present.
 
@@ -397,7 +404,7 @@ def evaluate_backbone(
             bench = segmentation_benchmark(splits, cfg, class_names)
     if bench is not None:
         _evaluate_segmentation(report, backbone, bench, cfg)
-    pictures = _picture_images(splits["test"], cfg.n_pictures, cfg.image_size)
+    pictures = _picture_images(splits["test"], cfg.n_pictures, cfg.image_size, cfg.crop_ratio)
     _draw_pca(report, backbone, "", "pretrained backbone", pictures, bench, cfg)
     _evaluate_baselines(report, random_backbone, splits, bench, pictures, cfg, labelled)
     return report.finish()
@@ -405,7 +412,7 @@ def evaluate_backbone(
 
 def evaluation_precision(cfg: EvalSettings, backbone: nn.Module) -> tuple[str, str]:
     """(precision, why) of the backbone's forward: ``evaluation.precision``, or for auto the
-    rule of ``train.precision`` measured on one MLP layer of a feature batch's shapes."""
+    rule of ``train.precision`` for one MLP layer of a feature batch's shapes."""
     if cfg.precision != "auto":
         return cfg.precision, f"evaluation.precision={cfg.precision}"
     dim, patch = int(backbone.embed_dim), int(backbone.patch_size)
@@ -430,6 +437,7 @@ def _evaluate_label_free(
             backbones, held_out, size, cfg.mean, cfg.std, cfg.view_settings(),
             max_images=cfg.labelfree_max_images, seed=cfg.seed, batch_size=cfg.batch_size,
             device=cfg.device, progress=cfg.progress, precision=cfg.precision,
+            crop_ratio=cfg.crop_ratio,
         )  # fmt: skip
     for prefix, numbers in found.items():
         report.metrics.update({f"{prefix}{k}": v for k, v in numbers.items()})
@@ -493,13 +501,13 @@ def _draw_pca(
     name = f"pca_features{suffix}"
     report.files[name] = pca_feature_maps(
         backbone, pictures, cfg.mean, cfg.std, report.out_dir / f"{name}.png", cfg.image_size,
-        cfg.pca_foreground_threshold, title=title,
+        cfg.pca_foreground_threshold, title=title, crop_ratio=cfg.crop_ratio,
     )  # fmt: skip
     if bench is not None and not suffix:
         report.files["pca_scenes"] = pca_feature_maps(
             backbone, bench[2][: cfg.n_pictures], cfg.mean, cfg.std,
             report.out_dir / "pca_scenes.png", cfg.seg_image_size, cfg.pca_foreground_threshold,
-            title=f"{title}, scenes",
+            title=f"{title}, scenes", crop_ratio=1.0,  # dense scenes: the whole (square) canvas
         )  # fmt: skip
 
 
@@ -545,7 +553,10 @@ def _evaluate_baselines(
         _draw_pca(report, random_backbone, "_random", "random initialisation", pictures, bench, cfg)
     if "pixels" in cfg.baselines and labelled:
         with report.timer("baseline_pixels"):
-            feats = {n: raw_pixel_features(base_splits[n], cfg.image_size) for n in SPLITS}
+            feats = {
+                n: raw_pixel_features(base_splits[n], cfg.image_size, crop_ratio=cfg.crop_ratio)
+                for n in SPLITS
+            }
             found, lin = _classification(feats, n_classes, cfg, "baseline_pixels_", full=False)
         report.metrics.update(found)
         report.details["baseline_pixels_linear"] = _linear_details(lin)

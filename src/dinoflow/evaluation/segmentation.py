@@ -1,4 +1,4 @@
-"""Linear semantic segmentation on frozen patch tokens (DINOV2.md section 6) and mIoU.
+"""Linear semantic segmentation on frozen patch tokens (docs/method.md section 6) and mIoU.
 
 The head is BatchNorm + a 1x1 convolution on the (D, h, w) grid of last-block patch tokens; its
 logits are upsampled bilinearly to the mask size and trained with per-pixel cross-entropy

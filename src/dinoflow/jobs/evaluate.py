@@ -11,6 +11,7 @@ from torch import nn
 
 from dinoflow.config import ConfigError, DataConfig
 from dinoflow.data import channel_stats, data_identity, load_data
+from dinoflow.distributed import resolve_device
 from dinoflow.errors import DataError
 from dinoflow.results import EvaluationReport, PretrainSummary
 
@@ -54,7 +55,7 @@ def load_model_for_evaluation(model: str | None, summary: PretrainSummary | None
 
 def evaluation_settings(params: dict[str, Any], out_dir: str, mean, std, image_size):
     """``params:evaluation`` (without ``model``) -> EvalSettings, one error naming the keys."""
-    from dataclasses import fields
+    from dataclasses import fields, replace
 
     from pydantic import TypeAdapter, ValidationError
 
@@ -69,8 +70,10 @@ def evaluation_settings(params: dict[str, Any], out_dir: str, mean, std, image_s
     if params.get("image_size") is None and image_size:
         params["image_size"] = int(image_size)
     try:
-        return TypeAdapter(EvalSettings).validate_python(
+        settings = TypeAdapter(EvalSettings).validate_python(
             {**params, "out_dir": out_dir, "mean": mean, "std": std})
+        # auto: the training device (the GPU on a GPU node, else the CPU)
+        return replace(settings, device=str(resolve_device(settings.device, "evaluation.device")))
     except ValidationError as exc:
         lines = [f"  evaluation.{'.'.join(map(str, e['loc']))}: {e['msg']} (got {e.get('input')!r})"
                  for e in exc.errors()]
@@ -109,5 +112,6 @@ def run_evaluation(data: DataConfig, params: dict[str, Any], summary: PretrainSu
         eval_data_id=data_identity(splits["test"].ids), val_data_id=data_identity(splits["val"].ids),
         data=data.model_dump(mode="json"), files={k: str(v) for k, v in files.items()},
         metrics=metrics, labelled=splits_are_labelled(splits), precision=precision,
+        image_size=settings.image_size, crop_ratio=settings.crop_ratio,
     )  # fmt: skip
     return metrics, report

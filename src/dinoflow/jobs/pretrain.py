@@ -32,6 +32,37 @@ def apply_manifest(train: Split, manifest_ids: list[str] | None) -> Split:
     return train.subset(rows)
 
 
+SMALL_CROPS = 64  # global crops below this are a profile for small images (conf/base: 28 px)
+MUCH_LARGER = 4  # images whose shorter side is this many times the crop lose most of their detail
+
+
+def warn_if_images_dwarf_the_crops(train: Split, cfg: PretrainConfig, sample: int = 16) -> str | None:
+    """One warning, before training, when a small-crop profile (conf/base, made for 28-px
+    Fashion-MNIST) meets photos: the median shorter side of a fixed sample of the files (headers
+    only, nothing decoded) against the global crop size. Returns the warning (None: none)."""
+    from PIL import Image
+
+    crop = cfg.crops.global_size
+    if train.paths is None or crop >= SMALL_CROPS or not len(train):
+        return None
+    rows = np.random.default_rng(0).permutation(len(train))[:sample]
+    sides = []
+    for i in rows:
+        try:
+            with Image.open(train.paths[i]) as im:
+                sides.append(min(im.size))
+        except (OSError, ValueError):
+            continue  # unreadable files are the loader's to report
+    if not sides or np.median(sides) < MUCH_LARGER * crop:
+        return None
+    message = (f"the images of data.path have a median shorter side of {int(np.median(sides))} px "
+               f"({len(sides)} sampled), {np.median(sides) / crop:.0f}x this profile's {crop}-px "
+               "global crops (conf/base is made for 28-px Fashion-MNIST): for photos use "
+               "`kedro run --env photos --params data.path=...` on a CPU or `--env gpu` on GPUs")
+    log.warning(message)
+    return message
+
+
 def knn_subsets(splits: dict[str, Split], bank_size: int, query_size: int,
                 seed: int) -> tuple[Split, Split] | tuple[None, None]:
     """Fixed labelled subsets for the online kNN check: a train bank and val queries."""
@@ -55,6 +86,8 @@ def run_pretraining(data: DataConfig, cfg: PretrainConfig, manifest_ids: list[st
 
     splits = load_data(data)
     train = apply_manifest(splits["train"], manifest_ids if cfg.train.use_curated_manifest else None)
+    if is_main_process():
+        warn_if_images_dwarf_the_crops(train, cfg)
     mean, std = channel_stats(train)
     bank, queries = knn_subsets(splits, cfg.train.knn_bank_size, cfg.train.knn_query_size, cfg.train.seed)
     lock = FolderLock(Path(cfg.train.run_dir), "pretrain") if is_main_process() else nullcontext()

@@ -1,4 +1,4 @@
-"""Teacher target construction: softmax centering (EMA center) and Sinkhorn-Knopp (DINOV2.md 4).
+"""Teacher target construction: softmax centering (EMA center) and Sinkhorn-Knopp (docs/method.md section 4).
 
 Both work on fp32 copies of the teacher logits and reduce over all processes when
 torch.distributed is initialised, so every process sees the same center / the same global

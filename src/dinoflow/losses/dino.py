@@ -1,4 +1,4 @@
-"""DINO loss on CLS tokens (DINOV2.md 4): student crops vs teacher global crops, no same view."""
+"""DINO loss on CLS tokens (docs/method.md section 4): student crops vs teacher global crops, no same view."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""iBOT loss on masked patch tokens of the global crops (DINOV2.md 4)."""
+"""iBOT loss on masked patch tokens of the global crops (docs/method.md section 4)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""KoLeo regulariser (DINOV2.md 4): spreads the L2-normalised CLS features of one view."""
+"""KoLeo regulariser (docs/method.md section 4): spreads the L2-normalised CLS features of one view."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""DINO projection head (DINOV2.md section 2), as the reference ``dinov2/layers/dino_head.py``.
+"""DINO projection head (docs/method.md section 2), as the reference ``dinov2/layers/dino_head.py``.
 
 Checked against that code (tests/test_faithful_reference.py, fixtures from
 experiments/faithful/make_fixtures.py): for the same weights and inputs the outputs and the

@@ -1,6 +1,6 @@
 """DINOv2 Vision Transformer backbone built on timm's ``VisionTransformer``.
 
-DINOv2 specifics (DINOV2.md section 2) on top of timm:
+DINOv2 specifics (docs/method.md section 2) on top of timm:
 - ``dynamic_img_size=True``: global and local crops of different sizes go through the same model
   (in separate forward calls). The patch position embeddings are interpolated to each crop's
   grid by ``interpolate_pos_embed``, which computes what dinov2's ``interpolate_pos_encoding``

@@ -1,28 +1,27 @@
-"""``train.time_budget_min``: as many steps as fit in a wall-clock budget, at most ``epochs``' worth.
+"""``train.time_budget_min``: a run's length chosen once, by timing, before it trains.
 
 Machines differ (an AVX2-only CPU trains conf/base at ~80 images/s in fp32, one with bf16 units
 at ~130 in bf16), so a fixed step count either overruns a time limit on the slow one or leaves the
-fast one idle. With a budget the run starts on the schedules of its ``epochs`` (the cap), times
-its steps 10 to 210 (compile and warm-up are before them), and then fixes its
-length: what the budget has left after the time already spent, less the online kNN checks still
-due (each as long as the last one), over the measured seconds per step (taken 5 % high). The schedules are rebuilt
-for that length from there on. The steps before the decision keep the cap's values; the lr and
-teacher-temperature warm-ups are set in epochs, not as fractions of the run, so they are the same,
-and the cosine schedules move by under 3e-3 of their range in those first steps either way.
+fast one idle. A budget is an explicit option (null by default: ``epochs`` steps on any machine)
+whose only effect is the run's length N. Before a fresh run trains, a probe times its real step on
+its real parts and data for ``PROBE_FROM + PROBE_STEPS`` steps (the first ``PROBE_FROM`` not
+timed: compiling and warm-up), then puts back everything those steps changed (student, teacher,
+optimizer, loss centers, RNG state) and fixes N: what the budget has left after the time spent
+(the probe included), less the online kNN checks due (each as long as the one at step 0), over
+the measured seconds per step taken ``STEP_TIME_MARGIN`` high, at most ``epochs``' worth. The
+schedules are then built for N and the run trains steps 0..N through the same loop as a run
+without a budget: it is exactly the fixed-length run of N steps (``replay_params``), whatever the
+clock said. Nothing of the probe reaches the history, the metrics, the checkpoints or the online
+kNN.
 
-Steps do not keep the pace of the timed ones (measured on conf/base, 2 cores: 5-10 % slower
-or faster later in the same run), so the length is fitted again every ``REFIT_EVERY`` steps on
-the steps since the last fit (their online kNN checks taken out), with a smaller margin,
-until ``REFIT_UNTIL`` of the run: the run ends close to its budget instead of a margin early or
-late. Each re-fit rebuilds the schedules for the new length; a change of the length by a
-fraction d moves the cosine schedules by at most d times their progress (a few 1e-3 of their
-range for the few per cent a re-fit changes), and the last fifth of the run is not touched.
+The length is not fitted again later, although steps drift from the probe's pace (5-10 % within
+a run on conf/base, 2 cores): a re-fit would rebuild the schedules mid-run from the clock, and
+replaying a run exactly is worth more than the last ~2 % of the budget a re-fit could use. The
+margin covers the drift: the budget is a limit, not a target.
 
-The length chosen is kept in every checkpoint: a resumed run keeps it and does not measure again.
-A run resumed before it was chosen measures its own steps 10 to 210 after the resume, on its
-own clock.
-Set ``time_budget_min: null`` for a fixed length (``epochs``), as reproducible runs and
-comparisons at equal steps want.
+N is kept in every checkpoint: a resumed run keeps it and does not time again. A run killed
+during the probe has written no checkpoint and times again from scratch. A run no longer than
+the probe trains its cap without timing.
 """
 
 from __future__ import annotations
@@ -30,113 +29,216 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from dinoflow import tracking
 from dinoflow.config import PretrainConfig
-from dinoflow.distributed import broadcast_from_main
+from dinoflow.distributed import broadcast_from_main, world
+from dinoflow.training.checkpoint import rng_state, set_rng_state
+from dinoflow.training.components import Components, set_run_length
+
+if TYPE_CHECKING:
+    from dinoflow.training.online_knn import OnlineKNN
 
 log = logging.getLogger(__name__)
 
-PROBE_FROM = 10  # the first timed step (after the run's first step): compiling is over
-# timed steps; the decision is made after them. Measured (conf/base, 2 cores): the mean of 50
-# steps came out 9 % below the run's own later mean once and 4 % above it in the run before;
-# 200 steps hold it within ~3 %. The cosine schedules are still within 0.3 % of their range of
-# their start at step 210 of a 3,000-step run, and the lr warm-up (200 steps) is set in epochs.
+StepFn = Callable[[dict[str, Any], int], Any]
+
+PROBE_FROM = 10  # the first timed step: compiling and warm-up are before it
+# timed steps. Measured (conf/base, 2 cores): the mean of 50 steps came out 9 % below the run's
+# own later mean once and 4 % above it in the run before; 200 steps hold it within ~3 %. The
+# probe costs its 210 steps' time (~7 % of conf/base's 3,100), taken out of the budget.
 PROBE_STEPS = 200
 # the measured step time is taken this much high: 800-step blocks of one run differ by up to
-# 6 %, and the budget is a limit (make run's 30 minutes), not a target
+# 6 %, and the budget is a limit (make run's demo), not a target
 STEP_TIME_MARGIN = 1.05
-# re-fits: every 1,000 steps on the steps since the last fit (a mean over 1,000 steps is
-# within ~2 % of the next 1,000's), taken 2 % high, not in the last fifth of the run
-REFIT_EVERY = 1000
-REFIT_MARGIN = 1.02
-REFIT_UNTIL = 0.8
 
 
 @dataclass
-class StepBudget:
-    """The budget of one run: ``observe(done)`` after every step; after the timed steps it
-    returns the run's length, else None. ``started``: the run's start (``time.perf_counter()``)."""
+class TimeBudget:
+    """``train.time_budget_min`` of one run, counted from ``started`` (``time.perf_counter()``
+    when the run began). ``steps``, ``per_step``, ``note``, ``replay``: once the length is fixed."""
 
     minutes: float
-    cap: int  # the most steps (the schedules' length without a budget)
-    started: float = field(default_factory=time.perf_counter)
-    probe_from: int = PROBE_FROM  # the step (done) the timing starts at
-    device: torch.device | str = "cpu"  # where the length is broadcast from rank 0 (NCCL: CUDA)
-    decided: int | None = None  # the length, once chosen (or restored from a checkpoint)
-    note: str | None = None  # how the length was chosen (the run's notes, the summary)
-    # (step done, perf_counter) where the timed window began: the probe's start, then the last
-    # fit; None before the probe and for a length restored from a checkpoint (never re-fitted)
-    window: tuple[int, float] | None = None
+    section: str = "pretrain"  # the parameters' section, for the replay instruction
+    # the clock read when the budget is made (looked up then, not when this module loads)
+    started: float = field(default_factory=lambda: time.perf_counter())
+    steps: int | None = None
+    per_step: float | None = None  # None: the length came from a checkpoint, or no probe ran
+    note: str = ""
+    replay: str = ""
 
-    def observe(self, done: int, knn_every: int | None, knn_seconds: float) -> int | None:
-        """The run's new length when this step ends a timed window (the probe, then every
-        ``REFIT_EVERY`` steps until ``REFIT_UNTIL`` of the run), else None."""
-        first = self.decided is None
-        if first and done == self.probe_from:
-            self.window = (done, time.perf_counter())
-        if self.window is None:
-            return None
-        start, began = self.window
-        if done - start < (PROBE_STEPS if first else REFIT_EVERY) or (
-                not first and done > REFIT_UNTIL * self.decided):
-            return None
-        now = time.perf_counter()
-        # the online kNN checks run after the step they are due at: those of [start, done)
-        checks = ((done - 1) // knn_every - (start - 1) // knn_every) if knn_every else 0
-        per_step = max(now - began - checks * knn_seconds, 0.0) / (done - start)
-        margin = STEP_TIME_MARGIN if first else REFIT_MARGIN
-        steps = fitting_steps(self.minutes * 60 - (now - self.started), per_step * margin, done,
-                              self.cap, knn_every, knn_seconds)
-        # rank 0's length on every rank (their clocks differ)
-        steps = int(broadcast_from_main(torch.tensor([steps], dtype=torch.int64,
-                                                     device=self.device)).item())
-        self.window = (done, now)
-        if steps == self.decided:
-            return None
-        if first:
-            self.note = (f"train.time_budget_min {self.minutes:g}: {steps} steps fit (of at most "
-                         f"{self.cap}): {per_step:.3f} s per step over steps {start}-{done}, "
-                         f"{now - self.started:.0f} s spent before step {done}"
-                         + (f", {knn_seconds:.1f} s per online kNN check" if knn_every else ""))
-            log.info(self.note)
-        else:
-            log.info("train.time_budget_min %g: %d steps instead of %d (%.3f s per step over "
-                     "steps %d-%d)", self.minutes, steps, self.decided, per_step, start, done)
-            self.note += (f"; re-fitted at step {done}: {steps} steps ({per_step:.3f} s per step "
-                          f"over steps {start}-{done})")
-        self.decided = steps
-        tracking.set_tags({"dinoflow.time_budget_steps": steps,
-                           "dinoflow.time_budget_s_per_step": round(per_step, 4)})
-        return steps
+    def summary_fields(self) -> dict[str, Any]:
+        """The length and its replay, for the job's summary."""
+        return {"budget_steps": self.steps, "budget_replay": self.replay or None}
 
 
-def fitting_steps(seconds_left: float, per_step: float, done: int, cap: int,
-                  knn_every: int | None = None, knn_seconds: float = 0.0) -> int:
+def start_budget(minutes: float | None, section: str = "pretrain") -> TimeBudget | None:
+    """The run's budget, counted from now (None without ``train.time_budget_min``)."""
+    return None if minutes is None else TimeBudget(minutes, section)
+
+
+def fitting_steps(
+    seconds_left: float,
+    per_step: float,
+    done: int,
+    cap: int,
+    knn_every: int | None = None,
+    knn_seconds: float = 0.0,
+) -> int:
     """The run's length: ``done`` plus the steps that fit in ``seconds_left`` at ``per_step``
     seconds each, less the online kNN checks due on the way (at multiples of ``knn_every`` and
     at the end), within [done + 1, cap]."""
     n = max(0, math.floor(seconds_left / per_step))
     for _ in range(3):  # the checks depend on the length: settle it (converges in one or two)
         total = min(cap, done + n)
-        checks = (total // knn_every - done // knn_every + (total % knn_every != 0)) if knn_every else 0
+        checks = (
+            (total // knn_every - done // knn_every + (total % knn_every != 0)) if knn_every else 0
+        )
         n = max(0, math.floor((seconds_left - checks * knn_seconds) / per_step))
     return max(done + 1, min(cap, done + n))
 
 
-def budget_for(cfg: PretrainConfig, cap: int, start_step: int, restored: int | None,
-               started: float, device: torch.device | str = "cpu") -> StepBudget | None:
-    """The run's budget (None without ``train.time_budget_min``). A resumed run takes the length
-    its checkpoint holds (``restored``); one resumed before the length was chosen times its own
-    steps after the resume."""
-    minutes = cfg.train.time_budget_min
-    if minutes is None:
-        return None
-    budget = StepBudget(minutes, cap, started, probe_from=start_step + PROBE_FROM, device=device)
+def replay_params(section: str, steps: int, steps_per_epoch: int) -> str:
+    """The ``--params`` of the fixed-length run a budgeted run is: schedules of exactly ``steps``
+    (``epochs * steps_per_epoch``, rounded, is ``steps``; the warm-ups stay the same epochs)."""
+    epochs = steps / steps_per_epoch  # the float quotient: times steps_per_epoch it rounds back
+    return (
+        f"{section}.train.time_budget_min=null,{section}.train.epochs={epochs!r},"
+        f"{section}.train.steps_per_epoch={steps_per_epoch}"
+    )
+
+
+def _clone(obj: Any) -> Any:
+    """A copy of a state dict whose tensors share nothing with the live ones."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().clone()
+    if isinstance(obj, dict):
+        return {k: _clone(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(_clone(v) for v in obj)
+    return obj
+
+
+def _snapshot(run: Components) -> dict[str, Any]:
+    """Everything a training step changes (sharded tensors stay sharded: nothing is gathered)."""
+    return _clone(
+        {
+            "student": run.student.state_dict(),
+            "teacher": run.teacher.state_dict(),
+            "optimizer": run.optimizer.state_dict(),
+            "dino": run.losses.dino.state_dict(),
+            "ibot": run.losses.ibot.state_dict(),
+            "rng": rng_state(),
+        }
+    )
+
+
+@torch.no_grad()
+def _restore(run: Components, saved: dict[str, Any]) -> None:
+    """``saved`` copied back in place (the compiled and wrapped modules keep their tensors)."""
+    for name, module in (
+        ("student", run.student),
+        ("teacher", run.teacher),
+        ("dino", run.losses.dino),
+        ("ibot", run.losses.ibot),
+    ):
+        for key, value in module.state_dict().items():
+            value.copy_(saved[name][key])
+    run.optimizer.load_state_dict(saved["optimizer"])
+    set_rng_state(saved["rng"])
+
+
+def _sync(device: torch.device | str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)  # the steps queued count in the time they took
+
+
+def probe_run_length(
+    run: Components,
+    step_fn: StepFn,
+    batches: Iterable[dict[str, Any]],
+    budget: TimeBudget,
+    done: int,
+    knn: OnlineKNN | None = None,
+    device: torch.device | str = "cpu",
+) -> tuple[int, float]:
+    """Time ``step_fn(batch, step)`` over ``batches`` (the ``PROBE_FROM + PROBE_STEPS`` steps
+    from ``done``), put the run's state back as it was, and -> (the run's length, seconds per
+    step). The length is rank 0's on every rank (their clocks differ)."""
+    saved = _snapshot(run)
+    run.teacher.train(False)  # as the loop trains
+    run.student.train(True)
+    began = 0.0
+    for i, batch in enumerate(batches):
+        if i == PROBE_FROM:
+            _sync(device)
+            began = time.perf_counter()
+        step_fn(batch, batch["step"])
+    _sync(device)
+    per_step = (time.perf_counter() - began) / PROBE_STEPS
+    _restore(run, saved)
+    seconds_left = budget.minutes * 60 - (time.perf_counter() - budget.started)
+    steps = fitting_steps(
+        seconds_left,
+        per_step * STEP_TIME_MARGIN,
+        done,
+        run.total_steps,
+        knn.every if knn else None,
+        knn.seconds if knn else 0.0,
+    )
+    steps = broadcast_from_main(torch.tensor([steps], dtype=torch.int64, device=device))
+    return int(steps.item()), per_step
+
+
+def fix_run_length(
+    budget: TimeBudget,
+    run: Components,
+    cfg: PretrainConfig,
+    start_step: int,
+    restored: int | None,
+    step_fn: StepFn,
+    loader_for: Callable[[int], Iterable[dict[str, Any]]],
+    knn: OnlineKNN | None = None,
+    device: torch.device | str = "cpu",
+) -> None:
+    """The run's length under ``budget``: the one its checkpoint kept (``restored``), else what
+    a probe of ``step_fn`` on ``loader_for(last_step)`` chose; the schedules rebuilt for it."""
+    minutes, cap = budget.minutes, run.total_steps
     if restored is not None:
-        budget.decided = restored
-        budget.note = f"train.time_budget_min {minutes:g}: {restored} steps, chosen before the resume"
-    return budget
+        steps, how = restored, "chosen before the resume"
+    elif cap - start_step <= PROBE_FROM + PROBE_STEPS:
+        steps, how = cap, f"the cap: a run no longer than the {PROBE_FROM + PROBE_STEPS}-step probe"
+    else:
+        log.info(
+            "train.time_budget_min %g: timing %d steps before training",
+            minutes,
+            PROBE_FROM + PROBE_STEPS,
+        )
+        last = start_step + PROBE_FROM + PROBE_STEPS
+        steps, budget.per_step = probe_run_length(
+            run, step_fn, loader_for(last), budget, start_step, knn, device
+        )
+        spent = time.perf_counter() - budget.started
+        how = (
+            f"of at most {cap}: {budget.per_step:.3f} s per step over {PROBE_STEPS} timed "
+            f"steps, {spent:.0f} s spent before training (the timing included)"
+            + (f", {knn.seconds:.1f} s per online kNN check" if knn else "")
+        )
+    set_run_length(run, cfg, steps, cfg.train.batch_size * world()[1])
+    budget.steps = steps
+    budget.replay = replay_params(budget.section, steps, run.steps_per_epoch)
+    budget.note = (
+        f"train.time_budget_min {minutes:g}: {steps} steps ({how}); the same run "
+        f"without the budget: --params {budget.replay}"
+    )
+    log.info(budget.note)
+    run.notes.append(budget.note)
+    tags = {"dinoflow.time_budget_steps": steps, "dinoflow.time_budget_replay": budget.replay}
+    if budget.per_step is not None:
+        tags["dinoflow.time_budget_s_per_step"] = round(budget.per_step, 4)
+    tracking.set_tags(tags)

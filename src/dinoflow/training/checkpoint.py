@@ -1,10 +1,11 @@
 """Checkpoints holding everything needed to continue a run exactly, the newest N of them.
 
 ``<run_dir>/checkpoints/<fingerprint>/step_<step>.pt``: weights, optimizer, loss centers, step,
-RNG state, history and config (the data order and the augmentations are functions of
-(seed, step), so they need no state). Written atomically (``dinoflow.files``); loaded with
-``torch.load(weights_only=True)``: tensors and plain types only, nothing is unpickled. An
-unreadable newest file (a truncated copy, a disk error) falls back to the one before it.
+RNG state, history, config and the train files found unreadable so far (the data order and the
+augmentations are functions of (seed, step), so they need no state). Written atomically
+(``dinoflow.files``); loaded with ``torch.load(weights_only=True)``: tensors and plain types
+only, nothing is unpickled. An unreadable newest file (a truncated copy, a disk error) falls back
+to the one before it.
 """
 
 from __future__ import annotations
@@ -103,6 +104,7 @@ class Checkpointer:
         set_rng_state(state["rng"])
         self.restored_chosen_steps = state.get("chosen_steps")
         self.restored_precision = state.get("precision")
+        run.unreadable_files = list(state.get("unreadable_files", []))
         log.info("resuming %s from step %d of %d (checkpoint %s)", run.fingerprint, state["step"],
                  run.last_step, path)
         return int(state["step"]), list(state["history"])
@@ -128,7 +130,7 @@ class Checkpointer:
                 "dino_loss": run.losses.dino.state_dict(), "ibot_loss": run.losses.ibot.state_dict(),
                 "rng": rng_state(), "history": history, "config": config,
                 "fingerprint": run.fingerprint, "chosen_steps": run.chosen_steps,
-                "precision": run.precision,
+                "precision": run.precision, "unreadable_files": list(run.unreadable_files),
             }, path)  # fmt: skip
             for old in self.files()[self.keep:]:
                 old.unlink(missing_ok=True)

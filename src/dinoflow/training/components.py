@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 # Settings that do not change what a run computes (so a resumed run may differ in them).
 NOT_IN_FINGERPRINT = {"progress", "resume", "log_every_steps", "checkpoint_every_steps", "compile",
                       "num_workers", "pin_memory", "threads", "knn_every_epochs", "run_dir",
-                      "keep_checkpoints"}
+                      "keep_checkpoints", "max_unreadable_fraction"}
 
 
 @dataclass
@@ -52,6 +52,7 @@ class Components:
     notes: list[str] = field(default_factory=list)  # schedule capping, for the logs
     chosen_steps: int | None = None  # the length a time budget chose (kept in checkpoints)
     precision: str | None = None  # what train.precision resolved to (kept in checkpoints)
+    unreadable_files: list[str] = field(default_factory=list)  # ids replaced (kept in checkpoints)
 
 
 def backbone_from_config(bb: BackboneConfig, img_size: int, in_chans: int) -> DinoVisionTransformer:

@@ -2,21 +2,35 @@
 
 Crops are a pure function of (seed, data epoch, image index) and masks of (seed, step), so the
 data need no state in a checkpoint, and 1 process or N processes see the same views and masks
-for the same image.
+for the same image. A file that became unreadable after the split was made is replaced by
+another image of the split, chosen from (seed, epoch, index) alone; ``UnreadableFiles`` counts
+them (the only data state a checkpoint keeps) and stops the run past a limit.
 """
 
 from __future__ import annotations
 
+import itertools
+import logging
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from dinoflow import tracking
 from dinoflow.augment import MultiCropAugmentation
 from dinoflow.config import CropsConfig, PretrainConfig
 from dinoflow.data import Split
+from dinoflow.distributed import all_gather_objects
+from dinoflow.errors import DataError
 from dinoflow.masking import BlockMaskGenerator, masked_count_bounds, sample_masks
+
+log = logging.getLogger(__name__)
+
+# replacements tried for one unreadable file: more failing in a row is not a changed file but a
+# folder gone (unmounted, moved), which a replacement would only hide
+REPLACEMENT_TRIES = 64
 
 
 def build_augmentation(crops: CropsConfig, mean: list[float], std: list[float]) -> MultiCropAugmentation:
@@ -32,15 +46,30 @@ def build_augmentation(crops: CropsConfig, mean: list[float], std: list[float]) 
     )  # fmt: skip
 
 
+def replacement_order(n: int, seed: int, epoch: int, index: int) -> Iterator[int]:
+    """The images that stand in for an unreadable image ``index`` of ``n``, in the order tried:
+    the others from a start drawn from (seed, epoch, index), at most ``REPLACEMENT_TRIES``. A
+    function of its arguments only: the same in every worker, process and resumed run."""
+    if n < 2:
+        return
+    start = int(np.random.default_rng([seed, epoch, index, 11]).integers(n - 1))
+    for k in range(min(n - 1, REPLACEMENT_TRIES)):
+        yield (index + 1 + (start + k) % (n - 1)) % n
+
+
 class MultiCropDataset(Dataset):
-    """Items are (step, data_epoch, index) -> the image and the generator of its crops.
+    """Items are (step, data_epoch, index) -> the image, the generator of its crops and the ids
+    of the files found unreadable on the way.
 
     The generator is seeded from (seed, epoch, index), so the views are independent of workers,
     ranks, batches and resumption; ``MultiCropCollate`` augments the batch's images together.
+    An image that cannot be read is replaced by the first readable one of ``replacement_order``,
+    cropped with the same (seed, epoch, index) generator: the views the lost image would have had.
     """
 
     def __init__(self, split: Split, seed: int):
         self.split, self.seed = split, seed
+        self.warned: set[int] = set()  # one warning per file and process
 
     def __len__(self) -> int:
         return len(self.split)
@@ -50,7 +79,26 @@ class MultiCropDataset(Dataset):
         # a generator of its own: the global RNG stays untouched, and torch.manual_seed would
         # also queue a CUDA seeding with a formatted stack trace (14% of the loader's time)
         rng = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) * 10_000_019 + index)
-        return {"image": self.split.load(index), "generator": rng, "step": step}
+        image, unreadable = self.load(epoch, index)
+        return {"image": image, "generator": rng, "step": step, "unreadable": unreadable}
+
+    def load(self, epoch: int, index: int) -> tuple[torch.Tensor, list[str]]:
+        """Image ``index``, or its replacement when the file cannot be read any more (deleted,
+        truncated, overwritten since the split was made) -> (image, ids found unreadable)."""
+        unreadable: list[str] = []
+        tried = replacement_order(len(self.split), self.seed, epoch, index)
+        for i in itertools.chain([index], tried):
+            try:
+                return self.split.load(i), unreadable
+            except DataError as exc:
+                unreadable.append(self.split.ids[i])
+                if i not in self.warned:
+                    self.warned.add(i)
+                    log.warning("%s: skipped, another image of the split takes its place", exc)
+        raise DataError(
+            f"cannot read {self.split.ids[index]} nor the {len(unreadable) - 1} images tried in "
+            f"its place ({', '.join(unreadable[1:6])}, ...): is data.path still there?"
+        )
 
 
 class StepBatchSampler:
@@ -142,7 +190,60 @@ class MultiCropCollate:
         batch["masks"] = self.step_masks.for_rank(step, batch["batch_size"])
         batch["max_masked"] = self.step_masks.max_masked(batch["batch_size"])
         batch["step"] = step
+        batch["unreadable"] = [name for s in samples for name in s["unreadable"]]
         return batch
+
+
+class UnreadableFiles:
+    """The train files found unreadable during a run, over every loader worker (each batch
+    carries its own) and every process (``sync``: a collective, called at the same steps on each).
+
+    Their count is the MLflow metric ``data/unreadable_files``, their ids the artifact
+    ``unreadable_files.txt``; past ``max_fraction`` of the split the run stops with one
+    ``DataError``. ``known``: the ids a resumed checkpoint had found.
+    """
+
+    def __init__(
+        self,
+        known: list[str],
+        n_images: int,
+        max_fraction: float,
+        every: int,
+        key: str = "pretrain.train.max_unreadable_fraction",
+    ):
+        self.names, self.n_images, self.every = set(known), n_images, every
+        self.max_fraction, self.key = max_fraction, key
+        self.logged: int | None = None
+
+    def add(self, batch: dict[str, Any]) -> None:
+        self.names.update(batch["unreadable"])
+
+    def due(self, done: int) -> bool:
+        return done % self.every == 0
+
+    def sync(self, step: int) -> list[str]:
+        """The ids found so far by any process, sorted; logged when their count changed; a
+        ``DataError`` naming them past the limit."""
+        for names in all_gather_objects(sorted(self.names)):
+            self.names.update(names)
+        found = sorted(self.names)
+        if len(found) != self.logged:
+            tracking.log_metrics({"data/unreadable_files": len(found)}, step=step)
+            self.logged = len(found)
+        if len(found) > self.max_fraction * self.n_images:
+            self.log_names()
+            more = f" and {len(found) - 20} more" if len(found) > 20 else ""
+            raise DataError(
+                f"{len(found)} of the {self.n_images} training images are unreadable, more than "
+                f"{self.key}={self.max_fraction} of them: {', '.join(found[:20])}{more}. Replace "
+                "or remove them (and re-run curation), or raise the limit to go on from the "
+                "last checkpoint"
+            )
+        return found
+
+    def log_names(self) -> None:
+        if self.names:
+            tracking.log_text("\n".join(sorted(self.names)), "unreadable_files.txt")
 
 
 def build_loader(cfg: PretrainConfig, train: Split, mean: list[float], std: list[float],

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +37,7 @@ from dinoflow.optim import (
 )
 from dinoflow.results import DistillationSummary
 from dinoflow.schedules import Schedules
-from dinoflow.training.budget import budget_for
+from dinoflow.training.budget import fix_run_length, start_budget
 from dinoflow.training.checkpoint import Checkpointer
 from dinoflow.training.components import (
     Components,
@@ -46,12 +47,11 @@ from dinoflow.training.components import (
     build_student,
     run_fingerprint,
     schedules_for,
-    set_run_length,
     total_steps_for,
 )
-from dinoflow.training.data import build_loader
+from dinoflow.training.data import UnreadableFiles, build_loader
 from dinoflow.training.export import write_history
-from dinoflow.training.loop import pin_precision, run_steps
+from dinoflow.training.loop import pin_precision, resolve_auto, run_steps
 from dinoflow.training.metrics import MetricLogger
 from dinoflow.training.online_knn import OnlineKNN
 from dinoflow.training.parallel import wrap_for_training
@@ -242,7 +242,7 @@ def distill(cfg: DistillationConfig, teacher: FrozenTeacher, train: Split, mean:
     ``mean``/``std``: the normalisation the teacher was trained with. ``stop_after_steps`` ends
     the process after a checkpoint (tests of resumption). One process (no launcher).
     """
-    started = time.perf_counter()  # a time budget counts from here
+    budget = start_budget(cfg.train.time_budget_min, "distillation")  # counts from here
     rank, world_size = world()
     if world_size > 1:
         raise ConfigError("distillation runs in one process (no distillation.launcher yet)")
@@ -253,37 +253,39 @@ def distill(cfg: DistillationConfig, teacher: FrozenTeacher, train: Split, mean:
     run, pcfg = build_distillation(cfg, teacher, len(train), train.channels, 1, device)
     checkpoints = Checkpointer(t.run_dir, run.fingerprint, t.checkpoint_every_steps, t.keep_checkpoints)
     start_step, history = checkpoints.restore(run) if t.resume else (0, [])
-    budget = budget_for(pcfg, run.total_steps, start_step, checkpoints.restored_chosen_steps, started,
-                        device)
-    if budget is not None and budget.decided is not None:
-        set_run_length(run, pcfg, budget.decided, t.batch_size)  # the length it was resumed on
     pcfg, why = pin_precision(run, pcfg, checkpoints.restored_precision, device)
     precision = pcfg.train.precision
     model = wrap_for_training(run.student, teacher, pcfg, 1, device, False)
-    loader = build_loader(pcfg, train, mean, std, 0, 1, start_step, run.last_step, device)
+    pcfg = resolve_auto(pcfg, train, device)
+    loader_for = partial(build_loader, pcfg, train, mean, std, 0, 1, start_step, device=device)
     flops = {"student_flops": backbone_flops(run.teacher.backbone, pcfg.crops.global_size),
              "teacher_flops": backbone_flops(teacher.backbone, pcfg.crops.global_size)}
     log.info("distillation: precision %s (%s); FLOPs per image student %.3g, teacher %.3g (%.3f)",
              precision, why, flops["student_flops"], flops["teacher_flops"],
              flops["student_flops"] / flops["teacher_flops"])
-    _tag_run(run.fingerprint, precision, flops, teacher_info or {}, run.notes)
     knn = None
     if knn_bank is not None and knn_queries is not None:
         knn = OnlineKNN(pcfg, knn_bank, knn_queries, mean, std, run.steps_per_epoch, device,
                         False, True, lambda: None)
         if start_step == 0:
             knn.check(run.teacher, 0, history)
+
+    def step_fn(batch: dict[str, Any], step: int) -> dict[str, torch.Tensor]:
+        return distill_step(batch, step, model, run.teacher, teacher, run.losses, run.optimizer,
+                            run.schedules, pcfg, device)
+
+    if budget is not None:  # the length, fixed before training: then a fixed-length run
+        fix_run_length(budget, run, pcfg, start_step, checkpoints.restored_chosen_steps, step_fn,
+                       loader_for, knn, device)
+    _tag_run(run.fingerprint, precision, flops, teacher_info or {}, run.notes)
     metrics = MetricLogger(pcfg, run.schedules, history, start_step, run.last_step, 1, True,
                            "distill")
     t0 = time.perf_counter()
-    run_steps(loader, model, run, metrics, knn, checkpoints, history, cfg.model_dump(mode="json"),
-              stop_after_steps,
-              lambda batch, step: distill_step(batch, step, model, run.teacher, teacher, run.losses,
-                                               run.optimizer, run.schedules, pcfg, device),
-              budget, lambda total: set_run_length(run, pcfg, total, t.batch_size))
+    run_steps(loader_for(run.last_step), model, run, metrics, knn, checkpoints, history,
+              cfg.model_dump(mode="json"), stop_after_steps, step_fn,
+              UnreadableFiles(run.unreadable_files, len(train), t.max_unreadable_fraction,
+                              t.log_every_steps, "distillation.train.max_unreadable_fraction"))
     seconds = time.perf_counter() - t0
-    if budget is not None and budget.decided is not None:
-        run.notes.append(budget.note or f"train.time_budget_min: {budget.decided} steps")
     run_dir = Path(t.run_dir)
     backbone_path, heads_path = export_student(run.teacher, run_dir)
     write_history(history, run_dir, pcfg)
@@ -297,6 +299,7 @@ def distill(cfg: DistillationConfig, teacher: FrozenTeacher, train: Split, mean:
         images_per_second=metrics.images_per_second(), train_seconds=seconds, **flops,
         notes=run.notes, fingerprint=run.fingerprint, mean=list(mean), std=list(std),
         channels=train.channels, image_size=pcfg.crops.global_size, precision=precision,
+        **(budget.summary_fields() if budget else {}),
     )  # fmt: skip
 
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -22,16 +22,15 @@ from dinoflow.data import Split
 from dinoflow.distributed import barrier, resolve_device, world
 from dinoflow.errors import TrainingDiverged
 from dinoflow.results import PretrainSummary
-from dinoflow.training.budget import StepBudget, budget_for
+from dinoflow.training.budget import fix_run_length, start_budget
 from dinoflow.training.checkpoint import Checkpointer
 from dinoflow.training.components import (
     Components,
     backbone_from_config,
     build_components,
     build_student,
-    set_run_length,
 )
-from dinoflow.training.data import build_loader
+from dinoflow.training.data import UnreadableFiles, build_loader
 from dinoflow.training.export import export_teacher, write_history
 from dinoflow.training.metrics import MetricLogger
 from dinoflow.training.online_knn import OnlineKNN
@@ -39,6 +38,10 @@ from dinoflow.training.parallel import seed_ranks, wrap_for_training
 from dinoflow.training.step import precision_choice, train_step
 
 log = logging.getLogger(__name__)
+
+# loader processes for image files on a CPU (benchmarks/bench_loader.py: the loader feeding the
+# ViT-S/14 profile's step, 0 / 1 / 2 workers, photos with and without the image cache)
+CPU_FILE_WORKERS = 1
 
 
 def pretrain(
@@ -57,8 +60,8 @@ def pretrain(
     ``on_knn(step, top1)`` is called after each online kNN check (e.g. an Optuna pruner); it may
     raise to stop the run. A fresh run checks kNN at step 0 too: the starting point.
     """
-    started = time.perf_counter()  # a time budget counts from here
-    cfg = resolve_auto(cfg)
+    budget = start_budget(cfg.train.time_budget_min)  # counts from here
+    cfg = resolve_auto(cfg, train, resolve_device(cfg.train.device))
     rank, world_size = world()
     main, device, t = rank == 0, resolve_device(cfg.train.device), cfg.train
     if t.threads:
@@ -68,18 +71,13 @@ def pretrain(
     checkpoints = Checkpointer(t.run_dir, run.fingerprint, t.checkpoint_every_steps,
                                t.keep_checkpoints, fsdp, main)
     start_step, history = checkpoints.restore(run) if t.resume else (0, [])
-    budget = budget_for(cfg, run.total_steps, start_step, checkpoints.restored_chosen_steps, started,
-                        device)
-    global_batch = t.batch_size * world_size
-    if budget is not None and budget.decided is not None:
-        set_run_length(run, cfg, budget.decided, global_batch)  # the length it was resumed on
     cfg, why = pin_precision(run, cfg, checkpoints.restored_precision, device)
     precision = cfg.train.precision
     seed_ranks(t.seed, start_step, rank, world_size)
     model = wrap_for_training(run.student, run.teacher, cfg, world_size, device, fsdp)
-    loader = build_loader(cfg, train, mean, std, rank, world_size, start_step, run.last_step, device)
+    loader_for = partial(build_loader, cfg, train, mean, std, rank, world_size, start_step,
+                         device=device)
     log.info("precision %s (%s)", precision, why)
-    _tag_run(run.fingerprint, world_size, run.notes, precision, main)
     knn = None
     if knn_bank is not None and knn_queries is not None:
         knn = OnlineKNN(cfg, knn_bank, knn_queries, mean, std, run.steps_per_epoch, device, fsdp,
@@ -87,14 +85,20 @@ def pretrain(
                                                            train.channels), on_knn)
         if start_step == 0:
             knn.check(run.teacher, 0, history)  # the starting point: random init or loaded weights
+
+    def step_fn(batch: dict[str, Any], step: int) -> dict[str, torch.Tensor]:
+        return train_step(batch, step, model, run.teacher, run.losses, run.optimizer,
+                          run.schedules, cfg, device)
+
+    if budget is not None:  # the length, fixed before training: then a fixed-length run
+        fix_run_length(budget, run, cfg, start_step, checkpoints.restored_chosen_steps, step_fn,
+                       loader_for, knn, device)
+    _tag_run(run.fingerprint, world_size, run.notes, precision, main)
     metrics = MetricLogger(cfg, run.schedules, history, start_step, run.last_step, world_size, main)
-    run_steps(loader, model, run, metrics, knn, checkpoints, history, cfg.model_dump(mode="json"),
-              stop_after_steps,
-              lambda batch, step: train_step(batch, step, model, run.teacher, run.losses,
-                                             run.optimizer, run.schedules, cfg, device),
-              budget, lambda total: set_run_length(run, cfg, total, global_batch))
-    if budget is not None and budget.decided is not None:
-        run.notes.append(budget.note or f"train.time_budget_min: {budget.decided} steps")
+    run_steps(loader_for(run.last_step), model, run, metrics, knn, checkpoints, history,
+              cfg.model_dump(mode="json"), stop_after_steps, step_fn,
+              UnreadableFiles(run.unreadable_files, len(train), t.max_unreadable_fraction,
+                              t.log_every_steps))
 
     run_dir = Path(t.run_dir)
     backbone_path, heads_path = export_teacher(run.teacher, run_dir, main, fsdp,
@@ -110,7 +114,9 @@ def pretrain(
         images_per_second=metrics.images_per_second(), notes=run.notes,
         fingerprint=run.fingerprint, mean=list(mean), std=list(std), channels=train.channels,
         image_size=cfg.crops.global_size, world_size=world_size,
-        precision=precision,
+        precision=precision, unreadable_files=run.unreadable_files,
+        n_unreadable_files=len(run.unreadable_files),
+        **(budget.summary_fields() if budget else {}),
     )  # fmt: skip
 
 
@@ -118,33 +124,31 @@ def run_steps(loader, model: nn.Module, run: Components, metrics: MetricLogger,
               knn: OnlineKNN | None, checkpoints: Checkpointer, history: list[dict[str, float]],
               config: dict[str, Any], stop_after_steps: int | None,
               step_fn: Callable[[dict[str, Any], int], dict[str, torch.Tensor]],
-              budget: StepBudget | None = None,
-              set_length: Callable[[int], None] | None = None) -> None:
+              unreadable: UnreadableFiles | None = None) -> None:
     """The loop of pretraining and distillation: ``step_fn(batch, step)`` per batch, the metrics,
     the online kNN of the EMA and the checkpoints when due; a divergence names the checkpoint
     kept; ``stop_after_steps`` ends the process after a checkpoint (tests of resumption).
-    ``budget``: a time budget, which chooses the run's length early on; ``set_length(total)``
-    rebuilds the run's schedules for it (the loader then ends early: the loop stops)."""
+    ``unreadable``: counts the train files replaced (``run.unreadable_files``) and stops the run
+    past its limit."""
     try:
         for batch in loader:
             step, done = batch["step"], batch["step"] + 1
             run.teacher.train(False)
             model.train(True)
             out = step_fn(batch, step)
-            if budget is not None and set_length is not None:
-                total = budget.observe(done, knn.every if knn else None, knn.seconds if knn else 0.0)
-                if total is not None:
-                    set_length(total)
-                    metrics.set_length(run.last_step, run.schedules)
             metrics.record(step, out, batch["batch_size"])
+            if unreadable is not None:  # counted over processes when due; kept in checkpoints
+                unreadable.add(batch)
+                if unreadable.due(done) or checkpoints.due(done, run.last_step):
+                    run.unreadable_files = unreadable.sync(done)
             if knn is not None and knn.due(done, run.last_step):
                 knn.check(run.teacher, done, history)
             if checkpoints.due(done, run.last_step):
                 path = checkpoints.save(done, run, history, config)
                 if stop_after_steps is not None and done >= stop_after_steps:
                     raise SystemExit(f"stopped after step {done} as asked (checkpoint {path})")
-            if done >= run.last_step:  # a time budget ended the run before the loader's end
-                break
+        if unreadable is not None:
+            unreadable.log_names()
     except TrainingDiverged as exc:
         last = checkpoints.latest()
         kept = f"the last good checkpoint is kept at {last}" if last else "no checkpoint was written yet"
@@ -155,9 +159,9 @@ def run_steps(loader, model: nn.Module, run: Components, metrics: MetricLogger,
 
 def pin_precision(run: Components, cfg: PretrainConfig, restored: str | None,
                   device: torch.device) -> tuple[PretrainConfig, str]:
-    """``train.precision`` resolved once for the run: ``auto`` measures, and a measurement can
-    come out otherwise in a later process, so a resumed run keeps the precision its checkpoint
-    was trained in (exact resume). -> (cfg with the precision fixed, why)."""
+    """``train.precision`` resolved once for the run. A resumed run keeps the precision its
+    checkpoint was trained in (exact resume, also when it resumes on another kind of CPU).
+    -> (cfg with the precision fixed, why)."""
     precision, why = precision_choice(cfg, device)
     if restored is not None and restored != precision:
         why = f"as the checkpoint resumed was trained (now: {precision}, {why})"
@@ -166,13 +170,25 @@ def pin_precision(run: Components, cfg: PretrainConfig, restored: str | None,
     return cfg.model_copy(update={"train": cfg.train.model_copy(update={"precision": precision})}), why
 
 
-def resolve_auto(cfg: PretrainConfig) -> PretrainConfig:
-    """``train.num_workers: auto``: the cores of this process's share of the machine, one left
-    for the training process itself."""
+def resolve_auto(cfg: PretrainConfig, train: Split, device: torch.device) -> PretrainConfig:
+    """``train.num_workers: auto`` -> loader processes for this process's share of the cores.
+
+    CUDA: the cores per local process, one left for the training process itself (the GPU does
+    the compute; the loader is the CPU's work). CPU: the loader's processes take cores from
+    the training threads, so none for in-memory images (Fashion-MNIST: the augmentation alone,
+    ~0.02 s per batch, measured faster in the training process, docs/dev/performance.md) nor
+    with ``train.compile`` (compiled kernels crashed once a worker had been forked, parallel.py);
+    for image files ``CPU_FILE_WORKERS`` while this process has cores for them beyond 2.
+    """
     if cfg.train.num_workers != "auto":
         return cfg
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    workers = max(0, (os.cpu_count() or 1) // local - 1)
+    cores = (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    if device.type == "cuda":
+        workers = max(0, cores - 1)
+    elif train.images is not None or cfg.train.compile:
+        workers = 0
+    else:
+        workers = min(CPU_FILE_WORKERS, max(0, cores - 2))
     return cfg.model_copy(update={"train": cfg.train.model_copy(update={"num_workers": workers})})
 
 

@@ -59,10 +59,6 @@ class ProgressBar:
                     f"{metrics['perf/images_per_second']:.0f} img/s")
             self.bar.update(self.task, completed=step, info=info)
 
-    def set_total(self, total: int) -> None:
-        if self.bar:
-            self.bar.update(self.task, total=total)
-
     def close(self) -> None:
         if self.bar:
             self.bar.stop()
@@ -112,11 +108,6 @@ class MetricLogger:
             log.warning("step %d: %s", done, message)
             tracking.set_tags({"dinoflow.collapse_warning": message[:250]})
             self.warned = True
-
-    def set_length(self, last_step: int, schedules: Schedules) -> None:
-        """The run's length was chosen (a time budget): the end and the schedules it logs."""
-        self.last_step, self.schedules = last_step, schedules
-        self.bar.set_total(last_step)
 
     def images_per_second(self) -> float:
         elapsed = time.perf_counter() - self.t0

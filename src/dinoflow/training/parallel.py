@@ -50,7 +50,7 @@ def wrap_for_training(student: SSLModel, teacher: SSLModel, cfg: PretrainConfig,
     if device.type == "cpu" and t.num_workers:
         log.warning("train.compile with %s loader worker process(es) on CPU: with torch 2.14 "
                     "inside `kedro run` the compiled kernels crashed (SIGSEGV) once a worker "
-                    "had been forked; conf/base uses num_workers 0 (docs/performance.md)",
+                    "had been forked; conf/base uses num_workers 0 (docs/dev/performance.md)",
                     t.num_workers)
     return compile_for_training(model, None if fsdp else teacher)
 

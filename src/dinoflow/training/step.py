@@ -19,8 +19,8 @@ from dinoflow.training.components import Losses
 
 def precision_choice(cfg: PretrainConfig, device: torch.device) -> tuple[str, str]:
     """(precision, why) for ``train.precision``. auto (``dinoflow.precision.auto_precision``):
-    bf16 autocast on CUDA; on a CPU, bf16 when it has bf16 matrix units and bf16 is measured
-    faster for the run's own shapes (one MLP layer at the global crops' tokens x batch), else fp32."""
+    bf16 autocast on CUDA; on a CPU, bf16 when it has bf16 matrix units and one MLP layer at the
+    global crops' tokens x batch is large enough for bf16 to pay, else fp32. No timing."""
     want = cfg.train.precision
     if want != "auto":
         return want, f"train.precision={want}"
