@@ -60,7 +60,7 @@ lint: install  ## ruff, and the import layers (import-linter contracts in pyproj
 	$(VENV)/bin/ruff check src pipelines tests benchmarks experiments
 	$(VENV)/bin/lint-imports
 
-bench: data  ## benchmarks -> benchmarks/results/latest.json and the README table
+bench: data  ## benchmarks -> benchmarks/results/latest.json and latest.md
 	$(PY) -m benchmarks.run_all
 	$(PY) -m benchmarks.bench_curation
 

@@ -31,31 +31,15 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.bench_step import DinoflowStep, profile_config
-from benchmarks.common import cpu_model, machine_info
+from benchmarks.bench_step import DinoflowStep, make_batches, profile_config
+from benchmarks.common import camera_photos, cpu_model, machine_info
 from dinoflow.config import DataConfig, PretrainConfig
 from dinoflow.data import Split, load_data
 from dinoflow.data.cache import build_image_cache
 from dinoflow.data.decode import decode_file
 from dinoflow.training import build_loader
 
-PHOTO_FOLDERS = (Path("/usr/share/backgrounds"), Path("/usr/share/wallpapers"))
 WORKERS = (0, 1, 2)
-
-
-def camera_photos(min_pixels: int = 1_000_000) -> list[Path]:
-    """The JPEGs of the wallpaper packages that a camera took (EXIF Make), sorted."""
-    from PIL import Image
-
-    found = []
-    for folder in PHOTO_FOLDERS:
-        for path in sorted(folder.rglob("*")):
-            if path.suffix.lower() not in (".jpg", ".jpeg") or not path.is_file():
-                continue
-            with Image.open(path) as im:
-                if im.getexif().get(0x010F) and im.size[0] * im.size[1] >= min_pixels:
-                    found.append(path)
-    return found
 
 
 def make_folders(photos: list[Path], tmp: Path) -> dict[str, Path]:
@@ -106,19 +90,15 @@ def bench_decode(photos: list[Path], min_side: int, repeats: int) -> dict:
 
 
 def _rate(cfg: PretrainConfig, train: Split, workers: int, batches: int, step=None) -> float:
-    """Images/s over ``batches`` batches after the first (worker start-up, warm-up left out)."""
+    """Images/s of ``batches`` batches (and steps), from the loader's start: worker start-up
+    and the workers' head start are both in it, as in a run."""
     cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"num_workers": workers})})
-    loader = build_loader(
-        cfg, train, [0.5] * 3, [0.25] * 3, 0, 1, 0, batches + 1, torch.device("cpu")
-    )
-    t0, images = 0.0, 0
+    t0, images = time.perf_counter(), 0
+    loader = build_loader(cfg, train, [0.5] * 3, [0.25] * 3, 0, 1, 0, batches, torch.device("cpu"))
     for i, batch in enumerate(loader):
         if step is not None:
             step(batch, i)
-        if i == 0:
-            t0 = time.perf_counter()
-        else:
-            images += batch["batch_size"]
+        images += batch["batch_size"]
     return images / (time.perf_counter() - t0)
 
 
@@ -139,6 +119,7 @@ def bench_loaders(
     """Cache builds, loader images/s and loop images/s per folder, cache and worker count."""
     out: dict = {}
     step = DinoflowStep(cfg, channels=3)
+    step(make_batches(cfg, 3, 1)[0], 0)  # warm-up: first-call allocations out of the timing
     for name, root in roots.items():
         paths = sorted(root.iterdir())
         report = build_image_cache(
@@ -191,7 +172,7 @@ def markdown(r: dict) -> str:
     if "skipped" in r:
         return f"Loader: skipped ({r['skipped']})."
     lines = [
-        f"Loader ({r['cpu']}, {r['threads']} threads; {r['photos']} camera photos, the "
+        f"Loader ({r['cpu']}, {r['threads']} threads; {r['n_photos']} camera photos, the "
         f"ViT-S/14 profile's loader, cache short side {r['short_side']} px): images/s for "
         "0 / 1 / 2 workers"
     ]

@@ -86,9 +86,14 @@ def profile_config(name: str) -> tuple[PretrainConfig, int]:
         params["train"]["batch_size"] *= int(launcher.get("nproc_per_node", 1))
     if name == "cpu":
         return PretrainConfig.model_validate(params), 1
+    if name == "photos":  # conf/photos over conf/base, as `kedro run --env photos` merges them
+        photos = yaml.safe_load((ROOT / "conf/photos/parameters_pretrain.yml").read_text())
+        merged = deep_merge(params, photos["pretrain"])
+        merged["train"].update(device="cpu", num_workers=0)
+        return PretrainConfig.model_validate(merged), 3
     if name == "vit_s14":
         return PretrainConfig.model_validate(deep_merge(params, VIT_S14)), 3
-    raise ValueError(f"unknown profile {name!r}: cpu or vit_s14")
+    raise ValueError(f"unknown profile {name!r}: cpu, photos or vit_s14")
 
 
 def make_batches(cfg: PretrainConfig, channels: int, n: int, seed: int = 0) -> list[dict[str, Any]]:
@@ -387,7 +392,7 @@ def bench_profile(name: str, repeats: int, threads: int, with_lightly: bool = Tr
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--profiles", nargs="+", default=["cpu", "vit_s14"])
+    ap.add_argument("--profiles", nargs="+", default=["cpu", "photos", "vit_s14"])
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-lightly", action="store_true")

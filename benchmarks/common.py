@@ -188,3 +188,22 @@ def median(xs: list[float]) -> float:
     s = sorted(xs)
     n = len(s)
     return s[n // 2] if n % 2 else 0.5 * (s[n // 2 - 1] + s[n // 2])
+
+
+# Debian's wallpaper packages (mate-backgrounds, plasma-workspace-wallpapers, ...): real photos
+PHOTO_FOLDERS = (Path("/usr/share/backgrounds"), Path("/usr/share/wallpapers"))
+
+
+def camera_photos(min_pixels: int = 1_000_000) -> list[Path]:
+    """The JPEGs of the wallpaper packages that a camera took (EXIF Make), sorted."""
+    from PIL import Image
+
+    found: dict[Path, Path] = {}  # the wallpaper folders link to each other: each file once
+    for folder in PHOTO_FOLDERS:
+        for path in sorted(folder.rglob("*")):
+            if path.suffix.lower() not in (".jpg", ".jpeg") or not path.is_file():
+                continue
+            with Image.open(path) as im:
+                if im.getexif().get(0x010F) and im.size[0] * im.size[1] >= min_pixels:
+                    found.setdefault(path.resolve(), path)
+    return sorted(found.values())

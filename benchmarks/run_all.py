@@ -29,7 +29,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 
 def markdown(result: dict, command: str) -> str:
-    """The README table of one run."""
+    """The results table of one run (benchmarks/results/latest.md)."""
     m = result["machine"]
     lines = [
         f"Machine: {m['cpu']}, {m['cpu_count']} cores, load average {m['load_average_1m']:.1f} "
@@ -133,7 +133,7 @@ def bench_as_run(cpu: dict, repeats: int, threads: int) -> dict | None:
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--profiles", nargs="+", default=["cpu", "vit_s14"])
+    ap.add_argument("--profiles", nargs="+", default=["cpu", "photos", "vit_s14"])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, nargs="+", default=[2, 1])
     ap.add_argument("--images", type=int, default=4096, help="images for feature extraction")

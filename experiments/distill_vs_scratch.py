@@ -1,5 +1,5 @@
 """The distilled student against the same architecture pretrained from scratch for the same
-wall-clock time (the README's "Distillation" numbers). Three phases, from the repository root:
+wall-clock time (docs/results.md, "Distillation"). Three phases, from the repository root:
 
     # 1. per-step cost of a distillation step and of a from-scratch pretraining step of the
     #    student, in one process, alternating (torch.compile'd as conf/base runs them):
@@ -145,7 +145,7 @@ def scratch(steps: int, time_budget_min: float | None = None) -> dict:
 
 
 def report() -> dict:
-    """The distillation's numbers beside the scratch run's -> the README table."""
+    """The distillation's numbers beside the scratch run's -> the table of docs/results.md."""
     summary = json.loads((ROOT / "data/06_models/distillation/distillation_summary.json").read_text())
     metrics = json.loads((ROOT / "data/08_reporting/distillation/metrics.json").read_text())
     result = _save({"distillation": {"steps": summary["steps"], "seconds": summary["train_seconds"],

@@ -1,4 +1,4 @@
-"""kNN top-1 against images seen, for the README: what compute buys, next to raw pixels.
+"""kNN top-1 against images seen, for docs/results.md: what compute buys, next to raw pixels.
 
 Reads what ``make run`` (or any pretrain + evaluation run) left, from the repository root:
 

@@ -1,11 +1,11 @@
-"""One run of the CPU-profile search (README "Profiles"): conf/base's pretrain parameters with
+"""One run of the CPU-profile search (docs/results.md, "How the CPU profile was chosen"): conf/base's pretrain parameters with
 JSON overrides, online kNN as it goes, and optionally the full kNN of the evaluation pipeline.
 
     python -m experiments.profile_search base --final-knn      # conf/base as make run trains it (6,400 steps)
     python -m experiments.profile_search b32 '{"train": {"batch_size": 32, "steps_per_epoch": 200}}' --steps 3200
 
 ``--steps`` counts steps of the run's batch (a multiple of its ``steps_per_epoch``). The runs A-L of
-the README table used batch 64 and 700 steps (``'{"train": {"batch_size": 64, "steps_per_epoch":
+the table of docs/results.md used batch 64 and 700 steps (``'{"train": {"batch_size": 64, "steps_per_epoch":
 100}}' --steps 700``) at 1 thread, two runs side by side on the 2-core machine; their logs are in
 experiments/results/profile_search/. ``--final-knn`` adds the number the
 issue asks for: top-1 of k = 20 on the test split with the whole train split as the bank.
@@ -53,7 +53,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--steps", type=int, default=6400, help="total steps (conf/base: 6,400 of batch 16)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu", help="cpu | cuda")
-    parser.add_argument("--precision", default="fp32", help="fp32 (the sweeps of the README) | bf16 | auto (as make run)")
+    parser.add_argument("--precision", default="fp32", help="fp32 (the sweeps of docs/results.md) | bf16 | auto (as make run)")
     parser.add_argument("--budget-min", type=float, default=None,
                         help="train.time_budget_min: the length is what fits, --steps the cap (as make run)")
     parser.add_argument("--workers", type=int, default=None, help="data-loader workers (conf/base's by default)")

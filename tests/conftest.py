@@ -46,6 +46,20 @@ def seed() -> int:
 
 
 @pytest.fixture(scope="session")
+def camera_photos() -> list[Path]:
+    """Real camera photos (the JPEGs of Debian's wallpaper packages whose EXIF names a camera,
+    1-9 megapixels, baseline and progressive), smallest file first."""
+    from benchmarks.common import camera_photos as find
+
+    photos = [p for p in find() if p.stat().st_size < 9_000_000]
+    if len(photos) < 4:
+        pytest.skip("fewer than 4 camera photos under /usr/share/backgrounds and "
+                    "/usr/share/wallpapers (apt-get install mate-backgrounds "
+                    "plasma-workspace-wallpapers)")
+    return sorted(photos, key=lambda p: p.stat().st_size)
+
+
+@pytest.fixture(scope="session")
 def fmnist_splits():
     """The real Fashion-MNIST splits (from the Debian package or data/01_raw)."""
     from dinoflow.data import load_splits

@@ -16,12 +16,14 @@ def _images(n: int = 5, size: int = 20) -> list[np.ndarray]:
 
 
 def _direct(model: torch.nn.Module, rgb: np.ndarray, size: int, mean, std) -> np.ndarray:
-    """The embedder's preprocessing written out for one image (RGB models): the uint8 image
-    resized (antialiased bilinear, as every dinoflow consumer), then scaled and normalised."""
+    """The embedder's preprocessing written out for one image (RGB models): the uint8 image's
+    shorter side resized to round(size / 0.875) (antialiased bilinear), the centre size x size
+    kept (as every dinoflow consumer), then scaled and normalised."""
     from torchvision.transforms.v2 import functional as TF
 
-    x = TF.resize(torch.from_numpy(rgb).permute(2, 0, 1)[None], [size, size], antialias=True)
-    x = x.float() / 255.0
+    x = TF.resize(torch.from_numpy(rgb).permute(2, 0, 1)[None], round(size / 0.875), antialias=True)
+    top, left = round((x.shape[2] - size) / 2), round((x.shape[3] - size) / 2)
+    x = x[:, :, top : top + size, left : left + size].float() / 255.0
     x = (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
     with torch.inference_mode():
         f = model(x)[0].numpy()

@@ -88,7 +88,7 @@ def _config(source: str | Path, run_dir: Path, **sections) -> DistillationConfig
 # --------------------------------------------------------------------------- FLOPs
 def test_flops_per_image_match_a_hand_count_and_the_base_student_is_under_a_third() -> None:
     """conf/base's teacher (128-d x 6, 50 tokens at 28 px) counted by hand, and the distillation
-    student of conf/base at most 1/3 of it (what the README's comparison needs)."""
+    student of conf/base at most 1/3 of it (what the comparison in docs/results.md needs)."""
     from dinoflow.training import backbone_from_config
 
     def hand(d: int, depth: int, tokens: int = 50, patches: int = 49, mlp: float = 2.0) -> int:

@@ -3,6 +3,8 @@ holds, no file refers to anything outside it, and the README's commands and metr
 
 from __future__ import annotations
 
+import copy
+import functools
 import re
 import shlex
 import subprocess
@@ -214,6 +216,7 @@ def _kedro_options(command: str) -> dict[str, list[str]]:
     return options
 
 
+@functools.cache
 def _parameters(env: str | None) -> dict[str, Any]:
     """The parameters Kedro merges for ``env`` (conf/base under it), with the project's settings."""
     from kedro.config import OmegaConfigLoader
@@ -233,6 +236,7 @@ def _set(params: dict[str, Any], dotted: str, value: Any) -> None:
     params[last] = value
 
 
+@functools.cache
 def _sections(pipeline: str) -> set[str]:
     import importlib
 
@@ -252,7 +256,7 @@ def _kedro_problems(command: str, pipelines: set[str]) -> list[str]:
                  for p in names.split(",") if p not in pipelines]
     if problems:
         return problems
-    params = _parameters(options["env"][-1] if options["env"] else None)
+    params = copy.deepcopy(_parameters(options["env"][-1] if options["env"] else None))
     for pair in ",".join(options["params"]).split(","):
         if "=" in pair:
             key, _, value = pair.partition("=")

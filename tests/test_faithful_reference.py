@@ -1,4 +1,4 @@
-"""dinoflow against figures from Meta's official DINOv2 code (issue 16, docs/faithfulness.md).
+"""dinoflow against figures from Meta's official DINOv2 code (docs/faithfulness.md).
 
 The fixtures under tests/fixtures/dinov2_reference/ were written by running
 facebookresearch/dinov2 (commit in meta.json) with experiments/faithful/make_fixtures.py on the

@@ -28,8 +28,8 @@ N_STEPS = 6
 TERMS = ("loss/dino", "loss/ibot", "loss/koleo", "loss/total")
 
 # loss/dino, loss/ibot, loss/koleo, loss/total for steps 1..N_STEPS with the official dinov2
-# behaviour of issue 16 (trained weight_g, interpolate_pos_encoding, MaskingGenerator's small
-# final blocks, CosineScheduler ends), recorded with the eager loop (issue 16's branch).
+# defaults (trained weight_g, interpolate_pos_encoding, MaskingGenerator's small final blocks,
+# CosineScheduler ends; docs/faithfulness.md), recorded with the eager loop.
 REFERENCE: list[tuple[float, float, float, float]] = [
     (1.0481815, 2.8854029, 6.6881981, 4.6024041),
     (1.6712469, 3.0433412, 7.094636, 5.4240518),
@@ -39,7 +39,7 @@ REFERENCE: list[tuple[float, float, float, float]] = [
     (1.7189255, 2.4970376, 9.0088415, 5.1168475),
 ]
 
-# The curve before issue 16, recorded with the unoptimised backbone and SSLModel (commit
+# The curve before those defaults, recorded with the unoptimised backbone and SSLModel (commit
 # ae20b70) on the loop of commit a8bffed (whose data loader has its own generator, so the
 # global RNG serves drop-path only). The four config values of EARLIER_BEHAVIOUR reproduce it.
 EARLIER_REFERENCE: list[tuple[float, float, float, float]] = [

@@ -4,6 +4,7 @@ exactly the fixed-length run of that length, and a resumed run keeps it.
 The clock is simulated: a machine whose training step takes a fixed time and nothing else any.
 """
 
+import json
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -61,8 +62,13 @@ def _replayed(cfg: PretrainConfig, replay: str, section: str, run_dir: Path) -> 
 def data() -> tuple[Split, list[float], list[float]]:
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (64, 20, 20), dtype=np.uint8)
-    split = Split(ids=[str(i) for i in range(64)], labels=np.zeros(64, np.int64),
-                  class_names=["a"], channels=1, images=images)  # fmt: skip
+    split = Split(
+        ids=[str(i) for i in range(64)],
+        labels=np.zeros(64, np.int64),
+        class_names=["a"],
+        channels=1,
+        images=images,
+    )
     return split, [0.5], [0.25]
 
 
@@ -88,8 +94,10 @@ def machine(monkeypatch):
     def install(per_step: float, fail_at: int | None = None) -> StepClock:
         clock = StepClock(per_step)
         monkeypatch.setattr(budget_module, "time", SimpleNamespace(perf_counter=clock.perf_counter))
-        for module, name, kind in ((loop_module, "train_step", "train"),
-                                   (distill_module, "distill_step", "distill")):  # fmt: skip
+        for module, name, kind in (
+            (loop_module, "train_step", "train"),
+            (distill_module, "distill_step", "distill"),
+        ):
 
             def timed(*args, _real=REAL_STEPS[kind], **kwargs):
                 clock.tick()
@@ -111,8 +119,6 @@ def _teacher(run_dir: Path) -> dict[str, torch.Tensor]:
 
 def _history(run_dir: Path) -> list[dict[str, float]]:
     """Every logged row, without the measured speed (the one thing the clock changes)."""
-    import json
-
     rows = json.loads((run_dir / "history.json").read_text())
     return [{k: v for k, v in row.items() if not k.startswith("perf/")} for row in rows]
 
@@ -131,7 +137,7 @@ def test_fitting_steps_by_hand() -> None:
 @pytest.mark.parametrize("steps_per_epoch", [1, 3, 7, 20, 200, 781, 1250])
 def test_the_replay_parameters_give_exactly_the_length(steps_per_epoch: int) -> None:
     base = PretrainConfig()
-    for steps in [*range(1, 400), 3099, 3100, 4099, 123_457]:
+    for steps in [*range(1, 120), 3099, 3100, 4099, 123_457]:
         replay = replay_params("pretrain", steps, steps_per_epoch)
         params = OmegaConf.to_container(OmegaConf.from_dotlist(replay.split(",")))["pretrain"]
         cfg = base.model_copy(update={"train": base.train.model_copy(update=params["train"])})
@@ -143,44 +149,51 @@ def test_a_budgeted_run_is_the_fixed_length_run_it_chose(tmp_path, data, machine
     import mlflow
 
     clock = machine(0.1)
-    cfg = _cfg(tmp_path / "budget", time_budget_min=0.85)
+    cfg = _cfg(tmp_path / "budget", time_budget_min=0.46)
     with mlflow.start_run() as active:
         budgeted = pretrain(cfg, *data)
-    # 51 s: the probe's 210 steps took 21 s (its 200 timed ones: 0.1 s per step); 30 s left at
-    # 0.105 s per step (5 % margin) fit 285 steps, fewer than the cap (300)
-    assert budgeted.steps == budgeted.budget_steps == 285
-    assert clock.steps == PROBE + 285  # the probe's steps, then the run's from step 0
-    assert budgeted.budget_replay == ("pretrain.train.time_budget_min=null,pretrain.train.epochs"
-                                      "=14.25,pretrain.train.steps_per_epoch=20")  # fmt: skip
-    assert any("285 steps" in n and budgeted.budget_replay in n for n in budgeted.notes)
+    # 27.6 s: the probe's 210 steps took 21 s (its 200 timed ones: 0.1 s per step); 6.6 s left
+    # at 0.105 s per step (5 % margin) fit 62 steps, fewer than the cap (300)
+    assert budgeted.steps == budgeted.budget_steps == 62
+    assert clock.steps == PROBE + 62  # the probe's steps, then the run's from step 0
+    assert budgeted.budget_replay == (
+        "pretrain.train.time_budget_min=null,pretrain.train.epochs"
+        "=3.1,pretrain.train.steps_per_epoch=20"
+    )
+    assert any("62 steps" in n and budgeted.budget_replay in n for n in budgeted.notes)
     client = mlflow.MlflowClient()
     tags = client.get_run(active.info.run_id).data.tags
-    assert (tags["dinoflow.time_budget_steps"], tags["dinoflow.time_budget_s_per_step"]) == ("285", "0.1")
+    assert (tags["dinoflow.time_budget_steps"], tags["dinoflow.time_budget_s_per_step"]) == (
+        "62",
+        "0.1",
+    )
     logged = [m.step for m in client.get_metric_history(active.info.run_id, "loss/total")]
-    assert logged == list(range(1, 286))  # nothing of the probe is logged
+    assert logged == list(range(1, 63))  # nothing of the probe is logged
 
     params = _replayed(cfg, budgeted.budget_replay, "pretrain", tmp_path / "fixed")
     fixed = pretrain(PretrainConfig.model_validate(params), *data)
-    assert fixed.steps == 285 and fixed.budget_steps is None
+    assert fixed.steps == 62 and fixed.budget_steps is None
     a, b = _teacher(tmp_path / "budget"), _teacher(tmp_path / "fixed")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     history = _history(tmp_path / "budget")
-    assert [row["step"] for row in history] == list(range(1, 286))
+    assert [row["step"] for row in history] == list(range(1, 63))
     assert history == _history(tmp_path / "fixed")
 
 
 def test_the_clock_chooses_the_length_only_with_a_budget(tmp_path, data, machine) -> None:
-    quiet = {"epochs": 12, "log_every_steps": 40, "checkpoint_every_steps": 240}  # cap 240
+    quiet = {"log_every_steps": 20, "checkpoint_every_steps": 300}
     steps, teachers = {}, {}
     for per_step in (0.1, 0.2):
         machine(per_step)
-        plain = pretrain(_cfg(tmp_path / f"plain_{per_step}", **quiet), *data)
-        budgeted = pretrain(_cfg(tmp_path / f"budget_{per_step}", time_budget_min=0.75, **quiet), *data)
+        plain = pretrain(_cfg(tmp_path / f"plain_{per_step}", epochs=3, **quiet), *data)
+        budgeted = pretrain(
+            _cfg(tmp_path / f"budget_{per_step}", time_budget_min=0.75, **quiet), *data
+        )
         steps[per_step] = (plain.steps, budgeted.steps)
         teachers[per_step] = _teacher(tmp_path / f"plain_{per_step}")
     # 45 s: 0.1 s per step leaves 24 s after the probe (228 steps at 0.105 s), 0.2 s leaves
-    # 3 s (14 steps at 0.21 s); without a budget both train the cap
-    assert steps == {0.1: (240, 228), 0.2: (240, 14)}
+    # 3 s (14 steps at 0.21 s); without a budget both train their 60 steps
+    assert steps == {0.1: (60, 228), 0.2: (60, 14)}
     assert all(torch.equal(teachers[0.1][k], teachers[0.2][k]) for k in teachers[0.1])
 
 
@@ -225,7 +238,7 @@ def test_distillation_replays_its_budgeted_length(tmp_path, data, machine) -> No
     params = {
         "teacher": {"source": "unused"},
         "crops": TINY["crops"],
-        "backbone": {"arch": "custom", "patch_size": 4, "embed_dim": 16, "depth": 1, "num_heads": 2},
+        "backbone": TINY["backbone"],
         "head": {"hidden_dim": 16, "bottleneck_dim": 8},
         "optim": TINY["optim"],
         "train": {**TINY["train"], "run_dir": str(tmp_path / "budget"), "time_budget_min": 0.3875},

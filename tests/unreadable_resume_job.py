@@ -1,5 +1,5 @@
 """A tiny pretraining run on a folder of photos, some of them unreadable: used by
-test_unreadable_training.py in process, and as a separate process to be killed and resumed.
+test_unreadable_training.py in process, and as a separate process to be killed.
 
 ``python tests/unreadable_resume_job.py RUN_DIR SPLIT_JSON``: SPLIT_JSON holds the folder and
 the item ids of the split as it was built, before some of its files broke.
@@ -71,21 +71,17 @@ def folder_split(root: str | Path, ids: list[str]) -> Split:
     )
 
 
-def main(run_dir: str, split_json: str) -> None:
+def train(run_dir: str | Path, root: str | Path, ids: list[str]) -> dict[str, Any]:
+    """30 steps (time to be killed after a checkpoint) -> what the test compares."""
     torch.set_num_threads(1)
-    described = json.loads(Path(split_json).read_text())
-    cfg = tiny_cfg(run_dir, epochs=6)  # 30 steps: time to be killed after a checkpoint
-    result = pretrain(cfg, folder_split(described["root"], described["ids"]), MEAN, STD)
-    print(
-        json.dumps(
-            {
-                "steps": result.steps,
-                "resumed_from_step": result.resumed_from_step,
-                "unreadable_files": result.unreadable_files,
-            }
-        )
-    )
+    result = pretrain(tiny_cfg(run_dir, epochs=6), folder_split(root, ids), MEAN, STD)
+    return {
+        "steps": result.steps,
+        "resumed_from_step": result.resumed_from_step,
+        "unreadable_files": result.unreadable_files,
+    }
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    described = json.loads(Path(sys.argv[2]).read_text())
+    print(json.dumps(train(sys.argv[1], described["root"], described["ids"])))

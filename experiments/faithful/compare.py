@@ -1,4 +1,4 @@
-"""Re-run the comparison table of issue 16 from the committed fixtures (no official code needed).
+"""Re-run the comparison table of docs/faithfulness.md from the committed fixtures (no official code needed).
 
     python -m experiments.faithful.compare > experiments/faithful/results.md
 

@@ -51,6 +51,7 @@ class EmbedConfig(Strict):
     folder: str | None = None  # a folder of images; None: the curated training set
     embedding: Literal["cls", "patch_mean"] = "cls"
     batch_size: int = Field(64, ge=1)
+    device: str = "auto"  # auto: the training device (the GPU when one is visible)
     limit: int | None = Field(None, ge=1)  # embed only the first N images (quick runs)
     skip_unreadable: bool = True  # folder: skip (and list) files that do not decode; else stop
     parquet_path: str = "data/07_model_output/embeddings.parquet"

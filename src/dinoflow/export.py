@@ -63,6 +63,7 @@ class ExportConfig(Strict):
     opset: int = Field(18, ge=17)  # the dynamo exporter's own opset is 18
     timm: bool = True
     check_batch_sizes: list[int] = Field(default_factory=lambda: [1, 3], min_length=1)
+    device: str = "auto"  # the model's side of the export and its checks (the training device)
     seed: int = 0  # the random check inputs
     log_to_mlflow: bool = True
 
@@ -167,7 +168,8 @@ def export_onnx(model: nn.Module, path: str | Path, image_size: int, opset: int 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     wrapper = _Tokens(backbone).eval()
-    example = torch.zeros(2, backbone.in_chans, image_size, image_size)
+    device = next(backbone.parameters()).device  # traced where the model is (export.device)
+    example = torch.zeros(2, backbone.in_chans, image_size, image_size, device=device)
     batch = torch.export.Dim("batch", min=1)
     with torch.no_grad():
         program = torch.onnx.export(
@@ -191,6 +193,7 @@ def onnx_max_abs_diff(
     import onnxruntime as ort
 
     backbone = _dino_vit(model).eval()
+    device = next(backbone.parameters()).device  # the PyTorch reference on export.device
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     gen = torch.Generator().manual_seed(seed)
     diffs: dict[str, float] = {}
@@ -198,7 +201,7 @@ def onnx_max_abs_diff(
         x = torch.randn(b, backbone.in_chans, image_size, image_size, generator=gen)
         cls, patches = session.run(None, {"images": x.numpy()})
         with torch.no_grad():
-            ref_cls, ref_patches = _Tokens(backbone)(x)
+            ref_cls, ref_patches = (t.cpu() for t in _Tokens(backbone)(x.to(device)))
         diffs[f"cls_b{b}"] = float(np.abs(cls - ref_cls.numpy()).max())
         diffs[f"patch_tokens_b{b}"] = float(np.abs(patches - ref_patches.numpy()).max())
     return diffs
@@ -208,8 +211,9 @@ def _timm_max_abs_diff(net: nn.Module, model: nn.Module, image_size: int, seed: 
     backbone = _dino_vit(model).eval()
     x = torch.randn(3, backbone.in_chans, image_size, image_size,
                     generator=torch.Generator().manual_seed(seed))  # fmt: skip
+    device = next(backbone.parameters()).device
     with torch.no_grad():
-        return float((net(x) - backbone(x)).abs().max())
+        return float((net(x) - backbone(x.to(device)).cpu()).abs().max())
 
 
 def preprocessing_spec(model: nn.Module) -> dict[str, Any]:

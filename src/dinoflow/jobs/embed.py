@@ -8,6 +8,7 @@ from typing import Any
 
 from dinoflow import tracking
 from dinoflow.data import load_data
+from dinoflow.distributed import resolve_device
 from dinoflow.embeddings import EmbedConfig, folder_image_set, run_embedding, split_image_set
 from dinoflow.jobs.pretrain import apply_manifest
 from dinoflow.serving import load_registered_backbone
@@ -22,7 +23,7 @@ def embed_job(cfg: EmbedConfig, data=None, manifest_ids: list[str] | None = None
     manifest's ``manifest_ids`` (the whole train split, with a warning, when there is none).
     Logs the picture and the counts to the active MLflow run when ``cfg.log_to_mlflow``.
     """
-    model = load_registered_backbone(cfg.model)
+    model = load_registered_backbone(cfg.model).to(resolve_device(cfg.device, "embed.device"))
     if cfg.folder:
         images = folder_image_set(cfg.folder, cfg.limit)
     else:

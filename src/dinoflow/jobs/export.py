@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from dinoflow import tracking
+from dinoflow.distributed import resolve_device
 from dinoflow.export import ExportConfig, export_backbone
 from dinoflow.serving import load_registered_backbone
 
@@ -15,7 +16,7 @@ def export_job(cfg: ExportConfig) -> dict[str, Any]:
     The files go to the active MLflow run under ``export/`` (and the max abs differences as
     metrics ``export/...``) when ``cfg.log_to_mlflow``.
     """
-    model = load_registered_backbone(cfg.model)
+    model = load_registered_backbone(cfg.model).to(resolve_device(cfg.device, "export.device"))
     summary = export_backbone(model, cfg, source=cfg.model)
     if cfg.log_to_mlflow:
         for path in summary["files"].values():
