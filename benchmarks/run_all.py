@@ -1,5 +1,5 @@
-"""``make bench``: the step, evaluation and distillation benchmarks in one process, written to
-benchmarks/results/latest.json and a markdown table in benchmarks/results/latest.md.
+"""``make bench``: the step, evaluation, distillation and loader benchmarks in one process,
+written to benchmarks/results/latest.json and a markdown table in benchmarks/results/latest.md.
 
     python -m benchmarks.run_all                  # 2 then 1 torch threads, 3 repetitions
     python -m benchmarks.run_all --repeats 5 --threads 2 --profiles cpu
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import bench_distill, bench_eval, bench_step
+from benchmarks import bench_distill, bench_eval, bench_loader, bench_step
 from benchmarks.common import ROOT, interleaved_times, machine_info, median
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -87,6 +87,8 @@ def markdown(result: dict, command: str) -> str:
               ""]
     if result.get("distillation"):
         lines += [bench_distill.markdown(result["distillation"]), ""]
+    if result.get("loader"):
+        lines += [bench_loader.markdown(result["loader"]), ""]
     return "\n".join(lines)
 
 
@@ -156,6 +158,8 @@ def main(argv: list[str] | None = None) -> dict:
                       "knn": bench_eval.bench_knn()}
     print("distillation benchmark (student and teacher inference)", file=sys.stderr, flush=True)
     result["distillation"] = bench_distill.bench(args.threads[0])
+    print("loader benchmark (real photos, the image cache)", file=sys.stderr, flush=True)
+    result["loader"] = bench_loader.bench(args.threads[0])
     # the headline numbers at the top level: the CPU profile's (first thread count unsuffixed)
     for threads in args.threads:
         cpu = result["profiles"].get(f"cpu@{threads}t")

@@ -53,9 +53,11 @@ def camera_photos() -> list[Path]:
 
     photos = [p for p in find() if p.stat().st_size < 9_000_000]
     if len(photos) < 4:
-        pytest.skip("fewer than 4 camera photos under /usr/share/backgrounds and "
-                    "/usr/share/wallpapers (apt-get install mate-backgrounds "
-                    "plasma-workspace-wallpapers)")
+        pytest.skip(
+            "fewer than 4 camera photos under /usr/share/backgrounds and "
+            "/usr/share/wallpapers (apt-get install mate-backgrounds "
+            "plasma-workspace-wallpapers)"
+        )
     return sorted(photos, key=lambda p: p.stat().st_size)
 
 

@@ -1,7 +1,9 @@
 """The failure paths a user meets first: bad keys, kills, full disks, two runs, bad checkpoints.
 
-Every row of the README's "What happens when" table is one of these tests. They use real files,
-real processes (killed for real), a real full filesystem (a small tmpfs) and real MLflow stores.
+The rows of the README's "Troubleshooting: what happens when" table are tests here, except an
+unreadable image during training (tests/test_unreadable_training.py) and the MLflow URI hint.
+They use real files, real processes (killed for real), a real full filesystem (a small tmpfs) and
+real MLflow stores.
 """
 
 from __future__ import annotations
@@ -318,8 +320,12 @@ def test_gpu_profile_sizes_itself_on_a_cpu_machine(caplog) -> None:
         resolved = resolve_processes(cfg)
     assert resolved.launcher.nproc_per_node == 1  # no GPU visible: one process, not 8
     assert "on the CPU: expect seconds to minutes per step" in caplog.text
-    workers = resolve_auto(resolved).train.num_workers
-    assert workers == max(0, (os.cpu_count() or 1) - 1)
+    files = Split(
+        ids=["a.jpg"], labels=np.array([-1]), class_names=[], channels=3, paths=[Path("a.jpg")]
+    )
+    workers = resolve_auto(resolved, files, torch.device("cpu")).train.num_workers
+    cores = os.cpu_count() or 1
+    assert workers == (0 if cores < 2 else max(2, cores // 3))  # the step keeps its cores
 
 
 def test_nan_advice_names_only_what_the_run_can_change() -> None:

@@ -219,7 +219,8 @@ class TrainConfig(Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # auto: bf16 on CUDA; on a CPU bf16 only with bf16 matrix units and a measured speed-up
     precision: Literal["auto", "fp32", "bf16"] = "auto"
-    num_workers: Annotated[int, Field(ge=0)] | Literal["auto"] = 0  # auto: cores per process - 1
+    # auto: CUDA cores per process - 1; CPU 0 for in-memory images, >= 2 for files (loop.py)
+    num_workers: Annotated[int, Field(ge=0)] | Literal["auto"] = 0
     pin_memory: bool = False
     fused_optimizer: bool = False  # fused AdamW (CUDA)
     compile: bool = False

@@ -85,8 +85,9 @@ def _draft(im, min_side: int) -> int:
     return max(1, round(width / im.size[0]))
 
 
-def decode_file(source: str | Path | bytes, max_pixels: int = DEFAULT_MAX_PIXELS,
-                min_side: int | None = None) -> Decoded:
+def decode_file(
+    source: str | Path | bytes, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int | None = None
+) -> Decoded:
     """Decode one file (a path, or the file's bytes) to RGB; never raises: failures come back as
     reason unreadable / too_large with a detail. ``min_side``: JPEGs decoded reduced (module
     docstring); meta then adds ``draft_scale`` and the full size ``full_height``/``full_width``."""
@@ -130,8 +131,11 @@ def decode_file(source: str | Path | bytes, max_pixels: int = DEFAULT_MAX_PIXELS
             except Exception as exc:  # noqa: BLE001
                 return Decoded(None, meta, "unreadable", f"{type(exc).__name__}: {exc}")
     if min_side:
-        meta.update(draft_scale=scale, full_height=width if turned else height,
-                    full_width=height if turned else width)
+        meta.update(
+            draft_scale=scale,
+            full_height=width if turned else height,
+            full_width=height if turned else width,
+        )
     meta["height"], meta["width"] = rgb.shape[:2]  # after EXIF orientation
     return Decoded(np.ascontiguousarray(rgb), meta)
 
@@ -170,8 +174,9 @@ def short_side_size(height: int, width: int, side: int) -> tuple[int, int]:
     return max(1, round(height * side / short)), max(1, round(width * side / short))
 
 
-def decode_short_side(source: str | Path | bytes, side: int,
-                      max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded:
+def decode_short_side(
+    source: str | Path | bytes, side: int, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> Decoded:
     """``decode_file`` reduced to a shorter side of ``side`` px (never up): JPEGs decoded at
     >= ``REDUCING_GAP`` x ``side`` by libjpeg, then an antialiased bicubic resize (the filter
     of the augmentation's resized crops). The target size is computed from the full size, so a
@@ -190,8 +195,12 @@ def decode_short_side(source: str | Path | bytes, side: int,
     return decoded
 
 
-def decode_image(source: str | Path | bytes, channels: int, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 short_side: int | None = None) -> torch.Tensor:
+def decode_image(
+    source: str | Path | bytes,
+    channels: int,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    short_side: int | None = None,
+) -> torch.Tensor:
     """A file (path or bytes) -> uint8 (C, H, W): the pixels curation checked, in ``channels``;
     with ``short_side``, reduced as ``decode_short_side`` does."""
     if short_side:

@@ -173,9 +173,15 @@ def use_image_cache(splits: dict[str, Split], data: DataConfig) -> None:
         found += sum(p is not None for p in split.cached)
     total = sum(len(split) for split in splits.values())
     if found < total:
-        log.warning("data.cache: %d of %d images are not in the image cache %s (not built, or "
-                    "changed since: the curation pipeline builds it); those are decoded from the "
-                    "originals at %d px", total - found, total, folder, data.cache.short_side)
+        log.warning(
+            "data.cache: %d of %d images are not in the image cache %s (not built, or "
+            "changed since: the curation pipeline builds it); those are decoded from the "
+            "originals at %d px",
+            total - found,
+            total,
+            folder,
+            data.cache.short_side,
+        )
 
 
 def data_identity(ids: Sequence[str]) -> str:

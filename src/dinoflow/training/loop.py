@@ -39,9 +39,12 @@ from dinoflow.training.step import precision_choice, train_step
 
 log = logging.getLogger(__name__)
 
-# loader processes for image files on a CPU (benchmarks/bench_loader.py: the loader feeding the
-# ViT-S/14 profile's step, 0 / 1 / 2 workers, photos with and without the image cache)
-CPU_FILE_WORKERS = 1
+# Loader processes for image files on a CPU: at least this many. benchmarks/bench_loader.py (AMD
+# EPYC, 2 cores, the ViT-S/14 profile's step fed by its loader): 4.3 / 5.3 / 7.8 images/s with
+# 0 / 1 / 2 workers on 2-5K photos, 6.9 / 6.9 / 7.1 from the image cache (workers that wait cost
+# the step nothing). Decoding and augmenting the photos took ~40 % of the loop's CPU, so larger
+# machines get a third of their cores.
+CPU_FILE_WORKERS = 2
 
 
 def pretrain(
@@ -178,7 +181,7 @@ def resolve_auto(cfg: PretrainConfig, train: Split, device: torch.device) -> Pre
     the training threads, so none for in-memory images (Fashion-MNIST: the augmentation alone,
     ~0.02 s per batch, measured faster in the training process, docs/dev/performance.md) nor
     with ``train.compile`` (compiled kernels crashed once a worker had been forked, parallel.py);
-    for image files ``CPU_FILE_WORKERS`` while this process has cores for them beyond 2.
+    for image files a third of the cores, at least ``CPU_FILE_WORKERS`` (none on one core).
     """
     if cfg.train.num_workers != "auto":
         return cfg
@@ -188,7 +191,7 @@ def resolve_auto(cfg: PretrainConfig, train: Split, device: torch.device) -> Pre
     elif train.images is not None or cfg.train.compile:
         workers = 0
     else:
-        workers = min(CPU_FILE_WORKERS, max(0, cores - 2))
+        workers = 0 if cores < 2 else max(CPU_FILE_WORKERS, cores // 3)
     return cfg.model_copy(update={"train": cfg.train.model_copy(update={"num_workers": workers})})
 
 
