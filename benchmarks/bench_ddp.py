@@ -1,4 +1,4 @@
-"""Benchmark (not a test): dinoflow's pretraining step as conf/base runs it on this machine,
+"""Benchmark (not a test): dinoflow's pretraining step as conf/base runs it on the local machine,
 several DDP processes (torch.distributed, gloo) of a few threads each, each with its share of the
 global batch.
 

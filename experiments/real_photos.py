@@ -14,6 +14,7 @@
     python -m experiments.real_photos folder --images 10000
     python -m experiments.real_photos run
     python -m experiments.real_photos measure
+    python -m experiments.real_photos pictures   # after `kedro run --env photos --pipelines=embed`
 """
 
 from __future__ import annotations
@@ -71,6 +72,24 @@ def cut_crops(photo: Path, n: int, out: Path, rng: np.random.Generator, stem: st
     return n
 
 
+def cut_tiles(photo: Path, out: Path, stem: str, short_side: int = 1440) -> int:
+    """The photo at ``short_side`` px cut into non-overlapping 640x480 (or 480x640) tiles: images
+    that share no pixel, as distinct as photos of one scene."""
+    from PIL import Image, ImageOps
+
+    with Image.open(photo) as im:
+        rgb = ImageOps.exif_transpose(im).convert("RGB")
+    scale = short_side / min(rgb.size)
+    rgb = rgb.resize((round(rgb.width * scale), round(rgb.height * scale)), Image.Resampling.LANCZOS)
+    tw, th = (640, 480) if rgb.width >= rgb.height else (480, 640)
+    n = 0
+    for y in range(0, rgb.height - th + 1, th):
+        for x in range(0, rgb.width - tw + 1, tw):
+            rgb.crop((x, y, x + tw, y + th)).save(out / f"{stem}_{n:03d}.jpg", quality=90)
+            n += 1
+    return n
+
+
 def make_folder(workdir: Path, images: int, held_out_per_photo: int = 40, seed: int = 0) -> dict:
     photos = distinct_photos()
     held = photos[::HOLD_OUT_EVERY]
@@ -83,6 +102,9 @@ def make_folder(workdir: Path, images: int, held_out_per_photo: int = 40, seed: 
         out.mkdir(parents=True, exist_ok=True)
         for i, photo in enumerate(sources):
             written[name] += cut_crops(photo, per_photo, out, rng, f"{i:03d}")
+    tiles = workdir / "held_out_tiles"  # the held-out photos again, without overlapping crops
+    tiles.mkdir(parents=True, exist_ok=True)
+    written["held_out_tiles"] = sum(cut_tiles(p, tiles, f"{i:03d}") for i, p in enumerate(held))
     info = {"distinct_photos": len(photos), "train_photos": len(train), "held_out_photos": len(held),
             **written, "sources": [str(p) for p in photos]}
     (workdir / "folder.json").write_text(json.dumps(info, indent=1))
@@ -102,23 +124,55 @@ def measure(workdir: Path) -> dict:
     from dinoflow.evaluation.report import random_init_like
     from dinoflow.models.vit import DinoVisionTransformer, load_backbone
 
-    summary = json.loads((workdir / "project/data/06_models/pretrain_summary.json").read_text())
-    backbone = load_backbone(summary["teacher_backbone"]).eval()
+    project = workdir / "project"
+    summary = json.loads((project / "data/06_models/pretrain_summary.json").read_text())
+    backbone = load_backbone(project / summary["teacher_backbone"]).eval()
     factory = partial(DinoVisionTransformer, **backbone.backbone_kwargs())
     nets = {"pretrained": backbone, "random_init": random_init_like(backbone, 0, factory)}
-    data = DataConfig(source="image_folder", path=str(workdir / "held_out"), val_size=1,
-                      test_fraction=0.99)
-    held_out = load_data(data)["test"]
     eval_settings = _photos_eval_settings(workdir)
-    results = label_free_metrics(nets, held_out, int(summary["image_size"]), summary["mean"],
-                                 summary["std"], eval_settings.view_settings(), max_images=2000,
-                                 seed=0, batch_size=128, progress=False)
-    ratios = {k: results["pretrained"][k] / results["random_init"][k]
-              for k in ("rankme", "view_retrieval_top1")}
-    out = {"held_out_images": len(held_out), "steps": summary["steps"],
-           "images_per_second": summary.get("images_per_second"), **results, "ratio": ratios}
+    out = {"steps": summary["steps"], "images_per_second": summary.get("images_per_second")}
+    for folder in ("held_out", "held_out_tiles"):  # 40 overlapping crops / tiles per photo
+        data = DataConfig(source="image_folder", path=str(workdir / folder), val_size=1,
+                          test_fraction=0.99)
+        held_out = load_data(data)["test"]
+        results = label_free_metrics(nets, held_out, int(summary["image_size"]), summary["mean"],
+                                     summary["std"], eval_settings.view_settings(),
+                                     max_images=2000, seed=0, batch_size=128, progress=False)
+        ratios = {k: results["pretrained"][k] / results["random_init"][k]
+                  for k in ("rankme", "view_retrieval_top1")}
+        out[folder] = {"images": len(held_out), **results, "ratio": ratios}
     (workdir / "measure.json").write_text(json.dumps(out, indent=1))
     return out
+
+
+def pictures(workdir: Path, size: int = 128) -> list[Path]:
+    """PCA maps of patch features on one landscape tile of each of 8 held-out photos (at
+    ``size`` px: a 16 x 16 grid at patch 8) and the embed pipeline's neighbours picture on the
+    held-out tiles, copied to docs/images/."""
+    import shutil
+
+    from PIL import Image
+
+    from dinoflow.evaluation.pictures import pca_feature_maps
+    from dinoflow.models.vit import load_backbone
+
+    project = workdir / "project"
+    summary = json.loads((project / "data/06_models/pretrain_summary.json").read_text())
+    backbone = load_backbone(project / summary["teacher_backbone"]).eval()
+    best: dict[str, tuple[float, np.ndarray]] = {}  # per photo: its most detailed tile
+    for path in sorted((workdir / "held_out_tiles").glob("*.jpg")):
+        rgb = np.asarray(Image.open(path).convert("RGB"))
+        photo, detail = path.name.split("_")[0], float(rgb.std())
+        if rgb.shape[1] > rgb.shape[0] and detail > best.get(photo, (-1.0, None))[0]:
+            best[photo] = (detail, rgb)
+    by_detail = sorted(best.values(), key=lambda item: -item[0])[:8]
+    images = np.stack([rgb for _, rgb in by_detail])
+    pca = pca_feature_maps(backbone, images, summary["mean"], summary["std"],
+                           ROOT / "docs/images/photos_pca.png", size,
+                           title="conf/photos backbone on held-out photos")
+    neighbours = ROOT / "docs/images/photos_neighbours.png"
+    shutil.copy(project / "data/08_reporting/embed/neighbours.png", neighbours)
+    return [pca, neighbours]
 
 
 def _photos_eval_settings(workdir: Path):
@@ -138,7 +192,7 @@ def _photos_eval_settings(workdir: Path):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=["folder", "run", "measure"])
+    parser.add_argument("what", choices=["folder", "run", "measure", "pictures"])
     parser.add_argument("--workdir", type=Path, default=ROOT / "data/10_experiments/real_photos")
     parser.add_argument("--images", type=int, default=10_000)
     parser.add_argument("--params", default="", help="extra kedro --params, comma-separated")
@@ -151,8 +205,10 @@ def main() -> None:
     elif args.what == "run":
         extra = [p for p in args.params.split(",") if p]
         print(f"kedro run --env photos: {run(args.workdir, extra):.0f} s")
-    else:
+    elif args.what == "measure":
         print(json.dumps(measure(args.workdir), indent=1))
+    else:
+        print([str(p) for p in pictures(args.workdir)])
     print(f"{args.what}: {time.perf_counter() - start:.0f} s")
 
 

@@ -199,7 +199,7 @@ def torchrun_command(cfg: PretrainConfig, spec_path: Path, summary_path: Path) -
 
 def launch_torchrun(data: DataConfig, cfg: PretrainConfig,
                     manifest_ids: list[str] | None) -> PretrainSummary:
-    """Run ``nproc_per_node`` processes on this machine through torch's elastic launcher."""
+    """Run ``nproc_per_node`` processes on the local host through torch's elastic launcher."""
     spec_path, summary_path = write_job_spec(data, cfg, manifest_ids)
     cmd = torchrun_command(cfg, spec_path, summary_path)
     env = _child_env()
@@ -242,7 +242,7 @@ class DistributedTask:
 def slurm_executor(cfg: PretrainConfig, cluster: str | None = None):
     """A submitit executor for ``launcher``: nodes x tasks (one per GPU), partition, time limit.
 
-    ``cluster=None`` lets submitit detect SLURM; ``"local"`` runs the tasks on this machine
+    ``cluster=None`` lets submitit detect SLURM; ``"local"`` runs the tasks on the local host
     (same code path; used by the tests and to try a job spec before queueing it).
     """
     import submitit
