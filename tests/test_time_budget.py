@@ -150,6 +150,7 @@ def test_a_budgeted_run_is_the_fixed_length_run_it_chose(tmp_path, data, machine
 
     clock = machine(0.1)
     cfg = _cfg(tmp_path / "budget", time_budget_min=0.46)
+    mlflow.set_experiment("budget")  # this test's store: not an experiment id left by another
     with mlflow.start_run() as active:
         budgeted = pretrain(cfg, *data)
     # 27.6 s: the probe's 210 steps took 21 s (its 200 timed ones: 0.1 s per step); 6.6 s left
