@@ -124,7 +124,8 @@ def decode_file(
                 im.seek(0)  # animated: the first frame
                 scale = _draft(im, min_side) if min_side else 1
                 im.load()  # truncated data fails here
-                turned = im.getexif().get(0x0112) in (5, 6, 7, 8)  # EXIF: a quarter turn
+                # EXIF: a quarter turn (read only where the full size is reported: draft)
+                turned = bool(min_side) and im.getexif().get(0x0112) in (5, 6, 7, 8)
                 rgb = pil_to_rgb(ImageOps.exif_transpose(im))
             except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
                 return Decoded(None, meta, "too_large", f"decompression bomb guard: {exc}")

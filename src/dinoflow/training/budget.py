@@ -38,7 +38,7 @@ import torch
 from dinoflow import tracking
 from dinoflow.config import PretrainConfig
 from dinoflow.distributed import broadcast_from_main, world
-from dinoflow.training.checkpoint import rng_state, set_rng_state
+from dinoflow.training.checkpoint import load_step_state, step_state
 from dinoflow.training.components import Components, set_run_length
 
 if TYPE_CHECKING:
@@ -124,35 +124,6 @@ def _clone(obj: Any) -> Any:
     return obj
 
 
-def _snapshot(run: Components) -> dict[str, Any]:
-    """Everything a training step changes (sharded tensors stay sharded: nothing is gathered)."""
-    return _clone(
-        {
-            "student": run.student.state_dict(),
-            "teacher": run.teacher.state_dict(),
-            "optimizer": run.optimizer.state_dict(),
-            "dino": run.losses.dino.state_dict(),
-            "ibot": run.losses.ibot.state_dict(),
-            "rng": rng_state(),
-        }
-    )
-
-
-@torch.no_grad()
-def _restore(run: Components, saved: dict[str, Any]) -> None:
-    """``saved`` copied back in place (the compiled and wrapped modules keep their tensors)."""
-    for name, module in (
-        ("student", run.student),
-        ("teacher", run.teacher),
-        ("dino", run.losses.dino),
-        ("ibot", run.losses.ibot),
-    ):
-        for key, value in module.state_dict().items():
-            value.copy_(saved[name][key])
-    run.optimizer.load_state_dict(saved["optimizer"])
-    set_rng_state(saved["rng"])
-
-
 def _sync(device: torch.device | str) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)  # the steps queued count in the time they took
@@ -170,7 +141,7 @@ def probe_run_length(
     """Time ``step_fn(batch, step)`` over ``batches`` (the ``PROBE_FROM + PROBE_STEPS`` steps
     from ``done``), put the run's state back as it was, and -> (the run's length, seconds per
     step). The length is rank 0's on every rank (their clocks differ)."""
-    saved = _snapshot(run)
+    saved = _clone(step_state(run))  # what the probe's steps change
     run.teacher.train(False)  # as the loop trains
     run.student.train(True)
     began = 0.0
@@ -181,7 +152,7 @@ def probe_run_length(
         step_fn(batch, batch["step"])
     _sync(device)
     per_step = (time.perf_counter() - began) / PROBE_STEPS
-    _restore(run, saved)
+    load_step_state(run, saved)
     seconds_left = budget.minutes * 60 - (time.perf_counter() - budget.started)
     steps = fitting_steps(
         seconds_left,

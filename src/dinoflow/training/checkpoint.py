@@ -39,6 +39,34 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def step_state(run: Components, modules: bool = True) -> dict[str, Any]:
+    """What a training step changes, by checkpoint key: the losses' centers and the RNG, and
+    with ``modules`` the student, teacher and optimizer as they are (sharded stays sharded)."""
+    state = {"dino_loss": run.losses.dino.state_dict(), "ibot_loss": run.losses.ibot.state_dict(),
+             "rng": rng_state()}  # fmt: skip
+    if modules:
+        state.update(student=run.student.state_dict(), teacher=run.teacher.state_dict(),
+                     optimizer=run.optimizer.state_dict())  # fmt: skip
+    return state
+
+
+def load_step_state(run: Components, state: dict[str, Any], gathered: bool = False) -> None:
+    """``step_state`` back into ``run`` in place; ``gathered``: the modules' state is the plain
+    (unsharded) form an FSDP run's checkpoint holds."""
+    if gathered:
+        from dinoflow.distributed import load_full_state
+
+        load_full_state(run.student, state["student"], run.optimizer, state["optimizer"])
+        load_full_state(run.teacher, state["teacher"])
+    else:
+        run.student.load_state_dict(state["student"])
+        run.teacher.load_state_dict(state["teacher"])
+        run.optimizer.load_state_dict(state["optimizer"])
+    run.losses.dino.load_state_dict(state["dino_loss"])
+    run.losses.ibot.load_state_dict(state["ibot_loss"])
+    set_rng_state(state["rng"])
+
+
 class Checkpointer:
     """Save every ``every`` steps (and at the end), keep the newest ``keep``, resume from the newest
     readable one. ``fsdp``: state is gathered from the shards (a collective) and stored unsharded,
@@ -90,18 +118,8 @@ class Checkpointer:
         if found is None:
             return 0, []
         state, path = found
-        if self.fsdp:  # the checkpoint holds plain (unsharded) state, whoever wrote it
-            from dinoflow.distributed import load_full_state
-
-            load_full_state(run.student, state["student"], run.optimizer, state["optimizer"])
-            load_full_state(run.teacher, state["teacher"])
-        else:
-            run.student.load_state_dict(state["student"])
-            run.teacher.load_state_dict(state["teacher"])
-            run.optimizer.load_state_dict(state["optimizer"])
-        run.losses.dino.load_state_dict(state["dino_loss"])
-        run.losses.ibot.load_state_dict(state["ibot_loss"])
-        set_rng_state(state["rng"])
+        # the checkpoint holds plain (unsharded) state, whoever wrote it
+        load_step_state(run, state, gathered=self.fsdp)
         self.restored_chosen_steps = state.get("chosen_steps")
         self.restored_precision = state.get("precision")
         run.unreadable_files = list(state.get("unreadable_files", []))
@@ -115,20 +133,20 @@ class Checkpointer:
 
     def save(self, done: int, run: Components, history: list[dict[str, float]], config: dict) -> Path:
         """Write step ``done`` (every process takes part under FSDP; the main one writes)."""
+        parts = None
         if self.fsdp:
             from dinoflow.distributed import gather_full_state
 
             student_sd, optim_sd = gather_full_state(run.student, run.optimizer)
             teacher_sd = gather_full_state(run.teacher)[0]
+            parts = {**step_state(run, modules=False), "student": student_sd,
+                     "teacher": teacher_sd, "optimizer": optim_sd}  # fmt: skip
         elif self.main:
-            student_sd, teacher_sd = run.student.state_dict(), run.teacher.state_dict()
-            optim_sd = run.optimizer.state_dict()
+            parts = step_state(run)
         path = self.folder / f"step_{done:08d}.pt"
         if self.main:
             atomic_torch_save({
-                "step": done, "student": student_sd, "teacher": teacher_sd, "optimizer": optim_sd,
-                "dino_loss": run.losses.dino.state_dict(), "ibot_loss": run.losses.ibot.state_dict(),
-                "rng": rng_state(), "history": history, "config": config,
+                "step": done, **parts, "history": history, "config": config,
                 "fingerprint": run.fingerprint, "chosen_steps": run.chosen_steps,
                 "precision": run.precision, "unreadable_files": list(run.unreadable_files),
             }, path)  # fmt: skip

@@ -253,10 +253,10 @@ def distill(cfg: DistillationConfig, teacher: FrozenTeacher, train: Split, mean:
     run, pcfg = build_distillation(cfg, teacher, len(train), train.channels, 1, device)
     checkpoints = Checkpointer(t.run_dir, run.fingerprint, t.checkpoint_every_steps, t.keep_checkpoints)
     start_step, history = checkpoints.restore(run) if t.resume else (0, [])
+    pcfg = resolve_auto(pcfg, train, device)  # before the wrap: it warns on loader workers
     pcfg, why = pin_precision(run, pcfg, checkpoints.restored_precision, device)
     precision = pcfg.train.precision
     model = wrap_for_training(run.student, teacher, pcfg, 1, device, False)
-    pcfg = resolve_auto(pcfg, train, device)
     loader_for = partial(build_loader, pcfg, train, mean, std, 0, 1, start_step, device=device)
     flops = {"student_flops": backbone_flops(run.teacher.backbone, pcfg.crops.global_size),
              "teacher_flops": backbone_flops(teacher.backbone, pcfg.crops.global_size)}

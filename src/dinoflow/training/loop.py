@@ -64,9 +64,10 @@ def pretrain(
     raise to stop the run. A fresh run checks kNN at step 0 too: the starting point.
     """
     budget = start_budget(cfg.train.time_budget_min)  # counts from here
-    cfg = resolve_auto(cfg, train, resolve_device(cfg.train.device))
+    device = resolve_device(cfg.train.device)
+    cfg = resolve_auto(cfg, train, device)
     rank, world_size = world()
-    main, device, t = rank == 0, resolve_device(cfg.train.device), cfg.train
+    main, t = rank == 0, cfg.train
     if t.threads:
         torch.set_num_threads(t.threads)
     fsdp = world_size > 1 and cfg.launcher.strategy == "fsdp"
