@@ -118,18 +118,25 @@ def run(workdir: Path, extra: list[str]) -> float:
 
 
 def measure(workdir: Path) -> dict:
+    out = measure_backbone(workdir / "project", workdir)
+    (workdir / "measure.json").write_text(json.dumps(out, indent=1))
+    return out
+
+
+def measure_backbone(project: Path, workdir: Path) -> dict:
+    """Label-free metrics of ``project``'s teacher backbone and its random-init twin on the
+    held-out photos' overlapping crops and non-overlapping tiles, with their ratios."""
     from dinoflow.config import DataConfig
     from dinoflow.data import load_data
     from dinoflow.evaluation.labelfree import label_free_metrics
     from dinoflow.evaluation.report import random_init_like
     from dinoflow.models.vit import DinoVisionTransformer, load_backbone
 
-    project = workdir / "project"
     summary = json.loads((project / "data/06_models/pretrain_summary.json").read_text())
     backbone = load_backbone(project / summary["teacher_backbone"]).eval()
     factory = partial(DinoVisionTransformer, **backbone.backbone_kwargs())
     nets = {"pretrained": backbone, "random_init": random_init_like(backbone, 0, factory)}
-    eval_settings = _photos_eval_settings(workdir)
+    eval_settings = _photos_eval_settings(project)
     out = {"steps": summary["steps"], "images_per_second": summary.get("images_per_second")}
     for folder in ("held_out", "held_out_tiles"):  # 40 overlapping crops / tiles per photo
         data = DataConfig(source="image_folder", path=str(workdir / folder), val_size=1,
@@ -141,7 +148,6 @@ def measure(workdir: Path) -> dict:
         ratios = {k: results["pretrained"][k] / results["random_init"][k]
                   for k in ("rankme", "view_retrieval_top1")}
         out[folder] = {"images": len(held_out), **results, "ratio": ratios}
-    (workdir / "measure.json").write_text(json.dumps(out, indent=1))
     return out
 
 
@@ -175,19 +181,19 @@ def pictures(workdir: Path, size: int = 128) -> list[Path]:
     return [pca, neighbours]
 
 
-def _photos_eval_settings(workdir: Path):
+def _photos_eval_settings(project: Path):
     import yaml
 
     from dinoflow.evaluation.report import EvalSettings
 
     merged: dict = {}
     for env in ("base", "photos"):
-        path = workdir / "project/conf" / env / "parameters_evaluation.yml"
+        path = project / "conf" / env / "parameters_evaluation.yml"
         if path.is_file():
             merged.update((yaml.safe_load(path.read_text()) or {}).get("evaluation", {}))
     merged = {k: tuple(v) if isinstance(v, list) else v for k, v in merged.items()
               if k not in ("model", "image_size")}
-    return EvalSettings(out_dir=workdir / "unused", **merged)
+    return EvalSettings(out_dir=project / "unused", **merged)
 
 
 def main() -> None:
