@@ -8,7 +8,7 @@ JSON object:
     python -m torch.distributed.run --standalone --nproc_per_node 2 -m benchmarks.bench_ddp \
         --out ddp.json --batch-per-process 32 --threads 1
 
-The step is ``dinoflow.training.train_step`` on a ``DistributedDataParallel`` student, exactly as
+The step is ``dinoflow.training.Trainer.step`` on a ``DistributedDataParallel`` student, exactly as
 ``dinoflow.training.pretrain`` runs it under torchrun (gradient all-reduce, Sinkhorn-Knopp and
 center all-reduces, KoLeo on each process's own images). Each timed step starts and ends at a
 barrier, so the time is the slowest process's.

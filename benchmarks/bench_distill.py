@@ -19,8 +19,8 @@ import yaml
 
 from benchmarks.common import ROOT, interleaved_times, machine_info, median
 from dinoflow.config import DistillationConfig, PretrainConfig
+from dinoflow.methods.frozen_teacher import backbone_flops
 from dinoflow.training import backbone_from_config
-from dinoflow.training.teacher import backbone_flops
 
 
 def _conf(name: str, section: str) -> dict:

@@ -13,9 +13,9 @@ cut from the same photos. Measured in one process:
 - loader images/s: ``build_loader`` of the ViT-S/14 profile (multi-crop views and masks, RGB)
   over the train split ``load_data`` gives, with 0, 1 and 2 worker processes, without and
   with ``data.cache``, on the photos and on the 640 x 480 files;
-- the loop: the same loader feeding the ViT-S/14 profile's eager ``train_step`` (``--threads``
+- the loop: the same loader feeding the ViT-S/14 profile's eager training step (``--threads``
   torch threads): images/s with 0, 1 and 2 workers, what ``num_workers: auto`` chooses from on
-  a CPU (``dinoflow.training.loop.resolve_auto``).
+  a CPU (``dinoflow.training.resolve_num_workers``).
 """
 
 from __future__ import annotations

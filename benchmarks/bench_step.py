@@ -8,7 +8,7 @@ A step is: teacher forward on the 2 global crops (no grad), student forward on g
 
 Contenders, built from the same config (backbone, crops, batch, head sizes) and fed the same
 batches and masks:
-- ``dinoflow``: ``dinoflow.training.train_step`` on the parts ``dinoflow.training.build_components``
+- ``dinoflow``: ``dinoflow.training.Trainer.step`` of the ``DINOv2`` method (``dinoflow.methods``)
   builds and ``wrap_for_training`` wraps: the set-up ``dinoflow.training.pretrain`` trains with.
 - ``lightly``: the step of lightly's ``examples/pytorch/dinov2.py`` (lightly 1.6):
   ``MaskedVisionTransformerTIMM`` student/teacher over the same timm ``VisionTransformer``,
@@ -55,16 +55,17 @@ from benchmarks.common import (
 )
 from dinoflow.config import PretrainConfig, deep_merge
 from dinoflow.training import (
+    DINOv2,
     MultiCropCollate,
     MultiCropDataset,
     StepMasks,
+    Trainer,
     backbone_from_config,
-    build_components,
-    train_step,
+    precision_choice,
+    total_steps_for,
     wrap_for_training,
 )
 from dinoflow.training.data import build_augmentation
-from dinoflow.training.step import precision_choice
 
 VIT_S14 = {
     "crops": {"global_size": 112, "local_size": 42, "n_local": 4},
@@ -117,29 +118,27 @@ def make_batches(cfg: PretrainConfig, channels: int, n: int, seed: int = 0) -> l
 
 # --------------------------------------------------------------------------- dinoflow
 class DinoflowStep:
-    """``dinoflow.training.train_step`` on the run's own parts (single process, CPU), at a step in
-    the middle of the run (warm-ups over, last layer unfrozen)."""
+    """``dinoflow.training.Trainer.step`` of the DINOv2 method on the run's own parts (single
+    process, CPU), at a step in the middle of the run (warm-ups over, last layer unfrozen)."""
 
     def __init__(self, cfg: PretrainConfig, channels: int, seed: int = 0, world_size: int = 1):
         self.cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"seed": seed})})
         # the run's own length: conf/base's epochs of steps_per_epoch (real epochs: 50k images)
-        self.run = build_components(self.cfg, 50_000, channels, world_size, device="cpu")
-        self.step0 = self.run.total_steps // 2
+        cpu = torch.device("cpu")
+        self.method = DINOv2(self.cfg, channels, cpu)
+        self.trainer = Trainer(self.method, self.cfg, 50_000, world_size, cpu)
+        self.step0 = self.trainer.state.total_steps // 2
         # DDP across the processes of a torch.distributed group (benchmarks/bench_ddp.py)
-        self.model = wrap_for_training(self.run.student, self.run.teacher, self.cfg, world_size,
-                                       torch.device("cpu"), fsdp=False)
+        self.model = wrap_for_training(self.method.student, self.method.teacher, self.cfg,
+                                       world_size, cpu, fsdp=False)
 
     @property
     def student(self) -> torch.nn.Module:
-        return self.run.student
+        return self.method.student
 
     def __call__(self, batch: dict[str, Any], i: int) -> torch.Tensor:
-        r = self.run
-        r.teacher.train(False)
-        self.model.train(True)
-        out = train_step(batch, self.step0 + i, self.model, r.teacher, r.losses, r.optimizer,
-                         r.schedules, self.cfg, torch.device("cpu"))
-        return out["loss/total"]
+        self.trainer.train_mode(self.model)
+        return self.trainer.step(self.model, batch, self.step0 + i)["loss/total"]
 
 
 # --------------------------------------------------------------------------- lightly
@@ -158,7 +157,7 @@ class LightlyStep:
 
         self.cfg, self.update_momentum, self.cosine_schedule = cfg, update_momentum, cosine_schedule
         self.bf16 = bf16  # the same autocast as dinoflow's step when the run trains in bf16
-        self.total_steps = build_components(cfg, 50_000, channels).total_steps  # the same run length
+        self.total_steps = total_steps_for(cfg, 50_000, 1)[0]  # the same run length
         torch.manual_seed(seed)
         h = cfg.head
         # the same timm VisionTransformer as dinoflow's backbone (sizes, no_embed_class,

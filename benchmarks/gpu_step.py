@@ -22,7 +22,7 @@ import torch
 import yaml
 
 from dinoflow.config import PretrainConfig
-from dinoflow.training import StepMasks, build_components, train_step, wrap_for_training
+from dinoflow.training import DINOv2, StepMasks, Trainer, wrap_for_training
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -78,17 +78,17 @@ def main() -> None:
     # the run's own parts; a step past the warm-ups of a run as long as the reference epoch
     cfg = cfg.model_copy(update={"train": cfg.train.model_copy(
         update={"epochs": 2, "steps_per_epoch": max(total, 1250)})})
-    run = build_components(cfg, 1_000_000, 3, 1, device)
-    step0 = run.total_steps // 2
-    model = wrap_for_training(run.student, run.teacher, cfg, 1, device, fsdp=False)
-    student, t, k = run.student, cfg.train, cfg.head.n_prototypes
+    method = DINOv2(cfg, 3, device)
+    trainer = Trainer(method, cfg, 1_000_000, 1, device)
+    step0 = trainer.state.total_steps // 2
+    model = wrap_for_training(method.student, method.teacher, cfg, 1, device, fsdp=False)
+    student, t, k = method.student, cfg.train, cfg.head.n_prototypes
     batch = synthetic_batch(cfg, device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     def step(i: int) -> dict:
-        model.train(True)
-        return train_step(batch, step0 + i, model, run.teacher, run.losses, run.optimizer,
-                          run.schedules, cfg, device)
+        trainer.train_mode(model)
+        return trainer.step(model, batch, step0 + i)
 
     t0 = time.perf_counter()
     for i in range(args.warmup):

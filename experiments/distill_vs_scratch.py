@@ -40,9 +40,9 @@ from dinoflow.data import load_data
 from dinoflow.jobs.distill import load_teacher
 from dinoflow.jobs.evaluate import run_evaluation
 from dinoflow.jobs.pretrain import apply_manifest, run_pretraining
+from dinoflow.methods import DINOv2, Distillation
 from dinoflow.models.vit import load_backbone
-from dinoflow.training import build_components, build_loader, train_step, wrap_for_training
-from dinoflow.training.distill import build_distillation, distill_step
+from dinoflow.training import Trainer, build_loader, wrap_for_training
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "experiments" / "results" / "distill_vs_scratch.json"
@@ -89,21 +89,24 @@ def probe(distill_steps: int, blocks: int = 6, block: int = 10) -> dict:
     mean, std = channel_stats(train)
     dcfg = distillation_config()
     teacher = load_teacher(dcfg.teacher, 1, 28).frozen()
-    drun, dp = build_distillation(dcfg, teacher, len(train), 1)
+    distillation = Distillation(dcfg, teacher, 1)
+    dp = distillation.cfg
+    drun = Trainer(distillation, dp, len(train), 1, device)
     scfg = scratch_config(distill_steps)
-    srun = build_components(scfg, len(train), 1)
-    d_model = wrap_for_training(drun.student, teacher, dp, 1, device, False)
-    s_model = wrap_for_training(srun.student, srun.teacher, scfg, 1, device, False)
-    d_batches = iter(build_loader(dp, train, mean, std, 0, 1, 0, drun.last_step, device))
+    scratch = DINOv2(scfg, 1)
+    srun = Trainer(scratch, scfg, len(train), 1, device)
+    d_model = wrap_for_training(distillation.student, teacher, dp, 1, device, False)
+    s_model = wrap_for_training(scratch.student, scratch.teacher, scfg, 1, device, False)
+    d_batches = iter(build_loader(dp, train, mean, std, 0, 1, 0, drun.state.last_step, device))
     s_batches = iter(build_loader(scfg, train, mean, std, 0, 1, 0, distill_steps, device))
 
     def d_step(i: int) -> None:
-        distill_step(next(d_batches), i, d_model, drun.teacher, teacher, drun.losses,
-                     drun.optimizer, drun.schedules, dp, device)
+        drun.train_mode(d_model)
+        drun.step(d_model, next(d_batches), i)
 
     def s_step(i: int) -> None:
-        train_step(next(s_batches), i, s_model, srun.teacher, srun.losses, srun.optimizer,
-                   srun.schedules, scfg, device)
+        srun.train_mode(s_model)
+        srun.step(s_model, next(s_batches), i)
 
     times: dict[str, list[float]] = {"distill": [], "scratch": []}
     for warm in range(3):  # compiling, then two more

@@ -21,9 +21,11 @@ TINY = {
 }
 
 
-def main(run_dir: str) -> None:
+def main(run_dir: str, overrides: str = "{}") -> None:
+    """``overrides``: JSON of whole config sections added to TINY (e.g. ``{"gram": {...}}``)."""
     torch.set_num_threads(1)
-    cfg = PretrainConfig.model_validate({**TINY, "train": {**TINY["train"], "run_dir": run_dir}})
+    cfg = PretrainConfig.model_validate(
+        {**TINY, **json.loads(overrides), "train": {**TINY["train"], "run_dir": run_dir}})
     train = load_splits(allow_download=False)["train"].subset(range(128))
     mean, std = channel_stats(train)
     result = pretrain(cfg, train, mean, std)
@@ -31,4 +33,4 @@ def main(run_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(*sys.argv[1:])

@@ -22,10 +22,11 @@ import yaml
 from dinoflow.config import ConfigError, DistillationConfig, PretrainConfig, validate
 from dinoflow.data import channel_stats, load_splits
 from dinoflow.jobs.distill import load_teacher
+from dinoflow.methods.distillation import Distillation
+from dinoflow.methods.frozen_teacher import backbone_flops
 from dinoflow.models.vit import load_backbone
-from dinoflow.training import pretrain
-from dinoflow.training.distill import build_distillation, distill, distill_step
-from dinoflow.training.teacher import backbone_flops
+from dinoflow.training import Trainer, pretrain
+from dinoflow.training.distill import distill
 from tests.distill_resume_job import CROPS, STUDENT
 
 REPO = Path(__file__).resolve().parents[1]
@@ -112,8 +113,8 @@ def test_student_has_no_masking_and_no_drop_path(teacher_dir, train_split, tmp_p
     split, mean, std = train_split
     cfg = _config(teacher_dir, tmp_path)
     teacher = load_teacher(cfg.teacher, 1, 16).frozen()
-    run, pcfg = build_distillation(cfg, teacher, len(split), 1)
-    student = run.student
+    method = Distillation(cfg, teacher, 1)
+    student, pcfg = method.student, method.cfg
     assert pcfg.masking.mask_probability == 0.0
     assert not [m for m in student.modules() if float(getattr(m, "drop_prob", 0.0)) > 0]
     from dinoflow.training import build_loader
@@ -126,8 +127,7 @@ def test_student_has_no_masking_and_no_drop_path(teacher_dir, train_split, tmp_p
     assert a["patch_logits"].shape == (2 * 16 * 16, 64)  # every patch of both global crops
     with torch.no_grad():  # a mask token anywhere in the pass would make the losses NaN
         student.backbone.mask_token.fill_(float("nan"))
-    out = distill_step(batch, 0, student, run.teacher, teacher, run.losses, run.optimizer,
-                       run.schedules, pcfg, torch.device("cpu"))
+    out = Trainer(method, pcfg, len(split), 1, torch.device("cpu")).step(student, batch, 0)
     assert all(torch.isfinite(v) for k, v in out.items() if k.startswith("loss/"))
     assert out["loss/ibot"] > 0 and out["loss/dino"] > 0
 

@@ -109,7 +109,7 @@ class RecordingKoLeo(torch.nn.Module):
 
 def _worker(rank: int, init_file: str, jobs: list[dict], out: str) -> None:
     """One of 2 processes: run every job in sequence in one process group."""
-    import dinoflow.training.components as train_mod
+    import dinoflow.methods.dinov2 as train_mod
     from dinoflow.training import pretrain
 
     torch.set_num_threads(1)
@@ -177,7 +177,7 @@ def runs(tmp_path_factory) -> Path:
     for name in ("resume_1to2", "resume_1to2_fsdp"):
         run(tiny_cfg(root / name, 8, checkpoint_every=3), stop_after=3)
     RecordingKoLeo.calls = []
-    import dinoflow.training.components as train_mod
+    import dinoflow.methods.dinov2 as train_mod
 
     saved, train_mod.KoLeoLoss = train_mod.KoLeoLoss, RecordingKoLeo
     try:

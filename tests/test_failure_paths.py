@@ -310,7 +310,7 @@ def test_gpu_profile_sizes_itself_on_a_cpu_machine(caplog) -> None:
 
     from dinoflow.config import deep_merge
     from dinoflow.launch import resolve_processes
-    from dinoflow.training.loop import resolve_auto
+    from dinoflow.training import resolve_num_workers
 
     base = yaml.safe_load((REPO / "conf/base/parameters_pretrain.yml").read_text())["pretrain"]
     gpu = yaml.safe_load((REPO / "conf/gpu/parameters_pretrain.yml").read_text())["pretrain"]
@@ -323,7 +323,7 @@ def test_gpu_profile_sizes_itself_on_a_cpu_machine(caplog) -> None:
     files = Split(
         ids=["a.jpg"], labels=np.array([-1]), class_names=[], channels=3, paths=[Path("a.jpg")]
     )
-    workers = resolve_auto(resolved, files, torch.device("cpu")).train.num_workers
+    workers = resolve_num_workers(resolved, files, torch.device("cpu")).train.num_workers
     cores = os.cpu_count() or 1
     assert workers == (0 if cores < 2 else max(2, cores // 3))  # the step keeps its cores
 

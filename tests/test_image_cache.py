@@ -153,7 +153,7 @@ def test_the_node_builds_nothing_when_the_cache_is_off(tmp_path) -> None:
     ],
 )
 def test_num_workers_auto(monkeypatch, cores, local, device, memory, compile_, want) -> None:
-    from dinoflow.training.loop import resolve_auto
+    from dinoflow.training import resolve_num_workers
 
     monkeypatch.setattr(os, "cpu_count", lambda: cores)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local))
@@ -162,6 +162,6 @@ def test_num_workers_auto(monkeypatch, cores, local, device, memory, compile_, w
     paths = None if memory else [Path(f"{i}.jpg") for i in range(4)]
     split = Split(ids=list("abcd"), labels=np.full(4, -1), class_names=[], channels=3,
                   images=images, paths=paths)  # fmt: skip
-    assert resolve_auto(cfg, split, torch.device(device)).train.num_workers == want
+    assert resolve_num_workers(cfg, split, torch.device(device)).train.num_workers == want
     fixed = cfg.model_copy(update={"train": cfg.train.model_copy(update={"num_workers": 5})})
-    assert resolve_auto(fixed, split, torch.device(device)).train.num_workers == 5
+    assert resolve_num_workers(fixed, split, torch.device(device)).train.num_workers == 5

@@ -7,7 +7,7 @@ import torch
 
 from dinoflow import precision as prec  # the rule train.precision and evaluation.precision share
 from dinoflow.config import PretrainConfig
-from dinoflow.training.step import precision_choice
+from dinoflow.training.plan import precision_choice
 
 CPU = torch.device("cpu")
 
@@ -119,16 +119,20 @@ def test_choosing_leaves_the_random_stream_alone() -> None:
 
 
 def test_a_resumed_run_keeps_the_precision_its_checkpoint_was_trained_in(monkeypatch) -> None:
-    from types import SimpleNamespace
+    from dinoflow.methods import DINOv2
+    from dinoflow.training import Trainer, trainer
 
-    from dinoflow.training import loop
+    monkeypatch.setattr(trainer, "precision_choice", lambda c, d: ("fp32", "auto: no bf16 units"))
 
-    monkeypatch.setattr(loop, "precision_choice", lambda c, d: ("fp32", "auto: no bf16 units"))
-    run = SimpleNamespace(precision=None)
-    pinned, why = loop.pin_precision(run, cfg(), "bf16", CPU)
-    assert pinned.train.precision == run.precision == "bf16" and "checkpoint" in why
-    fresh, _ = loop.pin_precision(run, cfg(), None, CPU)
-    assert fresh.train.precision == run.precision == "fp32"
+    def pinned(restored: str | None) -> tuple[Trainer, str]:
+        run = Trainer(DINOv2(cfg(), 1), cfg(), 64, 1, CPU)
+        run.state.precision = restored  # as a checkpoint restores it
+        return run, run.pin_precision()
+
+    resumed, why = pinned("bf16")
+    assert resumed.cfg.train.precision == resumed.state.precision == "bf16" and "checkpoint" in why
+    fresh, _ = pinned(None)
+    assert fresh.cfg.train.precision == fresh.state.precision == "fp32"
 
 
 # ----------------------------------------------------------------------------- evaluation

@@ -8,24 +8,30 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 JOB = Path(__file__).with_name("resume_job.py")
+# Gram anchoring on: the Gram teacher is copied from the EMA before steps 2, 5, 8, ...; the kill
+# comes after the checkpoint of step 4, between two copies: the copy must come back from it
+GRAM = {"gram": {"weight": 1.0, "first_update_step": 2, "update_every": 3}}
 
 
-def _run(run_dir: Path) -> dict:
-    out = subprocess.run([sys.executable, str(JOB), str(run_dir)], capture_output=True, text=True,
-                         timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+def _run(run_dir: Path, overrides: dict) -> dict:
+    out = subprocess.run([sys.executable, str(JOB), str(run_dir), json.dumps(overrides)],
+                         capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def test_sigkill_then_rerun_equals_uninterrupted(tmp_path):
-    reference = _run(tmp_path / "uninterrupted")
+@pytest.mark.parametrize("overrides", [{}, GRAM], ids=["dinov2", "gram_anchoring"])
+def test_sigkill_then_rerun_equals_uninterrupted(tmp_path, overrides):
+    reference = _run(tmp_path / "uninterrupted", overrides)
     assert reference == {"steps": 24, "resumed_from_step": 0}
 
     killed_dir = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, str(JOB), str(killed_dir)],
+    proc = subprocess.Popen([sys.executable, str(JOB), str(killed_dir), json.dumps(overrides)],
                             env={**os.environ, "OMP_NUM_THREADS": "1"},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
@@ -38,8 +44,9 @@ def test_sigkill_then_rerun_equals_uninterrupted(tmp_path):
     # checkpoints hold tensors and plain types only: they load without unpickling code
     state = torch.load(next((killed_dir / "checkpoints").rglob("step_*.pt")), weights_only=True)
     assert 0 < state["step"] < 24  # killed mid-run, after a checkpoint
+    assert ("gram_teacher" in state) == bool(overrides)  # a part of the method, saved by name
 
-    resumed = _run(killed_dir)  # the same command again
+    resumed = _run(killed_dir, overrides)  # the same command again
     assert resumed["resumed_from_step"] == state["step"] and resumed["steps"] == 24
 
     a = torch.load(tmp_path / "uninterrupted" / "teacher_backbone.pt", weights_only=False)["state_dict"]

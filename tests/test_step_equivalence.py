@@ -1,6 +1,6 @@
 """Guard for performance work: a fixed-seed smoke training must give the recorded loss curve.
 
-``pretrain`` runs end to end (data loader, multi-crop augmentation, masking, train_step, AdamW,
+``pretrain`` runs end to end (data loader, multi-crop augmentation, masking, the trainer's step, AdamW,
 EMA, centers) on a tiny synthetic uint8 dataset for ``N_STEPS`` steps, logging every step. The
 per-step losses must equal ``REFERENCE`` (recorded from the unoptimised code) within float
 tolerance: an optimisation may change the summation order, never the computation.
@@ -231,10 +231,11 @@ def test_compile_without_a_cxx_compiler_trains_eagerly(tmp_path, monkeypatch, ca
 def test_padded_masked_tokens_keep_the_losses_and_one_compiled_graph() -> None:
     """The masked tokens padded to the step's bound (dinov2's upperbound): the real rows equal
     the unpadded pass, and the compiled student sees the same shapes whatever the masks."""
-    from dinoflow.training import StepMasks, build_components
+    from dinoflow.training import StepMasks, build_student
 
     cfg = tiny_config("unused")
-    student = build_components(cfg, 48, 1).student
+    torch.manual_seed(cfg.train.seed)
+    student = build_student(cfg, 1)
     step_masks = StepMasks(cfg, 0, 1)
     g = torch.Generator().manual_seed(0)
     batches = [(torch.randn(16, 1, 28, 28, generator=g), torch.randn(16, 1, 12, 12, generator=g),

@@ -15,14 +15,11 @@ from omegaconf import OmegaConf
 
 from dinoflow.config import ConfigError, DistillationConfig, PretrainConfig, deep_merge, validate
 from dinoflow.data import Split
+from dinoflow.methods.frozen_teacher import FrozenTeacher
+from dinoflow.training import Trainer, build_student, pretrain, schedules_for, total_steps_for
 from dinoflow.training import budget as budget_module
-from dinoflow.training import distill as distill_module
-from dinoflow.training import loop as loop_module
-from dinoflow.training import pretrain
 from dinoflow.training.budget import PROBE_FROM, PROBE_STEPS, fitting_steps, replay_params
-from dinoflow.training.components import build_student, schedules_for, total_steps_for
 from dinoflow.training.distill import distill
-from dinoflow.training.teacher import FrozenTeacher
 
 TINY = {
     "crops": {"global_size": 16, "local_size": 8, "n_local": 2},
@@ -41,7 +38,6 @@ TINY = {
     },
 }
 PROBE = PROBE_FROM + PROBE_STEPS
-REAL_STEPS = {"train": loop_module.train_step, "distill": distill_module.distill_step}
 
 
 def _cfg(run_dir: Path, **train) -> PretrainConfig:
@@ -88,24 +84,21 @@ class StepClock:
 
 @pytest.fixture
 def machine(monkeypatch):
-    """``machine(seconds_per_step, fail_at=None)``: the budget's clock; the training step (and
-    the distillation step) advance it, and the one numbered ``fail_at`` is a kill."""
+    """``machine(seconds_per_step, fail_at=None)``: the budget's clock; the trainer's step (of
+    any method) advances it, and the one numbered ``fail_at`` is a kill."""
 
     def install(per_step: float, fail_at: int | None = None) -> StepClock:
         clock = StepClock(per_step)
         monkeypatch.setattr(budget_module, "time", SimpleNamespace(perf_counter=clock.perf_counter))
-        for module, name, kind in (
-            (loop_module, "train_step", "train"),
-            (distill_module, "distill_step", "distill"),
-        ):
+        real_step = Trainer.step
 
-            def timed(*args, _real=REAL_STEPS[kind], **kwargs):
-                clock.tick()
-                if clock.steps == fail_at:
-                    raise SystemExit("killed")
-                return _real(*args, **kwargs)
+        def timed(self, *args, **kwargs):
+            clock.tick()
+            if clock.steps == fail_at:
+                raise SystemExit("killed")
+            return real_step(self, *args, **kwargs)
 
-            monkeypatch.setattr(module, name, timed)
+        monkeypatch.setattr(Trainer, "step", timed)
         return clock
 
     return install

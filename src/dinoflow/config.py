@@ -179,6 +179,16 @@ class LossConfig(Strict):
     koleo_eps: float = Field(1e-8, gt=0)
 
 
+class GramConfig(Strict):
+    """Gram anchoring (DINOv3; ``dinoflow.losses.gram``): from ``first_update_step`` the
+    student's patch-similarity matrices are pulled towards those of a Gram teacher, a frozen
+    copy of the EMA teacher taken at that step and again every ``update_every`` steps."""
+
+    weight: float = Field(0.0, ge=0)  # 0: off (the DINOv2 objective alone)
+    first_update_step: int = Field(0, ge=0)  # the Gram teacher's first copy; the term starts here
+    update_every: int | None = Field(None, ge=1)  # null: the first copy is kept to the end
+
+
 class OptimConfig(Strict):
     """AdamW, layer-wise decay and every schedule (docs/method.md section 5)."""
 
@@ -279,6 +289,7 @@ class PretrainConfig(Strict):
     head: HeadConfig = HeadConfig()
     masking: MaskingConfig = MaskingConfig()
     loss: LossConfig = LossConfig()
+    gram: GramConfig = GramConfig()
     optim: OptimConfig = OptimConfig()
     train: TrainConfig = TrainConfig()
     monitor: MonitorConfig = MonitorConfig()

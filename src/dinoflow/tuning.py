@@ -30,7 +30,7 @@ from pydantic import BaseModel, Field, model_validator
 from dinoflow.config import ConfigError, DataConfig, PretrainConfig, Strict, fingerprint, validate
 from dinoflow.files import atomic_write_text
 from dinoflow.tracking import flatten
-from dinoflow.training.components import run_fingerprint
+from dinoflow.training.plan import run_fingerprint
 
 log = logging.getLogger(__name__)
 

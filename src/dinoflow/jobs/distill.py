@@ -29,11 +29,11 @@ from dinoflow.config import (
 from dinoflow.data import Split, channel_stats, load_data
 from dinoflow.errors import DataError
 from dinoflow.files import FolderLock, atomic_write_json
+from dinoflow.methods.frozen_teacher import FrozenTeacher, heads_from_state
 from dinoflow.models.vit import BACKBONE_FORMAT, DinoVisionTransformer, load_backbone, save_backbone
 from dinoflow.results import DistillationSummary, EvaluationReport, PretrainSummary
 from dinoflow.serving import load_registered_backbone
 from dinoflow.training.distill import distill
-from dinoflow.training.teacher import FrozenTeacher, heads_from_state
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +168,7 @@ def _version_of_run(run_id: str | None, fp: str | None) -> dict[str, str]:
 
 def _file_teacher(tcfg: TeacherConfig, path: Path, in_chans: int, size: int) -> TeacherSource:
     """A dinoflow backbone file, or a released file (official layout) of ``teacher.backbone``."""
-    from dinoflow.training.components import backbone_from_config
+    from dinoflow.methods.dinov2 import backbone_from_config
     from dinoflow.weights import load_released_weights
 
     raw = torch.load(path, map_location="cpu", weights_only=True)

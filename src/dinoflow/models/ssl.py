@@ -28,19 +28,25 @@ class SSLModel(nn.Module):
 
     def forward(
         self, global_crops: torch.Tensor, local_crops: torch.Tensor | None, masks: torch.Tensor,
-        max_masked: int | None = None,
+        max_masked: int | None = None, patches: bool = False,
     ) -> dict[str, torch.Tensor]:
         """Student pass.
 
         global_crops (2B, C, G, G), local_crops (N*B, C, L, L) or None, masks (2B, P) bool.
         Returns global_logits (2B, K), local_logits (N*B, K), masked_logits (M', K): the M masked
         patches in row-major (crop, patch) order, then padding up to M' = max(M, max_masked)
-        rows (the first M are the real ones), global_cls (2B, D) backbone CLS (for KoLeo).
+        rows (the first M are the real ones), global_cls (2B, D) backbone CLS (for KoLeo), and
+        with ``patches`` global_patches (2B, P, D): every patch token of the masked global crops.
         """
-        # select: only CLS and the masked patches leave the backbone (its last block skips the rest)
-        out_g = self.backbone.forward_features(global_crops, masks=masks, select=masks,
-                                               pad_selected_to=max_masked)
-        cls_g, masked_tokens = out_g["x_norm_clstoken"], out_g["x_norm_selected"]
+        if patches:
+            out_g = self.backbone.forward_features(global_crops, masks=masks)
+            all_patches = out_g["x_norm_patchtokens"]
+            masked_tokens = self._pad(all_patches[masks], max_masked)
+        else:  # only CLS and the masked patches leave the backbone (its last block skips the rest)
+            out_g = self.backbone.forward_features(global_crops, masks=masks, select=masks,
+                                                   pad_selected_to=max_masked)
+            masked_tokens = out_g["x_norm_selected"]
+        cls_g = out_g["x_norm_clstoken"]
         cls_l = None
         if local_crops is not None and local_crops.numel():
             n_patches = (local_crops.shape[-2] // self.backbone.patch_size) * (
@@ -57,12 +63,23 @@ class SSLModel(nn.Module):
             cls_tokens = cls_g if cls_l is None else torch.cat([cls_g, cls_l])
             global_logits, local_logits = self.dino_head(cls_tokens).split([n_g, n_l])
             masked_logits = self.ibot_head(masked_tokens)
-        return {
+        out = {
             "global_logits": global_logits,
             "local_logits": local_logits,
             "masked_logits": masked_logits,
             "global_cls": cls_g,
         }
+        if patches:
+            out["global_patches"] = all_patches
+        return out
+
+    def _pad(self, selected: torch.Tensor, max_masked: int | None) -> torch.Tensor:
+        """Rows up to ``max_masked`` after the selected ones, as the selecting pass pads them
+        (the norm of a zero token)."""
+        missing = (max_masked or 0) - selected.shape[0]
+        if missing <= 0:
+            return selected
+        return torch.cat([selected, self.backbone.vit.norm(selected.new_zeros(missing, selected.shape[1]))])
 
     def teacher_forward(self, global_crops: torch.Tensor, masks: torch.Tensor,
                         max_masked: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,25 +1,25 @@
-"""DINOv2 pretraining over named parts (``loop.pretrain`` reads top to bottom over them):
+"""Training any method (``dinoflow.methods``) over named parts:
 
-- ``components``: the builder (student, teacher, optimizer, schedules, losses, fingerprint);
+- ``trainer``: the ``Trainer`` (optimizer, schedules, the step around a method's terms, the loop)
+  and ``train``, which builds, resumes, wraps, loops and exports for any method;
+- ``loop``: ``pretrain``, the DINOv2 method on the trainer; ``distill``: distillation on it;
+- ``plan``: a run's length, schedules, fingerprint and precision;
+- ``state``: ``RunState``, the run's own state (step, history, length, precision, files replaced);
 - ``data``: multi-crop dataset, per-step batch sampler, iBOT mask collate, the loader;
-- ``step``: ``train_step``, one DINOv2 step;
 - ``parallel``: DDP and ``torch.compile`` wrapping;
 - ``checkpoint``: the ``Checkpointer`` (newest N, fallback, weights-only loading);
+- ``budget``: ``train.time_budget_min``, the run's length chosen once;
 - ``metrics``: the ``MetricLogger`` with the progress bar;
-- ``online_knn``: the teacher's kNN during training;
-- ``export``: the teacher backbone and heads, history files and curves.
+- ``online_knn``: the EMA's kNN during training;
+- ``export``: the history files and curves.
 """
 
-from dinoflow.training.components import (
-    Components,
+from dinoflow.methods.dinov2 import (
+    DINOv2,
     Losses,
     backbone_from_config,
-    build_components,
     build_losses,
     build_student,
-    peak_lr,
-    run_fingerprint,
-    total_steps_for,
 )
 from dinoflow.training.data import (
     MultiCropCollate,
@@ -27,30 +27,44 @@ from dinoflow.training.data import (
     StepBatchSampler,
     StepMasks,
     build_loader,
+    resolve_num_workers,
 )
 from dinoflow.training.loop import pretrain
 from dinoflow.training.parallel import compile_for_training, wrap_for_training
-from dinoflow.training.step import autocast_for, resolve_precision, train_step
+from dinoflow.training.plan import (
+    autocast_for,
+    peak_lr,
+    precision_choice,
+    resolve_precision,
+    run_fingerprint,
+    schedules_for,
+    total_steps_for,
+)
+from dinoflow.training.trainer import Trainer, TrainResult, train
 
 __all__ = [
-    "Components",
+    "DINOv2",
     "Losses",
     "MultiCropCollate",
     "MultiCropDataset",
     "StepBatchSampler",
     "StepMasks",
+    "TrainResult",
+    "Trainer",
     "autocast_for",
     "backbone_from_config",
-    "build_components",
     "build_loader",
     "build_losses",
     "build_student",
     "compile_for_training",
     "peak_lr",
+    "precision_choice",
     "pretrain",
+    "resolve_num_workers",
     "resolve_precision",
     "run_fingerprint",
+    "schedules_for",
     "total_steps_for",
-    "train_step",
+    "train",
     "wrap_for_training",
 ]

@@ -36,10 +36,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from dinoflow import tracking
-from dinoflow.config import PretrainConfig
-from dinoflow.distributed import broadcast_from_main, world
-from dinoflow.training.checkpoint import load_step_state, step_state
-from dinoflow.training.components import Components, set_run_length
+from dinoflow.distributed import broadcast_from_main
+from dinoflow.training.checkpoint import Resumable
 
 if TYPE_CHECKING:
     from dinoflow.training.online_knn import OnlineKNN
@@ -130,35 +128,34 @@ def _sync(device: torch.device | str) -> None:
 
 
 def probe_run_length(
-    run: Components,
+    trainer: Resumable,
     step_fn: StepFn,
     batches: Iterable[dict[str, Any]],
     budget: TimeBudget,
     done: int,
     knn: OnlineKNN | None = None,
-    device: torch.device | str = "cpu",
 ) -> tuple[int, float]:
     """Time ``step_fn(batch, step)`` over ``batches`` (the ``PROBE_FROM + PROBE_STEPS`` steps
-    from ``done``), put the run's state back as it was, and -> (the run's length, seconds per
-    step). The length is rank 0's on every rank (their clocks differ)."""
-    saved = _clone(step_state(run))  # what the probe's steps change
-    run.teacher.train(False)  # as the loop trains
-    run.student.train(True)
+    from ``done``), put the trainer's state back as it was, and -> (the run's length, seconds
+    per step). The length is rank 0's on every rank (their clocks differ)."""
+    saved = _clone(trainer.step_state())  # what the probe's steps change
+    device = trainer.device
     began = 0.0
     for i, batch in enumerate(batches):
         if i == PROBE_FROM:
             _sync(device)
             began = time.perf_counter()
+        trainer.train_mode(trainer.method.student)  # as the loop trains
         step_fn(batch, batch["step"])
     _sync(device)
     per_step = (time.perf_counter() - began) / PROBE_STEPS
-    load_step_state(run, saved)
+    trainer.load_step_state(saved)
     seconds_left = budget.minutes * 60 - (time.perf_counter() - budget.started)
     steps = fitting_steps(
         seconds_left,
         per_step * STEP_TIME_MARGIN,
         done,
-        run.total_steps,
+        trainer.state.total_steps,
         knn.every if knn else None,
         knn.seconds if knn else 0.0,
     )
@@ -168,31 +165,25 @@ def probe_run_length(
 
 def fix_run_length(
     budget: TimeBudget,
-    run: Components,
-    cfg: PretrainConfig,
+    trainer: Resumable,
     start_step: int,
-    restored: int | None,
     step_fn: StepFn,
     loader_for: Callable[[int], Iterable[dict[str, Any]]],
     knn: OnlineKNN | None = None,
-    device: torch.device | str = "cpu",
 ) -> None:
-    """The run's length under ``budget``: the one its checkpoint kept (``restored``), else what
-    a probe of ``step_fn`` on ``loader_for(last_step)`` chose; the schedules rebuilt for it."""
-    minutes, cap = budget.minutes, run.total_steps
+    """The run's length under ``budget``: the one its checkpoint kept, else what a probe of
+    ``step_fn`` on ``loader_for(last_step)`` chose; the schedules rebuilt for it."""
+    minutes, cap, restored = budget.minutes, trainer.state.total_steps, trainer.state.chosen_steps
     if restored is not None:
         steps, how = restored, "chosen before the resume"
     elif cap - start_step <= PROBE_FROM + PROBE_STEPS:
         steps, how = cap, f"the cap: a run no longer than the {PROBE_FROM + PROBE_STEPS}-step probe"
     else:
-        log.info(
-            "train.time_budget_min %g: timing %d steps before training",
-            minutes,
-            PROBE_FROM + PROBE_STEPS,
-        )
+        log.info("train.time_budget_min %g: timing %d steps before training", minutes,
+                 PROBE_FROM + PROBE_STEPS)  # fmt: skip
         last = start_step + PROBE_FROM + PROBE_STEPS
         steps, budget.per_step = probe_run_length(
-            run, step_fn, loader_for(last), budget, start_step, knn, device
+            trainer, step_fn, loader_for(last), budget, start_step, knn
         )
         spent = time.perf_counter() - budget.started
         how = (
@@ -200,15 +191,15 @@ def fix_run_length(
             f"steps, {spent:.0f} s spent before training (the timing included)"
             + (f", {knn.seconds:.1f} s per online kNN check" if knn else "")
         )
-    set_run_length(run, cfg, steps, cfg.train.batch_size * world()[1])
+    trainer.set_length(steps)
     budget.steps = steps
-    budget.replay = replay_params(budget.section, steps, run.steps_per_epoch)
+    budget.replay = replay_params(budget.section, steps, trainer.state.steps_per_epoch)
     budget.note = (
         f"train.time_budget_min {minutes:g}: {steps} steps ({how}); the same run "
         f"without the budget: --params {budget.replay}"
     )
     log.info(budget.note)
-    run.notes.append(budget.note)
+    trainer.state.notes.append(budget.note)
     tags = {"dinoflow.time_budget_steps": steps, "dinoflow.time_budget_replay": budget.replay}
     if budget.per_step is not None:
         tags["dinoflow.time_budget_s_per_step"] = round(budget.per_step, 4)

@@ -1,8 +1,9 @@
 """Checkpoints holding everything needed to continue a run exactly, the newest N of them.
 
-``<run_dir>/checkpoints/<fingerprint>/step_<step>.pt``: weights, optimizer, loss centers, step,
-RNG state, history, config and the train files found unreadable so far (the data order and the
-augmentations are functions of (seed, step), so they need no state). Written atomically
+``<run_dir>/checkpoints/<fingerprint>/step_<step>.pt``: every part the method names by its name
+(networks, loss centers, ...), the optimizer, the RNG state, the run state (step, history, the
+length a budget chose, the precision, the train files found unreadable so far) and the config
+(the data order and the augmentations are functions of (seed, step), so they need no state). Written atomically
 (``dinoflow.files``); loaded with ``torch.load(weights_only=True)``: tensors and plain types
 only, nothing is unpickled. An unreadable newest file (a truncated copy, a disk error) falls back
 to the one before it.
@@ -13,15 +14,27 @@ from __future__ import annotations
 import logging
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
 from dinoflow.errors import CheckpointError
 from dinoflow.files import atomic_torch_save
-from dinoflow.training.components import Components
 
 log = logging.getLogger(__name__)
+
+
+
+class Resumable(Protocol):
+    """What a checkpoint saves and restores (``dinoflow.training.trainer.Trainer``)."""
+
+    fingerprint: str
+    state: Any  # the run state: ``state_dict`` / ``load_state_dict``, ``step``, ``last_step``
+
+    def step_state(self, gathered: bool = False) -> dict[str, Any]: ...
+
+    def load_step_state(self, state: dict[str, Any], gathered: bool = False) -> None: ...
+
 
 _STEP_FILE = re.compile(r"^step_(\d+)\.pt$")
 
@@ -39,34 +52,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def step_state(run: Components, modules: bool = True) -> dict[str, Any]:
-    """What a training step changes, by checkpoint key: the losses' centers and the RNG, and
-    with ``modules`` the student, teacher and optimizer as they are (sharded stays sharded)."""
-    state = {"dino_loss": run.losses.dino.state_dict(), "ibot_loss": run.losses.ibot.state_dict(),
-             "rng": rng_state()}  # fmt: skip
-    if modules:
-        state.update(student=run.student.state_dict(), teacher=run.teacher.state_dict(),
-                     optimizer=run.optimizer.state_dict())  # fmt: skip
-    return state
-
-
-def load_step_state(run: Components, state: dict[str, Any], gathered: bool = False) -> None:
-    """``step_state`` back into ``run`` in place; ``gathered``: the modules' state is the plain
-    (unsharded) form an FSDP run's checkpoint holds."""
-    if gathered:
-        from dinoflow.distributed import load_full_state
-
-        load_full_state(run.student, state["student"], run.optimizer, state["optimizer"])
-        load_full_state(run.teacher, state["teacher"])
-    else:
-        run.student.load_state_dict(state["student"])
-        run.teacher.load_state_dict(state["teacher"])
-        run.optimizer.load_state_dict(state["optimizer"])
-    run.losses.dino.load_state_dict(state["dino_loss"])
-    run.losses.ibot.load_state_dict(state["ibot_loss"])
-    set_rng_state(state["rng"])
-
-
 class Checkpointer:
     """Save every ``every`` steps (and at the end), keep the newest ``keep``, resume from the newest
     readable one. ``fsdp``: state is gathered from the shards (a collective) and stored unsharded,
@@ -77,8 +62,6 @@ class Checkpointer:
         self.folder = Path(run_dir) / "checkpoints" / fp
         self.legacy = Path(run_dir) / "checkpoints" / f"{fp}.pt"  # one-file layout of older runs
         self.every, self.keep, self.fsdp, self.main = every, keep, fsdp, main
-        self.restored_chosen_steps: int | None = None  # the length a time budget chose
-        self.restored_precision: str | None = None  # the precision the run was trained in
 
     # ------------------------------------------------------------------ reading
     def files(self) -> list[Path]:
@@ -112,44 +95,33 @@ class Checkpointer:
                                   "(or set pretrain.train.resume=false) to start over")
         return None
 
-    def restore(self, run: Components) -> tuple[int, list[dict[str, float]]]:
-        """Load the newest readable checkpoint into ``run``: (start step, history); (0, []) if none."""
+    def restore(self, trainer: Resumable) -> int:
+        """Load the newest readable checkpoint into ``trainer`` (the method's parts, optimizer,
+        RNG, run state) -> the step it resumes from; 0 when there is none."""
         found = self.load_latest()
         if found is None:
-            return 0, []
+            return 0
         state, path = found
         # the checkpoint holds plain (unsharded) state, whoever wrote it
-        load_step_state(run, state, gathered=self.fsdp)
-        self.restored_chosen_steps = state.get("chosen_steps")
-        self.restored_precision = state.get("precision")
-        run.unreadable_files = list(state.get("unreadable_files", []))
-        log.info("resuming %s from step %d of %d (checkpoint %s)", run.fingerprint, state["step"],
-                 run.last_step, path)
-        return int(state["step"]), list(state["history"])
+        trainer.load_step_state(state, gathered=self.fsdp)
+        trainer.state.load_state_dict(state)
+        log.info("resuming %s from step %d of %d (checkpoint %s)", trainer.fingerprint,
+                 state["step"], trainer.state.last_step, path)
+        return trainer.state.step
 
     # ------------------------------------------------------------------ writing
     def due(self, done: int, last_step: int) -> bool:
         return done % self.every == 0 or done == last_step
 
-    def save(self, done: int, run: Components, history: list[dict[str, float]], config: dict) -> Path:
+    def save(self, done: int, trainer: Resumable, config: dict) -> Path:
         """Write step ``done`` (every process takes part under FSDP; the main one writes)."""
-        parts = None
-        if self.fsdp:
-            from dinoflow.distributed import gather_full_state
-
-            student_sd, optim_sd = gather_full_state(run.student, run.optimizer)
-            teacher_sd = gather_full_state(run.teacher)[0]
-            parts = {**step_state(run, modules=False), "student": student_sd,
-                     "teacher": teacher_sd, "optimizer": optim_sd}  # fmt: skip
-        elif self.main:
-            parts = step_state(run)
+        parts = trainer.step_state(gathered=True) if self.fsdp else None
         path = self.folder / f"step_{done:08d}.pt"
         if self.main:
-            atomic_torch_save({
-                "step": done, **parts, "history": history, "config": config,
-                "fingerprint": run.fingerprint, "chosen_steps": run.chosen_steps,
-                "precision": run.precision, "unreadable_files": list(run.unreadable_files),
-            }, path)  # fmt: skip
+            parts = parts or trainer.step_state()
+            state = {**parts, **trainer.state.state_dict(), "step": done, "config": config,
+                     "fingerprint": trainer.fingerprint}  # fmt: skip
+            atomic_torch_save(state, path)
             for old in self.files()[self.keep:]:
                 old.unlink(missing_ok=True)
         return path

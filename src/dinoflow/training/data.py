@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -262,3 +263,33 @@ def build_loader(cfg: PretrainConfig, train: Split, mean: list[float], std: list
                       # its own generator: the loader must not draw from the global RNG (drop
                       # path), or a resumed run would diverge from an uninterrupted one
                       generator=torch.Generator().manual_seed(t.seed))
+
+
+# Loader processes for image files on a CPU: at least this many. benchmarks/bench_loader.py (AMD
+# EPYC, 2 cores, the ViT-S/14 profile's step fed by its loader): 4.3 / 5.3 / 7.8 images/s with
+# 0 / 1 / 2 workers on 2-5K photos, 6.9 / 6.9 / 7.1 from the image cache (workers that wait cost
+# the step nothing). Decoding and augmenting the photos took ~40 % of the loop's CPU, so larger
+# machines get a third of their cores.
+CPU_FILE_WORKERS = 2
+
+
+def resolve_num_workers(cfg: PretrainConfig, train: Split, device: torch.device) -> PretrainConfig:
+    """``train.num_workers: auto`` -> loader processes for this process's share of the cores.
+
+    CUDA: the cores per local process, one left for the training process itself (the GPU does
+    the compute; the loader is the CPU's work). CPU: the loader's processes take cores from
+    the training threads, so none for in-memory images (Fashion-MNIST: the augmentation alone,
+    ~0.02 s per batch, measured faster in the training process, docs/dev/performance.md) nor
+    with ``train.compile`` (compiled kernels crashed once a worker had been forked, parallel.py);
+    for image files a third of the cores, at least ``CPU_FILE_WORKERS`` (none on one core).
+    """
+    if cfg.train.num_workers != "auto":
+        return cfg
+    cores = (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    if device.type == "cuda":
+        workers = max(0, cores - 1)
+    elif train.images is not None or cfg.train.compile:
+        workers = 0
+    else:
+        workers = 0 if cores < 2 else max(CPU_FILE_WORKERS, cores // 3)
+    return cfg.model_copy(update={"train": cfg.train.model_copy(update={"num_workers": workers})})

@@ -1,4 +1,4 @@
-"""The end of a run: the teacher's backbone and heads, the history files and the loss curves."""
+"""The end of a run: the history files and the loss curves."""
 
 from __future__ import annotations
 
@@ -7,32 +7,7 @@ from pathlib import Path
 
 from dinoflow import tracking
 from dinoflow.config import PretrainConfig
-from dinoflow.files import atomic_torch_save, atomic_write_json, atomic_write_text
-from dinoflow.models.ssl import SSLModel
-from dinoflow.models.vit import save_backbone
-
-
-def export_teacher(teacher: SSLModel, run_dir: Path, main: bool, fsdp: bool,
-                   build_student) -> tuple[Path, Path]:
-    """Write ``teacher_backbone.pt`` (``save_backbone`` format) and ``teacher_heads.pt``.
-
-    Under FSDP the shards are gathered on every rank (a collective) and written from an
-    unsharded copy (``build_student()``) on the main process.
-    """
-    backbone_path, heads_path = run_dir / "teacher_backbone.pt", run_dir / "teacher_heads.pt"
-    export = teacher
-    if fsdp:
-        from dinoflow.distributed import gather_full_state
-        from dinoflow.models.ssl import make_teacher
-
-        teacher_sd = gather_full_state(teacher)[0]
-        if main:
-            export = make_teacher(build_student())
-            export.load_state_dict(teacher_sd)
-    if main:
-        save_backbone(export.backbone, backbone_path)
-        atomic_torch_save({k: m.state_dict() for k, m in export.heads().items()}, heads_path)
-    return backbone_path, heads_path
+from dinoflow.files import atomic_write_json, atomic_write_text
 
 
 def write_history(history: list[dict[str, float]], run_dir: Path, cfg: PretrainConfig) -> None:

@@ -31,8 +31,9 @@ class ProgressBar:
 
     _active: ProgressBar | None = None  # a run that raised (e.g. a pruned trial) leaves its bar open
 
-    def __init__(self, enabled: bool, start: int, total: int, label: str = "pretrain"):
-        self.bar = None
+    def __init__(self, enabled: bool, start: int, total: int, label: str = "pretrain",
+                 loss_names: tuple[str, ...] = ("dino", "ibot", "koleo")):
+        self.bar, self.loss_names = None, loss_names
         if ProgressBar._active is not None:
             ProgressBar._active.close()
         if enabled:
@@ -54,8 +55,8 @@ class ProgressBar:
 
     def update(self, step: int, metrics: dict[str, float]) -> None:
         if self.bar:
-            info = (f"loss {metrics['loss/total']:.3f} (dino {metrics['loss/dino']:.3f} "
-                    f"ibot {metrics['loss/ibot']:.3f} koleo {metrics['loss/koleo']:.3f}) "
+            terms = " ".join(f"{n} {metrics[f'loss/{n}']:.3f}" for n in self.loss_names)
+            info = (f"loss {metrics['loss/total']:.3f} ({terms}) "
                     f"{metrics['perf/images_per_second']:.0f} img/s")
             self.bar.update(self.task, completed=step, info=info)
 
@@ -68,16 +69,18 @@ class ProgressBar:
 
 
 class MetricLogger:
-    """Collects ``train_step`` outputs; every ``log_every_steps`` (and at the end) reduces them,
-    appends a row to ``history``, logs it (MLflow, main process), moves the bar and checks for
-    collapse (warned once, also as an MLflow tag)."""
+    """Collects the trainer's step outputs; every ``log_every_steps`` (and at the end) reduces
+    them, appends a row to ``history``, logs it (MLflow, main process), moves the bar (the
+    method's ``loss_names`` on it) and checks for collapse (warned once, also as an MLflow tag)."""
 
     def __init__(self, cfg: PretrainConfig, schedules: Schedules, history: list[dict[str, float]],
                  start_step: int, last_step: int, world_size: int, main: bool,
+                 loss_names: tuple[str, ...] = ("dino", "ibot", "koleo"),
                  label: str = "pretrain"):
         self.cfg, self.schedules, self.history = cfg, schedules, history
         self.last_step, self.world_size, self.main = last_step, world_size, main
-        self.bar = ProgressBar(main and cfg.train.progress, start_step, last_step, label)
+        self.bar = ProgressBar(main and cfg.train.progress, start_step, last_step, label,
+                               loss_names)
         self.pending: list[dict[str, torch.Tensor]] = []
         self.final: dict[str, float] = {}
         self.t0, self.images, self.warned = time.perf_counter(), 0, False
