@@ -127,7 +127,7 @@ def test_a_resumed_run_keeps_the_precision_its_checkpoint_was_trained_in(monkeyp
     def pinned(restored: str | None) -> tuple[Trainer, str]:
         run = Trainer(DINOv2(cfg(), 1), cfg(), 64, 1, CPU)
         run.state.precision = restored  # as a checkpoint restores it
-        return run, run.pin_precision()
+        return run, run.pin_precision()[1]
 
     resumed, why = pinned("bf16")
     assert resumed.cfg.train.precision == resumed.state.precision == "bf16" and "checkpoint" in why

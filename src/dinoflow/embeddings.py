@@ -213,10 +213,10 @@ def neighbours_figure(
     path: str | Path,
 ) -> Path:  # fmt: skip
     """One row per query: the query image, then its neighbours with their cosine similarity."""
-    from dinoflow.evaluation.pictures import _figure, _save
+    from dinoflow.evaluation.pictures import new_figure, save_figure
 
     k = neighbours.shape[1]
-    fig, axes = _figure(len(queries), k + 1, (1.7 * (k + 1), 1.9 * len(queries)))
+    fig, axes = new_figure(len(queries), k + 1, (1.7 * (k + 1), 1.9 * len(queries)))
     for r, q in enumerate(queries):
         cells = [(q, "query")] + [(int(n), f"{s:.3f}") for n, s in zip(neighbours[r], scores[r], strict=True)]
         for c, (row, title) in enumerate(cells):
@@ -233,7 +233,7 @@ def neighbours_figure(
                     side.set_linewidth(2.5)
     fig.suptitle("query (left) and its nearest neighbours (cosine similarity of embeddings)",
                  fontsize=9)  # fmt: skip
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def run_embedding(

@@ -19,6 +19,16 @@ def active() -> bool:
     return mlflow.active_run() is not None
 
 
+def active_run_id() -> str | None:
+    """The id of the MLflow run in progress (Kedro's, kedro-mlflow's), None outside one."""
+    try:
+        import mlflow
+    except ImportError:  # a bare training node trains untracked
+        return None
+    run = mlflow.active_run()
+    return run.info.run_id if run else None
+
+
 def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
     if active():
         import mlflow

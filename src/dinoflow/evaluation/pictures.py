@@ -21,7 +21,7 @@ from torch import nn
 from dinoflow.data.transforms import DEFAULT_CROP_RATIO, resize_center_crop
 
 
-def _figure(nrows: int, ncols: int, figsize: tuple[float, float]):
+def new_figure(nrows: int, ncols: int, figsize: tuple[float, float]):
     """A pyplot-free figure and its (nrows, ncols) axes array."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -31,7 +31,7 @@ def _figure(nrows: int, ncols: int, figsize: tuple[float, float]):
     return fig, fig.subplots(nrows, ncols, squeeze=False)
 
 
-def _save(fig, path: str | Path) -> Path:
+def save_figure(fig, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100, bbox_inches="tight", format="png")
@@ -121,7 +121,7 @@ def pca_feature_maps(
     rgb, _ = pca_rgb(maps.permute(0, 2, 3, 1), foreground_threshold)
     shown, cmap = _display(np.asarray(images))
     n = len(shown)
-    fig, axes = _figure(2, n, (1.6 * n, 3.4))
+    fig, axes = new_figure(2, n, (1.6 * n, 3.4))
     for i in range(n):
         axes[0, i].imshow(shown[i], cmap=cmap)
         axes[1, i].imshow(rgb[i].numpy(), interpolation="nearest")
@@ -131,7 +131,7 @@ def pca_feature_maps(
     axes[1, 0].set_title("PCA of patch features", fontsize=8, loc="left")
     if title:
         fig.suptitle(title, fontsize=9)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def classification_confusion(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> np.ndarray:
@@ -153,7 +153,7 @@ def confusion_matrix_figure(
     n = len(class_names)
     counts = classification_confusion(y_true, y_pred, n)
     rates = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
-    fig, axes = _figure(1, 1, (0.55 * n + 2.5, 0.55 * n + 2))
+    fig, axes = new_figure(1, 1, (0.55 * n + 2.5, 0.55 * n + 2))
     ax = axes[0, 0]
     im = ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
     ax.set_xticks(range(n), class_names, rotation=45, ha="right", fontsize=7)
@@ -170,7 +170,7 @@ def confusion_matrix_figure(
     accuracy = np.trace(counts) / max(counts.sum(), 1)
     ax.set_title(f"{title} (accuracy {accuracy:.3f})", fontsize=9)
     fig.colorbar(im, ax=ax, fraction=0.046)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def label_colours(n_classes: int) -> np.ndarray:
@@ -208,7 +208,7 @@ def segmentation_figure(
         n_classes = int(max(valid.max(initial=0), pred.max(initial=0))) + 1
     shown, cmap = _display(np.asarray(images))
     n = len(shown)
-    fig, axes = _figure(3, n, (1.6 * n, 5.0))
+    fig, axes = new_figure(3, n, (1.6 * n, 5.0))
     for i in range(n):
         axes[0, i].imshow(shown[i], cmap=cmap)
         axes[1, i].imshow(colourise(gt[i], n_classes), interpolation="nearest")
@@ -219,4 +219,4 @@ def segmentation_figure(
         axes[row, 0].set_title(name, fontsize=8, loc="left")
     if title:
         fig.suptitle(title, fontsize=9)
-    return _save(fig, path)
+    return save_figure(fig, path)

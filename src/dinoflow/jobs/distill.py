@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from dinoflow import tracking
 from dinoflow.config import (
     BackboneConfig,
     ConfigError,
@@ -263,7 +264,7 @@ def nested_run(name: str) -> Iterator[None]:
 def run_distillation(data: DataConfig, cfg: DistillationConfig, manifest_ids: list[str] | None = None,
                      stop_after_steps: int | None = None) -> DistillationSummary:
     """Load the data and the teacher, fit heads if needed, distil; one writer per run directory."""
-    from dinoflow.jobs.pretrain import _active_mlflow_run, apply_manifest, knn_subsets
+    from dinoflow.jobs.pretrain import apply_manifest, knn_subsets
 
     splits = load_data(data)
     train = apply_manifest(splits["train"], manifest_ids if cfg.train.use_curated_manifest else None)
@@ -283,7 +284,7 @@ def run_distillation(data: DataConfig, cfg: DistillationConfig, manifest_ids: li
         summary = distill(cfg, source.frozen(), train, source.mean, source.std, bank, queries,
                           stop_after_steps, teacher_info=info)
     return summary.model_copy(update={"n_train_images": len(train), "data": data.model_dump(mode="json"),
-                                      "mlflow_run_id": _active_mlflow_run()})
+                                      "mlflow_run_id": tracking.active_run_id()})
 
 
 def evaluate_distillation(data: DataConfig, params: dict[str, Any], cfg: DistillationConfig,

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dinoflow import tracking
 from dinoflow.config import DataConfig, PretrainConfig
 from dinoflow.data import Split, channel_stats, load_data
 from dinoflow.distributed import is_main_process
@@ -96,18 +97,9 @@ def run_pretraining(data: DataConfig, cfg: PretrainConfig, manifest_ids: list[st
                            on_knn=on_knn)
         summary = summary.model_copy(update={
             "n_train_images": len(train), "data": data.model_dump(mode="json"),
-            "mlflow_run_id": _active_mlflow_run()})
+            "mlflow_run_id": tracking.active_run_id()})
         if is_main_process():  # the run directory is a teacher on its own (distillation): its
             # normalisation and MLflow run beside its weights, wherever the catalog keeps its copy
             atomic_write_json(Path(cfg.train.run_dir) / "pretrain_summary.json",
                               summary.model_dump(mode="json"))
     return summary
-
-
-def _active_mlflow_run() -> str | None:
-    try:
-        import mlflow
-    except ImportError:  # a bare training node trains untracked
-        return None
-    run = mlflow.active_run()
-    return run.info.run_id if run else None

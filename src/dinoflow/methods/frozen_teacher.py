@@ -2,7 +2,7 @@
 
 DINOv2 section 5: the large model is a frozen teacher (eval mode, no gradient, no EMA update);
 the student learns its head outputs. A teacher without heads (a released backbone) either gets
-heads fitted first or teaches its features directly (``dinoflow.training.distill``).
+heads fitted first or teaches its features directly (``dinoflow.methods.distillation``).
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@
 - ``budget``: ``train.time_budget_min``, the run's length chosen once;
 - ``metrics``: the ``MetricLogger`` with the progress bar;
 - ``online_knn``: the EMA's kNN during training;
-- ``export``: the history files and curves.
+- ``history``: the history files and curves.
 """
 
 from dinoflow.methods.dinov2 import (

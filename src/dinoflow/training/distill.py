@@ -47,12 +47,7 @@ def distill(cfg: DistillationConfig, teacher: FrozenTeacher, train_split: Split,
                    section="distillation", config=cfg.model_dump(mode="json"), budget=budget)
     atomic_write_json(Path(result.run_dir) / "distillation_config.json", cfg.model_dump(mode="json"))
     return DistillationSummary(
-        run_dir=result.run_dir, student_backbone=result.backbone, student_heads=result.heads,
-        teacher=method.teacher_info, mode=method.mode, steps=result.steps,
-        resumed_from_step=result.resumed_from_step, final=result.final,
-        knn_history=result.knn_history, images_per_second=result.images_per_second,
-        train_seconds=result.train_seconds, **flops, notes=result.notes,
-        fingerprint=result.fingerprint, mean=list(mean), std=list(std),
-        channels=train_split.channels, image_size=method.cfg.crops.global_size,
-        precision=result.precision, **result.budget,
-    )  # fmt: skip
+        **result.summary_fields(mean, std, train_split.channels, method.cfg.crops.global_size),
+        student_backbone=result.backbone, student_heads=result.heads, teacher=method.teacher_info,
+        mode=method.mode, train_seconds=result.train_seconds, **flops,
+    )

@@ -45,12 +45,8 @@ def pretrain(
     result = train(method, train_split, mean, std, knn_bank, knn_queries, stop_after_steps,
                    on_knn, fsdp=fsdp, budget=budget)  # fmt: skip
     return PretrainSummary(
-        run_dir=result.run_dir, teacher_backbone=result.backbone, teacher_heads=result.heads,
-        steps=result.steps, resumed_from_step=result.resumed_from_step, final=result.final,
-        knn_history=result.knn_history, images_per_second=result.images_per_second,
-        notes=result.notes, fingerprint=result.fingerprint, mean=list(mean), std=list(std),
-        channels=train_split.channels, image_size=cfg.crops.global_size,
-        world_size=result.world_size, precision=result.precision,
-        unreadable_files=result.unreadable_files,
-        n_unreadable_files=len(result.unreadable_files), **result.budget,
-    )  # fmt: skip
+        **result.summary_fields(mean, std, train_split.channels, cfg.crops.global_size),
+        teacher_backbone=result.backbone, teacher_heads=result.heads,
+        world_size=result.world_size, unreadable_files=result.unreadable_files,
+        n_unreadable_files=len(result.unreadable_files),
+    )

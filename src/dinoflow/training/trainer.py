@@ -31,7 +31,7 @@ from dinoflow.optim import apply_schedules, build_optimizer, clip_gradients, par
 from dinoflow.training.budget import TimeBudget, fix_run_length, start_budget
 from dinoflow.training.checkpoint import Checkpointer, rng_state, set_rng_state
 from dinoflow.training.data import UnreadableFiles, build_loader, resolve_num_workers
-from dinoflow.training.export import write_history
+from dinoflow.training.history import write_history
 from dinoflow.training.metrics import MetricLogger
 from dinoflow.training.online_knn import OnlineKNN
 from dinoflow.training.parallel import seed_ranks, wrap_for_training
@@ -91,9 +91,9 @@ class Trainer:
         s.total_steps = s.chosen_steps = total_steps
         s.last_step = min(total_steps, self.cfg.train.max_steps or total_steps)
 
-    def pin_precision(self) -> str:
-        """``train.precision`` resolved once for the run -> why. A resumed run keeps the precision
-        its checkpoint was trained in (exact resume, also on another kind of CPU)."""
+    def pin_precision(self) -> tuple[str, str]:
+        """``train.precision`` resolved once for the run -> (precision, why). A resumed run keeps
+        the precision its checkpoint was trained in (exact resume, also on another kind of CPU)."""
         precision, why = precision_choice(self.cfg, self.device)
         restored = self.state.precision
         if restored is not None and restored != precision:
@@ -102,7 +102,7 @@ class Trainer:
         self.state.precision = precision
         self.cfg = self.cfg.model_copy(
             update={"train": self.cfg.train.model_copy(update={"precision": precision})})
-        return why
+        return precision, why
 
     # ------------------------------------------------------------------ state
     def step_state(self, gathered: bool = False) -> dict[str, Any]:
@@ -222,6 +222,18 @@ class TrainResult:
     unreadable_files: list[str]
     budget: dict[str, Any] = field(default_factory=dict)
 
+    def summary_fields(self, mean: list[float], std: list[float], channels: int,
+                       image_size: int) -> dict[str, Any]:
+        """The fields every method's summary (``dinoflow.results``) has, by their names there."""
+        return {
+            "run_dir": self.run_dir, "steps": self.steps,
+            "resumed_from_step": self.resumed_from_step, "final": self.final,
+            "knn_history": self.knn_history, "images_per_second": self.images_per_second,
+            "notes": self.notes, "fingerprint": self.fingerprint, "precision": self.precision,
+            "mean": list(mean), "std": list(std), "channels": channels, "image_size": image_size,
+            **self.budget,
+        }  # fmt: skip
+
 
 def train(method: Method, train_split: Split, mean: list[float], std: list[float],
           knn_bank: Split | None = None, knn_queries: Split | None = None,
@@ -232,21 +244,20 @@ def train(method: Method, train_split: Split, mean: list[float], std: list[float
     """Train ``method`` on ``train_split``; export its model. ``section``: the config section
     (messages, the progress bar); ``config``: what checkpoints record (default the method's);
     ``budget``: a time budget started by the caller (counted from then)."""
-    cfg, t = method.cfg, method.cfg.train
+    t = method.cfg.train
     device = resolve_device(t.device)
     rank, world_size = world()
     main = rank == 0
-    trainer = Trainer(method, resolve_num_workers(cfg, train_split, device), len(train_split), world_size,
-                      device)  # fmt: skip
+    trainer = Trainer(method, resolve_num_workers(method.cfg, train_split, device),
+                      len(train_split), world_size, device)  # fmt: skip
     checkpoints = Checkpointer(t.run_dir, trainer.fingerprint, t.checkpoint_every_steps,
                                t.keep_checkpoints, fsdp, main)  # fmt: skip
     start_step = checkpoints.restore(trainer) if t.resume else 0
-    why = trainer.pin_precision()
+    log.info("%s: precision %s (%s)", section, *trainer.pin_precision())
     seed_ranks(t.seed, start_step, rank, world_size)
     model = wrap_for_training(method.student, method.teacher, trainer.cfg, world_size, device, fsdp)
     loader_for = partial(build_loader, trainer.cfg, train_split, mean, std, rank, world_size,
                          start_step, device=device)  # fmt: skip
-    log.info("%s: precision %s (%s)", section, trainer.state.precision, why)
     knn = _online_knn(trainer, knn_bank, knn_queries, mean, std, fsdp, main, on_knn, start_step)
     if budget is not None:  # the length, fixed before training: then a fixed-length run
         fix_run_length(budget, trainer, start_step, partial(trainer.step, model), loader_for, knn)
@@ -258,10 +269,18 @@ def train(method: Method, train_split: Split, mean: list[float], std: list[float
                                  t.log_every_steps, f"{section}.train.max_unreadable_fraction")
     started = time.perf_counter()
     trainer.loop(loader_for(s.last_step), model, metrics, knn, checkpoints,
-                 config or cfg.model_dump(mode="json"), stop_after_steps, unreadable)  # fmt: skip
-    seconds = time.perf_counter() - started
-    run_dir = Path(t.run_dir)
-    backbone, heads = method.export(run_dir, main, fsdp)
+                 config or method.cfg.model_dump(mode="json"), stop_after_steps, unreadable)
+    return _finish(trainer, checkpoints, metrics, time.perf_counter() - started, start_step,
+                   world_size, fsdp, budget)  # fmt: skip
+
+
+def _finish(trainer: Trainer, checkpoints: Checkpointer, metrics: MetricLogger, seconds: float,
+            start_step: int, world_size: int, fsdp: bool,
+            budget: TimeBudget | None) -> TrainResult:
+    """The end of a run: the method's model exported, the history written, the checkpoints
+    cleared (the exported model is the product)."""
+    run_dir, s, main = Path(trainer.cfg.train.run_dir), trainer.state, checkpoints.main
+    backbone, heads = trainer.method.export(run_dir, main, fsdp)
     if main:
         write_history(s.history, run_dir, trainer.cfg)
         checkpoints.clear()
