@@ -349,7 +349,9 @@ def _resized_crops(
     n, c = len(images), images[0].shape[0]
     height, width = max(i.shape[1] for i in images), max(i.shape[2] for i in images)
     if c * height * width > _MATMUL_RESIZE_MAX_PIXELS:  # torch's per-crop kernel: same numbers
-        return torch.stack([_resized_crop(img, p, size) for img, p in zip(images, params, strict=True)])
+        return torch.stack(
+            [_resized_crop(img, p, size) for img, p in zip(images, params, strict=True)]
+        )
     if all(i.shape[1:] == (height, width) for i in images):
         canvas = torch.stack(list(images)).double()
     else:
@@ -369,8 +371,9 @@ def _resized_crops(
 def _resized_crop(img: torch.Tensor, p: CropParams, size: int) -> torch.Tensor:
     """One crop with torchvision's resized_crop (bicubic, antialias) and flip -> float32."""
     top, left, h, w = p.box
-    x = TF.resized_crop(img, top, left, h, w, [size, size],
-                        interpolation=InterpolationMode.BICUBIC, antialias=True)  # fmt: skip
+    x = TF.resized_crop(
+        img, top, left, h, w, [size, size], interpolation=InterpolationMode.BICUBIC, antialias=True
+    )
     return (TF.horizontal_flip(x) if p.flip else x).to(torch.float32)
 
 

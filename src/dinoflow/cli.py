@@ -69,10 +69,18 @@ def cli() -> None:
     """dinoflow's project commands."""
 
 
-@cli.command(name="run", params=list(kedro_run.params), help=kedro_run.help,
-             context_settings=kedro_run.context_settings)
-@click.option("--verbose", is_flag=True, default=False,
-              help="Show the full traceback of a user error (it always goes to logs/).")
+@cli.command(
+    name="run",
+    params=list(kedro_run.params),
+    help=kedro_run.help,
+    context_settings=kedro_run.context_settings,
+)
+@click.option(
+    "--verbose",
+    is_flag=True,
+    default=False,
+    help="Show the full traceback of a user error (it always goes to logs/).",
+)
 @click.pass_context
 def run(ctx: click.Context, verbose: bool, **kwargs: object) -> object:
     verbose = verbose or os.environ.get("DINOFLOW_VERBOSE") == "1"
@@ -81,9 +89,12 @@ def run(ctx: click.Context, verbose: bool, **kwargs: object) -> object:
         return ctx.invoke(kedro_run, **kwargs)
     except (Interrupted, KeyboardInterrupt) as exc:
         _end_mlflow_runs("KILLED")
-        click.secho(f"dinoflow: stopped by {exc or 'SIGINT'}; the MLflow run is marked KILLED, "
-                    "checkpoints written so far are kept (run the command again to resume)",
-                    fg="yellow", err=True)
+        click.secho(
+            f"dinoflow: stopped by {exc or 'SIGINT'}; the MLflow run is marked KILLED, "
+            "checkpoints written so far are kept (run the command again to resume)",
+            fg="yellow",
+            err=True,
+        )
         ctx.exit(130)
     except Exception as exc:
         problem = user_error(exc)

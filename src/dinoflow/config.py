@@ -16,8 +16,18 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from dinoflow.errors import ConfigError
 
-__all__ = ["ConfigError", "DataConfig", "DistillationConfig", "ImageCacheConfig", "PretrainConfig",
-           "Strict", "TeacherConfig", "deep_merge", "fingerprint", "validate"]
+__all__ = [
+    "ConfigError",
+    "DataConfig",
+    "DistillationConfig",
+    "ImageCacheConfig",
+    "PretrainConfig",
+    "Strict",
+    "TeacherConfig",
+    "deep_merge",
+    "fingerprint",
+    "validate",
+]
 
 
 class Strict(BaseModel):
@@ -74,8 +84,10 @@ class DataConfig(Strict):
     def _folder_needs_a_path(self) -> DataConfig:
         # refused before any work: a GPU node must not start on the wrong (or no) images
         if self.source == "image_folder" and not self.path:
-            raise ValueError("data.path is required with data.source=image_folder: the folder of "
-                             "your images (--params data.path=/data/photos)")
+            raise ValueError(
+                "data.path is required with data.source=image_folder: the folder of "
+                "your images (--params data.path=/data/photos)"
+            )
         return self
 
 
@@ -109,7 +121,9 @@ class CropsConfig(Strict):
 class BackboneConfig(Strict):
     """The ViT (docs/method.md section 2). ``arch`` picks a size preset; explicit values override it."""
 
-    arch: Literal["vit_tiny", "vit_small", "vit_base", "vit_large", "vit_giant", "custom"] = "vit_small"
+    arch: Literal["vit_tiny", "vit_small", "vit_base", "vit_large", "vit_giant", "custom"] = (
+        "vit_small"
+    )
     patch_size: int = Field(14, ge=1)
     embed_dim: int | None = Field(None, ge=8)
     depth: int | None = Field(None, ge=1)
@@ -133,7 +147,9 @@ class BackboneConfig(Strict):
         if self.arch == "custom" and None in (self.embed_dim, self.depth, self.num_heads):
             raise ValueError("arch=custom needs embed_dim, depth and num_heads")
         if self.embed_dim is not None and self.num_heads and self.embed_dim % self.num_heads:
-            raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
+            raise ValueError(
+                f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}"
+            )
         return self
 
 
@@ -241,7 +257,9 @@ class TrainConfig(Strict):
     max_unreadable_fraction: float = Field(0.01, ge=0, le=1)
     run_dir: str = "data/06_models"
     checkpoint_every_steps: int = Field(200, ge=1)
-    keep_checkpoints: int = Field(2, ge=1)  # the newest N; an unreadable newest falls back to the next
+    keep_checkpoints: int = Field(
+        2, ge=1
+    )  # the newest N; an unreadable newest falls back to the next
     resume: bool = True
     log_every_steps: int = Field(10, ge=1)
     knn_every_epochs: float = Field(1, gt=0)
@@ -262,7 +280,9 @@ class LauncherConfig(Strict):
     """How processes are started: in process, torchrun (elastic), or SLURM (submitit)."""
 
     type: Literal["local", "torchrun", "slurm"] = "local"
-    nproc_per_node: Annotated[int, Field(ge=1)] | Literal["auto"] = 1  # auto: visible GPUs (1 without)
+    nproc_per_node: Annotated[int, Field(ge=1)] | Literal["auto"] = (
+        1  # auto: visible GPUs (1 without)
+    )
     nnodes: int = Field(1, ge=1)
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     master_port: int = Field(29500, ge=1, le=65535)
@@ -299,12 +319,19 @@ class PretrainConfig(Strict):
     @model_validator(mode="after")
     def _consistent(self) -> PretrainConfig:
         p = self.backbone.patch_size
-        for name, size in (("global_size", self.crops.global_size), ("local_size", self.crops.local_size)):
+        for name, size in (
+            ("global_size", self.crops.global_size),
+            ("local_size", self.crops.local_size),
+        ):
             if size % p:
-                raise ValueError(f"crops.{name}={size} is not a multiple of backbone.patch_size={p}")
+                raise ValueError(
+                    f"crops.{name}={size} is not a multiple of backbone.patch_size={p}"
+                )
         pe = self.backbone.pos_embed_size
         if pe is not None and pe % p:
-            raise ValueError(f"backbone.pos_embed_size={pe} is not a multiple of backbone.patch_size={p}")
+            raise ValueError(
+                f"backbone.pos_embed_size={pe} is not a multiple of backbone.patch_size={p}"
+            )
         if self.masking.ratio_min > self.masking.ratio_max:
             raise ValueError("masking.ratio_min must be <= masking.ratio_max")
         return self
@@ -341,8 +368,10 @@ class StudentBackboneConfig(BackboneConfig):
     @model_validator(mode="after")
     def _no_drop_path(self) -> StudentBackboneConfig:
         if self.drop_path_rate:
-            raise ValueError(f"drop_path_rate={self.drop_path_rate}: DINOv2 distils without "
-                             "stochastic depth in the student; set it to 0")
+            raise ValueError(
+                f"drop_path_rate={self.drop_path_rate}: DINOv2 distils without "
+                "stochastic depth in the student; set it to 0"
+            )
         return self
 
 
@@ -384,17 +413,29 @@ class DistillationConfig(Strict):
     def student_config(self, n_prototypes: int, ibot_prototypes: int | None) -> PretrainConfig:
         """The student as a pretraining config (the builders, loader and logger read it): heads
         with the teacher's prototype counts (``ibot_prototypes``: a separate iBOT head), no masks."""
-        head = HeadConfig(**{**self.head.model_dump(), "n_prototypes": n_prototypes,
-                             "separate_ibot_head": ibot_prototypes is not None,
-                             "ibot_n_prototypes": ibot_prototypes})
+        head = HeadConfig(
+            **{
+                **self.head.model_dump(),
+                "n_prototypes": n_prototypes,
+                "separate_ibot_head": ibot_prototypes is not None,
+                "ibot_n_prototypes": ibot_prototypes,
+            }
+        )
         return PretrainConfig(
-            crops=self.crops, backbone=BackboneConfig(**self.backbone.model_dump()), head=head,
-            masking=MaskingConfig(mask_probability=0.0), loss=self.loss, optim=self.optim,
-            train=TrainConfig(**self.train.model_dump()), monitor=self.monitor,
-        )  # fmt: skip
+            crops=self.crops,
+            backbone=BackboneConfig(**self.backbone.model_dump()),
+            head=head,
+            masking=MaskingConfig(mask_probability=0.0),
+            loss=self.loss,
+            optim=self.optim,
+            train=TrainConfig(**self.train.model_dump()),
+            monitor=self.monitor,
+        )
 
 
-_UNION_TAG = re.compile(r"^(constrained-|literal\[|function-|lax-|json-or-python)|^(int|str|float|bool|none)$")
+_UNION_TAG = re.compile(
+    r"^(constrained-|literal\[|function-|lax-|json-or-python)|^(int|str|float|bool|none)$"
+)
 
 
 def validate(model: type[BaseModel], params: dict | None, where: str) -> BaseModel:
@@ -412,7 +453,7 @@ def validate(model: type[BaseModel], params: dict | None, where: str) -> BaseMod
             shown = "" if isinstance(value, dict) else f" (got {value!r})"
             msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
             if msg.startswith("Value error, "):
-                msg = msg[len("Value error, "):]
+                msg = msg[len("Value error, ") :]
             found.setdefault(key, [])
             if msg + shown not in found[key]:
                 found[key].append(msg + shown)

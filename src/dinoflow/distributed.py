@@ -144,11 +144,16 @@ def _fqn_order(optimizer: torch.optim.Optimizer) -> list[str]:
 
     ``param_groups`` names backbone parameters relative to the backbone, heads by their key.
     """
-    return [name if group.get("is_backbone") is False else f"backbone.{name}"
-            for group in optimizer.param_groups for name in group["param_names"]]
+    return [
+        name if group.get("is_backbone") is False else f"backbone.{name}"
+        for group in optimizer.param_groups
+        for name in group["param_names"]
+    ]
 
 
-def gather_full_state(model: Any, optimizer: torch.optim.Optimizer | None = None) -> tuple[dict, dict | None]:
+def gather_full_state(
+    model: Any, optimizer: torch.optim.Optimizer | None = None
+) -> tuple[dict, dict | None]:
     """Unsharded (model, optimizer) state dicts on CPU, in the plain single-process layout
     (optimizer state keyed by index, as ``optimizer.state_dict()``); a collective call.
     """
@@ -169,8 +174,12 @@ def gather_full_state(model: Any, optimizer: torch.optim.Optimizer | None = None
     return model_sd, plain
 
 
-def load_full_state(model: Any, model_sd: dict, optimizer: torch.optim.Optimizer | None = None,
-                    optim_sd: dict | None = None) -> None:
+def load_full_state(
+    model: Any,
+    model_sd: dict,
+    optimizer: torch.optim.Optimizer | None = None,
+    optim_sd: dict | None = None,
+) -> None:
     """Load plain (unsharded) state dicts, as ``gather_full_state`` or one process writes them,
     into a sharded model and its optimizer; every process calls it with the same dicts."""
     from torch.distributed.checkpoint.state_dict import (
@@ -187,8 +196,10 @@ def load_full_state(model: Any, model_sd: dict, optimizer: torch.optim.Optimizer
     groups, start = [], 0
     for saved, live in zip(optim_sd["param_groups"], optimizer.param_groups, strict=True):
         n = len(live["params"])
-        groups.append({**saved, "params": fqns[start:start + n]})
+        groups.append({**saved, "params": fqns[start : start + n]})
         start += n
-    by_fqn = {"state": {fqns[int(i)]: v for i, v in optim_sd["state"].items()},
-              "param_groups": groups}
+    by_fqn = {
+        "state": {fqns[int(i)]: v for i, v in optim_sd["state"].items()},
+        "param_groups": groups,
+    }
     set_optimizer_state_dict(model, optimizer, by_fqn, options=options)

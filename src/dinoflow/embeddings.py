@@ -46,7 +46,6 @@ __all__ = [
 class EmbedConfig(Strict):
     """``params:embed`` (conf/base/parameters_embed.yml)."""
 
-
     model: str = "models:/dinoflow-backbone@champion"  # a models:/ or runs:/ URI
     folder: str | None = None  # a folder of images; None: the curated training set
     embedding: Literal["cls", "patch_mean"] = "cls"
@@ -86,8 +85,11 @@ def folder_image_set(folder: str | Path, limit: int | None = None) -> ImageSet:
     if not paths:
         raise ValueError(f"embed.folder: no images under {root}")
     paths = paths[:limit] if limit else paths
-    return ImageSet(ids=[p.relative_to(root).as_posix() for p in paths],
-                    paths=[str(p) for p in paths], source=f"folder:{root}")  # fmt: skip
+    return ImageSet(
+        ids=[p.relative_to(root).as_posix() for p in paths],
+        paths=[str(p) for p in paths],
+        source=f"folder:{root}",
+    )
 
 
 def split_image_set(split, source: str, limit: int | None = None) -> ImageSet:
@@ -95,8 +97,12 @@ def split_image_set(split, source: str, limit: int | None = None) -> ImageSet:
     n = min(len(split), limit) if limit else len(split)
     split = split.subset(np.arange(n))
     paths = [str(p) for p in split.paths] if split.paths is not None else [""] * n
-    return ImageSet(ids=list(split.ids), paths=paths, source=source,
-                    images=split if split.images is not None else None)  # fmt: skip
+    return ImageSet(
+        ids=list(split.ids),
+        paths=paths,
+        source=source,
+        images=split if split.images is not None else None,
+    )
 
 
 def _progress(total: int, desc: str, enabled: bool):
@@ -106,9 +112,13 @@ def _progress(total: int, desc: str, enabled: bool):
 
 
 def embed_image_set(
-    model: torch.nn.Module, images: ImageSet, embedding: str = "cls", batch_size: int = 64,
-    skip_unreadable: bool = True, progress: bool = True,
-) -> tuple[np.ndarray, list[int], list[tuple[str, str]]]:  # fmt: skip
+    model: torch.nn.Module,
+    images: ImageSet,
+    embedding: str = "cls",
+    batch_size: int = 64,
+    skip_unreadable: bool = True,
+    progress: bool = True,
+) -> tuple[np.ndarray, list[int], list[tuple[str, str]]]:
     """Embed every image: (vectors float32 (M, D), kept row indices, [(path, error)] skipped).
 
     ``model``: a RegisteredBackbone. Files go through ``preprocess_images`` (the service's path);
@@ -131,7 +141,9 @@ def embed_image_set(
                 tensors, good = [], []
                 for i in rows:
                     try:
-                        tensors.append(preprocess_images(model, [images.paths[i]], [images.paths[i]]))
+                        tensors.append(
+                            preprocess_images(model, [images.paths[i]], [images.paths[i]])
+                        )
                         good.append(i)
                     except ValueError as exc:
                         if not skip_unreadable:
@@ -144,8 +156,10 @@ def embed_image_set(
                 kept += good
             bar.update(len(rows))
     if not kept:
-        raise ValueError(f"embed: no image could be decoded ({len(skipped)} skipped, "
-                         f"first: {skipped[0][0] if skipped else '-'})")  # fmt: skip
+        raise ValueError(
+            f"embed: no image could be decoded ({len(skipped)} skipped, "
+            f"first: {skipped[0][0] if skipped else '-'})"
+        )
     return np.concatenate(vectors).astype(np.float32), kept, skipped
 
 
@@ -155,9 +169,12 @@ def _normalised(vectors: np.ndarray) -> np.ndarray:
 
 
 def write_embeddings(
-    ids: Sequence[str], paths: Sequence[str], vectors: np.ndarray, parquet_path: str | Path,
+    ids: Sequence[str],
+    paths: Sequence[str],
+    vectors: np.ndarray,
+    parquet_path: str | Path,
     index_path: str | Path,
-) -> None:  # fmt: skip
+) -> None:
     """The parquet table (id, path, vector) and the cosine faiss index, each written atomically."""
     import faiss
     import pandas as pd
@@ -170,8 +187,12 @@ def write_embeddings(
     d = int(vectors.shape[1])
     table = pa.Table.from_pandas(
         pd.DataFrame({"id": list(ids), "path": list(paths)}), preserve_index=False
-    ).append_column("vector", pa.FixedSizeListArray.from_arrays(
-        pa.array(np.ascontiguousarray(vectors, dtype=np.float32).ravel(), pa.float32()), d))  # fmt: skip
+    ).append_column(
+        "vector",
+        pa.FixedSizeListArray.from_arrays(
+            pa.array(np.ascontiguousarray(vectors, dtype=np.float32).ravel(), pa.float32()), d
+        ),
+    )
     tmp = parquet_path.with_name(f".{parquet_path.name}.tmp")
     pq.write_table(table, tmp)
     os.replace(tmp, parquet_path)
@@ -209,16 +230,21 @@ def _display_image(images: ImageSet, row: int) -> np.ndarray:
 
 
 def neighbours_figure(
-    images: ImageSet, queries: Sequence[int], neighbours: np.ndarray, scores: np.ndarray,
+    images: ImageSet,
+    queries: Sequence[int],
+    neighbours: np.ndarray,
+    scores: np.ndarray,
     path: str | Path,
-) -> Path:  # fmt: skip
+) -> Path:
     """One row per query: the query image, then its neighbours with their cosine similarity."""
     from dinoflow.evaluation.pictures import new_figure, save_figure
 
     k = neighbours.shape[1]
     fig, axes = new_figure(len(queries), k + 1, (1.7 * (k + 1), 1.9 * len(queries)))
     for r, q in enumerate(queries):
-        cells = [(q, "query")] + [(int(n), f"{s:.3f}") for n, s in zip(neighbours[r], scores[r], strict=True)]
+        cells = [(q, "query")] + [
+            (int(n), f"{s:.3f}") for n, s in zip(neighbours[r], scores[r], strict=True)
+        ]
         for c, (row, title) in enumerate(cells):
             ax = axes[r, c]
             image = _display_image(images, row)
@@ -231,8 +257,9 @@ def neighbours_figure(
                 for side in ax.spines.values():
                     side.set_edgecolor("tab:red")
                     side.set_linewidth(2.5)
-    fig.suptitle("query (left) and its nearest neighbours (cosine similarity of embeddings)",
-                 fontsize=9)  # fmt: skip
+    fig.suptitle(
+        "query (left) and its nearest neighbours (cosine similarity of embeddings)", fontsize=9
+    )
     return save_figure(fig, path)
 
 
@@ -246,36 +273,66 @@ def run_embedding(
     """
     import faiss
 
-    vectors, kept, skipped = embed_image_set(model, images, cfg.embedding, cfg.batch_size,
-                                             cfg.skip_unreadable, cfg.progress)  # fmt: skip
+    vectors, kept, skipped = embed_image_set(
+        model, images, cfg.embedding, cfg.batch_size, cfg.skip_unreadable, cfg.progress
+    )
     ids = [images.ids[i] for i in kept]
     paths = [images.paths[i] for i in kept]
     write_embeddings(ids, paths, vectors, cfg.parquet_path, cfg.index_path)
-    kept_set = ImageSet(ids=ids, paths=paths, source=images.source,
-                        images=None if images.images is None else images.images.subset(kept))  # fmt: skip
+    kept_set = ImageSet(
+        ids=ids,
+        paths=paths,
+        source=images.source,
+        images=None if images.images is None else images.images.subset(kept),
+    )
     report_dir = Path(cfg.report_dir)
     report_dir.mkdir(parents=True, exist_ok=True)
     summary: dict[str, Any] = {
-        "model": model_uri, "source": images.source, "embedding": cfg.embedding,
-        "n_images": len(images), "n_embedded": len(ids), "dim": int(vectors.shape[1]),
+        "model": model_uri,
+        "source": images.source,
+        "embedding": cfg.embedding,
+        "n_images": len(images),
+        "n_embedded": len(ids),
+        "dim": int(vectors.shape[1]),
         "skipped": [{"path": p, "error": e} for p, e in skipped],
-        "files": {"parquet": cfg.parquet_path, "index": cfg.index_path}, "queries": [],
-    }  # fmt: skip
+        "files": {"parquet": cfg.parquet_path, "index": cfg.index_path},
+        "queries": [],
+    }
     n_queries = min(cfg.n_queries, len(ids))
     k = min(cfg.n_neighbours, len(ids) - 1)
     if n_queries and k >= 1:
         index = faiss.read_index(cfg.index_path)  # what was written, read back
-        queries = sorted(np.random.default_rng(cfg.seed).choice(len(ids), n_queries, replace=False).tolist())
+        queries = sorted(
+            np.random.default_rng(cfg.seed).choice(len(ids), n_queries, replace=False).tolist()
+        )
         scores, rows = nearest_neighbours(index, vectors[queries], k + 1)
         # drop each query itself (its own best match); keep k others
-        neighbours = np.array([[r for r in row if r != q][:k] for q, row in zip(queries, rows, strict=True)])
-        sims = np.array([[s for r, s in zip(row, sc, strict=True) if r != q][:k]
-                         for q, row, sc in zip(queries, rows, scores, strict=True)])  # fmt: skip
-        picture = neighbours_figure(kept_set, queries, neighbours, sims, report_dir / "neighbours.png")
+        neighbours = np.array(
+            [[r for r in row if r != q][:k] for q, row in zip(queries, rows, strict=True)]
+        )
+        sims = np.array(
+            [
+                [s for r, s in zip(row, sc, strict=True) if r != q][:k]
+                for q, row, sc in zip(queries, rows, scores, strict=True)
+            ]
+        )
+        picture = neighbours_figure(
+            kept_set, queries, neighbours, sims, report_dir / "neighbours.png"
+        )
         summary["files"]["picture"] = str(picture)
-        summary["queries"] = [{"id": ids[q], "neighbours": [ids[int(n)] for n in nb],
-                               "similarity": [round(float(s), 6) for s in sm]}
-                              for q, nb, sm in zip(queries, neighbours, sims, strict=True)]  # fmt: skip
-    log.info("embedded %d images (%d skipped) -> %s, %s", len(ids), len(skipped),
-             cfg.parquet_path, cfg.index_path)  # fmt: skip
+        summary["queries"] = [
+            {
+                "id": ids[q],
+                "neighbours": [ids[int(n)] for n in nb],
+                "similarity": [round(float(s), 6) for s in sm],
+            }
+            for q, nb, sm in zip(queries, neighbours, sims, strict=True)
+        ]
+    log.info(
+        "embedded %d images (%d skipped) -> %s, %s",
+        len(ids),
+        len(skipped),
+        cfg.parquet_path,
+        cfg.index_path,
+    )
     return summary

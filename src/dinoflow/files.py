@@ -70,10 +70,13 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], Any]
         if os.path.exists(tmp):
             os.unlink(tmp)
         if isinstance(exc, Exception) and _is_disk_full(exc, path.parent):
-            kept = f"the previous {path.name} is intact" if path.exists() else "nothing was replaced"
+            kept = (
+                f"the previous {path.name} is intact" if path.exists() else "nothing was replaced"
+            )
             raise DiskFullError(
                 f"disk full while writing {path} ({_human(free_bytes(path.parent))} free on "
-                f"{path.parent}); {kept}. Free some space and run again.") from exc
+                f"{path.parent}); {kept}. Free some space and run again."
+            ) from exc
         raise
     return path
 
@@ -143,17 +146,25 @@ class FolderLock:
             raise LockedError(
                 f"{self.path.parent} is in use by process {h.get('pid', '?')} on "
                 f"{h.get('host', '?')} ({h.get('what', '?')}: {h.get('command', '?')}, since "
-                f"{h.get('since', '?')}); wait for it to finish or stop it first") from None
+                f"{h.get('since', '?')}); wait for it to finish or stop it first"
+            ) from None
         previous = self.holder()
         if previous and previous.get("pid") and not pid_alive(int(previous["pid"])):
             import logging
 
             logging.getLogger(__name__).warning(
                 "taking over the lock of %s left by process %s (%s), which is gone",
-                self.path.parent, previous.get("pid"), previous.get("what"))
-        info = {"pid": os.getpid(), "host": socket.gethostname(), "what": self.what,
-                "command": " ".join(sys.argv)[:300],
-                "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+                self.path.parent,
+                previous.get("pid"),
+                previous.get("what"),
+            )
+        info = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "what": self.what,
+            "command": " ".join(sys.argv)[:300],
+            "since": time.strftime("%Y-%m-%d %H:%M:%S"),
+        }
         os.ftruncate(fd, 0)
         os.write(fd, json.dumps(info).encode())
         self._fd = fd
@@ -176,8 +187,11 @@ class FolderLock:
 _JOURNAL = ".swap.json"
 
 
-def swap_in(staging: str | os.PathLike[str], target: str | os.PathLike[str],
-            files: dict[str, str | os.PathLike[str]] | None = None) -> Path:
+def swap_in(
+    staging: str | os.PathLike[str],
+    target: str | os.PathLike[str],
+    files: dict[str, str | os.PathLike[str]] | None = None,
+) -> Path:
     """Replace the folder ``target`` with the complete folder ``staging``, and with it the files
     ``files`` ({name inside staging: destination}), as one change.
 
@@ -186,8 +200,10 @@ def swap_in(staging: str | os.PathLike[str], target: str | os.PathLike[str],
     ``recover_swaps`` at the start of the next run. Readers see the old set or the new set.
     """
     staging, target = Path(staging), Path(target)
-    journal = {"target": str(target.absolute()),
-               "files": {name: str(Path(dest).absolute()) for name, dest in (files or {}).items()}}
+    journal = {
+        "target": str(target.absolute()),
+        "files": {name: str(Path(dest).absolute()) for name, dest in (files or {}).items()},
+    }
     atomic_write_json(staging / _JOURNAL, journal)
     commit = target.with_name(target.name + ".commit")
     if commit.exists():  # an older committed swap not rolled forward yet: finish it first

@@ -41,8 +41,12 @@ MLFLOW_RUN_ENV = "DINOFLOW_MLFLOW_RUN_ID"
 
 
 # --------------------------------------------------------------------------- the job spec
-def write_job_spec(data: DataConfig, cfg: PretrainConfig, manifest_ids: list[str] | None,
-                   folder: str | os.PathLike[str] | None = None) -> tuple[Path, Path]:
+def write_job_spec(
+    data: DataConfig,
+    cfg: PretrainConfig,
+    manifest_ids: list[str] | None,
+    folder: str | os.PathLike[str] | None = None,
+) -> tuple[Path, Path]:
     """Write ``job.json`` (data + pretrain settings + manifest path) into a fresh job folder.
 
     Returns (spec path, summary path): the children read the first, rank 0 writes the second.
@@ -57,15 +61,20 @@ def write_job_spec(data: DataConfig, cfg: PretrainConfig, manifest_ids: list[str
     if manifest_ids is not None:
         manifest = folder / "manifest_ids.json"
         atomic_write_json(manifest, list(manifest_ids), indent=None)
-    spec = {"data": data.model_dump(mode="json"), "pretrain": cfg.model_dump(mode="json"),
-            "manifest": None if manifest is None else str(manifest)}
+    spec = {
+        "data": data.model_dump(mode="json"),
+        "pretrain": cfg.model_dump(mode="json"),
+        "manifest": None if manifest is None else str(manifest),
+    }
     spec_path, summary_path = folder / "job.json", folder / "summary.json"
     atomic_write_json(spec_path, spec)
     summary_path.unlink(missing_ok=True)
     return spec_path, summary_path
 
 
-def read_job_spec(path: str | os.PathLike[str]) -> tuple[DataConfig, PretrainConfig, list[str] | None]:
+def read_job_spec(
+    path: str | os.PathLike[str],
+) -> tuple[DataConfig, PretrainConfig, list[str] | None]:
     """(data config, pretrain config, manifest ids or None) from a ``job.json``."""
     spec = json.loads(Path(path).read_text())
     data = validate(DataConfig, spec.get("data"), "data")
@@ -78,8 +87,10 @@ def read_job_spec(path: str | os.PathLike[str]) -> tuple[DataConfig, PretrainCon
 # --------------------------------------------------------------------------- one process
 def _setup_logging(rank: int) -> None:
     """The children have no Kedro logging: INFO on rank 0, warnings only elsewhere."""
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                        format=f"[rank {rank}] %(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format=f"[rank {rank}] %(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
 
 
 def _start_mlflow(cfg: PretrainConfig, experiment: str | None) -> bool:
@@ -100,8 +111,11 @@ def _start_mlflow(cfg: PretrainConfig, experiment: str | None) -> bool:
     return True
 
 
-def run_job(spec_path: str | os.PathLike[str], summary_path: str | os.PathLike[str] | None,
-            mlflow_experiment: str | None = None) -> PretrainSummary | None:
+def run_job(
+    spec_path: str | os.PathLike[str],
+    summary_path: str | os.PathLike[str] | None,
+    mlflow_experiment: str | None = None,
+) -> PretrainSummary | None:
     """One process of a distributed run: join the group, train, rank 0 writes the summary.
 
     Returns the summary on rank 0, None on the other ranks.
@@ -136,9 +150,14 @@ def main(argv: list[str] | None = None) -> None:
     """
     parser = argparse.ArgumentParser(prog="dinoflow.launch", description=main.__doc__)
     parser.add_argument("--config", required=True, help="job spec JSON (data, pretrain, manifest)")
-    parser.add_argument("--output", default=None, help="where global rank 0 writes the summary JSON")
-    parser.add_argument("--mlflow-experiment", default=None,
-                        help="log to a new MLflow run in this experiment (rank 0; MLFLOW_TRACKING_URI)")
+    parser.add_argument(
+        "--output", default=None, help="where global rank 0 writes the summary JSON"
+    )
+    parser.add_argument(
+        "--mlflow-experiment",
+        default=None,
+        help="log to a new MLflow run in this experiment (rank 0; MLFLOW_TRACKING_URI)",
+    )
     args = parser.parse_args(argv)
     run_job(args.config, args.output, args.mlflow_experiment)
 
@@ -187,18 +206,32 @@ def torchrun_command(cfg: PretrainConfig, spec_path: Path, summary_path: Path) -
         raise ValueError(
             f"pretrain.launcher.nnodes={lc.nnodes} with type=torchrun: the pipeline starts one node. "
             "For several nodes use launcher.type=slurm, or run `torchrun --nnodes ... -m "
-            "dinoflow.launch --config job.json` on every node (docs/distributed.md)")
+            "dinoflow.launch --config job.json` on every node (docs/distributed.md)"
+        )
     port = _free_port(lc.master_port)
     if port != lc.master_port:
         log.warning("port %d is taken; the rendezvous uses port %d", lc.master_port, port)
-    return [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--node_rank=0",
-            f"--nproc_per_node={lc.nproc_per_node}", "--master_addr=127.0.0.1",
-            f"--master_port={port}", "-m", "dinoflow.launch",
-            "--config", str(spec_path), "--output", str(summary_path)]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes=1",
+        "--node_rank=0",
+        f"--nproc_per_node={lc.nproc_per_node}",
+        "--master_addr=127.0.0.1",
+        f"--master_port={port}",
+        "-m",
+        "dinoflow.launch",
+        "--config",
+        str(spec_path),
+        "--output",
+        str(summary_path),
+    ]
 
 
-def launch_torchrun(data: DataConfig, cfg: PretrainConfig,
-                    manifest_ids: list[str] | None) -> PretrainSummary:
+def launch_torchrun(
+    data: DataConfig, cfg: PretrainConfig, manifest_ids: list[str] | None
+) -> PretrainSummary:
     """Run ``nproc_per_node`` processes on the local host through torch's elastic launcher."""
     spec_path, summary_path = write_job_spec(data, cfg, manifest_ids)
     cmd = torchrun_command(cfg, spec_path, summary_path)
@@ -209,8 +242,10 @@ def launch_torchrun(data: DataConfig, cfg: PretrainConfig,
     finally:
         _reopen_mlflow_run(env)
     if proc.returncode != 0:
-        raise RuntimeError(f"distributed pretraining failed (exit code {proc.returncode}); "
-                           f"job spec {spec_path}; the ranks' errors are printed above")
+        raise RuntimeError(
+            f"distributed pretraining failed (exit code {proc.returncode}); "
+            f"job spec {spec_path}; the ranks' errors are printed above"
+        )
     return _read_summary(summary_path)
 
 
@@ -229,8 +264,9 @@ class DistributedTask:
 
         os.environ.update(self.env)
         # CUDA_VISIBLE_DEVICES stays as SLURM set it; LOCAL_RANK picks the GPU
-        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False,
-                                                              overwrite=True)
+        submitit.helpers.TorchDistributedEnvironment().export(
+            set_cuda_visible_devices=False, overwrite=True
+        )
         return run_job(self.spec_path, self.summary_path)
 
     def checkpoint(self, *args: Any, **kwargs: Any):
@@ -248,11 +284,18 @@ def slurm_executor(cfg: PretrainConfig, cluster: str | None = None):
     import submitit
 
     lc = cfg.launcher
-    executor = submitit.AutoExecutor(folder=Path(lc.slurm_folder).absolute() / "%j", cluster=cluster)
+    executor = submitit.AutoExecutor(
+        folder=Path(lc.slurm_folder).absolute() / "%j", cluster=cluster
+    )
     tasks = lc.gpus_per_node or lc.nproc_per_node  # one process per GPU (or per CPU slot)
-    params: dict[str, Any] = {"name": "dinoflow-pretrain", "nodes": lc.nnodes,
-                              "tasks_per_node": tasks, "cpus_per_task": lc.cpus_per_task,
-                              "gpus_per_node": lc.gpus_per_node, "timeout_min": lc.timeout_min}
+    params: dict[str, Any] = {
+        "name": "dinoflow-pretrain",
+        "nodes": lc.nnodes,
+        "tasks_per_node": tasks,
+        "cpus_per_task": lc.cpus_per_task,
+        "gpus_per_node": lc.gpus_per_node,
+        "timeout_min": lc.timeout_min,
+    }
     if lc.partition:
         params["slurm_partition"] = lc.partition
     if executor.cluster == "local":  # one node, and only the keys the local executor knows
@@ -261,17 +304,29 @@ def slurm_executor(cfg: PretrainConfig, cluster: str | None = None):
     return executor
 
 
-def launch_slurm(data: DataConfig, cfg: PretrainConfig, manifest_ids: list[str] | None,
-                 cluster: str | None = None) -> PretrainSummary:
+def launch_slurm(
+    data: DataConfig,
+    cfg: PretrainConfig,
+    manifest_ids: list[str] | None,
+    cluster: str | None = None,
+) -> PretrainSummary:
     """Submit the run to SLURM through submitit, wait for it and return rank 0's summary."""
     spec_path, summary_path = write_job_spec(data, cfg, manifest_ids)
     env = _child_env()
     executor = slurm_executor(cfg, cluster)
-    job = executor.submit(DistributedTask(str(spec_path), str(summary_path),
-                                          {k: v for k, v in env.items() if k == MLFLOW_RUN_ENV
-                                           or k.startswith("MLFLOW_")}))
-    log.info("submitted job %s (%d nodes); logs in %s", job.job_id, cfg.launcher.nnodes,
-             Path(cfg.launcher.slurm_folder) / str(job.job_id))
+    job = executor.submit(
+        DistributedTask(
+            str(spec_path),
+            str(summary_path),
+            {k: v for k, v in env.items() if k == MLFLOW_RUN_ENV or k.startswith("MLFLOW_")},
+        )
+    )
+    log.info(
+        "submitted job %s (%d nodes); logs in %s",
+        job.job_id,
+        cfg.launcher.nnodes,
+        Path(cfg.launcher.slurm_folder) / str(job.job_id),
+    )
     try:
         job.results()  # waits; raises with the failing task's traceback
     finally:
@@ -297,17 +352,26 @@ def resolve_processes(cfg: PretrainConfig) -> PretrainConfig:
     train_update: dict[str, Any] = {}
     if device.type == "cpu" and n > 1 and t.threads is None:
         train_update["threads"] = max(1, (os.cpu_count() or 1) // n)
-    if device.type == "cpu" and (cfg.crops.global_size >= 112 or (cfg.backbone.embed_dim or 384) >= 384):
-        log.warning("pretraining a %s at %d px on the CPU: expect seconds to minutes per step "
-                    "(conf/base is the CPU profile; conf/gpu is meant for GPU nodes)",
-                    cfg.backbone.arch, cfg.crops.global_size)
-    return cfg.model_copy(update={
-        "launcher": lc.model_copy(update={"nproc_per_node": n}),
-        "train": t.model_copy(update=train_update)})
+    if device.type == "cpu" and (
+        cfg.crops.global_size >= 112 or (cfg.backbone.embed_dim or 384) >= 384
+    ):
+        log.warning(
+            "pretraining a %s at %d px on the CPU: expect seconds to minutes per step "
+            "(conf/base is the CPU profile; conf/gpu is meant for GPU nodes)",
+            cfg.backbone.arch,
+            cfg.crops.global_size,
+        )
+    return cfg.model_copy(
+        update={
+            "launcher": lc.model_copy(update={"nproc_per_node": n}),
+            "train": t.model_copy(update=train_update),
+        }
+    )
 
 
-def launch_pretraining(data: DataConfig, cfg: PretrainConfig,
-                       manifest_ids: list[str] | None) -> PretrainSummary:
+def launch_pretraining(
+    data: DataConfig, cfg: PretrainConfig, manifest_ids: list[str] | None
+) -> PretrainSummary:
     """Run pretraining with ``cfg.launcher`` (in this process, torchrun or SLURM)."""
     cfg = resolve_processes(cfg)
     kind = cfg.launcher.type

@@ -109,7 +109,9 @@ class BlockMaskGenerator:
 
 @functools.lru_cache(maxsize=16)  # the same few arguments every step of a run
 def masked_count_bounds(
-    n_crops: int, n_patches: int, mask_probability: float = 0.5,
+    n_crops: int,
+    n_patches: int,
+    mask_probability: float = 0.5,
     ratio_min_max: tuple[float, float] = (0.1, 0.5),
 ) -> tuple[int, ...]:
     """The most patches ``sample_masks`` can mask in each masked crop, largest first.

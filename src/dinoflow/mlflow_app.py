@@ -38,8 +38,10 @@ _mlflow_index = flask_app.view_functions["serve"]
 def index_page(html: str) -> str:
     """MLflow's index.html with the default-workflow script first in <head>."""
     if "<head>" not in html:
-        raise RuntimeError("MLflow's index.html has no <head>: this MLflow is not the one "
-                           "dinoflow.mlflow_app was written for")
+        raise RuntimeError(
+            "MLflow's index.html has no <head>: this MLflow is not the one "
+            "dinoflow.mlflow_app was written for"
+        )
     return html.replace("<head>", "<head>" + DEFAULT_WORKFLOW_SCRIPT, 1)
 
 

@@ -12,8 +12,14 @@ from dinoflow.errors import TrainingDiverged
 if TYPE_CHECKING:
     from dinoflow.config import PretrainConfig
 
-__all__ = ["TrainingDiverged", "check_finite", "collapse_warning", "divergence_advice",
-           "normalized_std", "target_entropy"]
+__all__ = [
+    "TrainingDiverged",
+    "check_finite",
+    "collapse_warning",
+    "divergence_advice",
+    "normalized_std",
+    "target_entropy",
+]
 
 
 def divergence_advice(cfg: PretrainConfig | None) -> str:
@@ -34,8 +40,12 @@ def divergence_advice(cfg: PretrainConfig | None) -> str:
     return "Try to " + ", or ".join(advice) + "; and check the input normalisation."
 
 
-def check_finite(step: int, terms: dict[str, torch.Tensor], checkpoint: str | None,
-                 cfg: PretrainConfig | None = None) -> None:
+def check_finite(
+    step: int,
+    terms: dict[str, torch.Tensor],
+    checkpoint: str | None,
+    cfg: PretrainConfig | None = None,
+) -> None:
     """Raise naming the step and every non-finite loss term, with advice for this run."""
     bad = [name for name, value in terms.items() if not torch.isfinite(value).all()]
     if bad:
@@ -43,7 +53,8 @@ def check_finite(step: int, terms: dict[str, torch.Tensor], checkpoint: str | No
         raise TrainingDiverged(
             f"step {step}: non-finite loss in {', '.join(bad)} "
             f"({', '.join(f'{n}={float(terms[n].detach()):.4g}' for n in bad)}){kept}. "
-            + divergence_advice(cfg))
+            + divergence_advice(cfg)
+        )
 
 
 def target_entropy(targets: torch.Tensor) -> torch.Tensor:

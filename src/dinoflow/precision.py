@@ -39,7 +39,10 @@ def auto_precision(device: torch.device | str, rows: int, dim: int, hidden: int)
     macs = rows * dim * hidden
     shape = f"one MLP layer {rows}x{dim} @ {dim}x{hidden} = {macs / 1e6:.1f}M MACs"
     if macs >= MIN_BF16_MACS:
-        return "bf16", f"auto on a CPU with bf16 units: bf16 ({shape} >= {MIN_BF16_MACS / 1e6:.1f}M)"
+        return (
+            "bf16",
+            f"auto on a CPU with bf16 units: bf16 ({shape} >= {MIN_BF16_MACS / 1e6:.1f}M)",
+        )
     return "fp32", f"auto on a CPU with bf16 units: fp32 ({shape} < {MIN_BF16_MACS / 1e6:.1f}M)"
 
 
@@ -47,5 +50,6 @@ def autocast(precision: str, device: torch.device | str):
     """The autocast context of a resolved precision ("fp32": none; "bf16": bf16 autocast)."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS} here, got {precision!r}")
-    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16,
-                          enabled=precision == "bf16")
+    return torch.autocast(
+        torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bf16"
+    )

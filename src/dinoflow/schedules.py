@@ -58,7 +58,9 @@ def cosine_schedule(
         warmup = np.linspace(warmup_start, base, warmup_steps)
         progress = np.arange(n) / max(n, 1)
     else:
-        warmup = warmup_start + (base - warmup_start) * np.arange(warmup_steps) / max(warmup_steps, 1)
+        warmup = warmup_start + (base - warmup_start) * np.arange(warmup_steps) / max(
+            warmup_steps, 1
+        )
         progress = np.arange(n) / max(n - 1, 1)
     cosine = final + 0.5 * (base - final) * (1.0 + np.cos(np.pi * progress))
     return np.concatenate([warmup, cosine]).astype(np.float64)

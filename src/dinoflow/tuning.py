@@ -121,19 +121,25 @@ def _check_path(path: str, where: str) -> None:
         fields = model.model_fields
         if part not in fields:
             known = ", ".join(sorted(fields))
-            raise ConfigError(f"{where}: '{path}' is not a pretrain parameter "
-                              f"('{'.'.join(parts[: i + 1])}' unknown; known here: {known})")
+            raise ConfigError(
+                f"{where}: '{path}' is not a pretrain parameter "
+                f"('{'.'.join(parts[: i + 1])}' unknown; known here: {known})"
+            )
         annotation = fields[part].annotation
         is_model = isinstance(annotation, type) and issubclass(annotation, BaseModel)
         if i < len(parts) - 1 and not is_model:
-            raise ConfigError(f"{where}: '{path}' goes below the value '{'.'.join(parts[: i + 1])}'")
+            raise ConfigError(
+                f"{where}: '{path}' goes below the value '{'.'.join(parts[: i + 1])}'"
+            )
         if i == len(parts) - 1 and is_model:
             raise ConfigError(f"{where}: '{path}' is a group, not a single parameter")
         if is_model:
             model = annotation
 
 
-def apply_overrides(base: PretrainConfig, overrides: dict[str, Any], where: str = "pretrain") -> PretrainConfig:
+def apply_overrides(
+    base: PretrainConfig, overrides: dict[str, Any], where: str = "pretrain"
+) -> PretrainConfig:
     """``base`` with dotted-path values replaced, validated (one clear error naming the keys)."""
     d = base.model_dump(mode="python")
     for path, value in overrides.items():
@@ -154,8 +160,11 @@ def base_values(base: PretrainConfig, space: dict[str, ParamSpec]) -> dict[str, 
         node: Any = base
         for part in path.split("."):
             node = getattr(node, part)
-        inside = (node in (spec.choices or []) if spec.type == "categorical"
-                  else spec.low <= node <= spec.high)
+        inside = (
+            node in (spec.choices or [])
+            if spec.type == "categorical"
+            else spec.low <= node <= spec.high
+        )
         if inside:
             values[path] = node
     return values
@@ -187,20 +196,25 @@ def make_storage(spec: str, root: Path | None = None):
         from optuna.storages.journal import JournalFileBackend
 
         return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
-    raise ConfigError(f"tuning.storage: '{spec}' should end in .db/.sqlite (SQLite) or .log "
-                      "(Optuna journal file), or be a database URL")
+    raise ConfigError(
+        f"tuning.storage: '{spec}' should end in .db/.sqlite (SQLite) or .log "
+        "(Optuna journal file), or be a database URL"
+    )
 
 
 def make_pruner(cfg: PrunerConfig):
     import optuna
 
     if cfg.type == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=cfg.n_startup_trials,
-                                           n_warmup_steps=cfg.n_warmup_steps,
-                                           interval_steps=cfg.interval_steps)
+        return optuna.pruners.MedianPruner(
+            n_startup_trials=cfg.n_startup_trials,
+            n_warmup_steps=cfg.n_warmup_steps,
+            interval_steps=cfg.interval_steps,
+        )
     if cfg.type == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=cfg.min_resource,
-                                              reduction_factor=cfg.reduction_factor)
+        return optuna.pruners.HyperbandPruner(
+            min_resource=cfg.min_resource, reduction_factor=cfg.reduction_factor
+        )
     return optuna.pruners.NopPruner()
 
 
@@ -217,14 +231,17 @@ def sample_params(trial, space: dict[str, ParamSpec]) -> dict[str, Any]:
         if s.type == "categorical":
             values[path] = trial.suggest_categorical(path, s.choices)
         elif s.type == "int":
-            values[path] = trial.suggest_int(path, int(s.low), int(s.high),
-                                             step=int(s.step or 1), log=s.log)
+            values[path] = trial.suggest_int(
+                path, int(s.low), int(s.high), step=int(s.step or 1), log=s.log
+            )
         else:
             values[path] = trial.suggest_float(path, s.low, s.high, step=s.step, log=s.log)
     return values
 
 
-def knn_reporter(trial, history: list[tuple[int, float]] | None = None) -> Callable[[int, float], None]:
+def knn_reporter(
+    trial, history: list[tuple[int, float]] | None = None
+) -> Callable[[int, float], None]:
     """``on_knn(step, top1)`` for pretrain: report to the trial, stop it when the pruner says so."""
     import optuna
 
@@ -233,8 +250,9 @@ def knn_reporter(trial, history: list[tuple[int, float]] | None = None) -> Calla
             history.append((step, top1))
         trial.report(top1, step)
         if trial.should_prune():
-            raise optuna.TrialPruned(f"trial {trial.number} pruned at step {step} "
-                                     f"(kNN top-1 {top1:.4f})")
+            raise optuna.TrialPruned(
+                f"trial {trial.number} pruned at step {step} (kNN top-1 {top1:.4f})"
+            )
 
     return on_knn
 
@@ -258,7 +276,9 @@ def recover_stale_trials(study, storage) -> list[int]:
         trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, t.number)
         storage.set_trial_state_values(trial_id, TrialState.FAIL)
         study.enqueue_trial(t.params, user_attrs={"dinoflow.retry_of": t.number})
-        log.warning("trial %d was left unfinished by an interrupted run: retrying its parameters", t.number)
+        log.warning(
+            "trial %d was left unfinished by an interrupted run: retrying its parameters", t.number
+        )
     return [t.number for t in stale]
 
 
@@ -286,7 +306,9 @@ def read_best_params(path: str | Path) -> dict[str, Any]:
     try:
         pretrain = data["run"]["params"]["pretrain"]
     except (KeyError, TypeError):
-        raise ConfigError(f"{path}: expected run.params.pretrain (a tuning best-params file)") from None
+        raise ConfigError(
+            f"{path}: expected run.params.pretrain (a tuning best-params file)"
+        ) from None
     return flatten(pretrain)
 
 
@@ -301,9 +323,11 @@ def save_study_plots(study, out_dir: Path) -> tuple[list[Path], list[str]]:
 
     out_dir.mkdir(parents=True, exist_ok=True)
     paths, notes = [], []
-    plots = {"optimization_history": ovm.plot_optimization_history,
-             "intermediate_values": ovm.plot_intermediate_values,
-             "param_importances": ovm.plot_param_importances}
+    plots = {
+        "optimization_history": ovm.plot_optimization_history,
+        "intermediate_values": ovm.plot_intermediate_values,
+        "param_importances": ovm.plot_param_importances,
+    }
     for name, fn in plots.items():
         try:
             with warnings.catch_warnings():
@@ -328,12 +352,15 @@ def run_name(prefix: str, base: PretrainConfig, data: DataConfig, run_id: str) -
     return f"{prefix} | {base.backbone.arch}/{base.backbone.patch_size} | {dataset} | {run_id[:6]}"
 
 
-def study_fingerprint(data: DataConfig, base: PretrainConfig, tuning: TuningConfig,
-                      manifest_ids: list[str] | None) -> str:
+def study_fingerprint(
+    data: DataConfig, base: PretrainConfig, tuning: TuningConfig, manifest_ids: list[str] | None
+) -> str:
     """What makes trial values comparable: data, base config, budget, space (not n_trials...)."""
-    return fingerprint({
-        "data": data.model_dump(mode="json"),
-        "pretrain": run_fingerprint(apply_overrides(base, tuning.budget, "tuning.budget"), 0),
-        "space": {k: v.model_dump(mode="json") for k, v in tuning.space.items()},
-        "manifest": fingerprint({"ids": manifest_ids}) if manifest_ids is not None else None,
-    })
+    return fingerprint(
+        {
+            "data": data.model_dump(mode="json"),
+            "pretrain": run_fingerprint(apply_overrides(base, tuning.budget, "tuning.budget"), 0),
+            "space": {k: v.model_dump(mode="json") for k, v in tuning.space.items()},
+            "manifest": fingerprint({"ids": manifest_ids}) if manifest_ids is not None else None,
+        }
+    )

@@ -113,17 +113,27 @@ def _phash_ok(meta: pd.DataFrame, cfg: CurationConfig) -> list[str]:
 LABEL_CONFLICT = "under another label"
 
 
-def _report_label_conflicts(meta: pd.DataFrame, gone: np.ndarray, twins: np.ndarray,
-                            detail: np.ndarray) -> None:
+def _report_label_conflicts(
+    meta: pd.DataFrame, gone: np.ndarray, twins: np.ndarray, detail: np.ndarray
+) -> None:
     """The same pixels filed under two labels: said in the quarantine detail and warned."""
     labels, names = meta["label"].to_numpy(), meta["item_id"].to_numpy(dtype=object)
-    clash = [(g, t) for g, t in zip(gone, twins, strict=True)
-             if labels[g] >= 0 and labels[t] >= 0 and labels[g] != labels[t]]
+    clash = [
+        (g, t)
+        for g, t in zip(gone, twins, strict=True)
+        if labels[g] >= 0 and labels[t] >= 0 and labels[g] != labels[t]
+    ]
     for g, t in clash:
-        detail[g] = f"same pixels as {names[t]}, {LABEL_CONFLICT} (label {labels[g]} vs {labels[t]})"
+        detail[g] = (
+            f"same pixels as {names[t]}, {LABEL_CONFLICT} (label {labels[g]} vs {labels[t]})"
+        )
     if clash:
-        log.warning("curation: %d image(s) appear under two labels, e.g. %s and %s", len(clash),
-                    names[clash[0][0]], names[clash[0][1]])
+        log.warning(
+            "curation: %d image(s) appear under two labels, e.g. %s and %s",
+            len(clash),
+            names[clash[0][0]],
+            names[clash[0][1]],
+        )
 
 
 def deduplicate(meta: pd.DataFrame, emb: np.ndarray, cfg: CurationConfig) -> pd.DataFrame:
@@ -161,7 +171,9 @@ def deduplicate(meta: pd.DataFrame, emb: np.ndarray, cfg: CurationConfig) -> pd.
         local = np.array([k for k, r in enumerate(pool_idx) if ph[r]], dtype=np.int64)
         if len(local) > 1:
             s, t, _ = dd.hamming_edges(
-                dd.phash_bytes([ph[pool_idx[k]] for k in local]), d.phash_max_distance, d.k_neighbors
+                dd.phash_bytes([ph[pool_idx[k]] for k in local]),
+                d.phash_max_distance,
+                d.k_neighbors,
             )
             src.append(local[s])
             dst.append(local[t])
@@ -189,7 +201,9 @@ def deduplicate(meta: pd.DataFrame, emb: np.ndarray, cfg: CurationConfig) -> pd.
         rows = pool_idx[hit]
         reason[rows] = "eval_duplicate"
         dup_of[rows] = ids[eval_idx[match[hit]]]
-        detail[rows] = [f"{h} with {e}" for h, e in zip(np.asarray(how, object)[hit], dup_of[rows], strict=True)]
+        detail[rows] = [
+            f"{h} with {e}" for h, e in zip(np.asarray(how, object)[hit], dup_of[rows], strict=True)
+        ]
         if dc.remove_component:
             spread = expand_to_components(hit, comp) & ~hit
             first_hit = {}
@@ -213,13 +227,21 @@ def deduplicate(meta: pd.DataFrame, emb: np.ndarray, cfg: CurationConfig) -> pd.
         reason[gone] = "near_duplicate"
         dup_of[gone] = [ids[kept_of[c]] for c in comp[alive][~keep]]
         detail[gone] = [
-            f"near duplicate of {ids[kept_of[c]]} (component of {sizes[c]})" for c in comp[alive][~keep]
+            f"near duplicate of {ids[kept_of[c]]} (component of {sizes[c]})"
+            for c in comp[alive][~keep]
         ]
-    meta["reason"], meta["detail"], meta["dup_of"], meta["component"] = reason, detail, dup_of, component
+    meta["reason"], meta["detail"], meta["dup_of"], meta["component"] = (
+        reason,
+        detail,
+        dup_of,
+        component,
+    )
     return meta
 
 
-def balanced_sampling(meta: pd.DataFrame, emb: np.ndarray, cfg: CurationConfig) -> tuple[pd.DataFrame, dict]:
+def balanced_sampling(
+    meta: pd.DataFrame, emb: np.ndarray, cfg: CurationConfig
+) -> tuple[pd.DataFrame, dict]:
     """Cluster the remaining pool, sample it to target_size; returns (table, balance report)."""
     s = cfg.sampling
     meta = meta.copy()
@@ -233,9 +255,16 @@ def balanced_sampling(meta: pd.DataFrame, emb: np.ndarray, cfg: CurationConfig) 
         n_clusters.append(n)
     t0 = time.perf_counter()
     levels = hierarchical_kmeans(
-        x, n_clusters, s.resampling_steps, s.resample_sizes, s.kmeans_iters, s.seed,
-        s.kmeans_init, s.max_points_per_centroid, cfg.show_progress,
-    )  # fmt: skip
+        x,
+        n_clusters,
+        s.resampling_steps,
+        s.resample_sizes,
+        s.kmeans_iters,
+        s.seed,
+        s.kmeans_init,
+        s.max_points_per_centroid,
+        cfg.show_progress,
+    )
     top = top_level_labels(levels)
     chosen = hierarchical_sample(levels, s.target_size, s.strategy, s.seed)
     k_top = len(levels[-1].centroids)
@@ -248,7 +277,8 @@ def balanced_sampling(meta: pd.DataFrame, emb: np.ndarray, cfg: CurationConfig) 
     rows = pool_idx[dropped]
     meta.loc[rows, "reason"] = "not_sampled"
     meta.loc[rows, "detail"] = [
-        f"cluster {c}: {after[c]} of {before[c]} kept (target {s.target_size})" for c in top[dropped]
+        f"cluster {c}: {after[c]} of {before[c]} kept (target {s.target_size})"
+        for c in top[dropped]
     ]
     report = {
         "skipped": False,
@@ -261,7 +291,9 @@ def balanced_sampling(meta: pd.DataFrame, emb: np.ndarray, cfg: CurationConfig) 
         "before": balance_stats(before),
         "after": balance_stats(after),
         "finest_before": balance_stats(np.bincount(levels[0].assignment)),
-        "finest_after": balance_stats(np.bincount(levels[0].assignment[chosen], minlength=len(levels[0].centroids))),
+        "finest_after": balance_stats(
+            np.bincount(levels[0].assignment[chosen], minlength=len(levels[0].centroids))
+        ),
         "seconds": time.perf_counter() - t0,
     }
     return meta, report
@@ -270,13 +302,16 @@ def balanced_sampling(meta: pd.DataFrame, emb: np.ndarray, cfg: CurationConfig) 
 def manifest_of(meta: pd.DataFrame) -> pd.DataFrame:
     """The curated set: item_id, label, cluster of the train rows without a reason."""
     kept = meta[(meta["split"] == "train") & (meta["reason"] == "")]
-    return kept[["item_id", "label", "cluster"]].reset_index(drop=True).astype(
-        {"item_id": str, "label": int, "cluster": int}
+    return (
+        kept[["item_id", "label", "cluster"]]
+        .reset_index(drop=True)
+        .astype({"item_id": str, "label": int, "cluster": int})
     )
 
 
-def quarantine_of(meta: pd.DataFrame, root: str | Path | None = None,
-                  follow_out_of_root: bool = False) -> pd.DataFrame:
+def quarantine_of(
+    meta: pd.DataFrame, root: str | Path | None = None, follow_out_of_root: bool = False
+) -> pd.DataFrame:
     """Every dropped item: item_id, path, split, reason, detail, duplicate_of (+ skipped files)."""
     bad = meta[meta["reason"] != ""]
     q = pd.DataFrame(

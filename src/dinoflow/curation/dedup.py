@@ -75,7 +75,11 @@ def similarity_edges(
         src.append(i[keep])
         dst.append(j[keep])
         sim.append(s[keep])
-    src_a, dst_a, sim_a = np.concatenate(src), np.concatenate(dst).astype(np.int64), np.concatenate(sim)
+    src_a, dst_a, sim_a = (
+        np.concatenate(src),
+        np.concatenate(dst).astype(np.int64),
+        np.concatenate(sim),
+    )
     if self_mode:
         lo, hi = np.minimum(src_a, dst_a), np.maximum(src_a, dst_a)
         pairs, first = np.unique(np.stack([lo, hi], 1), axis=0, return_index=True)

@@ -30,9 +30,25 @@ from dinoflow.data.decode import (  # noqa: F401  (re-exported: the decoder cura
 
 # Row schema of the metadata table (the order is the CSV order).
 COLUMNS = [
-    "split", "index", "item_id", "path", "label", "readable", "width", "height", "mode",
-    "channels", "n_frames", "file_bytes", "sha256", "phash", "std", "entropy", "reason", "detail",
-]  # fmt: skip
+    "split",
+    "index",
+    "item_id",
+    "path",
+    "label",
+    "readable",
+    "width",
+    "height",
+    "mode",
+    "channels",
+    "n_frames",
+    "file_bytes",
+    "sha256",
+    "phash",
+    "std",
+    "entropy",
+    "reason",
+    "detail",
+]
 GREY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F", "La"}
 
 
@@ -94,15 +110,18 @@ def box_thumbnails(rgb: np.ndarray, size: int) -> np.ndarray:
     def horizontal(x: np.ndarray) -> np.ndarray:
         tall = Image.fromarray(x.reshape(n * x.shape[1], x.shape[2], 3))
         return np.asarray(tall.resize((size, tall.height), Image.Resampling.BOX)).reshape(
-            n, x.shape[1], size, 3)
+            n, x.shape[1], size, 3
+        )
 
     once = horizontal(rgb)  # (N, H, size, 3)
-    return np.ascontiguousarray(horizontal(np.ascontiguousarray(once.transpose(0, 2, 1, 3)))
-                                .transpose(0, 2, 1, 3))
+    return np.ascontiguousarray(
+        horizontal(np.ascontiguousarray(once.transpose(0, 2, 1, 3))).transpose(0, 2, 1, 3)
+    )
 
 
-def describe_arrays(images: np.ndarray, thumb_size: int, compute_phash: bool,
-                    phash_min_side: int = 0) -> tuple[dict[str, list], np.ndarray]:
+def describe_arrays(
+    images: np.ndarray, thumb_size: int, compute_phash: bool, phash_min_side: int = 0
+) -> tuple[dict[str, list], np.ndarray]:
     """``describe`` of a batch of in-memory images (N, H, W) or (N, H, W, C) uint8 with array
     operations: their metadata columns and (N, s, s, 3) thumbnails, the same numbers."""
     import imagehash
@@ -112,24 +131,38 @@ def describe_arrays(images: np.ndarray, thumb_size: int, compute_phash: bool,
     channels = 1 if images.ndim == 3 else images.shape[3]
     rgb = np.ascontiguousarray(
         np.repeat(images[..., None] if images.ndim == 3 else images, 3, axis=3)
-        if channels == 1 else images[..., :3])
+        if channels == 1
+        else images[..., :3]
+    )
     grey = rgb_to_luma(rgb).reshape(n, -1)
     # the images' histograms in one bincount: image j's levels are offset by 256 j
-    counts = np.bincount((grey + (np.arange(n) * 256)[:, None]).ravel(),
-                         minlength=256 * n).reshape(n, 256)
+    counts = np.bincount((grey + (np.arange(n) * 256)[:, None]).ravel(), minlength=256 * n).reshape(
+        n, 256
+    )
     p = counts / grey.shape[1]
     plogp = np.where(counts > 0, p * np.log2(np.where(counts > 0, p, 1.0)), 0.0)
-    phash = [str(imagehash.phash(Image.fromarray(g.reshape(h, w)))) for g in grey] \
-        if compute_phash and min(h, w) >= phash_min_side else [""] * n
+    phash = (
+        [str(imagehash.phash(Image.fromarray(g.reshape(h, w)))) for g in grey]
+        if compute_phash and min(h, w) >= phash_min_side
+        else [""] * n
+    )
     columns = {
-        "width": [w] * n, "height": [h] * n, "channels": [channels] * n,
+        "width": [w] * n,
+        "height": [h] * n,
+        "channels": [channels] * n,
         "mode": [{1: "L", 3: "RGB", 4: "RGBA"}.get(channels, "L")] * n,
-        "file_bytes": [images[0].nbytes] * n, "sha256": [pixel_sha256(x) for x in rgb],
-        "phash": phash, "std": list(grey.std(axis=1)), "entropy": list(-plogp.sum(axis=1) + 0.0),
+        "file_bytes": [images[0].nbytes] * n,
+        "sha256": [pixel_sha256(x) for x in rgb],
+        "phash": phash,
+        "std": list(grey.std(axis=1)),
+        "entropy": list(-plogp.sum(axis=1) + 0.0),
         "readable": [True] * n,
-    }  # fmt: skip
-    thumbs = box_thumbnails(rgb, thumb_size) if h == w else np.stack(
-        [describe(x, thumb_size, False)[1] for x in rgb])
+    }
+    thumbs = (
+        box_thumbnails(rgb, thumb_size)
+        if h == w
+        else np.stack([describe(x, thumb_size, False)[1] for x in rgb])
+    )
     return columns, thumbs
 
 
@@ -153,20 +186,39 @@ def ingest_split(
 
     n = len(split)
     thumbs = np.zeros((n, thumb_size, thumb_size, 3), dtype=np.uint8)
-    rows = [{
-        "split": name, "index": i, "item_id": split.ids[i], "label": int(split.labels[i]),
-        "path": "" if split.paths is None else str(split.paths[i]), "readable": False,
-        "width": -1, "height": -1, "mode": "", "channels": -1, "n_frames": 1,
-        "file_bytes": -1, "sha256": "", "phash": "", "std": np.nan, "entropy": np.nan,
-        "reason": "", "detail": "",
-    } for i in range(n)]  # fmt: skip
+    rows = [
+        {
+            "split": name,
+            "index": i,
+            "item_id": split.ids[i],
+            "label": int(split.labels[i]),
+            "path": "" if split.paths is None else str(split.paths[i]),
+            "readable": False,
+            "width": -1,
+            "height": -1,
+            "mode": "",
+            "channels": -1,
+            "n_frames": 1,
+            "file_bytes": -1,
+            "sha256": "",
+            "phash": "",
+            "std": np.nan,
+            "entropy": np.nan,
+            "reason": "",
+            "detail": "",
+        }
+        for i in range(n)
+    ]
     with tqdm(total=n, desc=f"ingest {name}", disable=not progress, mininterval=1.0) as bar:
         if split.images is not None:
             columns: dict[str, list] = {}
             for start in range(0, n, chunk):
-                batch, thumbs[start:start + chunk] = describe_arrays(
-                    np.asarray(split.images[start:start + chunk]), thumb_size, compute_phash,
-                    phash_min_side)
+                batch, thumbs[start : start + chunk] = describe_arrays(
+                    np.asarray(split.images[start : start + chunk]),
+                    thumb_size,
+                    compute_phash,
+                    phash_min_side,
+                )
                 for key, values in batch.items():
                     columns.setdefault(key, []).extend(values)
                 bar.update(min(chunk, n - start))
@@ -207,10 +259,15 @@ def ingest_splits(
     return frame, np.concatenate(thumbs, axis=0)
 
 
-def list_skipped_files(root: str | Path, follow_out_of_root: bool = False) -> list[tuple[str, str, str]]:
+def list_skipped_files(
+    root: str | Path, follow_out_of_root: bool = False
+) -> list[tuple[str, str, str]]:
     """Files under root that the folder source does not list: (path, reason, detail), reason
     ``hidden``, ``not_an_image`` or ``outside_root`` (``dinoflow.data.image_folder.walk_folder``)."""
     from dinoflow.data.image_folder import walk_folder
 
-    return [(str(p), status, detail) for p, status, detail in walk_folder(root, follow_out_of_root)
-            if status != "image"]
+    return [
+        (str(p), status, detail)
+        for p, status, detail in walk_folder(root, follow_out_of_root)
+        if status != "image"
+    ]

@@ -46,9 +46,11 @@ def quality_reasons(meta: pd.DataFrame, cfg: QualityConfig) -> tuple[pd.Series, 
     mark(
         low,
         "low_information",
-        [f"grey std {s:.2f} (min {cfg.min_std}), entropy {e:.2f} bits (min {cfg.min_entropy_bits})"
-         for s, e in zip(std, ent, strict=True)],
-    )  # fmt: skip
+        [
+            f"grey std {s:.2f} (min {cfg.min_std}), entropy {e:.2f} bits (min {cfg.min_entropy_bits})"
+            for s, e in zip(std, ent, strict=True)
+        ],
+    )
     return reason, detail
 
 

@@ -22,10 +22,17 @@ from dinoflow.files import atomic_write_json
 log = logging.getLogger(__name__)
 
 FUNNEL_ORDER = [
-    "unreadable", "too_large", "too_small", "extreme_aspect", "low_information",
-    "exact_duplicate", "eval_duplicate", "eval_duplicate_component", "near_duplicate",
+    "unreadable",
+    "too_large",
+    "too_small",
+    "extreme_aspect",
+    "low_information",
+    "exact_duplicate",
+    "eval_duplicate",
+    "eval_duplicate_component",
+    "near_duplicate",
     "not_sampled",
-]  # fmt: skip
+]
 
 
 def funnel(meta: pd.DataFrame) -> list[dict]:
@@ -66,13 +73,16 @@ def plot_funnel(stages: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def _groups(meta: pd.DataFrame, reasons: list[str], limit: int, per_group: int) -> list[list[tuple[int, str]]]:
+def _groups(
+    meta: pd.DataFrame, reasons: list[str], limit: int, per_group: int
+) -> list[list[tuple[int, str]]]:
     """Rows of image grids: [(row, caption)], the kept (or matched eval) image first."""
     by_id = {i: k for k, i in enumerate(meta["item_id"].astype(str))}
     eval_by_id = {
-        i: k for k, (i, s) in enumerate(zip(meta["item_id"].astype(str), meta["split"], strict=True))
+        i: k
+        for k, (i, s) in enumerate(zip(meta["item_id"].astype(str), meta["split"], strict=True))
         if s != "train"
-    }  # fmt: skip
+    }
     dups = meta[meta["reason"].isin(reasons)]
     groups = []
     for head, part in dups.groupby("dup_of", sort=True):
@@ -81,7 +91,10 @@ def _groups(meta: pd.DataFrame, reasons: list[str], limit: int, per_group: int) 
             continue
         tag = "eval image" if "eval_duplicate" in reasons else "kept"
         cells = [(lookup[head], f"{tag}\n{head}")]
-        cells += [(int(k), f"{r}\n{i}") for k, i, r in zip(part.index, part["item_id"], part["reason"], strict=True)]
+        cells += [
+            (int(k), f"{r}\n{i}")
+            for k, i, r in zip(part.index, part["item_id"], part["reason"], strict=True)
+        ]
         groups.append(cells[:per_group])
         if len(groups) >= limit:
             break
@@ -89,9 +102,13 @@ def _groups(meta: pd.DataFrame, reasons: list[str], limit: int, per_group: int) 
 
 
 def plot_groups(
-    groups: list[list[tuple[int, str]]], meta: pd.DataFrame, splits: dict[str, Split] | None,
-    max_pixels: int, path: Path, title: str,
-) -> None:  # fmt: skip
+    groups: list[list[tuple[int, str]]],
+    meta: pd.DataFrame,
+    splits: dict[str, Split] | None,
+    max_pixels: int,
+    path: Path,
+    title: str,
+) -> None:
     plt = _plt()
     n_rows = max(len(groups), 1)
     n_cols = max((len(g) for g in groups), default=1)
@@ -123,12 +140,25 @@ def plot_balance(balance: dict, path: Path) -> None:
     order = np.argsort(-before)
     x = np.arange(len(before))
     b, a = balance.get("before", {}), balance.get("after", {})
-    ax.bar(x, before[order], color="#bbbbbb", label=(
-        f"before: imbalance {b.get('imbalance_factor', 0):.2f}, H/lnK {b.get('normalized_entropy', 0):.3f}, "
-        f"Gini {b.get('gini', 0):.3f}"))  # fmt: skip
-    ax.bar(x, after[order], color="#4c72b0", alpha=0.8, label=(
-        f"after: imbalance {a.get('imbalance_factor', 0):.2f}, H/lnK {a.get('normalized_entropy', 0):.3f}, "
-        f"Gini {a.get('gini', 0):.3f}"))  # fmt: skip
+    ax.bar(
+        x,
+        before[order],
+        color="#bbbbbb",
+        label=(
+            f"before: imbalance {b.get('imbalance_factor', 0):.2f}, H/lnK {b.get('normalized_entropy', 0):.3f}, "
+            f"Gini {b.get('gini', 0):.3f}"
+        ),
+    )
+    ax.bar(
+        x,
+        after[order],
+        color="#4c72b0",
+        alpha=0.8,
+        label=(
+            f"after: imbalance {a.get('imbalance_factor', 0):.2f}, H/lnK {a.get('normalized_entropy', 0):.3f}, "
+            f"Gini {a.get('gini', 0):.3f}"
+        ),
+    )
     ax.set_yscale("log")
     ax.set_xlabel("top-level cluster (sorted by size before sampling)")
     ax.set_ylabel("images")
@@ -178,18 +208,32 @@ def build_report(
             "kept": int((train["reason"] == "").sum()),
             "removed": int((train["reason"] != "").sum()),
             "per_reason": per_reason,
-            "skipped_files": {r: int(v) for r, v in quarantine[quarantine["split"] == ""]["reason"].value_counts().items()},
-            "eval_rows_dropped": {r: int(v) for r, v in meta[meta["split"] != "train"]["reason"].value_counts().items() if r},
+            "skipped_files": {
+                r: int(v)
+                for r, v in quarantine[quarantine["split"] == ""]["reason"].value_counts().items()
+            },
+            "eval_rows_dropped": {
+                r: int(v)
+                for r, v in meta[meta["split"] != "train"]["reason"].value_counts().items()
+                if r
+            },
         },
         "removed_as_eval_duplicates": len(contaminated),
-        "removed_as_eval_duplicates_direct": int((contaminated["reason"] == "eval_duplicate").sum()),
-        "removed_as_eval_duplicates_component": int((contaminated["reason"] == "eval_duplicate_component").sum()),
+        "removed_as_eval_duplicates_direct": int(
+            (contaminated["reason"] == "eval_duplicate").sum()
+        ),
+        "removed_as_eval_duplicates_component": int(
+            (contaminated["reason"] == "eval_duplicate_component").sum()
+        ),
         "removed_as_eval_duplicates_by_split": {k: int(v) for k, v in by_split.items()},
         # the same pixels under two labels (kept once; which label is right is the user's call)
         "label_conflicts": [
-            {"item_id": i, "duplicate_of": d, "detail": t} for i, d, t in
-            zip(train["item_id"], train["dup_of"], train["detail"].astype(str), strict=True)
-            if "under another label" in t],
+            {"item_id": i, "duplicate_of": d, "detail": t}
+            for i, d, t in zip(
+                train["item_id"], train["dup_of"], train["detail"].astype(str), strict=True
+            )
+            if "under another label" in t
+        ],
         "funnel": stages,
         "balance": balance,
         "validation": validation,
@@ -201,11 +245,22 @@ def build_report(
     plot_funnel(stages, out / "funnel.png")
     max_px = min(cfg.ingest.max_pixels, cfg.quality.max_pixels)
     limit, per = cfg.report.max_components_shown, cfg.report.max_images_per_component
-    plot_groups(_groups(meta, ["exact_duplicate", "near_duplicate"], limit, per), meta, splits,
-                max_px, out / "duplicate_components.png", "duplicate components (first: kept)")  # fmt: skip
-    plot_groups(_groups(meta, ["eval_duplicate", "eval_duplicate_component"], limit, per), meta,
-                splits, max_px, out / "eval_duplicates.png",
-                "pool images removed as duplicates of val/test (first: the eval image)")  # fmt: skip
+    plot_groups(
+        _groups(meta, ["exact_duplicate", "near_duplicate"], limit, per),
+        meta,
+        splits,
+        max_px,
+        out / "duplicate_components.png",
+        "duplicate components (first: kept)",
+    )
+    plot_groups(
+        _groups(meta, ["eval_duplicate", "eval_duplicate_component"], limit, per),
+        meta,
+        splits,
+        max_px,
+        out / "eval_duplicates.png",
+        "pool images removed as duplicates of val/test (first: the eval image)",
+    )
     if not balance.get("skipped", True):
         plot_balance(balance, out / "cluster_balance.png")
     log_to_mlflow(report, out)

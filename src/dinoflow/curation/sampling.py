@@ -26,7 +26,9 @@ class Level:
     distances: np.ndarray  # (n_in,) squared L2 distance of each input point to its centroid
 
 
-def kmeans_pp_init(x: np.ndarray, k: int, rng: np.random.Generator, max_points: int = 100_000) -> np.ndarray:
+def kmeans_pp_init(
+    x: np.ndarray, k: int, rng: np.random.Generator, max_points: int = 100_000
+) -> np.ndarray:
     """k-means++ seeding (Arthur & Vassilvitskii, 2007) on at most max_points rows: (k, D)."""
     sample = x if len(x) <= max_points else x[rng.choice(len(x), max_points, replace=False)]
     sample = sample.astype(np.float32)
@@ -76,9 +78,14 @@ def kmeans(
     k = min(k, len(x))
     rng = np.random.default_rng(seed)
     km = faiss.Kmeans(
-        x.shape[1], k, niter=niter, seed=seed, verbose=False,
-        max_points_per_centroid=max_points_per_centroid, min_points_per_centroid=1,
-    )  # fmt: skip
+        x.shape[1],
+        k,
+        niter=niter,
+        seed=seed,
+        verbose=False,
+        max_points_per_centroid=max_points_per_centroid,
+        min_points_per_centroid=1,
+    )
     init_c = kmeans_pp_init(x, k, rng) if init == "kmeans++" else None
     km.train(x, init_centroids=init_c)
     return km.centroids.copy()
@@ -122,7 +129,9 @@ def hierarchical_kmeans(
             starts = np.searchsorted(sorted_labels, sorted_labels, side="left")
             rank = np.arange(len(order)) - starts
             subset = points[order[rank < r]]
-            cents = kmeans(subset, len(cents), niter, lvl_seed + step + 1, init, max_points_per_centroid)
+            cents = kmeans(
+                subset, len(cents), niter, lvl_seed + step + 1, init, max_points_per_centroid
+            )
             labels, dist = assign(points, cents)
         cents, labels = _compact(cents, labels)
         levels.append(Level(centroids=cents, assignment=labels, distances=dist))
@@ -161,7 +170,11 @@ def hierarchical_sample(
     rng = np.random.default_rng(seed)
     sizes = [np.bincount(levels[0].assignment, minlength=len(levels[0].centroids))]
     for lvl in levels[1:]:
-        sizes.append(np.bincount(lvl.assignment, weights=sizes[-1], minlength=len(lvl.centroids)).astype(np.int64))
+        sizes.append(
+            np.bincount(lvl.assignment, weights=sizes[-1], minlength=len(lvl.centroids)).astype(
+                np.int64
+            )
+        )
     quota = split_quota(sizes[-1], target, rng)
     for t in range(len(levels) - 1, 0, -1):  # quotas of level t's children (level t - 1 clusters)
         child_quota = np.zeros(len(levels[t - 1].centroids), dtype=np.int64)
@@ -177,7 +190,9 @@ def hierarchical_sample(
     for c in np.flatnonzero(quota):
         members = order[bounds[c] : bounds[c + 1]]  # closest to the centroid first
         q = int(quota[c])
-        chosen.append(members[:q] if strategy == "closest" else rng.choice(members, q, replace=False))
+        chosen.append(
+            members[:q] if strategy == "closest" else rng.choice(members, q, replace=False)
+        )
     return np.sort(np.concatenate(chosen)) if chosen else np.zeros(0, dtype=np.int64)
 
 
@@ -197,8 +212,15 @@ def balance_stats(sizes: np.ndarray) -> dict[str, float]:
     nz = sizes[sizes > 0]
     total = sizes.sum()
     if k == 0 or total == 0:
-        return {"n_clusters": k, "n_empty": k, "imbalance_factor": float("nan"), "entropy": 0.0,
-                "normalized_entropy": float("nan"), "gini": float("nan"), "total": 0.0}  # fmt: skip
+        return {
+            "n_clusters": k,
+            "n_empty": k,
+            "imbalance_factor": float("nan"),
+            "entropy": 0.0,
+            "normalized_entropy": float("nan"),
+            "gini": float("nan"),
+            "total": 0.0,
+        }
     p = nz / total
     entropy = float(-(p * np.log(p)).sum())
     xs = np.sort(sizes)

@@ -66,7 +66,10 @@ def validate_metadata(
         site_name="curation",
         site_config={
             "class_name": "SiteBuilder",
-            "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(docs_dir)},
+            "store_backend": {
+                "class_name": "TupleFilesystemStoreBackend",
+                "base_directory": str(docs_dir),
+            },
             "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
         },
     )
@@ -81,9 +84,15 @@ def validate_metadata(
         gxe.ExpectColumnValuesToBeInSet(column="label", value_set=known),
         gxe.ExpectColumnMeanToBeBetween(column="readable", min_value=cfg.min_readable_fraction),
         gxe.ExpectColumnValuesToBeInSet(column="readable", value_set=[1], severity=warn),
-        gxe.ExpectColumnValuesToBeBetween(column="min_side", min_value=quality.min_side, severity=warn),
-        gxe.ExpectColumnValuesToBeBetween(column="aspect", max_value=quality.max_aspect, severity=warn),
-        gxe.ExpectColumnValuesToBeInSet(column="channels", value_set=cfg.allowed_channels, severity=warn),
+        gxe.ExpectColumnValuesToBeBetween(
+            column="min_side", min_value=quality.min_side, severity=warn
+        ),
+        gxe.ExpectColumnValuesToBeBetween(
+            column="aspect", max_value=quality.max_aspect, severity=warn
+        ),
+        gxe.ExpectColumnValuesToBeInSet(
+            column="channels", value_set=cfg.allowed_channels, severity=warn
+        ),
     ]
     for e in expectations:
         suite.add_expectation(e)
@@ -107,7 +116,9 @@ def validate_metadata(
             severity = getattr(conf.severity, "value", str(conf.severity))
             item = {
                 "expectation": conf.type,
-                "kwargs": {k: (v if len(str(v)) < 200 else str(v)[:200]) for k, v in kwargs.items()},
+                "kwargs": {
+                    k: (v if len(str(v)) < 200 else str(v)[:200]) for k, v in kwargs.items()
+                },
                 "severity": severity,
                 "success": bool(r.success),
                 "unexpected_count": r.result.get("unexpected_count"),

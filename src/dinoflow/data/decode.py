@@ -115,8 +115,13 @@ def decode_file(
             return Decoded(None, meta, "unreadable", f"{type(exc).__name__}: {exc}")
         with im:
             width, height = im.size
-            meta.update(width=width, height=height, mode=im.mode, channels=len(im.getbands()),
-                        n_frames=int(getattr(im, "n_frames", 1)))
+            meta.update(
+                width=width,
+                height=height,
+                mode=im.mode,
+                channels=len(im.getbands()),
+                n_frames=int(getattr(im, "n_frames", 1)),
+            )
             if width * height > max_pixels:
                 detail = f"{width}x{height} = {width * height} pixels > max_pixels {max_pixels}"
                 return Decoded(None, meta, "too_large", f"decompression bomb guard: {detail}")
@@ -154,7 +159,9 @@ def rgb_to_luma(rgb: np.ndarray) -> np.ndarray:
     """(H, W, 3) uint8 -> (H, W) uint8, exactly Pillow's ``convert("L")`` (ITU-R 601-2 luma in
     16-bit fixed point): a grey image gives back its grey levels unchanged."""
     x = rgb.astype(np.uint32)
-    return ((x[..., 0] * 19595 + x[..., 1] * 38470 + x[..., 2] * 7471 + 0x8000) >> 16).astype(np.uint8)
+    return ((x[..., 0] * 19595 + x[..., 1] * 38470 + x[..., 2] * 7471 + 0x8000) >> 16).astype(
+        np.uint8
+    )
 
 
 def to_channels(rgb: np.ndarray, channels: int) -> torch.Tensor:

@@ -22,16 +22,36 @@ CANONICAL_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
 DEFAULT_LOCAL_DIR = Path("data/01_raw/fashion-mnist")
 SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
 CLASS_NAMES = [
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
-]  # fmt: skip
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+]
 # sha256 of the decompressed IDX payloads.
 FILES = {
-    "train_images": ("train-images-idx3-ubyte", "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888"),
-    "train_labels": ("train-labels-idx1-ubyte", "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9"),
-    "test_images": ("t10k-images-idx3-ubyte", "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b"),
-    "test_labels": ("t10k-labels-idx1-ubyte", "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34"),
-}  # fmt: skip
+    "train_images": (
+        "train-images-idx3-ubyte",
+        "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888",
+    ),
+    "train_labels": (
+        "train-labels-idx1-ubyte",
+        "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9",
+    ),
+    "test_images": (
+        "t10k-images-idx3-ubyte",
+        "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",
+    ),
+    "test_labels": (
+        "t10k-labels-idx1-ubyte",
+        "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",
+    ),
+}
 
 
 class FashionMNISTNotFound(UserError, FileNotFoundError):
@@ -84,17 +104,24 @@ def _verified_dir(directory: Path) -> tuple[Path | None, str]:
             return None, f"{directory}: {stem}[.gz] missing"
         digest = hashlib.sha256(_read_bytes(path)).hexdigest()
         if digest != sha:
-            return None, f"{path}: checksum mismatch (sha256 {digest[:12]}..., expected {sha[:12]}...)"
+            return (
+                None,
+                f"{path}: checksum mismatch (sha256 {digest[:12]}..., expected {sha[:12]}...)",
+            )
     return directory, ""
 
 
-def download_fashion_mnist(target: Path, base_url: str = CANONICAL_URL, timeout: float = 30.0) -> Path:
+def download_fashion_mnist(
+    target: Path, base_url: str = CANONICAL_URL, timeout: float = 30.0
+) -> Path:
     """Download the four files into ``target`` and verify them; nothing partial is left behind."""
     for stem, sha in FILES.values():
         url = f"{base_url}{stem}.gz"
         with urllib.request.urlopen(url, timeout=timeout) as response:
             payload = response.read()  # 30 MB at most: verified in memory, then written at once
-        digest = hashlib.sha256(gzip.decompress(payload) if payload[:2] == b"\x1f\x8b" else payload).hexdigest()
+        digest = hashlib.sha256(
+            gzip.decompress(payload) if payload[:2] == b"\x1f\x8b" else payload
+        ).hexdigest()
         if digest != sha:
             raise ValueError(f"{url}: checksum mismatch after download")
         atomic_write_bytes(target / f"{stem}.gz", payload)

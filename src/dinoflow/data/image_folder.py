@@ -20,8 +20,9 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".
 log = logging.getLogger(__name__)
 
 
-def walk_folder(root: str | Path, follow_out_of_root: bool = False
-                ) -> Iterator[tuple[Path, str, str]]:
+def walk_folder(
+    root: str | Path, follow_out_of_root: bool = False
+) -> Iterator[tuple[Path, str, str]]:
     """Every entry under ``root`` once, sorted: (path, status, detail) with status ``image``,
     ``hidden``, ``not_an_image`` or ``outside_root`` (a link that leads out of ``root``)."""
     root = Path(root)
@@ -43,7 +44,11 @@ def walk_folder(root: str | Path, follow_out_of_root: bool = False
             if d.startswith("."):
                 yield here / d, "hidden", "hidden folder skipped"
             elif outside(here / d) and not follow_out_of_root:
-                yield here / d, "outside_root", f"link to {(here / d).resolve()}, outside {real_root}"
+                yield (
+                    here / d,
+                    "outside_root",
+                    f"link to {(here / d).resolve()}, outside {real_root}",
+                )
             else:
                 kept.append(d)
         dirnames[:] = kept
@@ -59,8 +64,9 @@ def walk_folder(root: str | Path, follow_out_of_root: bool = False
                 yield p, "image", ""
 
 
-def list_image_folder(root: str | Path, follow_out_of_root: bool = False
-                      ) -> tuple[list[Path], list[str], list[str]]:
+def list_image_folder(
+    root: str | Path, follow_out_of_root: bool = False
+) -> tuple[list[Path], list[str], list[str]]:
     """List images under ``root`` (recursive, hidden entries skipped, see ``walk_folder``).
 
     Returns (paths, label_names, class_names): label_names[i] is the first-level sub-folder of
@@ -77,9 +83,15 @@ def list_image_folder(root: str | Path, follow_out_of_root: bool = False
         elif status == "outside_root":
             outside.append(path)
     if outside:
-        log.warning("%s: %d link(s) out of the data root not followed (e.g. %s); set "
-                    "data.follow_symlinks_out_of_root=true to include them", root, len(outside),
-                    outside[0])
-    labels = [p.relative_to(root).parts[0] if len(p.relative_to(root).parts) > 1 else "" for p in paths]
+        log.warning(
+            "%s: %d link(s) out of the data root not followed (e.g. %s); set "
+            "data.follow_symlinks_out_of_root=true to include them",
+            root,
+            len(outside),
+            outside[0],
+        )
+    labels = [
+        p.relative_to(root).parts[0] if len(p.relative_to(root).parts) > 1 else "" for p in paths
+    ]
     class_names = sorted({label for label in labels if label})
     return paths, labels, class_names

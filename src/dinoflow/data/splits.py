@@ -82,7 +82,9 @@ def _carve(n: int, size: int | float, seed: int) -> tuple[np.ndarray, np.ndarray
     """Split range(n) into (rest, carved) with a fixed seed; size is a count or a fraction."""
     count = int(round(size * n)) if isinstance(size, float) and size < 1 else int(size)
     if not 0 <= count < n:
-        raise DataError(f"cannot carve {count} items out of {n} (data.val_size / data.test_fraction)")
+        raise DataError(
+            f"cannot carve {count} items out of {n} (data.val_size / data.test_fraction)"
+        )
     order = np.random.default_rng(seed).permutation(n)
     return np.sort(order[count:]), np.sort(order[:count])
 
@@ -113,13 +115,19 @@ def load_splits(
         full_train = Split(
             ids=[f"train/{i:06d}" for i in range(len(arrays["train_labels"]))],
             labels=arrays["train_labels"].astype(np.int64),
-            class_names=names, channels=1, images=arrays["train_images"], name="train",
-        )  # fmt: skip
+            class_names=names,
+            channels=1,
+            images=arrays["train_images"],
+            name="train",
+        )
         test = Split(
             ids=[f"test/{i:06d}" for i in range(len(arrays["test_labels"]))],
             labels=arrays["test_labels"].astype(np.int64),
-            class_names=names, channels=1, images=arrays["test_images"], name="test",
-        )  # fmt: skip
+            class_names=names,
+            channels=1,
+            images=arrays["test_images"],
+            name="test",
+        )
     elif source == "image_folder":
         if not path:
             raise DataError("data.path: required when data.source=image_folder")
@@ -131,8 +139,11 @@ def load_splits(
         labels = np.array([index.get(name, -1) for name in label_names], dtype=np.int64)
         everything = Split(
             ids=[p.relative_to(root).as_posix() for p in paths],
-            labels=labels, class_names=class_names, channels=channels or 3, paths=paths,
-        )  # fmt: skip
+            labels=labels,
+            class_names=class_names,
+            channels=channels or 3,
+            paths=paths,
+        )
         rest, test_idx = _carve(len(everything), float(test_fraction), seed + 1)
         full_train, test = everything.subset(rest), everything.subset(test_idx)
         test.name = "test"
@@ -152,11 +163,18 @@ def load_splits(
 
 def load_data(data: DataConfig) -> dict[str, Split]:
     """``params:data`` -> the train/val/test splits (every pipeline loads them this way)."""
-    splits = load_splits(source=data.source, path=data.path, val_size=data.val_size,
-                         test_fraction=data.test_fraction, seed=data.seed, channels=data.channels,
-                         allow_download=data.allow_download, train_limit=data.train_limit,
-                         test_limit=data.test_limit,
-                         follow_symlinks_out_of_root=data.follow_symlinks_out_of_root)
+    splits = load_splits(
+        source=data.source,
+        path=data.path,
+        val_size=data.val_size,
+        test_fraction=data.test_fraction,
+        seed=data.seed,
+        channels=data.channels,
+        allow_download=data.allow_download,
+        train_limit=data.train_limit,
+        test_limit=data.test_limit,
+        follow_symlinks_out_of_root=data.follow_symlinks_out_of_root,
+    )
     if data.source == "image_folder" and data.cache.short_side is not None:
         use_image_cache(splits, data)
     return splits
@@ -190,7 +208,9 @@ def data_identity(ids: Sequence[str]) -> str:
     return hashlib.sha256("\n".join(ids).encode()).hexdigest()[:16]
 
 
-def channel_stats(split: Split, max_images: int = 10000, seed: int = 0) -> tuple[list[float], list[float]]:
+def channel_stats(
+    split: Split, max_images: int = 10000, seed: int = 0
+) -> tuple[list[float], list[float]]:
     """Per-channel mean and std in [0, 1] over (a sample of) a split: the normalisation."""
     n = len(split)
     idx = np.random.default_rng(seed).permutation(n)[: min(n, max_images)]

@@ -31,14 +31,21 @@ def embed_job(cfg: EmbedConfig, data=None, manifest_ids: list[str] | None = None
             raise ValueError("embed: no embed.folder and no data config for the curated set")
         train = load_data(data)["train"]
         if manifest_ids is None:
-            log.warning("embed: no curated manifest (data/03_primary/curated_manifest.csv): "
-                        "embedding the whole train split (run the curation pipeline first)")
+            log.warning(
+                "embed: no curated manifest (data/03_primary/curated_manifest.csv): "
+                "embedding the whole train split (run the curation pipeline first)"
+            )
         train = apply_manifest(train, manifest_ids)
         images = split_image_set(train, f"curated:{data.source}", cfg.limit)
     summary = run_embedding(model, images, cfg, cfg.model)
     if cfg.log_to_mlflow:
-        tracking.log_metrics({"embed/n_embedded": summary["n_embedded"],
-                              "embed/n_skipped": len(summary["skipped"]), "embed/dim": summary["dim"]})
+        tracking.log_metrics(
+            {
+                "embed/n_embedded": summary["n_embedded"],
+                "embed/n_skipped": len(summary["skipped"]),
+                "embed/dim": summary["dim"],
+            }
+        )
         if "picture" in summary["files"]:
             tracking.log_artifact(summary["files"]["picture"], "embed")
         tracking.log_text(json.dumps(summary, indent=2), "embed/embed_summary.json")

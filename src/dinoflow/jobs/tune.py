@@ -44,15 +44,25 @@ log = logging.getLogger(__name__)
 PretrainFn = Callable[..., Any]  # (data, cfg, manifest_ids, on_knn=...) -> PretrainSummary
 
 
-def open_study(data: DataConfig, base: PretrainConfig, tuning: TuningConfig,
-               manifest_ids: list[str] | None, root: Path):
+def open_study(
+    data: DataConfig,
+    base: PretrainConfig,
+    tuning: TuningConfig,
+    manifest_ids: list[str] | None,
+    root: Path,
+):
     """(study, storage): created or loaded; refuses a study made with other settings."""
     import optuna
 
     storage = make_storage(tuning.storage, root)
-    study = optuna.create_study(study_name=tuning.study_name, storage=storage, direction="maximize",
-                                sampler=make_sampler(tuning.seed, tuning.startup_trials),
-                                pruner=make_pruner(tuning.pruner), load_if_exists=True)
+    study = optuna.create_study(
+        study_name=tuning.study_name,
+        storage=storage,
+        direction="maximize",
+        sampler=make_sampler(tuning.seed, tuning.startup_trials),
+        pruner=make_pruner(tuning.pruner),
+        load_if_exists=True,
+    )
     fp = study_fingerprint(data, base, tuning, manifest_ids)
     known = study.user_attrs.get("dinoflow.fingerprint")
     if known is None:
@@ -64,13 +74,20 @@ def open_study(data: DataConfig, base: PretrainConfig, tuning: TuningConfig,
         raise ConfigError(
             f"study '{tuning.study_name}' in {tuning.storage} was made with other data, base "
             "parameters, budget or search space: its trial values would not compare. Set another "
-            "tuning.study_name, or delete the storage file to start over.")
+            "tuning.study_name, or delete the storage file to start over."
+        )
     return study, storage
 
 
-def make_objective(data: DataConfig, budgeted: PretrainConfig, tuning: TuningConfig,
-                   manifest_ids: list[str] | None, out_dir: Path, parent_tags: dict[str, str],
-                   pretrain_fn: PretrainFn) -> Callable:
+def make_objective(
+    data: DataConfig,
+    budgeted: PretrainConfig,
+    tuning: TuningConfig,
+    manifest_ids: list[str] | None,
+    out_dir: Path,
+    parent_tags: dict[str, str],
+    pretrain_fn: PretrainFn,
+) -> Callable:
     """The Optuna objective: one short pretraining run in a nested MLflow run; the value is the
     last online kNN top-1; pruned by the study's pruner at each kNN check."""
     import mlflow
@@ -79,19 +96,36 @@ def make_objective(data: DataConfig, budgeted: PretrainConfig, tuning: TuningCon
     def objective(trial) -> float:
         params = sample_params(trial, tuning.space)
         run_dir = out_dir / "trials" / f"trial_{trial.number:04d}"
-        cfg = apply_overrides(budgeted, {**params, "train.run_dir": str(run_dir),
-                                         # a rich bar left open by a pruned trial blocks the next one
-                                         "train.progress": False}, f"tuning trial {trial.number}")
+        cfg = apply_overrides(
+            budgeted,
+            {
+                **params,
+                "train.run_dir": str(run_dir),
+                # a rich bar left open by a pruned trial blocks the next one
+                "train.progress": False,
+            },
+            f"tuning trial {trial.number}",
+        )
         curve: list[tuple[int, float]] = []
         outcome, value = "FAILED", None
         with mlflow.start_run(nested=True) as run:
-            mlflow.set_tags({**parent_tags, "dinoflow.pipeline": "tuning",
-                             "mlflow.runName": run_name(f"tuning trial {trial.number}", cfg, data,
-                                                        run.info.run_id),
-                             "optuna.study": tuning.study_name, "optuna.trial": trial.number,
-                             "optuna.tuned_params": ",".join(f"pretrain.{p}" for p in params)})
-            mlflow.log_params(flatten({"pretrain": cfg.model_dump(mode="json"),
-                                       "data": data.model_dump(mode="json")}))
+            mlflow.set_tags(
+                {
+                    **parent_tags,
+                    "dinoflow.pipeline": "tuning",
+                    "mlflow.runName": run_name(
+                        f"tuning trial {trial.number}", cfg, data, run.info.run_id
+                    ),
+                    "optuna.study": tuning.study_name,
+                    "optuna.trial": trial.number,
+                    "optuna.tuned_params": ",".join(f"pretrain.{p}" for p in params),
+                }
+            )
+            mlflow.log_params(
+                flatten(
+                    {"pretrain": cfg.model_dump(mode="json"), "data": data.model_dump(mode="json")}
+                )
+            )
             trial.set_user_attr("mlflow_run_id", run.info.run_id)
             log.info("trial %d: %s", trial.number, params)
             try:
@@ -132,9 +166,14 @@ def _log_progress(study, trial) -> None:
         mlflow.log_metric("tuning/best_so_far", max(t.value for t in completed), step=trial.number)
 
 
-def run_study(data: DataConfig, base: PretrainConfig, tuning: TuningConfig,
-              manifest_ids: list[str] | None = None, pretrain_fn: PretrainFn | None = None,
-              root: Path | None = None) -> dict[str, Any]:
+def run_study(
+    data: DataConfig,
+    base: PretrainConfig,
+    tuning: TuningConfig,
+    manifest_ids: list[str] | None = None,
+    pretrain_fn: PretrainFn | None = None,
+    root: Path | None = None,
+) -> dict[str, Any]:
     """Run (or resume) the study until it holds ``n_trials`` finished trials; write the best params.
 
     ``pretrain_fn(data, cfg, manifest_ids, on_knn=...) -> PretrainSummary`` defaults to
@@ -149,84 +188,142 @@ def run_study(data: DataConfig, base: PretrainConfig, tuning: TuningConfig,
     check_tuning_config(base, tuning)
     budgeted = apply_overrides(base, tuning.budget, "tuning.budget")
     if pretrain_fn is run_pretraining and knn_subsets(load_data(data), 10, 10, 0)[0] is None:
-        raise ConfigError("tuning needs labelled train and val splits: its objective is the "
-                          "kNN top-1 on validation images (data.source has no labels)")
+        raise ConfigError(
+            "tuning needs labelled train and val splits: its objective is the "
+            "kNN top-1 on validation images (data.source has no labels)"
+        )
     study, storage = open_study(data, base, tuning, manifest_ids, root)
     retried = recover_stale_trials(study, storage)
     already = finished_trials(study)
     remaining = max(0, tuning.n_trials - already)
-    log.info("study %s: %d finished trials, running %d more (n_trials=%d)", tuning.study_name,
-             already, remaining, tuning.n_trials)
+    log.info(
+        "study %s: %d finished trials, running %d more (n_trials=%d)",
+        tuning.study_name,
+        already,
+        remaining,
+        tuning.n_trials,
+    )
 
     own_parent = mlflow.active_run() is None
     if own_parent:
         use_experiment(tuning.experiment)
         mlflow.start_run()
-        mlflow.set_tags({"dinoflow.pipeline": "tuning",
-                         "mlflow.runName": run_name("tuning", budgeted, data,
-                                                    mlflow.active_run().info.run_id)})
+        mlflow.set_tags(
+            {
+                "dinoflow.pipeline": "tuning",
+                "mlflow.runName": run_name(
+                    "tuning", budgeted, data, mlflow.active_run().info.run_id
+                ),
+            }
+        )
     parent = mlflow.active_run()
-    parent_tags = {k: v for k, v in mlflow.get_run(parent.info.run_id).data.tags.items()
-                   if k.startswith("dinoflow.") and k not in ("dinoflow.fingerprint",)}
+    parent_tags = {
+        k: v
+        for k, v in mlflow.get_run(parent.info.run_id).data.tags.items()
+        if k.startswith("dinoflow.") and k not in ("dinoflow.fingerprint",)
+    }
     mlflow.set_tags({"optuna.study": tuning.study_name, "optuna.storage": tuning.storage})
-    objective = make_objective(data, budgeted, tuning, manifest_ids, out_dir, parent_tags, pretrain_fn)
+    objective = make_objective(
+        data, budgeted, tuning, manifest_ids, out_dir, parent_tags, pretrain_fn
+    )
     t0 = time.perf_counter()
     try:
         if remaining:
-            study.optimize(objective, n_trials=remaining, timeout=tuning.timeout,
-                           catch=(TrainingDiverged,), callbacks=[_log_progress], gc_after_trial=True)
+            study.optimize(
+                objective,
+                n_trials=remaining,
+                timeout=tuning.timeout,
+                catch=(TrainingDiverged,),
+                callbacks=[_log_progress],
+                gc_after_trial=True,
+            )
         return finish_study(study, tuning, out_dir, root, retried, time.perf_counter() - t0)
     finally:
         if own_parent:
             mlflow.end_run()
 
 
-def finish_study(study, tuning: TuningConfig, out_dir: Path, root: Path, retried: list[int],
-            seconds: float) -> dict[str, Any]:
+def finish_study(
+    study, tuning: TuningConfig, out_dir: Path, root: Path, retried: list[int], seconds: float
+) -> dict[str, Any]:
     """Best params file, plots and summary, logged to the (parent) tuning run."""
     import mlflow
     from optuna.trial import TrialState
 
     trials = study.get_trials(deepcopy=False)
-    counts = {s.name.lower(): sum(t.state == s for t in trials)
-              for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)}
+    counts = {
+        s.name.lower(): sum(t.state == s for t in trials)
+        for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+    }
     if not counts["complete"]:
-        raise RuntimeError(f"study '{tuning.study_name}' has no complete trial "
-                           f"({counts['pruned']} pruned, {counts['fail']} failed): nothing to write")
+        raise RuntimeError(
+            f"study '{tuning.study_name}' has no complete trial "
+            f"({counts['pruned']} pruned, {counts['fail']} failed): nothing to write"
+        )
     best = study.best_trial
     best_path = root / tuning.best_params_path
-    header = (f"Best parameters of Optuna study '{tuning.study_name}' ({tuning.storage}):\n"
-              f"trial {best.number}, kNN top-1 (k=20) on validation images {best.value:.4f}, "
-              f"{counts['complete']} complete / {counts['pruned']} pruned / {counts['fail']} failed.\n"
-              f"Pretrain with them: kedro run --pipelines=pretrain --config {tuning.best_params_path}\n"
-              "(a --params option on that command line replaces these values: use one or the other)")
+    header = (
+        f"Best parameters of Optuna study '{tuning.study_name}' ({tuning.storage}):\n"
+        f"trial {best.number}, kNN top-1 (k=20) on validation images {best.value:.4f}, "
+        f"{counts['complete']} complete / {counts['pruned']} pruned / {counts['fail']} failed.\n"
+        f"Pretrain with them: kedro run --pipelines=pretrain --config {tuning.best_params_path}\n"
+        "(a --params option on that command line replaces these values: use one or the other)"
+    )
     write_best_params(best_path, best.params, header)
     plots, notes = save_study_plots(study, out_dir / "plots")
     for note in notes:
         log.info("tuning plots: %s", note)
     summary = {
-        "study_name": tuning.study_name, "storage": tuning.storage, "n_trials": len(trials),
-        "states": counts, "retried_trials": retried, "seconds": round(seconds, 1),
-        "best_trial": best.number, "best_value": best.value,
+        "study_name": tuning.study_name,
+        "storage": tuning.storage,
+        "n_trials": len(trials),
+        "states": counts,
+        "retried_trials": retried,
+        "seconds": round(seconds, 1),
+        "best_trial": best.number,
+        "best_value": best.value,
         "best_params": {f"pretrain.{k}": v for k, v in best.params.items()},
         "best_params_file": str(best_path),
         "best_run_dir": str(out_dir / "trials" / f"trial_{best.number:04d}"),
         "best_mlflow_run_id": best.user_attrs.get("mlflow_run_id"),
         "plots": [str(p) for p in plots],
-        "trials": [{"number": t.number, "state": t.state.name, "value": t.value,
-                    "params": t.params, "mlflow_run_id": t.user_attrs.get("mlflow_run_id")}
-                   for t in trials],
+        "trials": [
+            {
+                "number": t.number,
+                "state": t.state.name,
+                "value": t.value,
+                "params": t.params,
+                "mlflow_run_id": t.user_attrs.get("mlflow_run_id"),
+            }
+            for t in trials
+        ],
     }
     atomic_write_json(out_dir / "tuning_summary.json", summary)
     mlflow.log_params({f"best.{k}": v for k, v in summary["best_params"].items()})
-    mlflow.log_metrics({"tuning/best_value": best.value, "tuning/n_complete": counts["complete"],
-                        "tuning/n_pruned": counts["pruned"], "tuning/n_failed": counts["fail"]})
-    mlflow.set_tags({"optuna.best_trial": best.number, "optuna.best_mlflow_run_id":
-                     str(best.user_attrs.get("mlflow_run_id"))})
+    mlflow.log_metrics(
+        {
+            "tuning/best_value": best.value,
+            "tuning/n_complete": counts["complete"],
+            "tuning/n_pruned": counts["pruned"],
+            "tuning/n_failed": counts["fail"],
+        }
+    )
+    mlflow.set_tags(
+        {
+            "optuna.best_trial": best.number,
+            "optuna.best_mlflow_run_id": str(best.user_attrs.get("mlflow_run_id")),
+        }
+    )
     mlflow.log_artifact(str(best_path), "tuning")
     mlflow.log_artifact(str(out_dir / "tuning_summary.json"), "tuning")
     for p in plots:
         mlflow.log_artifact(str(p), "tuning/plots")
-    log.info("study %s: best trial %d, kNN top-1 %.4f, params %s -> %s", tuning.study_name,
-             best.number, best.value, best.params, best_path)
+    log.info(
+        "study %s: best trial %d, kNN top-1 %.4f, params %s -> %s",
+        tuning.study_name,
+        best.number,
+        best.value,
+        best.params,
+        best_path,
+    )
     return summary

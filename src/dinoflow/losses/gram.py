@@ -31,8 +31,10 @@ class GramLoss(nn.Module):
 
     def forward(self, student_patches: torch.Tensor, teacher_patches: torch.Tensor) -> torch.Tensor:
         if student_patches.shape != teacher_patches.shape:
-            raise ValueError(f"student patches {tuple(student_patches.shape)} and Gram teacher "
-                             f"patches {tuple(teacher_patches.shape)} differ")
+            raise ValueError(
+                f"student patches {tuple(student_patches.shape)} and Gram teacher "
+                f"patches {tuple(teacher_patches.shape)} differ"
+            )
         with torch.no_grad():
             target = patch_gram(teacher_patches)
         return F.mse_loss(patch_gram(student_patches), target)

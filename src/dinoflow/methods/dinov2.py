@@ -74,9 +74,13 @@ def build_student(cfg: PretrainConfig, in_chans: int) -> SSLModel:
 
     def head(k: int) -> DINOHead:
         return DINOHead(
-            backbone.embed_dim, k, h.hidden_dim, h.bottleneck_dim, h.nlayers,
+            backbone.embed_dim,
+            k,
+            h.hidden_dim,
+            h.bottleneck_dim,
+            h.nlayers,
             norm_last_layer=h.norm_last_layer,
-        )  # fmt: skip
+        )
 
     ibot = head(h.ibot_n_prototypes or h.n_prototypes) if h.separate_ibot_head else None
     return SSLModel(backbone, head(h.n_prototypes), ibot)
@@ -91,8 +95,11 @@ def build_losses(cfg: PretrainConfig, device: torch.device | str = "cpu") -> Los
             k, lc.student_temp, lc.center_momentum, lc.centering, lc.sinkhorn_iterations
         ).to(device)
 
-    return Losses(dino=centred(DINOLoss, h.n_prototypes), ibot=centred(IBOTPatchLoss, k_ibot),
-                  koleo=KoLeoLoss(lc.koleo_eps))  # fmt: skip
+    return Losses(
+        dino=centred(DINOLoss, h.n_prototypes),
+        ibot=centred(IBOTPatchLoss, k_ibot),
+        koleo=KoLeoLoss(lc.koleo_eps),
+    )
 
 
 def init_from_weights(cfg: PretrainConfig, student: SSLModel) -> None:
@@ -100,13 +107,16 @@ def init_from_weights(cfg: PretrainConfig, student: SSLModel) -> None:
     from dinoflow import tracking
     from dinoflow.weights import load_released_weights
 
-    report = load_released_weights(student.backbone, cfg.init.weights,
-                                   allow_missing=cfg.init.allow_missing)  # fmt: skip
+    report = load_released_weights(
+        student.backbone, cfg.init.weights, allow_missing=cfg.init.allow_missing
+    )
     log.info("initialised the backbone from %s: %s", cfg.init.weights, report.summary())
     tracking.log_text(f"{cfg.init.weights}\n{report.summary()}", "init_weights_report.txt")
     if cfg.init.head_warmup_steps == 0:
-        log.warning("pretrain.init.head_warmup_steps=0: the fresh heads' gradients reach the "
-                    "loaded backbone from step 0 (docs/continue_pretraining.md)")
+        log.warning(
+            "pretrain.init.head_warmup_steps=0: the fresh heads' gradients reach the "
+            "loaded backbone from step 0 (docs/continue_pretraining.md)"
+        )
 
 
 class DINOv2:
@@ -119,8 +129,13 @@ class DINOv2:
 
     name = "dinov2"
 
-    def __init__(self, cfg: PretrainConfig, in_chans: int, device: torch.device | str = "cpu",
-                 shard: bool = False):
+    def __init__(
+        self,
+        cfg: PretrainConfig,
+        in_chans: int,
+        device: torch.device | str = "cpu",
+        shard: bool = False,
+    ):
         self.cfg, self.in_chans = cfg, in_chans
         torch.manual_seed(cfg.train.seed)
         self.student = build_student(cfg, in_chans).to(device)
@@ -131,8 +146,10 @@ class DINOv2:
         self.gram_teacher: DinoVisionTransformer | None = None
         if self.gram is not None:
             if shard:
-                raise ConfigError("pretrain.gram.weight > 0 with launcher.strategy=fsdp: the Gram "
-                                  "teacher is not sharded; use launcher.strategy=ddp")
+                raise ConfigError(
+                    "pretrain.gram.weight > 0 with launcher.strategy=fsdp: the Gram "
+                    "teacher is not sharded; use launcher.strategy=ddp"
+                )
             # the EMA backbone as it is now: the copy first_update_step=0 asks for
             self.gram_teacher = copy.deepcopy(self.teacher.backbone)
         if shard:
@@ -153,8 +170,12 @@ class DINOv2:
         return ("dino", "ibot", "koleo") + (("gram",) if self.gram is not None else ())
 
     def parts(self) -> dict[str, Stateful]:
-        parts: dict[str, Stateful] = {"student": self.student, "teacher": self.teacher,
-                                      "dino_loss": self.losses.dino, "ibot_loss": self.losses.ibot}
+        parts: dict[str, Stateful] = {
+            "student": self.student,
+            "teacher": self.teacher,
+            "dino_loss": self.losses.dino,
+            "ibot_loss": self.losses.ibot,
+        }
         if self.gram_teacher is not None:
             parts["gram_teacher"] = self.gram_teacher
         return parts
@@ -166,8 +187,9 @@ class DINOv2:
         """DINO + iBOT + KoLeo (+ Gram) of one batch: teacher targets, the student pass."""
         lw, device, step = self.cfg.loss, ctx.device, ctx.step
         global_crops = batch["global_crops"].to(device, non_blocking=True)
-        local_crops = (batch["local_crops"].to(device, non_blocking=True)
-                       if batch["n_local"] else None)  # fmt: skip
+        local_crops = (
+            batch["local_crops"].to(device, non_blocking=True) if batch["n_local"] else None
+        )
         masks = batch["masks"].to(device, non_blocking=True)
         n_global, b = global_crops.shape[0], batch["batch_size"]
         temp = float(ctx.schedules.teacher_temp[step])
@@ -180,30 +202,45 @@ class DINOv2:
                 t_cls, t_masked = self.teacher.teacher_forward(global_crops, masks, max_masked)
                 if gram:
                     t_patches = self.gram_teacher.forward_patches(global_crops)
-            out = model(global_crops, local_crops, masks, max_masked, patches=gram) if gram else (
-                model(global_crops, local_crops, masks, max_masked))
+            out = (
+                model(global_crops, local_crops, masks, max_masked, patches=gram)
+                if gram
+                else (model(global_crops, local_crops, masks, max_masked))
+            )
         # targets, centering and losses in fp32 whatever the precision (as the reference on
         # GPU); inference tensors cannot be saved for backward: plain copies (2B x K, small)
         t_cls, t_masked = t_cls.float().clone(), t_masked[:n_masked].float().clone()
         dino_targets = self.losses.dino.teacher_targets(t_cls.view(2, b, -1), temp)
         ibot_targets = self.losses.ibot.teacher_targets(t_masked, temp)
         k = out["global_logits"].shape[-1]
-        dino = self.losses.dino(out["global_logits"].float().view(2, b, k),
-                                out["local_logits"].float().view(-1, b, k), dino_targets)
-        ibot = self.losses.ibot(out["masked_logits"][:n_masked].float(), ibot_targets,
-                                masked_token_weights(masks), n_global)
+        dino = self.losses.dino(
+            out["global_logits"].float().view(2, b, k),
+            out["local_logits"].float().view(-1, b, k),
+            dino_targets,
+        )
+        ibot = self.losses.ibot(
+            out["masked_logits"][:n_masked].float(),
+            ibot_targets,
+            masked_token_weights(masks),
+            n_global,
+        )
         koleo = sum(self.losses.koleo(view) for view in out["global_cls"].float().chunk(2))
         terms = {"dino": dino, "ibot": ibot, "koleo": koleo}
         total = lw.dino_weight * dino + lw.ibot_weight * ibot + lw.koleo_weight * koleo
         if self.gram is not None:  # logged from step 0 (0 before the Gram teacher's first copy)
-            terms["gram"] = (self.gram_loss(out["global_patches"], t_patches.float().clone())
-                             if gram else dino.new_zeros(()))  # fmt: skip
+            terms["gram"] = (
+                self.gram_loss(out["global_patches"], t_patches.float().clone())
+                if gram
+                else dino.new_zeros(())
+            )
             total = total + self.gram.weight * terms["gram"]
         return StepTerms(
             terms={**terms, "total": total},
-            monitors={"monitor/teacher_entropy": target_entropy(dino_targets),
-                      "monitor/student_cls_std": normalized_std(out["global_cls"].detach())},
-        )  # fmt: skip
+            monitors={
+                "monitor/teacher_entropy": target_entropy(dino_targets),
+                "monitor/student_cls_std": normalized_std(out["global_cls"].detach()),
+            },
+        )
 
     def update_teacher(self, step: int, schedules: Schedules) -> None:
         """The EMA of the student; then the Gram teacher's copy of the EMA when due: before
@@ -224,15 +261,17 @@ class DINOv2:
         return {}
 
     def export(self, run_dir: Path, main: bool, fsdp: bool) -> tuple[Path, Path]:
-        return export_teacher(self.teacher, run_dir, main, fsdp,
-                              lambda: build_student(self.cfg, self.in_chans))  # fmt: skip
+        return export_teacher(
+            self.teacher, run_dir, main, fsdp, lambda: build_student(self.cfg, self.in_chans)
+        )
 
     def tags(self) -> dict[str, Any]:
         return {"dinoflow.method": self.name}
 
 
-def export_teacher(teacher: SSLModel, run_dir: Path, main: bool, fsdp: bool,
-                   build_student) -> tuple[Path, Path]:
+def export_teacher(
+    teacher: SSLModel, run_dir: Path, main: bool, fsdp: bool, build_student
+) -> tuple[Path, Path]:
     """Write ``teacher_backbone.pt`` (``save_backbone`` format) and ``teacher_heads.pt``.
 
     Under FSDP the shards are gathered on every rank (a collective) and written from an

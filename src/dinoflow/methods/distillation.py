@@ -43,15 +43,19 @@ class DistillationStudent(SSLModel):
     heads (feature distillation) the "logits" are the projections onto the teacher's width.
     """
 
-    def forward(self, global_crops: torch.Tensor,
-                local_crops: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def forward(
+        self, global_crops: torch.Tensor, local_crops: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
         out_g = self.backbone.forward_features(global_crops)  # no masks: nothing is masked
         cls_g, patches = out_g["x_norm_clstoken"], out_g["x_norm_patchtokens"].flatten(0, 1)
         cls_l = None
         if local_crops is not None and local_crops.numel():
             grid = (local_crops.shape[-2] // self.backbone.patch_size) * (
-                local_crops.shape[-1] // self.backbone.patch_size)
-            cls_only = torch.zeros(local_crops.shape[0], grid, dtype=torch.bool, device=local_crops.device)
+                local_crops.shape[-1] // self.backbone.patch_size
+            )
+            cls_only = torch.zeros(
+                local_crops.shape[0], grid, dtype=torch.bool, device=local_crops.device
+            )
             cls_l = self.backbone.forward_features(local_crops, select=cls_only)["x_norm_clstoken"]
         cls = cls_g if cls_l is None else torch.cat([cls_g, cls_l])
         n_g, n_l = cls_g.shape[0], cls.shape[0] - cls_g.shape[0]
@@ -61,8 +65,12 @@ class DistillationStudent(SSLModel):
         else:
             cls_logits, patch_logits = self.dino_head(cls), self.ibot_head(patches)
         global_logits, local_logits = cls_logits.split([n_g, n_l])
-        return {"global_logits": global_logits, "local_logits": local_logits,
-                "patch_logits": patch_logits, "global_cls": cls_g}
+        return {
+            "global_logits": global_logits,
+            "local_logits": local_logits,
+            "patch_logits": patch_logits,
+            "global_cls": cls_g,
+        }
 
 
 def student_heads(cfg: DistillationConfig, teacher: FrozenTeacher) -> tuple[int, int | None]:
@@ -72,13 +80,17 @@ def student_heads(cfg: DistillationConfig, teacher: FrozenTeacher) -> tuple[int,
     k, k_ibot = teacher.prototypes()
     h = cfg.head
     if h.n_prototypes is not None and h.n_prototypes != k:
-        raise ConfigError(f"distillation.head.n_prototypes={h.n_prototypes}: the teacher's DINO head "
-                          f"has {k} prototypes (the student learns its distributions); set it to "
-                          f"{k} or null")
+        raise ConfigError(
+            f"distillation.head.n_prototypes={h.n_prototypes}: the teacher's DINO head "
+            f"has {k} prototypes (the student learns its distributions); set it to "
+            f"{k} or null"
+        )
     separate = h.separate_ibot_head if h.separate_ibot_head is not None else k_ibot is not None
     if k_ibot is not None and k_ibot != k and not separate:
-        raise ConfigError(f"distillation.head.separate_ibot_head=false: the teacher's iBOT head has "
-                          f"{k_ibot} prototypes, its DINO head {k}; the student needs a separate one")
+        raise ConfigError(
+            f"distillation.head.separate_ibot_head=false: the teacher's iBOT head has "
+            f"{k_ibot} prototypes, its DINO head {k}; the student needs a separate one"
+        )
     return k, (k_ibot or k) if separate else None
 
 
@@ -87,14 +99,17 @@ def check_grids(cfg: DistillationConfig, teacher: FrozenTeacher) -> None:
     size = cfg.crops.global_size
     t_patch, s_patch = int(teacher.backbone.patch_size), cfg.backbone.patch_size
     if size % t_patch:
-        raise ConfigError(f"distillation.crops.global_size={size} is not a multiple of the "
-                          f"teacher's patch size {t_patch}")
+        raise ConfigError(
+            f"distillation.crops.global_size={size} is not a multiple of the "
+            f"teacher's patch size {t_patch}"
+        )
     if size // t_patch != size // s_patch and cfg.loss.ibot_weight > 0:
         raise ConfigError(
             f"distillation.backbone.patch_size={s_patch}: at {size} px the student has a "
             f"{size // s_patch}x{size // s_patch} patch grid, the teacher (patch {t_patch}) "
             f"{size // t_patch}x{size // t_patch}; the patch loss pairs them token by token. Use "
-            f"a patch size with the teacher's grid, or distillation.loss.ibot_weight=0")
+            f"a patch size with the teacher's grid, or distillation.loss.ibot_weight=0"
+        )
 
 
 class Distillation:
@@ -108,8 +123,14 @@ class Distillation:
     name = "distillation"
     loss_names = ("dino", "ibot", "koleo")
 
-    def __init__(self, dcfg: DistillationConfig, teacher: FrozenTeacher, in_chans: int,
-                 device: torch.device | str = "cpu", teacher_info: dict[str, Any] | None = None):
+    def __init__(
+        self,
+        dcfg: DistillationConfig,
+        teacher: FrozenTeacher,
+        in_chans: int,
+        device: torch.device | str = "cpu",
+        teacher_info: dict[str, Any] | None = None,
+    ):
         check_grids(dcfg, teacher)
         k, k_ibot = student_heads(dcfg, teacher)
         self.cfg = dcfg.student_config(k, k_ibot)
@@ -120,8 +141,10 @@ class Distillation:
         self.ema = make_teacher(self.student)
         self.losses = build_losses(self.cfg, device)
         size = self.cfg.crops.global_size
-        self.flops = {"student_flops": backbone_flops(self.ema.backbone, size),
-                      "teacher_flops": backbone_flops(self.teacher.backbone, size)}
+        self.flops = {
+            "student_flops": backbone_flops(self.ema.backbone, size),
+            "teacher_flops": backbone_flops(self.teacher.backbone, size),
+        }
 
     @property
     def mode(self) -> str:
@@ -134,8 +157,9 @@ class Distillation:
         # features: projections of CLS and patch tokens onto the teacher's width
         backbone = backbone_from_config(self.cfg.backbone, self.cfg.crops.global_size, in_chans)
         width = self.teacher.backbone.embed_dim
-        return DistillationStudent(backbone, nn.Linear(backbone.embed_dim, width),
-                                   nn.Linear(backbone.embed_dim, width))
+        return DistillationStudent(
+            backbone, nn.Linear(backbone.embed_dim, width), nn.Linear(backbone.embed_dim, width)
+        )
 
     def fingerprint_extra(self) -> dict[str, Any]:
         """The teacher's weights and the mode enter the run's fingerprint."""
@@ -143,8 +167,12 @@ class Distillation:
 
     def parts(self) -> dict[str, Stateful]:
         # the EMA is saved under "teacher": the model this run exports
-        return {"student": self.student, "teacher": self.ema, "dino_loss": self.losses.dino,
-                "ibot_loss": self.losses.ibot}
+        return {
+            "student": self.student,
+            "teacher": self.ema,
+            "dino_loss": self.losses.dino,
+            "ibot_loss": self.losses.ibot,
+        }
 
     def terms(self, model: nn.Module, batch: dict[str, Any], ctx: StepContext) -> StepTerms:
         """Frozen teacher targets on the global crops, the unmasked student on every crop,
@@ -189,27 +217,41 @@ class Distillation:
         return {
             "dinoflow.method": self.name,
             **{f"dinoflow.{k}": v for k, v in self.flops.items()},
-            **{f"dinoflow.teacher_{k}": v for k, v in self.teacher_info.items() if v not in (None, "")},
+            **{
+                f"dinoflow.teacher_{k}": v
+                for k, v in self.teacher_info.items()
+                if v not in (None, "")
+            },
         }
 
 
-def prototype_terms(out: dict[str, torch.Tensor], t_cls: torch.Tensor, t_patch: torch.Tensor,
-                     losses: Losses, temp: float, b: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def prototype_terms(
+    out: dict[str, torch.Tensor],
+    t_cls: torch.Tensor,
+    t_patch: torch.Tensor,
+    losses: Losses,
+    temp: float,
+    b: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(DINO, iBOT, teacher target entropy): the student's distributions against the frozen
     teacher's centred ones; iBOT over all P patches of each global crop, each weighted 1 / P."""
     dino_targets = losses.dino.teacher_targets(t_cls.view(2, b, -1), temp)
     ibot_targets = losses.ibot.teacher_targets(t_patch, temp)
     k = out["global_logits"].shape[-1]
-    dino = losses.dino(out["global_logits"].float().view(2, b, k),
-                       out["local_logits"].float().view(-1, b, k), dino_targets)
+    dino = losses.dino(
+        out["global_logits"].float().view(2, b, k),
+        out["local_logits"].float().view(-1, b, k),
+        dino_targets,
+    )
     n_global = 2 * b
     weights = t_patch.new_full((t_patch.shape[0],), n_global / t_patch.shape[0])
     ibot = losses.ibot(out["patch_logits"].float(), ibot_targets, weights, n_global)
     return dino, ibot, target_entropy(dino_targets)
 
 
-def feature_terms(out: dict[str, torch.Tensor], t_cls: torch.Tensor, t_patch: torch.Tensor,
-                   b: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def feature_terms(
+    out: dict[str, torch.Tensor], t_cls: torch.Tensor, t_patch: torch.Tensor, b: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(CLS term, patch term, NaN): 1 - cosine between the projected student tokens and the
     teacher's; a global crop against the teacher on the same crop, a local crop against both
     teacher globals (the mean over all those pairs), patches position by position."""
@@ -218,7 +260,9 @@ def feature_terms(out: dict[str, torch.Tensor], t_cls: torch.Tensor, t_patch: to
     cos = [(s_g * t).sum(-1).mean(1)]  # (2,) same view
     if out["local_logits"].numel():
         s_l = F.normalize(out["local_logits"].float(), dim=-1).view(-1, b, t.shape[-1])
-        cos.append(torch.einsum("nbd,jbd->nj", s_l, t).flatten() / b)  # (2N,) each local, each global
+        cos.append(
+            torch.einsum("nbd,jbd->nj", s_l, t).flatten() / b
+        )  # (2N,) each local, each global
     cls_term = 1 - torch.cat(cos).mean()
     patch_term = 1 - F.cosine_similarity(out["patch_logits"].float(), t_patch, dim=-1).mean()
     return cls_term, patch_term, torch.tensor(float("nan"))

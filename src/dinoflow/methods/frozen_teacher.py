@@ -27,8 +27,12 @@ class FrozenTeacher(nn.Module):
     final-norm features (2B, D) and (2B * N, D) instead.
     """
 
-    def __init__(self, backbone: nn.Module, dino_head: nn.Module | None = None,
-                 ibot_head: nn.Module | None = None):
+    def __init__(
+        self,
+        backbone: nn.Module,
+        dino_head: nn.Module | None = None,
+        ibot_head: nn.Module | None = None,
+    ):
         super().__init__()
         if dino_head is None and ibot_head is not None:
             raise ValueError("a teacher with an iBOT head needs its DINO head too")
@@ -77,28 +81,39 @@ def _head_from_state(state: Mapping[str, torch.Tensor], in_dim: int, name: str) 
     try:
         prototypes = state["last_layer.parametrizations.weight.original1"]  # (K, bottleneck)
     except KeyError:
-        raise ValueError(f"{name}: not a DINO head state dict (keys {sorted(state)[:4]}...)") from None
-    linears = sorted((k for k in state if k.startswith("mlp.") and k.endswith(".weight")),
-                     key=lambda k: int(k.split(".")[1]) if k.count(".") == 2 else 0)
+        raise ValueError(
+            f"{name}: not a DINO head state dict (keys {sorted(state)[:4]}...)"
+        ) from None
+    linears = sorted(
+        (k for k in state if k.startswith("mlp.") and k.endswith(".weight")),
+        key=lambda k: int(k.split(".")[1]) if k.count(".") == 2 else 0,
+    )
     if not linears:
         raise ValueError(f"{name}: no MLP layer in the head's state dict")
     first = state[linears[0]]
     hidden = first.shape[0] if len(linears) > 1 else 1
     if first.shape[1] != in_dim:
-        raise ValueError(f"{name}: the head takes {first.shape[1]}-d tokens, the backbone gives {in_dim}")
+        raise ValueError(
+            f"{name}: the head takes {first.shape[1]}-d tokens, the backbone gives {in_dim}"
+        )
     head = DINOHead(in_dim, prototypes.shape[0], hidden, prototypes.shape[1], len(linears))
     head.load_state_dict(dict(state))
     return head
 
 
-def heads_from_state(state: Mapping[str, Mapping[str, torch.Tensor]],
-                     in_dim: int) -> tuple[DINOHead, DINOHead | None]:
+def heads_from_state(
+    state: Mapping[str, Mapping[str, torch.Tensor]], in_dim: int
+) -> tuple[DINOHead, DINOHead | None]:
     """``teacher_heads.pt`` ({"dino_head": state dict, optional "ibot_head"}) -> the heads."""
     if "dino_head" not in state:
-        raise ValueError(f"a heads file holds 'dino_head' (and maybe 'ibot_head'); got {sorted(state)}")
+        raise ValueError(
+            f"a heads file holds 'dino_head' (and maybe 'ibot_head'); got {sorted(state)}"
+        )
     ibot = state.get("ibot_head")
-    return (_head_from_state(state["dino_head"], in_dim, "dino_head"),
-            None if ibot is None else _head_from_state(ibot, in_dim, "ibot_head"))
+    return (
+        _head_from_state(state["dino_head"], in_dim, "dino_head"),
+        None if ibot is None else _head_from_state(ibot, in_dim, "ibot_head"),
+    )
 
 
 def backbone_flops(backbone: nn.Module, image_size: int) -> int:

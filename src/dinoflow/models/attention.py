@@ -31,8 +31,9 @@ class _ShortAttention(torch.autograd.Function):
         kv = kv_lin.view(b, lk, 2, h, d).permute(2, 0, 3, 1, 4).reshape(2, b * h, lk, d)
         k, v = kv[0], kv[1]
         zero = q.new_zeros(1, 1, 1)  # beta = 0: baddbmm ignores it
-        attn = torch.softmax(torch.baddbmm(zero, q, k.transpose(1, 2), beta=0.0, alpha=d**-0.5),
-                             dim=-1)  # (B*H, Lq, Lk)
+        attn = torch.softmax(
+            torch.baddbmm(zero, q, k.transpose(1, 2), beta=0.0, alpha=d**-0.5), dim=-1
+        )  # (B*H, Lq, Lk)
         out = torch.bmm(attn, v).view(b, h, lq, d).transpose(1, 2).reshape(b, lq, width)
         ctx.save_for_backward(q, kv, attn)
         ctx.num_heads = h
@@ -47,8 +48,9 @@ class _ShortAttention(torch.autograd.Function):
         k, v = kv[0], kv[1]
         go = grad_out.reshape(b, lq, h, d).transpose(1, 2).reshape(bh, lq, d)
         grad_v = torch.bmm(attn.transpose(1, 2), go)
-        grad_s = torch._softmax_backward_data(torch.bmm(go, v.transpose(1, 2)), attn, -1,
-                                              attn.dtype)
+        grad_s = torch._softmax_backward_data(
+            torch.bmm(go, v.transpose(1, 2)), attn, -1, attn.dtype
+        )
         zero = q.new_zeros(1, 1, 1)
         grad_k = torch.baddbmm(zero, grad_s.transpose(1, 2), q, beta=0.0, alpha=scale)
         grad_q = torch.baddbmm(zero, grad_s, k, beta=0.0, alpha=scale)
@@ -66,11 +68,15 @@ def short_attention(q_lin: torch.Tensor, kv_lin: torch.Tensor, num_heads: int) -
     ``F.scaled_dot_product_attention`` on the (B, H, L, d) views within float tolerance.
     """
     if q_lin.dim() != 3 or kv_lin.dim() != 3 or q_lin.shape[0] != kv_lin.shape[0]:
-        raise ValueError(f"q_lin (B, Lq, W) and kv_lin (B, Lk, 2W) expected, got "
-                         f"{tuple(q_lin.shape)} and {tuple(kv_lin.shape)}")
+        raise ValueError(
+            f"q_lin (B, Lq, W) and kv_lin (B, Lk, 2W) expected, got "
+            f"{tuple(q_lin.shape)} and {tuple(kv_lin.shape)}"
+        )
     if kv_lin.shape[2] != 2 * q_lin.shape[2]:
-        raise ValueError(f"kv_lin must be twice as wide as q_lin (keys, values), got "
-                         f"{kv_lin.shape[2]} and {q_lin.shape[2]}")
+        raise ValueError(
+            f"kv_lin must be twice as wide as q_lin (keys, values), got "
+            f"{kv_lin.shape[2]} and {q_lin.shape[2]}"
+        )
     if q_lin.shape[2] % num_heads:
         raise ValueError(f"width {q_lin.shape[2]} does not split into {num_heads} heads")
     return _ShortAttention.apply(q_lin, kv_lin, num_heads)

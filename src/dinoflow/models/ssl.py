@@ -14,7 +14,9 @@ from dinoflow.models.vit import DinoVisionTransformer
 class SSLModel(nn.Module):
     """The student (or teacher): ViT backbone, DINO head and iBOT head (the same module if shared)."""
 
-    def __init__(self, backbone: DinoVisionTransformer, dino_head: DINOHead, ibot_head: DINOHead | None):
+    def __init__(
+        self, backbone: DinoVisionTransformer, dino_head: DINOHead, ibot_head: DINOHead | None
+    ):
         super().__init__()
         self.backbone = backbone
         self.dino_head = dino_head
@@ -27,8 +29,12 @@ class SSLModel(nn.Module):
         return heads
 
     def forward(
-        self, global_crops: torch.Tensor, local_crops: torch.Tensor | None, masks: torch.Tensor,
-        max_masked: int | None = None, patches: bool = False,
+        self,
+        global_crops: torch.Tensor,
+        local_crops: torch.Tensor | None,
+        masks: torch.Tensor,
+        max_masked: int | None = None,
+        patches: bool = False,
     ) -> dict[str, torch.Tensor]:
         """Student pass.
 
@@ -43,22 +49,27 @@ class SSLModel(nn.Module):
             all_patches = out_g["x_norm_patchtokens"]
             masked_tokens = self._pad(all_patches[masks], max_masked)
         else:  # only CLS and the masked patches leave the backbone (its last block skips the rest)
-            out_g = self.backbone.forward_features(global_crops, masks=masks, select=masks,
-                                                   pad_selected_to=max_masked)
+            out_g = self.backbone.forward_features(
+                global_crops, masks=masks, select=masks, pad_selected_to=max_masked
+            )
             masked_tokens = out_g["x_norm_selected"]
         cls_g = out_g["x_norm_clstoken"]
         cls_l = None
         if local_crops is not None and local_crops.numel():
             n_patches = (local_crops.shape[-2] // self.backbone.patch_size) * (
-                local_crops.shape[-1] // self.backbone.patch_size)
-            cls_only = torch.zeros(local_crops.shape[0], n_patches, dtype=torch.bool,
-                                   device=local_crops.device)
+                local_crops.shape[-1] // self.backbone.patch_size
+            )
+            cls_only = torch.zeros(
+                local_crops.shape[0], n_patches, dtype=torch.bool, device=local_crops.device
+            )
             cls_l = self.backbone.forward_features(local_crops, select=cls_only)["x_norm_clstoken"]
         n_g, n_l = cls_g.shape[0], 0 if cls_l is None else cls_l.shape[0]
         if self.ibot_head is None:  # shared head: one pass over every token that needs it
             tokens = torch.cat([cls_g] + ([cls_l] if cls_l is not None else []) + [masked_tokens])
             logits = self.dino_head(tokens)
-            global_logits, local_logits, masked_logits = logits.split([n_g, n_l, masked_tokens.shape[0]])
+            global_logits, local_logits, masked_logits = logits.split(
+                [n_g, n_l, masked_tokens.shape[0]]
+            )
         else:
             cls_tokens = cls_g if cls_l is None else torch.cat([cls_g, cls_l])
             global_logits, local_logits = self.dino_head(cls_tokens).split([n_g, n_l])
@@ -79,10 +90,13 @@ class SSLModel(nn.Module):
         missing = (max_masked or 0) - selected.shape[0]
         if missing <= 0:
             return selected
-        return torch.cat([selected, self.backbone.vit.norm(selected.new_zeros(missing, selected.shape[1]))])
+        return torch.cat(
+            [selected, self.backbone.vit.norm(selected.new_zeros(missing, selected.shape[1]))]
+        )
 
-    def teacher_forward(self, global_crops: torch.Tensor, masks: torch.Tensor,
-                        max_masked: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def teacher_forward(
+        self, global_crops: torch.Tensor, masks: torch.Tensor, max_masked: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Teacher pass on unmasked global crops: CLS logits (2B, K), logits at the masked
         positions (M', K), padded as the student's ``masked_logits``."""
         out = self.backbone.forward_features(global_crops, select=masks, pad_selected_to=max_masked)

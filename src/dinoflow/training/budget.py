@@ -179,8 +179,11 @@ def fix_run_length(
     elif cap - start_step <= PROBE_FROM + PROBE_STEPS:
         steps, how = cap, f"the cap: a run no longer than the {PROBE_FROM + PROBE_STEPS}-step probe"
     else:
-        log.info("train.time_budget_min %g: timing %d steps before training", minutes,
-                 PROBE_FROM + PROBE_STEPS)  # fmt: skip
+        log.info(
+            "train.time_budget_min %g: timing %d steps before training",
+            minutes,
+            PROBE_FROM + PROBE_STEPS,
+        )
         last = start_step + PROBE_FROM + PROBE_STEPS
         steps, budget.per_step = probe_run_length(
             trainer, step_fn, loader_for(last), budget, start_step, knn

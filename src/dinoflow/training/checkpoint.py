@@ -24,7 +24,6 @@ from dinoflow.files import atomic_torch_save
 log = logging.getLogger(__name__)
 
 
-
 class Resumable(Protocol):
     """What a checkpoint saves and restores (``dinoflow.training.trainer.Trainer``)."""
 
@@ -57,8 +56,15 @@ class Checkpointer:
     readable one. ``fsdp``: state is gathered from the shards (a collective) and stored unsharded,
     so any number of processes can resume it. Only the main process writes."""
 
-    def __init__(self, run_dir: str | Path, fp: str, every: int, keep: int = 2,
-                 fsdp: bool = False, main: bool = True):
+    def __init__(
+        self,
+        run_dir: str | Path,
+        fp: str,
+        every: int,
+        keep: int = 2,
+        fsdp: bool = False,
+        main: bool = True,
+    ):
         self.folder = Path(run_dir) / "checkpoints" / fp
         self.legacy = Path(run_dir) / "checkpoints" / f"{fp}.pt"  # one-file layout of older runs
         self.every, self.keep, self.fsdp, self.main = every, keep, fsdp, main
@@ -66,8 +72,11 @@ class Checkpointer:
     # ------------------------------------------------------------------ reading
     def files(self) -> list[Path]:
         """This run's checkpoints, newest first."""
-        found = [(int(m.group(1)), p) for p in self.folder.glob("step_*.pt")
-                 if (m := _STEP_FILE.match(p.name))]
+        found = [
+            (int(m.group(1)), p)
+            for p in self.folder.glob("step_*.pt")
+            if (m := _STEP_FILE.match(p.name))
+        ]
         ordered = [p for _, p in sorted(found, reverse=True)]
         return ordered + ([self.legacy] if self.legacy.is_file() else [])
 
@@ -86,13 +95,19 @@ class Checkpointer:
                 failed.append((path, f"{type(exc).__name__}: {str(exc)[:200]}"))
                 continue
             if failed:
-                log.warning("checkpoint %s is unreadable (%s); resuming from the previous one, %s",
-                            failed[0][0], failed[0][1], path)
+                log.warning(
+                    "checkpoint %s is unreadable (%s); resuming from the previous one, %s",
+                    failed[0][0],
+                    failed[0][1],
+                    path,
+                )
             return state, path
         if failed:
             listed = "; ".join(f"{p} ({why})" for p, why in failed)
-            raise CheckpointError(f"no readable checkpoint to resume from: {listed}. Move them away "
-                                  "(or set pretrain.train.resume=false) to start over")
+            raise CheckpointError(
+                f"no readable checkpoint to resume from: {listed}. Move them away "
+                "(or set pretrain.train.resume=false) to start over"
+            )
         return None
 
     def restore(self, trainer: Resumable) -> int:
@@ -105,8 +120,13 @@ class Checkpointer:
         # the checkpoint holds plain (unsharded) state, whoever wrote it
         trainer.load_step_state(state, gathered=self.fsdp)
         trainer.state.load_state_dict(state)
-        log.info("resuming %s from step %d of %d (checkpoint %s)", trainer.fingerprint,
-                 state["step"], trainer.state.last_step, path)
+        log.info(
+            "resuming %s from step %d of %d (checkpoint %s)",
+            trainer.fingerprint,
+            state["step"],
+            trainer.state.last_step,
+            path,
+        )
         return trainer.state.step
 
     # ------------------------------------------------------------------ writing
@@ -119,10 +139,15 @@ class Checkpointer:
         path = self.folder / f"step_{done:08d}.pt"
         if self.main:
             parts = parts or trainer.step_state()
-            state = {**parts, **trainer.state.state_dict(), "step": done, "config": config,
-                     "fingerprint": trainer.fingerprint}  # fmt: skip
+            state = {
+                **parts,
+                **trainer.state.state_dict(),
+                "step": done,
+                "config": config,
+                "fingerprint": trainer.fingerprint,
+            }
             atomic_torch_save(state, path)
-            for old in self.files()[self.keep:]:
+            for old in self.files()[self.keep :]:
                 old.unlink(missing_ok=True)
         return path
 

@@ -34,17 +34,30 @@ log = logging.getLogger(__name__)
 REPLACEMENT_TRIES = 64
 
 
-def build_augmentation(crops: CropsConfig, mean: list[float], std: list[float]) -> MultiCropAugmentation:
+def build_augmentation(
+    crops: CropsConfig, mean: list[float], std: list[float]
+) -> MultiCropAugmentation:
     """``pretrain.crops`` -> the multi-crop augmentation, normalised with the data's mean/std."""
     c = crops
     return MultiCropAugmentation(
-        global_size=c.global_size, local_size=c.local_size, n_local=c.n_local,
-        global_scale=c.global_scale, local_scale=c.local_scale, flip_p=c.flip_p, jitter=c.jitter,
-        jitter_p=c.jitter_p, grayscale_p=c.grayscale_p, blur_kernel=c.blur_kernel,
-        blur_sigma=c.blur_sigma, blur_p=c.blur_p, solarize_threshold=c.solarize_threshold,
-        solarize_p=c.solarize_p, mean=tuple(mean), std=tuple(std),
+        global_size=c.global_size,
+        local_size=c.local_size,
+        n_local=c.n_local,
+        global_scale=c.global_scale,
+        local_scale=c.local_scale,
+        flip_p=c.flip_p,
+        jitter=c.jitter,
+        jitter_p=c.jitter_p,
+        grayscale_p=c.grayscale_p,
+        blur_kernel=c.blur_kernel,
+        blur_sigma=c.blur_sigma,
+        blur_p=c.blur_p,
+        solarize_threshold=c.solarize_threshold,
+        solarize_p=c.solarize_p,
+        mean=tuple(mean),
+        std=tuple(std),
         reference_blur_bug=c.reference_blur_bug,
-    )  # fmt: skip
+    )
 
 
 def replacement_order(n: int, seed: int, epoch: int, index: int) -> Iterator[int]:
@@ -109,21 +122,37 @@ class StepBatchSampler:
     rank-slice [b*B, (b+1)*B): across ranks that is exactly the single-process global batch b.
     """
 
-    def __init__(self, n: int, batch_size: int, rank: int, world_size: int, seed: int,
-                 start_step: int, total_steps: int):
+    def __init__(
+        self,
+        n: int,
+        batch_size: int,
+        rank: int,
+        world_size: int,
+        seed: int,
+        start_step: int,
+        total_steps: int,
+    ):
         self.n, self.batch_size, self.rank, self.world_size = n, batch_size, rank, world_size
         self.seed, self.start_step, self.total_steps = seed, start_step, total_steps
         self.batches_per_epoch = n // (batch_size * world_size)
         if self.batches_per_epoch < 1:
-            raise ValueError(f"{n} training images are fewer than one global batch "
-                             f"({batch_size} x {world_size} processes): lower pretrain.train.batch_size")
+            raise ValueError(
+                f"{n} training images are fewer than one global batch "
+                f"({batch_size} x {world_size} processes): lower pretrain.train.batch_size"
+            )
 
     def __len__(self) -> int:
         return self.total_steps - self.start_step
 
     def __iter__(self):
-        sampler = DistributedSampler(range(self.n), num_replicas=self.world_size, rank=self.rank,
-                                     shuffle=True, seed=self.seed, drop_last=True)
+        sampler = DistributedSampler(
+            range(self.n),
+            num_replicas=self.world_size,
+            rank=self.rank,
+            shuffle=True,
+            seed=self.seed,
+            drop_last=True,
+        )
         epoch = -1
         order: list[int] = []
         for step in range(self.start_step, self.total_steps):
@@ -146,26 +175,40 @@ class StepMasks:
     def __init__(self, cfg: PretrainConfig, rank: int, world_size: int):
         grid = cfg.crops.global_size // cfg.backbone.patch_size
         m = cfg.masking
-        self.generator = BlockMaskGenerator((grid, grid), max_mask_ratio=m.max_mask_ratio,
-                                            min_num_patches=m.min_num_patches,
-                                            min_aspect=m.min_aspect, max_attempts=m.max_attempts,
-                                            reject_small_blocks=m.reject_small_blocks)
+        self.generator = BlockMaskGenerator(
+            (grid, grid),
+            max_mask_ratio=m.max_mask_ratio,
+            min_num_patches=m.min_num_patches,
+            min_aspect=m.min_aspect,
+            max_attempts=m.max_attempts,
+            reject_small_blocks=m.reject_small_blocks,
+        )
         self.grid, self.m, self.seed = (grid, grid), m, cfg.train.seed
         self.rank, self.world_size = rank, world_size
 
     def masks(self, step: int, global_batch: int) -> torch.Tensor:
         """(2 * global_batch, H*W) bool: the masks of every global crop of the step."""
         rng = np.random.default_rng([self.seed, step, 7])
-        return sample_masks(2 * global_batch, self.grid, self.generator, rng,
-                            self.m.mask_probability, (self.m.ratio_min, self.m.ratio_max))
+        return sample_masks(
+            2 * global_batch,
+            self.grid,
+            self.generator,
+            rng,
+            self.m.mask_probability,
+            (self.m.ratio_min, self.m.ratio_max),
+        )
 
     def max_masked(self, batch_size: int) -> int:
         """The most masked patches this rank's 2 * batch_size global crops can hold: the
         largest bounds of ``masked_count_bounds``, one per crop (all of them on one process).
         The networks pad the masked tokens to it, so their shapes stay the same every step."""
         g = batch_size * self.world_size
-        bounds = masked_count_bounds(2 * g, self.grid[0] * self.grid[1], self.m.mask_probability,
-                                     (self.m.ratio_min, self.m.ratio_max))  # cached
+        bounds = masked_count_bounds(
+            2 * g,
+            self.grid[0] * self.grid[1],
+            self.m.mask_probability,
+            (self.m.ratio_min, self.m.ratio_max),
+        )  # cached
         return sum(bounds[: 2 * batch_size])
 
     def for_rank(self, step: int, batch_size: int) -> torch.Tensor:
@@ -186,8 +229,9 @@ class MultiCropCollate:
 
     def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
         step = samples[0]["step"]
-        batch = self.augmentation.views([s["image"] for s in samples],
-                                        [s["generator"] for s in samples])
+        batch = self.augmentation.views(
+            [s["image"] for s in samples], [s["generator"] for s in samples]
+        )
         batch["masks"] = self.step_masks.for_rank(step, batch["batch_size"])
         batch["max_masked"] = self.step_masks.max_masked(batch["batch_size"])
         batch["step"] = step
@@ -247,22 +291,38 @@ class UnreadableFiles:
             tracking.log_text("\n".join(sorted(self.names)), "unreadable_files.txt")
 
 
-def build_loader(cfg: PretrainConfig, train: Split, mean: list[float], std: list[float],
-                 rank: int, world_size: int, start_step: int, last_step: int,
-                 device: torch.device) -> DataLoader:
+def build_loader(
+    cfg: PretrainConfig,
+    train: Split,
+    mean: list[float],
+    std: list[float],
+    rank: int,
+    world_size: int,
+    start_step: int,
+    last_step: int,
+    device: torch.device,
+) -> DataLoader:
     """Batches for steps [start_step, last_step) of this rank, collated with their masks."""
     t = cfg.train
-    sampler = StepBatchSampler(len(train), t.batch_size, rank, world_size, t.seed, start_step,
-                               last_step)
-    collate = MultiCropCollate(build_augmentation(cfg.crops, mean, std),
-                               StepMasks(cfg, rank, world_size))
+    sampler = StepBatchSampler(
+        len(train), t.batch_size, rank, world_size, t.seed, start_step, last_step
+    )
+    collate = MultiCropCollate(
+        build_augmentation(cfg.crops, mean, std), StepMasks(cfg, rank, world_size)
+    )
     workers = t.num_workers
-    return DataLoader(MultiCropDataset(train, t.seed), batch_sampler=sampler, collate_fn=collate,
-                      num_workers=workers, pin_memory=t.pin_memory and device.type == "cuda",
-                      persistent_workers=False, prefetch_factor=4 if workers else None,
-                      # its own generator: the loader must not draw from the global RNG (drop
-                      # path), or a resumed run would diverge from an uninterrupted one
-                      generator=torch.Generator().manual_seed(t.seed))
+    return DataLoader(
+        MultiCropDataset(train, t.seed),
+        batch_sampler=sampler,
+        collate_fn=collate,
+        num_workers=workers,
+        pin_memory=t.pin_memory and device.type == "cuda",
+        persistent_workers=False,
+        prefetch_factor=4 if workers else None,
+        # its own generator: the loader must not draw from the global RNG (drop
+        # path), or a resumed run would diverge from an uninterrupted one
+        generator=torch.Generator().manual_seed(t.seed),
+    )
 
 
 # Loader processes for image files on a CPU: at least this many. benchmarks/bench_loader.py (AMD

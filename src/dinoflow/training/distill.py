@@ -18,15 +18,22 @@ from dinoflow.methods.distillation import Distillation
 from dinoflow.methods.frozen_teacher import FrozenTeacher
 from dinoflow.results import DistillationSummary
 from dinoflow.training.budget import start_budget
-from dinoflow.training.trainer import train
+from dinoflow.training.trainer import RunData, train
 
 log = logging.getLogger(__name__)
 
 
-def distill(cfg: DistillationConfig, teacher: FrozenTeacher, train_split: Split, mean: list[float],
-            std: list[float], knn_bank: Split | None = None, knn_queries: Split | None = None,
-            stop_after_steps: int | None = None,
-            teacher_info: dict[str, Any] | None = None) -> DistillationSummary:
+def distill(
+    cfg: DistillationConfig,
+    teacher: FrozenTeacher,
+    train_split: Split,
+    mean: list[float],
+    std: list[float],
+    knn_bank: Split | None = None,
+    knn_queries: Split | None = None,
+    stop_after_steps: int | None = None,
+    teacher_info: dict[str, Any] | None = None,
+) -> DistillationSummary:
     """Distil ``teacher`` into the student ``cfg`` describes on ``train_split``; export its EMA.
 
     ``mean``/``std``: the normalisation the teacher was trained with. ``stop_after_steps`` ends
@@ -37,17 +44,33 @@ def distill(cfg: DistillationConfig, teacher: FrozenTeacher, train_split: Split,
         raise ConfigError("distillation runs in one process (no distillation.launcher yet)")
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    method = Distillation(cfg, teacher, train_split.channels, resolve_device(cfg.train.device),
-                          teacher_info)  # fmt: skip
+    method = Distillation(
+        cfg, teacher, train_split.channels, resolve_device(cfg.train.device), teacher_info
+    )
     flops = method.flops
-    log.info("distillation: FLOPs per image student %.3g, teacher %.3g (%.3f)",
-             flops["student_flops"], flops["teacher_flops"],
-             flops["student_flops"] / flops["teacher_flops"])  # fmt: skip
-    result = train(method, train_split, mean, std, knn_bank, knn_queries, stop_after_steps,
-                   section="distillation", config=cfg.model_dump(mode="json"), budget=budget)
-    atomic_write_json(Path(result.run_dir) / "distillation_config.json", cfg.model_dump(mode="json"))
+    log.info(
+        "distillation: FLOPs per image student %.3g, teacher %.3g (%.3f)",
+        flops["student_flops"],
+        flops["teacher_flops"],
+        flops["student_flops"] / flops["teacher_flops"],
+    )
+    result = train(
+        method,
+        RunData(train_split, mean, std, knn_bank, knn_queries),
+        stop_after_steps=stop_after_steps,
+        section="distillation",
+        config=cfg.model_dump(mode="json"),
+        budget=budget,
+    )
+    atomic_write_json(
+        Path(result.run_dir) / "distillation_config.json", cfg.model_dump(mode="json")
+    )
     return DistillationSummary(
         **result.summary_fields(mean, std, train_split.channels, method.cfg.crops.global_size),
-        student_backbone=result.backbone, student_heads=result.heads, teacher=method.teacher_info,
-        mode=method.mode, train_seconds=result.train_seconds, **flops,
+        student_backbone=result.backbone,
+        student_heads=result.heads,
+        teacher=method.teacher_info,
+        mode=method.mode,
+        train_seconds=result.train_seconds,
+        **flops,
     )

@@ -17,7 +17,7 @@ from dinoflow.distributed import resolve_device, world
 from dinoflow.methods.dinov2 import DINOv2
 from dinoflow.results import PretrainSummary
 from dinoflow.training.budget import start_budget
-from dinoflow.training.trainer import train
+from dinoflow.training.trainer import RunData, train
 
 
 def pretrain(
@@ -42,11 +42,13 @@ def pretrain(
     world_size = world()[1]
     fsdp = world_size > 1 and cfg.launcher.strategy == "fsdp"
     method = DINOv2(cfg, train_split.channels, resolve_device(cfg.train.device), shard=fsdp)
-    result = train(method, train_split, mean, std, knn_bank, knn_queries, stop_after_steps,
-                   on_knn, fsdp=fsdp, budget=budget)  # fmt: skip
+    data = RunData(train_split, mean, std, knn_bank, knn_queries, on_knn)
+    result = train(method, data, stop_after_steps=stop_after_steps, fsdp=fsdp, budget=budget)
     return PretrainSummary(
         **result.summary_fields(mean, std, train_split.channels, cfg.crops.global_size),
-        teacher_backbone=result.backbone, teacher_heads=result.heads,
-        world_size=result.world_size, unreadable_files=result.unreadable_files,
+        teacher_backbone=result.backbone,
+        teacher_heads=result.heads,
+        world_size=result.world_size,
+        unreadable_files=result.unreadable_files,
         n_unreadable_files=len(result.unreadable_files),
     )

@@ -26,10 +26,20 @@ class OnlineKNN:
     first check also measures raw pixels on the same bank and queries (``knn/raw_pixels_top1_k20``,
     logged at that step and kept in that history row)."""
 
-    def __init__(self, cfg: PretrainConfig, bank: Split, queries: Split, mean: list[float],
-                 std: list[float], steps_per_epoch: int, device: torch.device, fsdp: bool,
-                 main: bool, build_backbone: Callable[[], torch.nn.Module],
-                 on_knn: Callable[[int, float], None] | None = None):
+    def __init__(
+        self,
+        cfg: PretrainConfig,
+        bank: Split,
+        queries: Split,
+        mean: list[float],
+        std: list[float],
+        steps_per_epoch: int,
+        device: torch.device,
+        fsdp: bool,
+        main: bool,
+        build_backbone: Callable[[], torch.nn.Module],
+        on_knn: Callable[[int, float], None] | None = None,
+    ):
         self.cfg, self.bank, self.queries, self.mean, self.std = cfg, bank, queries, mean, std
         self.every = max(1, int(round(cfg.train.knn_every_epochs * steps_per_epoch)))
         self.device, self.fsdp, self.main = device, fsdp, main
@@ -43,9 +53,16 @@ class OnlineKNN:
     def _top1(self, backbone: torch.nn.Module) -> float:
         # the features in the run's precision (pinned before the loop: "fp32" or "bf16"), as
         # the evaluation pipeline extracts them (evaluation.precision auto)
-        return backbone_knn(backbone, self.bank, self.queries, self.mean, self.std,
-                            self.cfg.crops.global_size, self.device,
-                            precision=self.cfg.train.precision)["top1_k20"]
+        return backbone_knn(
+            backbone,
+            self.bank,
+            self.queries,
+            self.mean,
+            self.std,
+            self.cfg.crops.global_size,
+            self.device,
+            precision=self.cfg.train.precision,
+        )["top1_k20"]
 
     def check(self, teacher: SSLModel, done: int, history: list[dict[str, float]]) -> float:
         started = time.perf_counter()
@@ -65,13 +82,19 @@ class OnlineKNN:
         self.seconds = time.perf_counter() - started  # the features' check, without raw pixels
         row = {"step": done, "knn/top1_k20": acc}
         if self.raw_pixels is None:
-            self.raw_pixels = pixels_knn(self.bank, self.queries, self.cfg.crops.global_size)["top1_k20"]
+            self.raw_pixels = pixels_knn(self.bank, self.queries, self.cfg.crops.global_size)[
+                "top1_k20"
+            ]
             row["knn/raw_pixels_top1_k20"] = self.raw_pixels
         history.append(row)
         if self.main:
             tracking.log_metrics({k: v for k, v in row.items() if k != "step"}, step=done)
-            log.info("step %d: online kNN top-1 (k=20) %.4f (raw pixels %.4f)", done, acc,
-                     self.raw_pixels)
+            log.info(
+                "step %d: online kNN top-1 (k=20) %.4f (raw pixels %.4f)",
+                done,
+                acc,
+                self.raw_pixels,
+            )
         if self.on_knn is not None:
             self.on_knn(done, acc)
         return acc

@@ -32,26 +32,37 @@ def can_compile(device: torch.device) -> bool:
     return device.type != "cpu" or bool(os.environ.get("CXX") or shutil.which("g++"))
 
 
-def wrap_for_training(student: SSLModel, teacher: SSLModel, cfg: PretrainConfig, world_size: int,
-                      device: torch.device, fsdp: bool) -> nn.Module:
+def wrap_for_training(
+    student: SSLModel,
+    teacher: SSLModel,
+    cfg: PretrainConfig,
+    world_size: int,
+    device: torch.device,
+    fsdp: bool,
+) -> nn.Module:
     """The module the step calls: the student, in DDP over processes (not under FSDP, which
     shards in place), compiled when ``train.compile`` asks and the machine can."""
     model: nn.Module = student
     if world_size > 1 and not fsdp:
         model = nn.parallel.DistributedDataParallel(
-            student, device_ids=[device.index] if device.type == "cuda" else None)
+            student, device_ids=[device.index] if device.type == "cuda" else None
+        )
     t = cfg.train
     if not t.compile:
         return model
     if not can_compile(device):
-        log.warning("train.compile: no C++ compiler (g++ or $CXX), which torch.compile needs on "
-                    "CPU; training with the eager step")
+        log.warning(
+            "train.compile: no C++ compiler (g++ or $CXX), which torch.compile needs on "
+            "CPU; training with the eager step"
+        )
         return model
     if device.type == "cpu" and t.num_workers:
-        log.warning("train.compile with %s loader worker process(es) on CPU: with torch 2.14 "
-                    "inside `kedro run` the compiled kernels crashed (SIGSEGV) once a worker "
-                    "had been forked; conf/base uses num_workers 0 (docs/dev/performance.md)",
-                    t.num_workers)
+        log.warning(
+            "train.compile with %s loader worker process(es) on CPU: with torch 2.14 "
+            "inside `kedro run` the compiled kernels crashed (SIGSEGV) once a worker "
+            "had been forked; conf/base uses num_workers 0 (docs/dev/performance.md)",
+            t.num_workers,
+        )
     return compile_for_training(model, None if fsdp else teacher)
 
 

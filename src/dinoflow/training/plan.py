@@ -11,10 +11,19 @@ from dinoflow.schedules import Schedules, build_schedules, scaled_lr
 
 # Settings that do not change what a run computes (so a resumed run may differ in them).
 NOT_IN_FINGERPRINT = {
-    "progress", "resume", "log_every_steps", "checkpoint_every_steps", "compile", "num_workers",
-    "pin_memory", "threads", "knn_every_epochs", "run_dir", "keep_checkpoints",
+    "progress",
+    "resume",
+    "log_every_steps",
+    "checkpoint_every_steps",
+    "compile",
+    "num_workers",
+    "pin_memory",
+    "threads",
+    "knn_every_epochs",
+    "run_dir",
+    "keep_checkpoints",
     "max_unreadable_fraction",
-}  # fmt: skip
+}
 
 
 def peak_lr(cfg: PretrainConfig, global_batch: int) -> float:
@@ -77,8 +86,9 @@ def precision_choice(cfg: PretrainConfig, device: torch.device) -> tuple[str, st
         return want, f"train.precision={want}"
     tokens = (cfg.crops.global_size // cfg.backbone.patch_size) ** 2 + 1
     dim = cfg.backbone.embed_dim or 384
-    return auto_precision(device, min(4096, 2 * cfg.train.batch_size * tokens), dim,
-                          int(dim * cfg.backbone.mlp_ratio))
+    return auto_precision(
+        device, min(4096, 2 * cfg.train.batch_size * tokens), dim, int(dim * cfg.backbone.mlp_ratio)
+    )
 
 
 def resolve_precision(cfg: PretrainConfig, device: torch.device) -> str:

@@ -62,8 +62,14 @@ class Trainer:
     global batch.
     """
 
-    def __init__(self, method: Method, cfg: PretrainConfig, n_images: int, world_size: int,
-                 device: torch.device):
+    def __init__(
+        self,
+        method: Method,
+        cfg: PretrainConfig,
+        n_images: int,
+        world_size: int,
+        device: torch.device,
+    ):
         t, o = cfg.train, cfg.optim
         self.method, self.cfg, self.device = method, cfg, device
         self.global_batch = t.batch_size * world_size
@@ -72,19 +78,23 @@ class Trainer:
         for note in notes:
             log.warning(note)
         student = method.student
-        groups = param_groups(student.backbone, student.heads(), o.layer_decay, o.patch_embed_lr_mult)
+        groups = param_groups(
+            student.backbone, student.heads(), o.layer_decay, o.patch_embed_lr_mult
+        )
         self.optimizer = build_optimizer(groups, o.betas, fused=t.fused_optimizer or None)
         self.fingerprint = run_fingerprint(cfg, n_images, world_size)
         if extra := method.fingerprint_extra():
             self.fingerprint = fingerprint({"student": self.fingerprint, **extra})
-        self.state = RunState(total_steps, steps_per_epoch, min(total_steps, t.max_steps or total_steps),
-                              notes=notes)  # fmt: skip
+        self.state = RunState(
+            total_steps, steps_per_epoch, min(total_steps, t.max_steps or total_steps), notes=notes
+        )
 
     # ------------------------------------------------------------------ the plan
     def set_length(self, total_steps: int) -> None:
         """A time budget chose the run's length: the schedules rebuilt for ``total_steps``."""
-        self.schedules, notes = schedules_for(self.cfg, total_steps, self.state.steps_per_epoch,
-                                              self.global_batch)  # fmt: skip
+        self.schedules, notes = schedules_for(
+            self.cfg, total_steps, self.state.steps_per_epoch, self.global_batch
+        )
         for note in notes:
             log.warning(note)
         s = self.state
@@ -101,7 +111,8 @@ class Trainer:
             precision = restored
         self.state.precision = precision
         self.cfg = self.cfg.model_copy(
-            update={"train": self.cfg.train.model_copy(update={"precision": precision})})
+            update={"train": self.cfg.train.model_copy(update={"precision": precision})}
+        )
         return precision, why
 
     # ------------------------------------------------------------------ state
@@ -116,10 +127,13 @@ class Trainer:
 
         student_sd, optim_sd = gather_full_state(student, self.optimizer)
         state = {
-            name: student_sd if part is student
-            else gather_full_state(part)[0] if _sharded(part) else part.state_dict()
+            name: student_sd
+            if part is student
+            else gather_full_state(part)[0]
+            if _sharded(part)
+            else part.state_dict()
             for name, part in parts.items()
-        }  # fmt: skip
+        }
         return {**state, "optimizer": optim_sd, "rng": rng_state()}
 
     def load_step_state(self, state: dict[str, Any], gathered: bool = False) -> None:
@@ -149,9 +163,13 @@ class Trainer:
         cfg, s = self.cfg, self.schedules
         # continued pretraining: the backbone stays frozen (or nearly) while fresh heads settle
         warming_up = step < cfg.init.head_warmup_steps
-        apply_schedules(self.optimizer, s.lr[step], s.wd[step],
-                        freeze_last_layer=bool(s.last_layer_lr_zero[step]),
-                        backbone_lr_scale=cfg.init.head_warmup_backbone_lr_mult if warming_up else 1.0)
+        apply_schedules(
+            self.optimizer,
+            s.lr[step],
+            s.wd[step],
+            freeze_last_layer=bool(s.last_layer_lr_zero[step]),
+            backbone_lr_scale=cfg.init.head_warmup_backbone_lr_mult if warming_up else 1.0,
+        )
         ctx = StepContext(step, s, self.device, partial(autocast_for, cfg, self.device))
         out = self.method.terms(model, batch, ctx)
         check_finite(step, out.terms, None, cfg)
@@ -170,9 +188,17 @@ class Trainer:
         }
 
     # ------------------------------------------------------------------ the loop
-    def loop(self, loader, model: nn.Module, metrics: MetricLogger, knn: OnlineKNN | None,
-             checkpoints: Checkpointer, config: dict[str, Any], stop_after_steps: int | None,
-             unreadable: UnreadableFiles) -> None:
+    def loop(
+        self,
+        loader,
+        model: nn.Module,
+        metrics: MetricLogger,
+        knn: OnlineKNN | None,
+        checkpoints: Checkpointer,
+        config: dict[str, Any],
+        stop_after_steps: int | None,
+        unreadable: UnreadableFiles,
+    ) -> None:
         """A step per batch, the metrics, the replaced files, the online kNN of the EMA and the
         checkpoints when due; a divergence names the checkpoint kept; ``stop_after_steps``
         ends the process after a checkpoint (tests of resumption)."""
@@ -196,7 +222,11 @@ class Trainer:
             unreadable.log_names()
         except TrainingDiverged as exc:
             last = checkpoints.latest()
-            kept = f"the last good checkpoint is kept at {last}" if last else "no checkpoint was written yet"
+            kept = (
+                f"the last good checkpoint is kept at {last}"
+                if last
+                else "no checkpoint was written yet"
+            )
             raise TrainingDiverged(f"{exc} ({kept})") from None
         finally:
             metrics.close()
@@ -222,61 +252,145 @@ class TrainResult:
     unreadable_files: list[str]
     budget: dict[str, Any] = field(default_factory=dict)
 
-    def summary_fields(self, mean: list[float], std: list[float], channels: int,
-                       image_size: int) -> dict[str, Any]:
+    def summary_fields(
+        self, mean: list[float], std: list[float], channels: int, image_size: int
+    ) -> dict[str, Any]:
         """The fields every method's summary (``dinoflow.results``) has, by their names there."""
         return {
-            "run_dir": self.run_dir, "steps": self.steps,
-            "resumed_from_step": self.resumed_from_step, "final": self.final,
-            "knn_history": self.knn_history, "images_per_second": self.images_per_second,
-            "notes": self.notes, "fingerprint": self.fingerprint, "precision": self.precision,
-            "mean": list(mean), "std": list(std), "channels": channels, "image_size": image_size,
+            "run_dir": self.run_dir,
+            "steps": self.steps,
+            "resumed_from_step": self.resumed_from_step,
+            "final": self.final,
+            "knn_history": self.knn_history,
+            "images_per_second": self.images_per_second,
+            "notes": self.notes,
+            "fingerprint": self.fingerprint,
+            "precision": self.precision,
+            "mean": list(mean),
+            "std": list(std),
+            "channels": channels,
+            "image_size": image_size,
             **self.budget,
-        }  # fmt: skip
+        }
 
 
-def train(method: Method, train_split: Split, mean: list[float], std: list[float],
-          knn_bank: Split | None = None, knn_queries: Split | None = None,
-          stop_after_steps: int | None = None,
-          on_knn: Callable[[int, float], None] | None = None, *, section: str = "pretrain",
-          config: dict[str, Any] | None = None, fsdp: bool = False,
-          budget: TimeBudget | None = None) -> TrainResult:
-    """Train ``method`` on ``train_split``; export its model. ``section``: the config section
+@dataclass
+class RunData:
+    """What a run trains on and reports against: the train split with its normalisation, the
+    online kNN's labelled bank and queries (optional) and what is told of each check."""
+
+    train: Split
+    mean: list[float]
+    std: list[float]
+    knn_bank: Split | None = None
+    knn_queries: Split | None = None
+    on_knn: Callable[[int, float], None] | None = None
+
+
+def train(
+    method: Method,
+    data: RunData,
+    *,
+    stop_after_steps: int | None = None,
+    section: str = "pretrain",
+    config: dict[str, Any] | None = None,
+    fsdp: bool = False,
+    budget: TimeBudget | None = None,
+) -> TrainResult:
+    """Train ``method`` on ``data``; export its model. ``section``: the config section
     (messages, the progress bar); ``config``: what checkpoints record (default the method's);
-    ``budget``: a time budget started by the caller (counted from then)."""
+    ``budget``: a time budget started by the caller (counted from then);
+    ``stop_after_steps`` ends the process after a checkpoint (tests of resumption)."""
+    trainer, checkpoints, start_step = _resume(method, data.train, fsdp, section)
+    rank, world_size = world()
+    model = wrap_for_training(
+        method.student, method.teacher, trainer.cfg, world_size, trainer.device, fsdp
+    )
+    loader_for = partial(
+        build_loader,
+        trainer.cfg,
+        data.train,
+        data.mean,
+        data.std,
+        rank,
+        world_size,
+        start_step,
+        device=trainer.device,
+    )
+    knn = _online_knn(trainer, data, fsdp, rank == 0, start_step)
+    if budget is not None:  # the length, fixed before training: then a fixed-length run
+        fix_run_length(budget, trainer, start_step, partial(trainer.step, model), loader_for, knn)
+    _tag_run(trainer, world_size, rank == 0)
+    metrics, unreadable = _run_monitors(trainer, len(data.train), start_step, section)
+    started = time.perf_counter()
+    config = config or method.cfg.model_dump(mode="json")
+    loader = loader_for(trainer.state.last_step)
+    trainer.loop(loader, model, metrics, knn, checkpoints, config, stop_after_steps, unreadable)
+    seconds = time.perf_counter() - started
+    return _finish(trainer, checkpoints, metrics, seconds, start_step, fsdp, budget)
+
+
+def _resume(
+    method: Method, train_split: Split, fsdp: bool, section: str
+) -> tuple[Trainer, Checkpointer, int]:
+    """The trainer of ``method`` (loader workers resolved for this machine), its checkpoints,
+    and the step it starts from: the newest readable checkpoint's, or 0; the precision pinned."""
     t = method.cfg.train
     device = resolve_device(t.device)
     rank, world_size = world()
-    main = rank == 0
-    trainer = Trainer(method, resolve_num_workers(method.cfg, train_split, device),
-                      len(train_split), world_size, device)  # fmt: skip
-    checkpoints = Checkpointer(t.run_dir, trainer.fingerprint, t.checkpoint_every_steps,
-                               t.keep_checkpoints, fsdp, main)  # fmt: skip
+    cfg = resolve_num_workers(method.cfg, train_split, device)
+    trainer = Trainer(method, cfg, len(train_split), world_size, device)
+    checkpoints = Checkpointer(
+        t.run_dir,
+        trainer.fingerprint,
+        t.checkpoint_every_steps,
+        t.keep_checkpoints,
+        fsdp,
+        rank == 0,
+    )
     start_step = checkpoints.restore(trainer) if t.resume else 0
     log.info("%s: precision %s (%s)", section, *trainer.pin_precision())
     seed_ranks(t.seed, start_step, rank, world_size)
-    model = wrap_for_training(method.student, method.teacher, trainer.cfg, world_size, device, fsdp)
-    loader_for = partial(build_loader, trainer.cfg, train_split, mean, std, rank, world_size,
-                         start_step, device=device)  # fmt: skip
-    knn = _online_knn(trainer, knn_bank, knn_queries, mean, std, fsdp, main, on_knn, start_step)
-    if budget is not None:  # the length, fixed before training: then a fixed-length run
-        fix_run_length(budget, trainer, start_step, partial(trainer.step, model), loader_for, knn)
-    _tag_run(trainer, world_size, main)
-    s = trainer.state
-    metrics = MetricLogger(trainer.cfg, trainer.schedules, s.history, start_step, s.last_step,
-                           world_size, main, method.loss_names, section)  # fmt: skip
-    unreadable = UnreadableFiles(s.unreadable_files, len(train_split), t.max_unreadable_fraction,
-                                 t.log_every_steps, f"{section}.train.max_unreadable_fraction")
-    started = time.perf_counter()
-    trainer.loop(loader_for(s.last_step), model, metrics, knn, checkpoints,
-                 config or method.cfg.model_dump(mode="json"), stop_after_steps, unreadable)
-    return _finish(trainer, checkpoints, metrics, time.perf_counter() - started, start_step,
-                   world_size, fsdp, budget)  # fmt: skip
+    return trainer, checkpoints, start_step
 
 
-def _finish(trainer: Trainer, checkpoints: Checkpointer, metrics: MetricLogger, seconds: float,
-            start_step: int, world_size: int, fsdp: bool,
-            budget: TimeBudget | None) -> TrainResult:
+def _run_monitors(
+    trainer: Trainer, n_images: int, start_step: int, section: str
+) -> tuple[MetricLogger, UnreadableFiles]:
+    """The metric logger with its progress bar (the method's loss names) and the count of the
+    train files replaced (from the run state: a resumed run goes on counting)."""
+    s, t = trainer.state, trainer.cfg.train
+    rank, world_size = world()
+    metrics = MetricLogger(
+        trainer.cfg,
+        trainer.schedules,
+        s.history,
+        start_step,
+        s.last_step,
+        world_size,
+        rank == 0,
+        trainer.method.loss_names,
+        section,
+    )
+    unreadable = UnreadableFiles(
+        s.unreadable_files,
+        n_images,
+        t.max_unreadable_fraction,
+        t.log_every_steps,
+        f"{section}.train.max_unreadable_fraction",
+    )
+    return metrics, unreadable
+
+
+def _finish(
+    trainer: Trainer,
+    checkpoints: Checkpointer,
+    metrics: MetricLogger,
+    seconds: float,
+    start_step: int,
+    fsdp: bool,
+    budget: TimeBudget | None,
+) -> TrainResult:
     """The end of a run: the method's model exported, the history written, the checkpoints
     cleared (the exported model is the product)."""
     run_dir, s, main = Path(trainer.cfg.train.run_dir), trainer.state, checkpoints.main
@@ -286,24 +400,44 @@ def _finish(trainer: Trainer, checkpoints: Checkpointer, metrics: MetricLogger, 
         checkpoints.clear()
     barrier()
     return TrainResult(
-        run_dir=str(run_dir), backbone=str(backbone), heads=str(heads), steps=s.last_step,
-        resumed_from_step=start_step, final=metrics.final,
+        run_dir=str(run_dir),
+        backbone=str(backbone),
+        heads=str(heads),
+        steps=s.last_step,
+        resumed_from_step=start_step,
+        final=metrics.final,
         knn_history=[h for h in s.history if "knn/top1_k20" in h],
-        images_per_second=metrics.images_per_second(), train_seconds=seconds, notes=s.notes,
-        fingerprint=trainer.fingerprint, precision=s.precision, world_size=world_size,
-        unreadable_files=s.unreadable_files, budget=budget.summary_fields() if budget else {},
-    )  # fmt: skip
+        images_per_second=metrics.images_per_second(),
+        train_seconds=seconds,
+        notes=s.notes,
+        fingerprint=trainer.fingerprint,
+        precision=s.precision,
+        world_size=world()[1],
+        unreadable_files=s.unreadable_files,
+        budget=budget.summary_fields() if budget else {},
+    )
 
 
-def _online_knn(trainer: Trainer, bank: Split | None, queries: Split | None, mean: list[float],
-                std: list[float], fsdp: bool, main: bool,
-                on_knn: Callable[[int, float], None] | None, start_step: int) -> OnlineKNN | None:
+def _online_knn(
+    trainer: Trainer, data: RunData, fsdp: bool, main: bool, start_step: int
+) -> OnlineKNN | None:
     """The EMA's kNN during training (with labelled bank and queries); a fresh run checks it at
     step 0 too: the starting point, random init or loaded weights."""
-    if bank is None or queries is None:
+    if data.knn_bank is None or data.knn_queries is None:
         return None
-    knn = OnlineKNN(trainer.cfg, bank, queries, mean, std, trainer.state.steps_per_epoch,
-                    trainer.device, fsdp, main, trainer.method.fresh_backbone, on_knn)  # fmt: skip
+    knn = OnlineKNN(
+        trainer.cfg,
+        data.knn_bank,
+        data.knn_queries,
+        data.mean,
+        data.std,
+        trainer.state.steps_per_epoch,
+        trainer.device,
+        fsdp,
+        main,
+        trainer.method.fresh_backbone,
+        data.on_knn,
+    )
     if start_step == 0:
         knn.check(trainer.method.ema, 0, trainer.state.history)
     return knn
@@ -314,11 +448,15 @@ def _tag_run(trainer: Trainer, world_size: int, main: bool) -> None:
         return
     from dinoflow import tracking
 
-    tracking.set_tags({"dinoflow.fingerprint": trainer.fingerprint,
-                       "dinoflow.world_size": world_size,
-                       "dinoflow.precision": trainer.state.precision,
-                       **trainer.method.tags()})  # fmt: skip
+    tracking.set_tags(
+        {
+            "dinoflow.fingerprint": trainer.fingerprint,
+            "dinoflow.world_size": world_size,
+            "dinoflow.precision": trainer.state.precision,
+            **trainer.method.tags(),
+        }
+    )
     tracking.log_text("\n".join(trainer.state.notes) or "no schedule capping", "schedule_notes.txt")
 
 
-__all__ = ["TrainResult", "Trainer", "start_budget", "train"]
+__all__ = ["RunData", "TrainResult", "Trainer", "start_budget", "train"]
