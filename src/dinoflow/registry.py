@@ -231,8 +231,9 @@ class RegisteredBackbone(nn.Module):
 
     @classmethod
     def from_summary(cls, summary: Mapping[str, Any]) -> RegisteredBackbone:
-        """From pretrain_summary.json: the teacher backbone file and its mean/std/size/channels."""
-        from dinoflow.models.vit import load_backbone
+        """From pretrain_summary.json: the teacher backbone file (``dinoflow.artifacts.load_model``)
+        and its mean/std/size/channels."""
+        from dinoflow.artifacts import load_model
 
         path = summary.get("teacher_backbone")
         if not path or not Path(path).is_file():
@@ -240,7 +241,7 @@ class RegisteredBackbone(nn.Module):
                 f"pretrain_summary.teacher_backbone: {path!r} does not exist "
                 "(run the pretrain pipeline first)"
             )
-        backbone = load_backbone(path).eval()
+        backbone = load_model(path, key="pretrain_summary.teacher_backbone").backbone
         return cls(backbone, summary["mean"], summary["std"], summary["image_size"],
                    summary.get("channels"))  # fmt: skip
 
