@@ -102,7 +102,7 @@ def _teacher_artifact(tcfg: TeacherConfig, in_chans: int, global_size: int) -> M
             return backbone_from_config(tcfg.backbone, global_size, in_chans)
 
     try:
-        return load_model(tcfg.source, key="distillation.teacher.source", find_heads=True,
+        return load_model(tcfg.source, key="distillation.teacher.source", find_heads=not tcfg.heads,
                           architecture=architecture if tcfg.backbone is not None else None)
     except ModelLoadError as exc:
         if exc.kind == "released" and tcfg.backbone is None:
