@@ -183,8 +183,8 @@ def _from_mlflow(uri: str, source: str, key: str, kind: str) -> ModelArtifact:
     try:
         loaded = mlflow.pytorch.load_model(uri, map_location="cpu")
     except (MlflowException, OSError, ImportError) as exc:  # ImportError: code it pickled
-        raise ModelLoadError(key, source, f"not found in {mlflow.get_tracking_uri()} "
-                             f"({_first_line(exc)})", kind) from None  # fmt: skip
+        raise ModelLoadError(key, source, f"{_first_line(exc)} (MLflow store "
+                             f"{mlflow.get_tracking_uri()})", kind) from None  # fmt: skip
     backbone = getattr(loaded, "backbone", loaded)
     if not isinstance(backbone, DinoVisionTransformer):
         raise ModelLoadError(key, source, f"{uri} holds a {type(loaded).__name__}, not a dinoflow "
