@@ -95,7 +95,12 @@ def test_a_pretraining_run_directory(tmp_path: Path) -> None:
     vit = tiny()
     folder = run_dir(tmp_path / "run", vit, run_id="abc123")
     got = load_model(folder)
-    assert (got.kind, got.uri, got.run_id, got.fingerprint) == ("run_dir", str(folder), "abc123", "fp-1")
+    assert (got.kind, got.uri, got.run_id, got.fingerprint) == (
+        "run_dir",
+        str(folder),
+        "abc123",
+        "fp-1",
+    )
     assert (got.mean, got.std, got.image_size, got.channels) == (MEAN, STD, SIZE, 1)
     assert got.heads_file == folder / "teacher_heads.pt"
     assert same_outputs(got.backbone, vit)
@@ -122,7 +127,9 @@ def test_a_released_weights_file_into_the_architecture_given(tmp_path: Path) -> 
     with pytest.raises(ModelLoadError, match="holds no architecture") as err:
         load_model(tmp_path / "released.pth", key="distillation.teacher.source")
     assert err.value.kind == "released"
-    got = load_model(tmp_path / "released.pth", architecture=lambda: DinoVisionTransformer(**KWARGS))
+    got = load_model(
+        tmp_path / "released.pth", architecture=lambda: DinoVisionTransformer(**KWARGS)
+    )
     assert got.kind == "released" and got.load_report.source_format == "official"
     assert same_outputs(got.backbone, vit) and not got.backbone.training
     wrong = {**KWARGS, "embed_dim": 32}
@@ -183,7 +190,9 @@ def test_a_version_registered_before_the_registry_split_still_loads(tmp_path: Pa
     script = ("import pickle, sys, torch\n"  # nothing of dinoflow imported: the pickle does it
               f"m = torch.load({str(FIXTURE / 'model/data/model.pth')!r}, weights_only=False)\n"
               "print(type(m).__module__, type(m).__name__, 'mlflow' in sys.modules)\n")  # fmt: skip
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == ["dinoflow.registry", "RegisteredBackbone", "False"]
 
@@ -215,8 +224,14 @@ def test_a_source_that_cannot_be_loaded_is_named_with_every_accepted_form(tmp_pa
     message = str(err.value)
     assert message.startswith(f"evaluation.model: cannot load {source}: ")
     assert message.endswith(SOURCE_FORMS)
-    for form in ("models:/<name>/<version>", "models:/<name>@<alias>", "runs:/<run id>/<path>",
-                 "run directory", "dinoflow backbone file", "released DINOv2 weights file"):
+    for form in (
+        "models:/<name>/<version>",
+        "models:/<name>@<alias>",
+        "runs:/<run id>/<path>",
+        "run directory",
+        "dinoflow backbone file",
+        "released DINOv2 weights file",
+    ):
         assert form in message
     assert isinstance(err.value, DataError) and isinstance(err.value, ValueError)
     again = pickle.loads(pickle.dumps(err.value))  # e.g. from a worker process
@@ -238,4 +253,6 @@ def test_consumers_load_through_it(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="not an MLflow model URI"):
         load_registered_backbone(str(folder))
     register(vit)
-    assert same_outputs(load_registered_backbone("models:/dinoflow-backbone@champion").backbone, vit)
+    assert same_outputs(
+        load_registered_backbone("models:/dinoflow-backbone@champion").backbone, vit
+    )
