@@ -35,13 +35,15 @@ def _curation(p: dict, _: dict) -> None:
 def _evaluation(p: dict, _: dict) -> None:
     from pathlib import Path
 
+    from dinoflow.artifacts import is_mlflow_uri
     from dinoflow.jobs.evaluate import evaluation_settings
 
     params = dict(p or {})
     model = params.pop("model", None)
     evaluation_settings(params, "data/08_reporting", (0.5,), (0.5,), None)
-    if model and not str(model).startswith(("models:/", "runs:/")) and not Path(model).is_file():
-        raise ConfigError(f"evaluation.model: {model} is neither a file nor a models:/ URI")
+    if model and not is_mlflow_uri(model) and not Path(model).exists():
+        raise ConfigError(f"evaluation.model: {model} does not exist (a models:/ or runs:/ URI, "
+                          "a run directory or a backbone file)")
 
 
 def _registration(p: dict, everything: dict) -> None:
@@ -79,13 +81,14 @@ def _embed(p: dict, _: dict) -> None:
 def _distillation(p: dict, _: dict) -> None:
     from pathlib import Path
 
+    from dinoflow.artifacts import is_mlflow_uri
     from dinoflow.config import DistillationConfig
 
     cfg = validate(DistillationConfig, p, "distillation")
     source = cfg.teacher.source
-    if not source.startswith("models:/") and not Path(source).exists():
-        raise ConfigError(f"distillation.teacher.source: {source} does not exist (a models:/ URI, "
-                          "a run directory or a backbone file)")
+    if not is_mlflow_uri(source) and not Path(source).exists():
+        raise ConfigError(f"distillation.teacher.source: {source} does not exist (a models:/ or "
+                          "runs:/ URI, a run directory or a backbone file)")
     if cfg.teacher.heads and not Path(cfg.teacher.heads).is_file():
         raise ConfigError(f"distillation.teacher.heads: {cfg.teacher.heads} does not exist")
 

@@ -344,7 +344,7 @@ def test_nan_advice_names_only_what_the_run_can_change() -> None:
 # --------------------------------------------------------------------------- registration
 REGISTRATION_JOB = """
 import os, signal, sys, torch
-import dinoflow.registry as registry
+import dinoflow.registry.store as registry  # the module whose steps register_pretrained calls
 from dinoflow.models.vit import DinoVisionTransformer
 from dinoflow.registry import RegistrationConfig, register_pretrained
 

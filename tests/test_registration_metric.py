@@ -95,3 +95,26 @@ def test_higher_is_better_with_margin(versions):
     assert close["alias"] == CHALLENGER  # 0.505 does not beat 0.50 + 0.01
     clear = promote("3", 0.52, "d", "m", 0.01, client=client, metric_name="view_retrieval_top1")
     assert clear["alias"] == CHAMPION and clear["reason"].startswith("beats champion v1")
+
+
+def test_the_policy_decides_without_mlflow():
+    """``promotion.decide`` is the rule ``promote`` records; the policy, the card and the model
+    import no MLflow (unpickling a registered version imports dinoflow.registry)."""
+    import subprocess
+    import sys
+
+    from dinoflow.registry.promotion import decide
+
+    assert decide("2", "knn_top1", 0.5, "d", None, None, None) == (True, "no champion yet")
+    assert decide("2", "knn_top1", 0.5, "d", "2", 0.9, "d") == (True, "already the champion")
+    assert decide("2", "knn_top1", 0.5, "d", "1", None, "d") == (
+        False, "champion v1 has no recorded dinoflow.knn_top1")  # fmt: skip
+    assert decide("2", "knn_top1", 0.9, "d", "1", 0.4, "e") == (
+        False, "not comparable: champion v1 was evaluated on other data (e != d)")  # fmt: skip
+    assert decide("2", "alignment", 0.3, "d", "1", 0.4, "d", 0.05) == (
+        True, "beats champion v1: alignment 0.3000 < 0.4000 - 0.05")  # fmt: skip
+    assert decide("2", "knn_top1", 0.41, "d", "1", 0.4, "d", 0.05)[0] is False
+    script = ("import sys, dinoflow.registry, dinoflow.registry.card, dinoflow.registry.promotion\n"
+              "print('mlflow' in sys.modules)")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "False", out.stderr[-2000:]

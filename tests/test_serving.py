@@ -329,7 +329,8 @@ def test_the_embedder_sees_a_wide_photo_as_its_centre_crop(tmp_path: Path) -> No
 
 
 def test_registration_keeps_the_evaluations_crop(tmp_path: Path) -> None:
-    from dinoflow.registry import _registered_model, weights_sha256
+    from dinoflow.registry import weights_sha256
+    from dinoflow.registry.store import _registered_model
 
     summary = {"mean": MEAN, "std": STD, "image_size": SIZE, "channels": 1}
     evaluated = _registered_model(summary, {"image_size": 24, "crop_ratio": 0.5}, tiny_backbone(0))

@@ -88,18 +88,15 @@ def encode_image(source: str | Path | bytes) -> str:
 
 def load_registered_backbone(uri: str) -> torch.nn.Module:
     """A registered or logged backbone (``models:/name@alias``, ``models:/name/3``, ``runs:/``)
-    as the RegisteredBackbone it was logged as, on the CPU, in eval mode."""
-    from mlflow.exceptions import MlflowException
+    as the RegisteredBackbone it was logged as, on the CPU, in eval mode
+    (``dinoflow.artifacts.load_model``; a ModelLoadError is a ValueError)."""
+    from dinoflow.artifacts import is_mlflow_uri, load_model
 
-    if not str(uri).startswith(("models:/", "runs:/")):
+    if not is_mlflow_uri(uri):
         raise ValueError(f"model: {uri!r} is not an MLflow model URI (models:/dinoflow-backbone@"
                          "champion, models:/dinoflow-backbone/3 or runs:/<run id>/backbone)")  # fmt: skip
-    try:
-        model = mlflow.pytorch.load_model(str(uri), map_location="cpu")
-    except MlflowException as exc:
-        raise ValueError(f"model: cannot load {uri} from {mlflow.get_tracking_uri()}: "
-                         f"{exc.message.splitlines()[0]}") from None  # fmt: skip
-    if not all(hasattr(model, a) for a in ("preprocess", "forward_patches", "image_size")):
+    model = load_model(uri, key="model").registered
+    if model is None:
         raise ValueError(f"model: {uri} is not a dinoflow backbone (no preprocess / forward_patches)")
     return model.eval()
 

@@ -3,8 +3,9 @@
 Three embedders (``curation.embedding.kind``):
 - ``pixels``: the RGB thumbnail (pixel_size^2 * 3 values) centred and projected on its first
   ``pca_dim`` principal components, PCA fitted on the pretraining pool only.
-- ``dinoflow``: a dinoflow backbone (``save_backbone`` file or an MLflow model URI such as
-  ``models:/dinoflow-backbone@champion``): a trained teacher re-curates the data.
+- ``dinoflow``: a dinoflow backbone (``save_backbone`` file, run directory or MLflow model URI
+  such as ``models:/dinoflow-backbone@champion``, loaded by ``dinoflow.artifacts.load_model``):
+  a trained teacher re-curates the data.
 - ``timm``: any timm architecture with weights from a local file (nothing is downloaded).
 Rows not embedded (dropped before this step) are zero vectors.
 """
@@ -64,15 +65,11 @@ def load_model(cfg: EmbeddingConfig):
     import torch
 
     if cfg.kind == "dinoflow":
-        if cfg.checkpoint:
-            from dinoflow.models.vit import load_backbone
+        from dinoflow import artifacts
 
-            model = load_backbone(cfg.checkpoint, map_location="cpu")
-        else:
-            import mlflow.pytorch
-
-            model = mlflow.pytorch.load_model(cfg.model_uri, map_location="cpu")
-        in_chans = int(getattr(model, "in_chans", 3))
+        key = "curation.embedding." + ("checkpoint" if cfg.checkpoint else "model_uri")
+        model = artifacts.load_model(cfg.checkpoint or cfg.model_uri, key=key).backbone
+        in_chans = int(model.in_chans)
         mean, std = cfg.mean, cfg.std
     elif cfg.kind == "timm":
         import timm

@@ -1,4 +1,4 @@
-"""The distillation job: find the teacher (registry, run directory or file), fit its heads when
+"""The distillation job: load the teacher (registry, run directory or file), fit its heads when
 it has none, distil (one writer per run directory), evaluate student and teacher with the
 evaluation job's code, register the student as ``dinoflow-backbone-distilled``."""
 
@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from dinoflow import tracking
+from dinoflow.artifacts import ModelArtifact, ModelLoadError, load_model
 from dinoflow.config import (
     BackboneConfig,
     ConfigError,
@@ -31,9 +32,8 @@ from dinoflow.data import Split, channel_stats, load_data
 from dinoflow.errors import DataError
 from dinoflow.files import FolderLock, atomic_write_json
 from dinoflow.methods.frozen_teacher import FrozenTeacher, heads_from_state
-from dinoflow.models.vit import BACKBONE_FORMAT, DinoVisionTransformer, load_backbone, save_backbone
+from dinoflow.models.vit import DinoVisionTransformer, save_backbone
 from dinoflow.results import DistillationSummary, EvaluationReport, PretrainSummary
-from dinoflow.serving import load_registered_backbone
 from dinoflow.training.distill import distill
 
 log = logging.getLogger(__name__)
@@ -72,80 +72,6 @@ def _load_heads(path: str | Path, backbone: DinoVisionTransformer, key: str):
     return heads_from_state(torch.load(path, map_location="cpu", weights_only=True), backbone.embed_dim)
 
 
-def _same_weights(a: nn.Module, b: nn.Module) -> bool:
-    sa, sb = a.state_dict(), b.state_dict()
-    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
-
-
-def _heads_of_registered(client, version, backbone: DinoVisionTransformer) -> Path | None:
-    """The teacher_heads.pt of the pretraining run that made a registered version: its run
-    directory (the run's ``pretrain.train.run_dir``), if its teacher_backbone.pt is bit for bit
-    the registered backbone (a later run may have overwritten the folder)."""
-    run_id = version.tags.get("dinoflow.pretrain_run_id")
-    try:
-        run_dir = client.get_run(run_id).data.params.get("pretrain.train.run_dir") if run_id else None
-    except Exception:  # noqa: BLE001 - a run of another store: no heads found
-        run_dir = None
-    if not run_dir:
-        return None
-    files = Path(run_dir) / "teacher_backbone.pt", Path(run_dir) / "teacher_heads.pt"
-    if all(f.is_file() for f in files) and _same_weights(load_backbone(files[0]), backbone):
-        return files[1]
-    log.warning("teacher heads: %s does not hold the registered backbone's heads", run_dir)
-    return None
-
-
-def _registered_teacher(tcfg: TeacherConfig) -> TeacherSource:
-    """``models:/name@alias`` or ``models:/name/version``: the registered backbone (pinned to its
-    version) and, when found, the heads of the pretraining that made it."""
-    import mlflow
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-
-    ref = tcfg.source.removeprefix("models:/")
-    name, sep, alias = ref.partition("@")
-    if not sep:
-        name, _, alias = ref.partition("/")
-    client = MlflowClient()
-    try:
-        version = (client.get_model_version(name, alias) if alias.isdigit()
-                   else client.get_model_version_by_alias(name, alias))
-    except MlflowException as exc:
-        raise ConfigError(f"distillation.teacher.source: {tcfg.source} is not in the registry at "
-                          f"{mlflow.get_tracking_uri()} ({str(exc)[:160]}); register a backbone "
-                          "first (kedro run) or give a run directory or a file") from None
-    uri = f"models:/{name}/{version.version}"
-    try:
-        wrapper = load_registered_backbone(uri)
-    except ValueError as exc:
-        raise ConfigError(f"distillation.teacher.source: {exc}") from None
-    backbone = getattr(wrapper, "backbone", wrapper)
-    if not isinstance(backbone, DinoVisionTransformer):
-        raise ConfigError(f"distillation.teacher.source: {uri} does not hold a dinoflow backbone")
-    heads_path = tcfg.heads or _heads_of_registered(client, version, backbone)
-    heads = _load_heads(heads_path, backbone, "distillation.teacher.heads") if heads_path else None
-    return TeacherSource(backbone, heads, list(wrapper.mean), list(wrapper.std), int(wrapper.image_size), {
-        "source": tcfg.source, "uri": uri, "model_name": name, "version": str(version.version),
-        "run_id": version.tags.get("dinoflow.pretrain_run_id"), "heads": str(heads_path or "none")})
-
-
-def _run_dir_teacher(tcfg: TeacherConfig, folder: Path) -> TeacherSource:
-    """A dinoflow run directory: teacher_backbone.pt, teacher_heads.pt, pretrain_summary.json."""
-    backbone_file = folder / "teacher_backbone.pt"
-    if not backbone_file.is_file():
-        raise ConfigError(f"distillation.teacher.source: {folder} has no teacher_backbone.pt "
-                          "(a dinoflow run directory holds teacher_backbone.pt and teacher_heads.pt)")
-    backbone = load_backbone(backbone_file)
-    heads_path = Path(tcfg.heads) if tcfg.heads else folder / "teacher_heads.pt"
-    heads = _load_heads(heads_path, backbone, "distillation.teacher.heads") if heads_path.is_file() else None
-    summary_file = folder / "pretrain_summary.json"
-    s = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
-    return TeacherSource(backbone, heads, s.get("mean"), s.get("std"), s.get("image_size"), {
-        "source": tcfg.source, "uri": str(folder), "run_id": s.get("mlflow_run_id"),
-        "heads": str(heads_path) if heads else "none",
-        **_version_of_run(s.get("mlflow_run_id"), s.get("fingerprint"))})
-
-
 def _version_of_run(run_id: str | None, fp: str | None) -> dict[str, str]:
     """{model_name, version}: the newest registered ``dinoflow-backbone`` version made by pretrain
     run ``run_id`` with fingerprint ``fp`` (lineage for a run-directory teacher); {} if none."""
@@ -167,42 +93,43 @@ def _version_of_run(run_id: str | None, fp: str | None) -> dict[str, str]:
     return {"model_name": MODEL_NAME, "version": str(newest.version)}
 
 
-def _file_teacher(tcfg: TeacherConfig, path: Path, in_chans: int, size: int) -> TeacherSource:
-    """A dinoflow backbone file, or a released file (official layout) of ``teacher.backbone``."""
+def _teacher_artifact(tcfg: TeacherConfig, in_chans: int, global_size: int) -> ModelArtifact:
+    """``dinoflow.artifacts.load_model`` on ``teacher.source``; a released file is loaded into
+    ``teacher.backbone``. A source that cannot be loaded is a ConfigError naming the key."""
     from dinoflow.methods.dinov2 import backbone_from_config
-    from dinoflow.weights import load_released_weights
 
-    raw = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(raw, dict) and raw.get("format") == BACKBONE_FORMAT:
-        backbone = load_backbone(path)
-    elif tcfg.backbone is None:
-        raise ConfigError(f"distillation.teacher.backbone: {path} is a released weights file; "
-                          "give its architecture (arch or embed_dim/depth/num_heads, patch_size)")
-    else:
+    def architecture() -> DinoVisionTransformer:
         with torch.random.fork_rng(devices=[]):
-            backbone = backbone_from_config(tcfg.backbone, size, in_chans)
-        try:
-            report = load_released_weights(backbone, path)
-        except ValueError as exc:
-            raise ConfigError(f"distillation.teacher: {exc}") from None
-        log.info("teacher from %s: %s", path, report.summary())
-    heads = _load_heads(tcfg.heads, backbone, "distillation.teacher.heads") if tcfg.heads else None
-    return TeacherSource(backbone, heads, info={"source": tcfg.source, "uri": str(path),
-                                                "heads": tcfg.heads or "none"})
+            return backbone_from_config(tcfg.backbone, global_size, in_chans)
+
+    try:
+        return load_model(tcfg.source, key="distillation.teacher.source", find_heads=not tcfg.heads,
+                          architecture=architecture if tcfg.backbone is not None else None)
+    except ModelLoadError as exc:
+        if exc.kind == "released" and tcfg.backbone is None:
+            raise ConfigError(f"distillation.teacher.backbone: {tcfg.source} is a released weights "
+                              "file; give its architecture (arch or embed_dim/depth/num_heads, "
+                              "patch_size)") from None
+        raise ConfigError(str(exc)) from None
 
 
 def load_teacher(tcfg: TeacherConfig, in_chans: int, global_size: int) -> TeacherSource:
-    """The teacher ``distillation.teacher`` names, with its heads where it has them."""
-    source = tcfg.source
-    if source.startswith("models:/"):
-        return _registered_teacher(tcfg)
-    path = Path(source)
-    if path.is_dir():
-        return _run_dir_teacher(tcfg, path)
-    if path.is_file():
-        return _file_teacher(tcfg, path, in_chans, global_size)
-    raise ConfigError(f"distillation.teacher.source: {source} is neither models:/<name>@<alias>, "
-                      "models:/<name>/<version>, a run directory nor a file")
+    """The teacher ``distillation.teacher`` names (any source ``dinoflow.artifacts.load_model``
+    takes: a registered version, a run directory, a backbone or released file), with its heads
+    where it has them (``teacher.heads``, else its run directory's)."""
+    artifact = _teacher_artifact(tcfg, in_chans, global_size)
+    heads_path = tcfg.heads or artifact.heads_file
+    heads = _load_heads(heads_path, artifact.backbone, "distillation.teacher.heads") if heads_path else None
+    info: dict[str, Any] = {"source": tcfg.source, "uri": artifact.uri}
+    if artifact.kind == "registered":
+        info.update(model_name=artifact.model_name, version=artifact.version)
+    if artifact.kind in ("registered", "run_dir"):
+        info["run_id"] = artifact.run_id
+    info["heads"] = str(heads_path) if heads_path else "none"
+    if artifact.kind == "run_dir":
+        info.update(_version_of_run(artifact.run_id, artifact.fingerprint))
+    return TeacherSource(artifact.backbone, heads, artifact.mean, artifact.std, artifact.image_size,
+                         info)
 
 
 def fit_teacher_heads(cfg: DistillationConfig, teacher: TeacherSource, train: Split,
@@ -287,6 +214,10 @@ def run_distillation(data: DataConfig, cfg: DistillationConfig, manifest_ids: li
                                       "mlflow_run_id": tracking.active_run_id()})
 
 
+def _student(summary: DistillationSummary) -> DinoVisionTransformer:
+    return load_model(summary.student_backbone, key="distillation_summary.student_backbone").backbone
+
+
 def evaluate_distillation(data: DataConfig, params: dict[str, Any], cfg: DistillationConfig,
                           summary: DistillationSummary,
                           out_dir: str | Path) -> tuple[dict[str, float], EvaluationReport]:
@@ -297,7 +228,7 @@ def evaluate_distillation(data: DataConfig, params: dict[str, Any], cfg: Distill
 
     params = {k: v for k, v in (params or {}).items() if k != "model"}
     out_dir = Path(out_dir)
-    student = load_backbone(summary.student_backbone)
+    student = _student(summary)
     metrics, report = run_evaluation(data, params, summary.as_pretrain_summary(), student,
                                      str(out_dir / "student"))
     pinned = cfg.teacher.model_copy(update={"source": summary.teacher.get("uri") or cfg.teacher.source})
@@ -361,7 +292,7 @@ def register_distillation(summary: DistillationSummary, metrics: dict[str, Any],
     # the card's metric table: the student's; its distillation section sets the teacher's beside
     own = {k: v for k, v in metrics.items() if not k.startswith("teacher_")}
     decision = register_pretrained(summary.as_pretrain_summary(), own, reg_cfg, git_commit,
-                                   report, load_backbone(summary.student_backbone), extra_tags=tags,
+                                   report, _student(summary), extra_tags=tags,
                                    card_extra=distillation_card(summary, metrics))
     student = f"{reg_cfg.model_name}/{decision['version']}"
     client = MlflowClient()

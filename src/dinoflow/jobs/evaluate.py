@@ -18,12 +18,14 @@ from dinoflow.results import EvaluationReport, PretrainSummary
 
 def load_model_for_evaluation(model: str | None, summary: PretrainSummary | None,
                               backbone: nn.Module | None = None) -> tuple[nn.Module, dict[str, Any]]:
-    """(backbone, info) from a registered-model URI or a checkpoint path (``evaluation.model``),
-    else the backbone pretrain produced (the catalog's ``teacher_backbone``, or its file).
+    """(backbone, info) from ``evaluation.model`` (any source ``dinoflow.artifacts.load_model``
+    takes: a registered-model URI, a run directory, a backbone file), else the backbone pretrain
+    produced (the catalog's ``teacher_backbone``, or its file).
 
-    info: {"source", "mean", "std", "image_size", "pretrain_run_id"} (None where unknown).
+    info: {"source", "mean", "std", "image_size", "pretrain_run_id"} (None where unknown); the
+    source's own preprocessing (a registered model's, a run directory's) replaces the summary's.
     """
-    from dinoflow.models.vit import DinoVisionTransformer, load_backbone
+    from dinoflow.artifacts import load_model
 
     info: dict[str, Any] = {"mean": summary.mean if summary else None,
                             "std": summary.std if summary else None,
@@ -37,20 +39,11 @@ def load_model_for_evaluation(model: str | None, summary: PretrainSummary | None
         raise DataError("evaluation.model: no model to evaluate. Run the pretrain pipeline first, or "
                         "pass --params evaluation.model=<checkpoint path or models:/name@alias>")
     info["source"] = str(source)
-    if str(source).startswith(("models:/", "runs:/")):
-        import mlflow
-
-        wrapper = mlflow.pytorch.load_model(str(source), map_location="cpu")
-        loaded = getattr(wrapper, "backbone", wrapper)
-        for key in ("mean", "std", "image_size"):
-            if getattr(wrapper, key, None) is not None:
-                info[key] = list(getattr(wrapper, key)) if key != "image_size" else int(wrapper.image_size)
-        if not isinstance(loaded, DinoVisionTransformer):
-            raise DataError(f"evaluation.model: {source} does not hold a dinoflow backbone")
-        return loaded.eval(), info
-    if not Path(source).is_file():
-        raise DataError(f"evaluation.model: checkpoint {source} does not exist")
-    return load_backbone(source).eval(), info
+    artifact = load_model(str(source), key="evaluation.model")
+    for key in ("mean", "std", "image_size"):
+        if getattr(artifact, key) is not None:
+            info[key] = getattr(artifact, key)
+    return artifact.backbone, info
 
 
 def evaluation_settings(params: dict[str, Any], out_dir: str, mean, std, image_size):
