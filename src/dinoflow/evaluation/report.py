@@ -47,6 +47,7 @@ from dinoflow.evaluation.tasks.context import (
     SharedSettings,
     TaskResult,
     class_names,
+    settings_part,
 )
 from dinoflow.files import atomic_write_text
 from dinoflow.precision import auto_precision
@@ -104,9 +105,11 @@ def evaluate_backbone(
         "labelled": context.labelled,
         **context.baselines.details(),
     }
+    results = []
     for task in tasks:
-        context.results[task.name] = task.run(context, task.settings_from(cfg))
-    return write_report(context.out_dir, context.results.values(), details)
+        results.append(task.run(context, task.settings_from(cfg)))
+        context.results[task.name] = results[-1]
+    return write_report(context.out_dir, results, details)
 
 
 def make_context(
@@ -127,7 +130,7 @@ def make_context(
     return EvalContext(
         backbone=backbone,
         splits=splits,
-        settings=cfg,
+        settings=settings_part(SharedSettings, cfg),
         baselines=baselines,
         labelled=labelled,
         class_names=class_names(splits) if labelled else [],

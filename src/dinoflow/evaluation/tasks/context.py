@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import numpy as np
 from pydantic import BaseModel, Field, model_validator
@@ -23,6 +23,7 @@ from dinoflow.evaluation.tasks.baselines import Baselines
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
+S = TypeVar("S", bound=BaseModel)
 
 
 class SharedSettings(Strict):
@@ -118,9 +119,13 @@ class EvaluationTask:
 
     def settings_from(self, values: BaseModel) -> Strict:
         """The task's settings from the keys of ``values`` (``report.EvalSettings``) it has."""
-        given = values.model_dump()
-        fields = self.settings.model_fields
-        return self.settings.model_validate({k: given[k] for k in fields if k in given})
+        return settings_part(self.settings, values)
+
+
+def settings_part(model: type[S], values: BaseModel) -> S:
+    """A ``model`` from the keys of ``values`` it has (its defaults for the others), validated."""
+    given = values.model_dump()
+    return model.model_validate({k: given[k] for k in model.model_fields if k in given})
 
 
 def class_names(splits: Mapping[str, ImageSource]) -> list[str]:
