@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Any
 
-from pydantic import Field, model_validator
+from pydantic import model_validator
 from torch import nn
 
 from dinoflow.config import Strict
@@ -26,29 +26,33 @@ from dinoflow.evaluation.features import (
 from dinoflow.evaluation.knn import knn_classify
 from dinoflow.evaluation.linear import linear_probe
 from dinoflow.evaluation.pictures import confusion_matrix_figure
-from dinoflow.evaluation.tasks.context import SPLITS, EvalContext, EvaluationTask, TaskResult
+from dinoflow.evaluation.tasks.context import (
+    SPLITS,
+    AtLeastOne,
+    EvalContext,
+    EvaluationTask,
+    Positive,
+    TaskResult,
+)
 
 # The reference grid (linear.DEFAULT_LRS, 1e-5..0.1) is tuned for 12,500 iterations; with a few CPU
 # epochs the higher rates win (raw Fashion-MNIST pixels, 10 epochs: best 0.3), so this default
 # grid spans 1e-3..1 with 7 values (28 heads with the 4 variants instead of 52).
 SHORT_SCHEDULE_LRS: tuple[float, ...] = (1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0)
 
-PositiveInt = Annotated[int, Field(ge=1)]
-PositiveFloat = Annotated[float, Field(gt=0)]
-
 
 class ClassificationSettings(Strict):
     """kNN and linear probe."""
 
-    knn_ks: tuple[PositiveInt, ...] = (10, 20, 100, 200)
-    knn_primary_k: PositiveInt = 20
-    knn_temperature: PositiveFloat = 0.07
-    knn_test_chunk: PositiveInt = 256
-    knn_train_chunk: PositiveInt = 65536
+    knn_ks: tuple[AtLeastOne, ...] = (10, 20, 100, 200)
+    knn_primary_k: AtLeastOne = 20
+    knn_temperature: Positive = 0.07
+    knn_test_chunk: AtLeastOne = 256
+    knn_train_chunk: AtLeastOne = 65536
     # linear.DEFAULT_LRS: the reference
-    linear_lrs: tuple[PositiveFloat, ...] = SHORT_SCHEDULE_LRS
-    linear_epochs: PositiveInt = 10
-    linear_batch_size: PositiveInt = 256
+    linear_lrs: tuple[Positive, ...] = SHORT_SCHEDULE_LRS
+    linear_epochs: AtLeastOne = 10
+    linear_batch_size: AtLeastOne = 256
 
     @model_validator(mode="after")
     def _check_classification(self) -> ClassificationSettings:
@@ -165,9 +169,9 @@ def run(context: EvalContext, settings: ClassificationSettings) -> TaskResult:
         context.class_names,
         context.out_dir / "confusion_matrix.png",
     )
-    for prefix, found in run_baselines(context, settings).items():
-        result.metrics.update(found.metrics)
-        result.details[f"{prefix}linear"] = found.linear_details()
+    for prefix, baseline in run_baselines(context, settings).items():
+        result.metrics.update(baseline.metrics)
+        result.details[f"{prefix}linear"] = baseline.linear_details()
     return result
 
 

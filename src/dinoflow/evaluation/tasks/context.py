@@ -24,6 +24,8 @@ log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 S = TypeVar("S", bound=BaseModel)
+AtLeastOne = Annotated[int, Field(ge=1)]  # counts and sizes
+Positive = Annotated[float, Field(gt=0)]  # rates and temperatures
 
 
 class SharedSettings(Strict):
@@ -37,8 +39,8 @@ class SharedSettings(Strict):
     crop_ratio: Annotated[float, Field(gt=0, le=1)] = DEFAULT_CROP_RATIO
     mean: tuple[float, ...] = (0.5,)  # in [0, 1] units, one value or one per channel
     std: tuple[float, ...] = (0.5,)
-    batch_size: Annotated[int, Field(ge=1)] = 256  # feature extraction
-    n_last_blocks: Annotated[int, Field(ge=1)] = 4
+    batch_size: AtLeastOne = 256  # feature extraction
+    n_last_blocks: AtLeastOne = 4
     device: str = "cpu"
     # the frozen backbone's forward: fp32, or bf16 autocast as DINOv2's evaluations run their
     # feature models (features, heads and probes stay float32); auto: train.precision's rule

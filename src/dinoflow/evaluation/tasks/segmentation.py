@@ -13,10 +13,10 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
-from pydantic import Field, model_validator
+from pydantic import model_validator
 from torch import nn
 
 from dinoflow.config import Strict
@@ -24,11 +24,15 @@ from dinoflow.evaluation.features import ImageSource
 from dinoflow.evaluation.pictures import segmentation_figure
 from dinoflow.evaluation.scenes import IGNORE_INDEX, load_mask_folder, make_scenes
 from dinoflow.evaluation.segmentation import train_linear_segmentation
-from dinoflow.evaluation.tasks.context import EvalContext, EvaluationTask, TaskResult
+from dinoflow.evaluation.tasks.context import (
+    AtLeastOne,
+    EvalContext,
+    EvaluationTask,
+    Positive,
+    TaskResult,
+)
 
 log = logging.getLogger(__name__)
-
-PositiveInt = Annotated[int, Field(ge=1)]
 
 
 class SegmentationSettings(Strict):
@@ -37,17 +41,17 @@ class SegmentationSettings(Strict):
     seg_enabled: bool = True
     seg_source: Literal["scenes", "folder"] = "scenes"
     seg_folder: str | None = None  # source "folder": <seg_folder>/{train,test}/{images,masks}/
-    seg_train_scenes: PositiveInt = 1000
-    seg_test_scenes: PositiveInt = 250
-    seg_canvas: PositiveInt = 56
+    seg_train_scenes: AtLeastOne = 1000
+    seg_test_scenes: AtLeastOne = 250
+    seg_canvas: AtLeastOne = 56
     seg_objects_per_scene: tuple[int, int] = (2, 4)
     seg_scale_range: tuple[float, float] = (0.6, 1.2)
     seg_threshold: int = 32
-    seg_epochs: PositiveInt = 10
-    seg_lr: Annotated[float, Field(gt=0)] = 1e-3
-    seg_batch_size: PositiveInt = 64
+    seg_epochs: AtLeastOne = 10
+    seg_lr: Positive = 1e-3
+    seg_batch_size: AtLeastOne = 64
     # patch-token extraction on the (larger) scenes
-    seg_feature_batch_size: PositiveInt = 64
+    seg_feature_batch_size: AtLeastOne = 64
     seg_image_size: int | None = None  # None: the canvas (or mask-folder image) size
 
     @model_validator(mode="after")
