@@ -129,7 +129,7 @@ def measure_backbone(project: Path, workdir: Path) -> dict:
     from dinoflow.config import DataConfig
     from dinoflow.data import load_data
     from dinoflow.evaluation.labelfree import label_free_metrics
-    from dinoflow.evaluation.report import random_init_like
+    from dinoflow.evaluation.tasks.baselines import random_init_like
     from dinoflow.models.vit import DinoVisionTransformer, load_backbone
 
     summary = json.loads((project / "data/06_models/pretrain_summary.json").read_text())

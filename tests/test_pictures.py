@@ -15,7 +15,8 @@ from dinoflow.evaluation.pictures import (
     pca_rgb,
     segmentation_figure,
 )
-from dinoflow.evaluation.report import EvalSettings, evaluate_backbone, random_init_like
+from dinoflow.evaluation.report import EvalSettings, evaluate_backbone
+from dinoflow.evaluation.tasks.baselines import random_init_like
 
 
 def png_size(path) -> tuple[int, int]:

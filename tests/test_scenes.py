@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dinoflow.evaluation.report import EvalSettings, segmentation_benchmark
+from dinoflow.evaluation.report import EvalSettings
 from dinoflow.evaluation.scenes import generate_scenes, load_mask_folder, make_scenes, resize_object
+from dinoflow.evaluation.tasks.segmentation import segmentation_benchmark
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
 

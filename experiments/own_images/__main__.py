@@ -105,7 +105,7 @@ def measure(folder: Path, summaries: dict[str, dict[str, Any]], progress: bool) 
     test split, each with its own normalisation and image size."""
     from dinoflow.config import DataConfig
     from dinoflow.evaluation.labelfree import label_free_metrics
-    from dinoflow.evaluation.report import random_init_like
+    from dinoflow.evaluation.tasks.baselines import random_init_like
     from dinoflow.models.vit import DinoVisionTransformer, load_backbone
     from dinoflow.workflow import load_data
 

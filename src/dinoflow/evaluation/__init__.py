@@ -1,6 +1,6 @@
 """Evaluation of a frozen backbone (docs/method.md section 6): label-free feature quality (any data),
 kNN, linear probe, linear segmentation (with labels), feature pictures, and the report that runs
-them all with baselines (``evaluate_backbone``).
+them all with baselines (``evaluate_backbone``, over the tasks of ``dinoflow.evaluation.tasks``).
 
 Heavy imports (matplotlib) happen inside the picture functions.
 """
@@ -23,12 +23,14 @@ from dinoflow.evaluation.pictures import (
     pca_feature_maps,
     segmentation_figure,
 )
-from dinoflow.evaluation.report import EvalSettings, evaluate_backbone, random_init_like
+from dinoflow.evaluation.report import TASKS, EvalSettings, evaluate_backbone
 from dinoflow.evaluation.scenes import generate_scenes, load_mask_folder, make_scenes
 from dinoflow.evaluation.segmentation import LinearSegHead, mean_iou, train_linear_segmentation
+from dinoflow.evaluation.tasks.baselines import random_init_like
 
 __all__ = [
     "DEFAULT_LRS",
+    "TASKS",
     "backbone_knn",
     "LABEL_FREE_KEYS",
     "VARIANTS",

@@ -48,14 +48,12 @@ def load_model_for_evaluation(model: str | None, summary: PretrainSummary | None
 
 def evaluation_settings(params: dict[str, Any], out_dir: str, mean, std, image_size):
     """``params:evaluation`` (without ``model``) -> EvalSettings, one error naming the keys."""
-    from dataclasses import fields, replace
-
-    from pydantic import TypeAdapter, ValidationError
+    from pydantic import ValidationError
 
     from dinoflow.evaluation.report import EvalSettings
 
     params = dict(params)
-    known = {f.name for f in fields(EvalSettings)} - {"out_dir", "mean", "std"}
+    known = set(EvalSettings.model_fields) - {"out_dir", "mean", "std"}
     unknown = sorted(set(params) - known)
     if unknown:
         raise ConfigError("invalid parameters in evaluation: unknown key(s) "
@@ -63,10 +61,11 @@ def evaluation_settings(params: dict[str, Any], out_dir: str, mean, std, image_s
     if params.get("image_size") is None and image_size:
         params["image_size"] = int(image_size)
     try:
-        settings = TypeAdapter(EvalSettings).validate_python(
+        settings = EvalSettings.model_validate(
             {**params, "out_dir": out_dir, "mean": mean, "std": std})
         # auto: the training device (the GPU on a GPU node, else the CPU)
-        return replace(settings, device=str(resolve_device(settings.device, "evaluation.device")))
+        device = str(resolve_device(settings.device, "evaluation.device"))
+        return settings.model_copy(update={"device": device})
     except ValidationError as exc:
         lines = [f"  evaluation.{'.'.join(map(str, e['loc']))}: {e['msg']} (got {e.get('input')!r})"
                  for e in exc.errors()]
