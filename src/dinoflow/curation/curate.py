@@ -160,62 +160,12 @@ def deduplicate(meta: pd.DataFrame, emb: np.ndarray, cfg: CurationConfig) -> pd.
     # 2. near-duplicate graph over the remaining pool.
     pool_idx = np.flatnonzero((meta["split"] == "train").to_numpy() & (reason == ""))
     ph = _phash_ok(meta, cfg)
-    src, dst = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
-    if d.embedding and len(pool_idx) > 1:
-        s, t, _ = dd.similarity_edges(
-            emb[pool_idx], d.cosine_threshold, d.k_neighbors, d, progress=cfg.show_progress
-        )
-        src.append(s)
-        dst.append(t)
-    if d.phash:
-        local = np.array([k for k, r in enumerate(pool_idx) if ph[r]], dtype=np.int64)
-        if len(local) > 1:
-            s, t, _ = dd.hamming_edges(
-                dd.phash_bytes([ph[pool_idx[k]] for k in local]),
-                d.phash_max_distance,
-                d.k_neighbors,
-            )
-            src.append(local[s])
-            dst.append(local[t])
-    comp = dd.connected_components(len(pool_idx), np.concatenate(src), np.concatenate(dst))
+    comp = _near_duplicate_components(emb, pool_idx, ph, cfg)
     sizes = np.bincount(comp) if len(comp) else np.zeros(0, np.int64)
     component[pool_idx] = np.where(sizes[comp] > 1, comp, -1) if len(comp) else -1
 
     # 3. eval decontamination: direct hits, then their whole component.
-    dc = cfg.decontam
-    eval_idx = np.flatnonzero(_eval_rows(meta))
-    if dc.enabled and len(pool_idx) and len(eval_idx):
-        sha = meta["sha256"].astype(str).to_numpy()
-        use_emb = d.embedding or cfg.embedding.kind != "pixels"
-        match, how = eval_matches(
-            sha[pool_idx].tolist(),
-            sha[eval_idx].tolist(),
-            emb[pool_idx] if use_emb else None,
-            emb[eval_idx] if use_emb else None,
-            [ph[r] for r in pool_idx] if d.phash else None,
-            [ph[r] for r in eval_idx] if d.phash else None,
-            dc,
-            d,
-        )
-        hit = match >= 0
-        rows = pool_idx[hit]
-        reason[rows] = "eval_duplicate"
-        dup_of[rows] = ids[eval_idx[match[hit]]]
-        detail[rows] = [
-            f"{h} with {e}" for h, e in zip(np.asarray(how, object)[hit], dup_of[rows], strict=True)
-        ]
-        if dc.remove_component:
-            spread = expand_to_components(hit, comp) & ~hit
-            first_hit = {}
-            for k in np.flatnonzero(hit):
-                first_hit.setdefault(comp[k], pool_idx[k])
-            rows = pool_idx[spread]
-            reason[rows] = "eval_duplicate_component"
-            dup_of[rows] = [dup_of[first_hit[c]] for c in comp[spread]]
-            detail[rows] = [
-                f"near duplicate of {ids[first_hit[c]]}, which matches {dup_of[first_hit[c]]}"
-                for c in comp[spread]
-            ]
+    _decontaminate(meta, emb, pool_idx, ph, comp, (reason, detail, dup_of), cfg)
 
     # 4. near duplicates: one image kept per remaining component.
     alive = reason[pool_idx] == ""
@@ -237,6 +187,82 @@ def deduplicate(meta: pd.DataFrame, emb: np.ndarray, cfg: CurationConfig) -> pd.
         component,
     )
     return meta
+
+
+def _near_duplicate_components(
+    emb: np.ndarray, pool_idx: np.ndarray, ph: list, cfg: CurationConfig
+) -> np.ndarray:
+    """The connected component of each pool row in the graph of embedding-similar and
+    pHash-close pairs (a row alone is its own component)."""
+    d = cfg.dedup
+    src, dst = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
+    if d.embedding and len(pool_idx) > 1:
+        s, t, _ = dd.similarity_edges(
+            emb[pool_idx], d.cosine_threshold, d.k_neighbors, d, progress=cfg.show_progress
+        )
+        src.append(s)
+        dst.append(t)
+    if d.phash:
+        local = np.array([k for k, r in enumerate(pool_idx) if ph[r]], dtype=np.int64)
+        if len(local) > 1:
+            s, t, _ = dd.hamming_edges(
+                dd.phash_bytes([ph[pool_idx[k]] for k in local]),
+                d.phash_max_distance,
+                d.k_neighbors,
+            )
+            src.append(local[s])
+            dst.append(local[t])
+    return dd.connected_components(len(pool_idx), np.concatenate(src), np.concatenate(dst))
+
+
+def _decontaminate(
+    meta: pd.DataFrame,
+    emb: np.ndarray,
+    pool_idx: np.ndarray,
+    ph: list,
+    comp: np.ndarray,
+    columns: tuple[np.ndarray, np.ndarray, np.ndarray],
+    cfg: CurationConfig,
+) -> None:
+    """Pool rows matching an evaluation image (and, with ``remove_component``, the rest of their
+    near-duplicate component) marked in ``columns`` = (reason, detail, dup_of), in place."""
+    reason, detail, dup_of = columns
+    d, dc = cfg.dedup, cfg.decontam
+    ids = meta["item_id"].to_numpy(dtype=object)
+    eval_idx = np.flatnonzero(_eval_rows(meta))
+    if not (dc.enabled and len(pool_idx) and len(eval_idx)):
+        return
+    sha = meta["sha256"].astype(str).to_numpy()
+    use_emb = d.embedding or cfg.embedding.kind != "pixels"
+    match, how = eval_matches(
+        sha[pool_idx].tolist(),
+        sha[eval_idx].tolist(),
+        emb[pool_idx] if use_emb else None,
+        emb[eval_idx] if use_emb else None,
+        [ph[r] for r in pool_idx] if d.phash else None,
+        [ph[r] for r in eval_idx] if d.phash else None,
+        dc,
+        d,
+    )
+    hit = match >= 0
+    rows = pool_idx[hit]
+    reason[rows] = "eval_duplicate"
+    dup_of[rows] = ids[eval_idx[match[hit]]]
+    detail[rows] = [
+        f"{h} with {e}" for h, e in zip(np.asarray(how, object)[hit], dup_of[rows], strict=True)
+    ]
+    if dc.remove_component:
+        spread = expand_to_components(hit, comp) & ~hit
+        first_hit = {}
+        for k in np.flatnonzero(hit):
+            first_hit.setdefault(comp[k], pool_idx[k])
+        rows = pool_idx[spread]
+        reason[rows] = "eval_duplicate_component"
+        dup_of[rows] = [dup_of[first_hit[c]] for c in comp[spread]]
+        detail[rows] = [
+            f"near duplicate of {ids[first_hit[c]]}, which matches {dup_of[first_hit[c]]}"
+            for c in comp[spread]
+        ]
 
 
 def balanced_sampling(

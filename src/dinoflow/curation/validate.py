@@ -50,11 +50,47 @@ def validate_metadata(
     """Run the suite, write Data Docs under cfg.docs_dir, return a summary; raise on critical."""
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
     import great_expectations as gx
-    import great_expectations.expectations as gxe
     from great_expectations.checkpoint import UpdateDataDocsAction
 
     docs_dir = Path(cfg.docs_dir).resolve()
     docs_dir.mkdir(parents=True, exist_ok=True)
+    ctx = _gx_context(docs_dir)
+    batch = ctx.data_sources.add_pandas("curation").add_dataframe_asset("image_metadata")
+    batch_def = batch.add_batch_definition_whole_dataframe("all_rows")
+    suite = ctx.suites.add(gx.ExpectationSuite(name="curation_image_metadata"))
+    for e in _expectations(n_classes, cfg, quality):
+        suite.add_expectation(e)
+    vdef = ctx.validation_definitions.add(
+        gx.ValidationDefinition(name="curation_metadata", data=batch_def, suite=suite)
+    )
+    checkpoint = ctx.checkpoints.add(
+        gx.Checkpoint(
+            name="curation",
+            validation_definitions=[vdef],
+            actions=[UpdateDataDocsAction(name="data_docs", site_names=["curation"])],
+            result_format={"result_format": "SUMMARY"},
+        )
+    )
+    result = checkpoint.run(batch_parameters={"dataframe": _table(meta)})
+    checks, failures_critical = _checks(result)
+    summary = {
+        "success_critical": not failures_critical,
+        "n_rows": len(meta),
+        "checks": checks,
+        "docs_index": str(docs_dir / "index.html"),
+    }
+    if failures_critical:
+        raise CurationValidationError(
+            "curation: the image metadata breaks expectations that must hold "
+            f"(Data Docs: {docs_dir / 'index.html'}):\n  - " + "\n  - ".join(failures_critical)
+        )
+    return summary
+
+
+def _gx_context(docs_dir: Path):
+    """An ephemeral Great Expectations context whose Data Docs site is ``docs_dir``."""
+    import great_expectations as gx
+
     ctx = gx.get_context(mode="ephemeral")
     try:
         from great_expectations.data_context.types.base import ProgressBarsConfig
@@ -73,12 +109,16 @@ def validate_metadata(
             "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
         },
     )
-    batch = ctx.data_sources.add_pandas("curation").add_dataframe_asset("image_metadata")
-    batch_def = batch.add_batch_definition_whole_dataframe("all_rows")
-    suite = ctx.suites.add(gx.ExpectationSuite(name="curation_image_metadata"))
+    return ctx
+
+
+def _expectations(n_classes: int, cfg: ValidationConfig, quality: QualityConfig) -> list:
+    """What the image metadata must satisfy (critical) or should (warnings)."""
+    import great_expectations.expectations as gxe
+
     warn = "warning"
     known = [-1, *range(n_classes)]
-    expectations = [
+    return [
         gxe.ExpectColumnValuesToNotBeNull(column="item_id"),
         gxe.ExpectCompoundColumnsToBeUnique(column_list=["split", "item_id"]),
         gxe.ExpectColumnValuesToBeInSet(column="label", value_set=known),
@@ -94,20 +134,10 @@ def validate_metadata(
             column="channels", value_set=cfg.allowed_channels, severity=warn
         ),
     ]
-    for e in expectations:
-        suite.add_expectation(e)
-    vdef = ctx.validation_definitions.add(
-        gx.ValidationDefinition(name="curation_metadata", data=batch_def, suite=suite)
-    )
-    checkpoint = ctx.checkpoints.add(
-        gx.Checkpoint(
-            name="curation",
-            validation_definitions=[vdef],
-            actions=[UpdateDataDocsAction(name="data_docs", site_names=["curation"])],
-            result_format={"result_format": "SUMMARY"},
-        )
-    )
-    result = checkpoint.run(batch_parameters={"dataframe": _table(meta)})
+
+
+def _checks(result) -> tuple[list[dict], list[str]]:
+    """(every expectation's outcome, the critical failures as text); warnings are logged."""
     checks, failures_critical = [], []
     for run in result.run_results.values():
         for r in run.results:
@@ -136,15 +166,4 @@ def validate_metadata(
                     failures_critical.append(text)
                 else:
                     log.warning("curation validation (warning): %s", text)
-    summary = {
-        "success_critical": not failures_critical,
-        "n_rows": len(meta),
-        "checks": checks,
-        "docs_index": str(docs_dir / "index.html"),
-    }
-    if failures_critical:
-        raise CurationValidationError(
-            "curation: the image metadata breaks expectations that must hold "
-            f"(Data Docs: {docs_dir / 'index.html'}):\n  - " + "\n  - ".join(failures_critical)
-        )
-    return summary
+    return checks, failures_critical
