@@ -60,8 +60,9 @@ class ModelLoadError(DataError):
     accepted form. ``kind``: what the source was recognised as (None: nothing), as
     ``ModelArtifact.kind``."""
 
-    def __init__(self, key: str, source: str | os.PathLike[str], reason: str,
-                 kind: str | None = None) -> None:  # fmt: skip
+    def __init__(
+        self, key: str, source: str | os.PathLike[str], reason: str, kind: str | None = None
+    ) -> None:
         super().__init__(f"{key}: cannot load {source}: {reason}\n  accepted: {SOURCE_FORMS}")
         self.key, self.source, self.reason, self.kind = key, str(source), reason, kind
 
@@ -160,9 +161,13 @@ def _registered(source: str, key: str, find_heads: bool) -> ModelArtifact:
         else:
             version = client.get_model_version(name, alias) if alias.isdigit() else None
     except MlflowException as exc:
-        raise ModelLoadError(key, source, f"not in the registry at {mlflow.get_tracking_uri()} "
-                             f"({_first_line(exc)}); register a backbone first (kedro run)",
-                             "registered") from None  # fmt: skip
+        raise ModelLoadError(
+            key,
+            source,
+            f"not in the registry at {mlflow.get_tracking_uri()} "
+            f"({_first_line(exc)}); register a backbone first (kedro run)",
+            "registered",
+        ) from None
     uri = f"models:/{name}/{version.version}" if version is not None else source
     artifact = _from_mlflow(uri, source, key, "registered")
     artifact.model_name = name
@@ -183,12 +188,14 @@ def _from_mlflow(uri: str, source: str, key: str, kind: str) -> ModelArtifact:
     try:
         loaded = mlflow.pytorch.load_model(uri, map_location="cpu")
     except (MlflowException, OSError, ImportError) as exc:  # ImportError: code it pickled
-        raise ModelLoadError(key, source, f"{_first_line(exc)} (MLflow store "
-                             f"{mlflow.get_tracking_uri()})", kind) from None  # fmt: skip
+        raise ModelLoadError(
+            key, source, f"{_first_line(exc)} (MLflow store {mlflow.get_tracking_uri()})", kind
+        ) from None
     backbone = getattr(loaded, "backbone", loaded)
     if not isinstance(backbone, DinoVisionTransformer):
-        raise ModelLoadError(key, source, f"{uri} holds a {type(loaded).__name__}, not a dinoflow "
-                             "backbone", kind)  # fmt: skip
+        raise ModelLoadError(
+            key, source, f"{uri} holds a {type(loaded).__name__}, not a dinoflow backbone", kind
+        )
     loaded.eval()
     artifact = ModelArtifact(backbone, source, kind, uri)
     if all(hasattr(loaded, a) for a in ("preprocess", "forward_patches", "image_size")):
@@ -235,8 +242,13 @@ def _run_dir(folder: Path, source: str, key: str) -> ModelArtifact:
     """A dinoflow run directory: its backbone, heads and summary (normalisation, run, config)."""
     found = next((names for names in RUN_DIR_FILES if (folder / names[0]).is_file()), None)
     if found is None:
-        raise ModelLoadError(key, source, "a directory without teacher_backbone.pt or "
-                             "student_backbone.pt (not a dinoflow run directory)", "run_dir")  # fmt: skip
+        raise ModelLoadError(
+            key,
+            source,
+            "a directory without teacher_backbone.pt or "
+            "student_backbone.pt (not a dinoflow run directory)",
+            "run_dir",
+        )
     backbone_name, heads_name, summary_name = found
     backbone = _backbone_file(folder / backbone_name, source, key, "run_dir")
     summary_file = folder / summary_name
@@ -248,15 +260,23 @@ def _run_dir(folder: Path, source: str, key: str) -> ModelArtifact:
         ) from None
     heads = folder / heads_name
     return ModelArtifact(
-        backbone, source, "run_dir", str(folder), mean=s.get("mean") or None,
-        std=s.get("std") or None, image_size=s.get("image_size"), channels=s.get("channels"),
-        heads_file=heads if heads.is_file() else None, run_id=s.get("mlflow_run_id"),
+        backbone,
+        source,
+        "run_dir",
+        str(folder),
+        mean=s.get("mean") or None,
+        std=s.get("std") or None,
+        image_size=s.get("image_size"),
+        channels=s.get("channels"),
+        heads_file=heads if heads.is_file() else None,
+        run_id=s.get("mlflow_run_id"),
         fingerprint=s.get("fingerprint"),
-    )  # fmt: skip
+    )
 
 
-def _file(path: Path, source: str, key: str,
-          architecture: Callable[[], DinoVisionTransformer] | None) -> ModelArtifact:  # fmt: skip
+def _file(
+    path: Path, source: str, key: str, architecture: Callable[[], DinoVisionTransformer] | None
+) -> ModelArtifact:
     """A dinoflow backbone file, or a released weights file loaded into ``architecture()``."""
     try:
         raw = torch.load(path, map_location="cpu", weights_only=True)
@@ -269,8 +289,13 @@ def _file(path: Path, source: str, key: str,
         return ModelArtifact(backbone, source, "backbone_file", str(path))
     del raw
     if architecture is None:
-        raise ModelLoadError(key, source, "a released weights file (official or timm layout) holds "
-                             "no architecture: give the one it was trained with", "released")  # fmt: skip
+        raise ModelLoadError(
+            key,
+            source,
+            "a released weights file (official or timm layout) holds "
+            "no architecture: give the one it was trained with",
+            "released",
+        )
     backbone = architecture()
     try:
         report = load_released_weights(backbone, path)

@@ -263,6 +263,47 @@ def neighbours_figure(
     return save_figure(fig, path)
 
 
+def _add_neighbours(
+    summary: dict[str, Any],
+    cfg: EmbedConfig,
+    kept_set: ImageSet,
+    vectors: np.ndarray,
+    n_queries: int,
+    k: int,
+    report_dir: Path,
+) -> None:
+    """Random queries' k nearest neighbours in the written index: the picture and the
+    summary's queries (ids and cosine similarities)."""
+    import faiss
+
+    ids = kept_set.ids
+    index = faiss.read_index(cfg.index_path)  # what was written, read back
+    queries = sorted(
+        np.random.default_rng(cfg.seed).choice(len(ids), n_queries, replace=False).tolist()
+    )
+    scores, rows = nearest_neighbours(index, vectors[queries], k + 1)
+    # drop each query itself (its own best match); keep k others
+    neighbours = np.array(
+        [[r for r in row if r != q][:k] for q, row in zip(queries, rows, strict=True)]
+    )
+    sims = np.array(
+        [
+            [s for r, s in zip(row, sc, strict=True) if r != q][:k]
+            for q, row, sc in zip(queries, rows, scores, strict=True)
+        ]
+    )
+    picture = neighbours_figure(kept_set, queries, neighbours, sims, report_dir / "neighbours.png")
+    summary["files"]["picture"] = str(picture)
+    summary["queries"] = [
+        {
+            "id": ids[q],
+            "neighbours": [ids[int(n)] for n in nb],
+            "similarity": [round(float(s), 6) for s in sm],
+        }
+        for q, nb, sm in zip(queries, neighbours, sims, strict=True)
+    ]
+
+
 def run_embedding(
     model: torch.nn.Module, images: ImageSet, cfg: EmbedConfig, model_uri: str = ""
 ) -> dict[str, Any]:
@@ -271,8 +312,6 @@ def run_embedding(
     Returns the summary: counts, dimension, files, skipped files, and each query's neighbours
     (ids and cosine similarities).
     """
-    import faiss
-
     vectors, kept, skipped = embed_image_set(
         model, images, cfg.embedding, cfg.batch_size, cfg.skip_unreadable, cfg.progress
     )
@@ -301,33 +340,7 @@ def run_embedding(
     n_queries = min(cfg.n_queries, len(ids))
     k = min(cfg.n_neighbours, len(ids) - 1)
     if n_queries and k >= 1:
-        index = faiss.read_index(cfg.index_path)  # what was written, read back
-        queries = sorted(
-            np.random.default_rng(cfg.seed).choice(len(ids), n_queries, replace=False).tolist()
-        )
-        scores, rows = nearest_neighbours(index, vectors[queries], k + 1)
-        # drop each query itself (its own best match); keep k others
-        neighbours = np.array(
-            [[r for r in row if r != q][:k] for q, row in zip(queries, rows, strict=True)]
-        )
-        sims = np.array(
-            [
-                [s for r, s in zip(row, sc, strict=True) if r != q][:k]
-                for q, row, sc in zip(queries, rows, scores, strict=True)
-            ]
-        )
-        picture = neighbours_figure(
-            kept_set, queries, neighbours, sims, report_dir / "neighbours.png"
-        )
-        summary["files"]["picture"] = str(picture)
-        summary["queries"] = [
-            {
-                "id": ids[q],
-                "neighbours": [ids[int(n)] for n in nb],
-                "similarity": [round(float(s), 6) for s in sm],
-            }
-            for q, nb, sm in zip(queries, neighbours, sims, strict=True)
-        ]
+        _add_neighbours(summary, cfg, kept_set, vectors, n_queries, k, report_dir)
     log.info(
         "embedded %d images (%d skipped) -> %s, %s",
         len(ids),

@@ -56,7 +56,6 @@ SUMMARY_FILE = "export.json"
 class ExportConfig(Strict):
     """``params:export`` (conf/base/parameters_export.yml)."""
 
-
     model: str = "models:/dinoflow-backbone@champion"  # a models:/ or runs:/ URI
     out_dir: str = "data/06_models/export"
     onnx: bool = True
@@ -142,7 +141,9 @@ def timm_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in sd.items()}
 
 
-def timm_model(kwargs: dict[str, Any], state_dict: dict[str, torch.Tensor] | str | Path) -> nn.Module:
+def timm_model(
+    kwargs: dict[str, Any], state_dict: dict[str, torch.Tensor] | str | Path
+) -> nn.Module:
     """``timm.create_model(**kwargs)`` with the exported weights loaded (strict), in eval mode.
 
     Its ``forward(x)`` is the CLS token after the final norm (B, D), as dinoflow's ``forward``.
@@ -173,10 +174,16 @@ def export_onnx(model: nn.Module, path: str | Path, image_size: int, opset: int 
     batch = torch.export.Dim("batch", min=1)
     with torch.no_grad():
         program = torch.onnx.export(
-            wrapper, (example,), input_names=["images"], output_names=["cls", "patch_tokens"],
-            dynamic_shapes={"images": {0: batch}}, opset_version=opset, dynamo=True,
-            optimize=True, verbose=False,
-        )  # fmt: skip
+            wrapper,
+            (example,),
+            input_names=["images"],
+            output_names=["cls", "patch_tokens"],
+            dynamic_shapes={"images": {0: batch}},
+            opset_version=opset,
+            dynamo=True,
+            optimize=True,
+            verbose=False,
+        )
     tmp = path.with_name(f".{path.name}.tmp")
     program.save(str(tmp))
     tmp.replace(path)
@@ -209,8 +216,9 @@ def onnx_max_abs_diff(
 
 def _timm_max_abs_diff(net: nn.Module, model: nn.Module, image_size: int, seed: int) -> float:
     backbone = _dino_vit(model).eval()
-    x = torch.randn(3, backbone.in_chans, image_size, image_size,
-                    generator=torch.Generator().manual_seed(seed))  # fmt: skip
+    x = torch.randn(
+        3, backbone.in_chans, image_size, image_size, generator=torch.Generator().manual_seed(seed)
+    )
     device = next(backbone.parameters()).device
     with torch.no_grad():
         return float((net(x) - backbone(x.to(device)).cpu()).abs().max())
@@ -277,9 +285,13 @@ def export_backbone(model: nn.Module, cfg: ExportConfig, source: str = "") -> di
         diffs = onnx_max_abs_diff(path, model, image_size, cfg.check_batch_sizes, cfg.seed)
         summary["files"]["onnx"] = str(path)
         summary["max_abs_diff"].update({f"onnx/{k}": v for k, v in diffs.items()})
-        summary["onnx"] = {"inputs": {"images": ["batch", summary["preprocessing"]["in_chans"],
-                                                 image_size, image_size]},
-                           "outputs": ["cls", "patch_tokens"], "opset": cfg.opset}  # fmt: skip
+        summary["onnx"] = {
+            "inputs": {
+                "images": ["batch", summary["preprocessing"]["in_chans"], image_size, image_size]
+            },
+            "outputs": ["cls", "patch_tokens"],
+            "opset": cfg.opset,
+        }
         log.info("ONNX export %s: max |onnx - torch| %s", path, diffs)
     if cfg.timm:
         kwargs = timm_create_model_kwargs(model)

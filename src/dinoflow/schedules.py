@@ -120,6 +120,58 @@ def _cap(
     return max_steps
 
 
+def _check_arguments(
+    total_steps: int, steps_per_epoch: int, momentum_shape: str, convention: str
+) -> None:
+    """Refuse an unknown momentum shape or convention, and runs or epochs of no step."""
+    if momentum_shape not in ("cosine", "linear"):
+        raise ValueError(f"momentum_shape must be 'cosine' or 'linear', got {momentum_shape!r}")
+    _check_convention(convention)
+    if total_steps < 1 or steps_per_epoch < 1:
+        raise ValueError(
+            f"total_steps ({total_steps}) and steps_per_epoch ({steps_per_epoch}) must be >= 1"
+        )
+
+
+def _warmups(
+    total_steps: int,
+    steps_per_epoch: int,
+    warmup_epochs: float,
+    teacher_temp_warmup_epochs: float,
+    freeze_last_layer_epochs: float,
+    max_warmup_fraction: float,
+) -> tuple[int, int, int, list[str]]:
+    """(lr warm-up, temperature warm-up, last-layer freeze) in steps, each capped at
+    max_warmup_fraction of the run, and the notes about the capped ones."""
+    notes: list[str] = []
+    run_epochs = total_steps / steps_per_epoch
+    max_steps = int(max_warmup_fraction * total_steps)
+
+    def epochs_to_steps(epochs: float) -> int:
+        return int(round(epochs * steps_per_epoch))
+
+    lr_warmup = _cap(
+        "lr warm-up", epochs_to_steps(warmup_epochs), max_steps, steps_per_epoch, run_epochs, notes
+    )
+    temp_warmup = _cap(
+        "teacher temperature warm-up",
+        epochs_to_steps(teacher_temp_warmup_epochs),
+        max_steps,
+        steps_per_epoch,
+        run_epochs,
+        notes,
+    )
+    freeze = _cap(
+        "last-layer freeze",
+        epochs_to_steps(freeze_last_layer_epochs),
+        max_steps,
+        steps_per_epoch,
+        run_epochs,
+        notes,
+    )
+    return lr_warmup, temp_warmup, freeze, notes
+
+
 def build_schedules(
     total_steps: int,
     steps_per_epoch: int,
@@ -147,38 +199,14 @@ def build_schedules(
     (the reference) or "linear". ``convention``: see ``cosine_schedule``; the last-layer freeze
     zeroes the first steps of the lr schedule, as the reference's ``last_layer_lr_schedule``.
     """
-    if momentum_shape not in ("cosine", "linear"):
-        raise ValueError(f"momentum_shape must be 'cosine' or 'linear', got {momentum_shape!r}")
-    _check_convention(convention)
-    if total_steps < 1 or steps_per_epoch < 1:
-        raise ValueError(
-            f"total_steps ({total_steps}) and steps_per_epoch ({steps_per_epoch}) must be >= 1"
-        )
-    notes: list[str] = []
-    run_epochs = total_steps / steps_per_epoch
-    max_steps = int(max_warmup_fraction * total_steps)
-
-    def epochs_to_steps(epochs: float) -> int:
-        return int(round(epochs * steps_per_epoch))
-
-    lr_warmup = _cap(
-        "lr warm-up", epochs_to_steps(warmup_epochs), max_steps, steps_per_epoch, run_epochs, notes
-    )
-    temp_warmup = _cap(
-        "teacher temperature warm-up",
-        epochs_to_steps(teacher_temp_warmup_epochs),
-        max_steps,
+    _check_arguments(total_steps, steps_per_epoch, momentum_shape, convention)
+    lr_warmup, temp_warmup, freeze, notes = _warmups(
+        total_steps,
         steps_per_epoch,
-        run_epochs,
-        notes,
-    )
-    freeze = _cap(
-        "last-layer freeze",
-        epochs_to_steps(freeze_last_layer_epochs),
-        max_steps,
-        steps_per_epoch,
-        run_epochs,
-        notes,
+        warmup_epochs,
+        teacher_temp_warmup_epochs,
+        freeze_last_layer_epochs,
+        max_warmup_fraction,
     )
     schedules = Schedules(
         lr=cosine_schedule(base_lr, min_lr, total_steps, lr_warmup, convention=convention),

@@ -93,11 +93,15 @@ def load_registered_backbone(uri: str) -> torch.nn.Module:
     from dinoflow.artifacts import is_mlflow_uri, load_model
 
     if not is_mlflow_uri(uri):
-        raise ValueError(f"model: {uri!r} is not an MLflow model URI (models:/dinoflow-backbone@"
-                         "champion, models:/dinoflow-backbone/3 or runs:/<run id>/backbone)")  # fmt: skip
+        raise ValueError(
+            f"model: {uri!r} is not an MLflow model URI (models:/dinoflow-backbone@"
+            "champion, models:/dinoflow-backbone/3 or runs:/<run id>/backbone)"
+        )
     model = load_model(uri, key="model").registered
     if model is None:
-        raise ValueError(f"model: {uri} is not a dinoflow backbone (no preprocess / forward_patches)")
+        raise ValueError(
+            f"model: {uri} is not a dinoflow backbone (no preprocess / forward_patches)"
+        )
     return model.eval()
 
 
@@ -143,9 +147,11 @@ def preprocess_images(
 
 @torch.inference_mode()
 def embed_images(
-    model: torch.nn.Module, x: torch.Tensor, embedding: str = "cls",
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    embedding: str = "cls",
     batch_size: int = DEFAULT_BATCH_SIZE,
-) -> np.ndarray:  # fmt: skip
+) -> np.ndarray:
     """Preprocessed x (B, C, S, S) -> float32 (B, D) for cls / patch_mean, (B, N, D) for patches."""
     if embedding not in EMBEDDINGS:
         raise ValueError(f"embedding must be one of {', '.join(EMBEDDINGS)}, got {embedding!r}")
@@ -200,15 +206,21 @@ class DinoflowEmbedder(PythonModel):
         embedding = str(params.get("embedding") or "cls")
         batch_size = int(params.get("batch_size") or DEFAULT_BATCH_SIZE)
         if embedding not in EMBEDDINGS:
-            raise _bad_request(f"params.embedding: must be one of {', '.join(EMBEDDINGS)}, "
-                               f"got {embedding!r}")  # fmt: skip
+            raise _bad_request(
+                f"params.embedding: must be one of {', '.join(EMBEDDINGS)}, got {embedding!r}"
+            )
         if batch_size < 1:
             raise _bad_request(f"params.batch_size: must be >= 1, got {batch_size}")
         if not isinstance(model_input, pd.DataFrame) or IMAGE_COLUMN not in model_input.columns:
-            found = list(model_input.columns) if isinstance(model_input, pd.DataFrame) else type(
-                model_input).__name__  # fmt: skip
-            raise _bad_request(f"input: expected a DataFrame with a column {IMAGE_COLUMN!r} of "
-                               f"base64-encoded image files, got {found}")  # fmt: skip
+            found = (
+                list(model_input.columns)
+                if isinstance(model_input, pd.DataFrame)
+                else type(model_input).__name__
+            )
+            raise _bad_request(
+                f"input: expected a DataFrame with a column {IMAGE_COLUMN!r} of "
+                f"base64-encoded image files, got {found}"
+            )
         try:
             files = [_decode_cell(v, i) for i, v in enumerate(model_input[IMAGE_COLUMN].tolist())]
             x = preprocess_images(self.model, files)
@@ -240,9 +252,13 @@ def _signature(model: torch.nn.Module):
     return ModelSignature(
         inputs=Schema([ColSpec(DataType.string, IMAGE_COLUMN)]),
         outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, int(model.embed_dim)))]),
-        params=ParamSchema([ParamSpec("embedding", DataType.string, "cls"),
-                            ParamSpec("batch_size", DataType.long, DEFAULT_BATCH_SIZE)]),
-    )  # fmt: skip
+        params=ParamSchema(
+            [
+                ParamSpec("embedding", DataType.string, "cls"),
+                ParamSpec("batch_size", DataType.long, DEFAULT_BATCH_SIZE),
+            ]
+        ),
+    )
 
 
 BACKBONE_PACKAGES = ("torch", "torchvision", "timm", "numpy", "pydantic")
@@ -292,23 +308,37 @@ def log_and_register_embedder(
         input_example=example_input(),
         pip_requirements=_requirements(),
         code_paths=code_paths,
-        metadata={"dinoflow": {"backbone": f"{backbone_name}/{backbone_version}",
-                               "embeddings": list(EMBEDDINGS), "input_column": IMAGE_COLUMN}},
-    )  # fmt: skip
+        metadata={
+            "dinoflow": {
+                "backbone": f"{backbone_name}/{backbone_version}",
+                "embeddings": list(EMBEDDINGS),
+                "input_column": IMAGE_COLUMN,
+            }
+        },
+    )
     version_tags = {k: str(v) for k, v in (tags or {}).items()}
-    version_tags.update({TAG_BACKBONE_VERSION: str(backbone_version),
-                         TAG_BACKBONE_MODEL: backbone_name})  # fmt: skip
+    version_tags.update(
+        {TAG_BACKBONE_VERSION: str(backbone_version), TAG_BACKBONE_MODEL: backbone_name}
+    )
     version = mlflow.register_model(info.model_uri, embedder_name, tags=version_tags)
     MlflowClient().update_model_version(
-        embedder_name, version.version,
-        description=(f"Embedding service over {backbone_name} v{backbone_version} (same aliases).\n"
-                     f"Input: DataFrame column `{IMAGE_COLUMN}` of base64-encoded image files; "
-                     "output: one embedding per row (params: embedding = cls | patch_mean | "
-                     "patches, batch_size).\n`mlflow models serve -m "
-                     f"models:/{embedder_name}@champion --env-manager local -h 127.0.0.1`"),
-    )  # fmt: skip
-    log.info("registered %s version %s over %s v%s", embedder_name, version.version,
-             backbone_name, backbone_version)  # fmt: skip
+        embedder_name,
+        version.version,
+        description=(
+            f"Embedding service over {backbone_name} v{backbone_version} (same aliases).\n"
+            f"Input: DataFrame column `{IMAGE_COLUMN}` of base64-encoded image files; "
+            "output: one embedding per row (params: embedding = cls | patch_mean | "
+            "patches, batch_size).\n`mlflow models serve -m "
+            f"models:/{embedder_name}@champion --env-manager local -h 127.0.0.1`"
+        ),
+    )
+    log.info(
+        "registered %s version %s over %s v%s",
+        embedder_name,
+        version.version,
+        backbone_name,
+        backbone_version,
+    )
     return version
 
 
@@ -330,7 +360,9 @@ def sync_embedder_aliases(
         embedder = client.get_registered_model(embedder_name)
     except MlflowException:
         return {}
-    backbone_aliases = {a: str(v) for a, v in client.get_registered_model(backbone_name).aliases.items()}
+    backbone_aliases = {
+        a: str(v) for a, v in client.get_registered_model(backbone_name).aliases.items()
+    }
     by_backbone: dict[str, str] = {}
     for mv in client.search_model_versions(f"name = '{embedder_name}'"):
         wrapped = mv.tags.get(TAG_BACKBONE_VERSION)
@@ -352,8 +384,9 @@ def sync_embedder_aliases(
     return synced
 
 
-def remove_orphan_embedders(backbone_name: str = "dinoflow-backbone",
-                            embedder_name: str = EMBEDDER_NAME, client=None) -> list[str]:
+def remove_orphan_embedders(
+    backbone_name: str = "dinoflow-backbone", embedder_name: str = EMBEDDER_NAME, client=None
+) -> list[str]:
     """Embedder versions over a backbone version that no longer exists (a half-made backbone
     version removed by ``registry.repair_half_made_versions``): removed, aliases re-synced."""
     from mlflow import MlflowClient
@@ -362,7 +395,9 @@ def remove_orphan_embedders(backbone_name: str = "dinoflow-backbone",
     client = client or MlflowClient()
     try:
         embedders = client.search_model_versions(f"name = '{embedder_name}'")
-        backbones = {str(v.version) for v in client.search_model_versions(f"name = '{backbone_name}'")}
+        backbones = {
+            str(v.version) for v in client.search_model_versions(f"name = '{backbone_name}'")
+        }
     except MlflowException:
         return []
     removed = []
@@ -376,9 +411,12 @@ def remove_orphan_embedders(backbone_name: str = "dinoflow-backbone",
 
 
 def move_alias(
-    alias: str, backbone_version: str | int, backbone_name: str = "dinoflow-backbone",
-    embedder_name: str = EMBEDDER_NAME, client=None,
-) -> dict[str, str]:  # fmt: skip
+    alias: str,
+    backbone_version: str | int,
+    backbone_name: str = "dinoflow-backbone",
+    embedder_name: str = EMBEDDER_NAME,
+    client=None,
+) -> dict[str, str]:
     """Point ``alias`` of the backbone at ``backbone_version`` and the embedder's with it."""
     from mlflow import MlflowClient
 
@@ -401,11 +439,20 @@ def register_embedder(
     Returns {"model_name", "version", "model_uri", "backbone_version", "aliases"}.
     """
     version = log_and_register_embedder(
-        backbone_version.source, model, backbone_version.version, embedder_name, backbone_name,
-        tags=tags, log_code=log_code,
-    )  # fmt: skip
+        backbone_version.source,
+        model,
+        backbone_version.version,
+        embedder_name,
+        backbone_name,
+        tags=tags,
+        log_code=log_code,
+    )
     synced = sync_embedder_aliases(backbone_name, embedder_name)
     aliases = sorted(a for a, v in synced.items() if v == str(version.version))
-    return {"model_name": embedder_name, "version": str(version.version),
-            "model_uri": f"models:/{embedder_name}/{version.version}",
-            "backbone_version": str(backbone_version.version), "aliases": aliases}  # fmt: skip
+    return {
+        "model_name": embedder_name,
+        "version": str(version.version),
+        "model_uri": f"models:/{embedder_name}/{version.version}",
+        "backbone_version": str(backbone_version.version),
+        "aliases": aliases,
+    }

@@ -166,27 +166,9 @@ def describe_arrays(
     return columns, thumbs
 
 
-def ingest_split(
-    split: Split,
-    name: str,
-    thumb_size: int,
-    max_pixels: int,
-    compute_phash: bool = True,
-    progress: bool = True,
-    phash_min_side: int = 0,
-    chunk: int = 4096,
-) -> tuple[pd.DataFrame, np.ndarray]:
-    """Metadata rows (COLUMNS) and thumbnails (N, s, s, 3) uint8 for every item of a split.
-
-    pHash is computed only for images whose short side is at least phash_min_side (dedup ignores
-    it below; skipping it saves a third of the ingest time on Fashion-MNIST). In-memory images
-    are described ``chunk`` at a time with array operations; files one by one.
-    """
-    from tqdm.auto import tqdm
-
-    n = len(split)
-    thumbs = np.zeros((n, thumb_size, thumb_size, 3), dtype=np.uint8)
-    rows = [
+def _blank_rows(split: Split, name: str) -> list[dict]:
+    """One metadata row per item: its identity, every measure unknown (not yet read)."""
+    return [
         {
             "split": name,
             "index": i,
@@ -207,21 +189,62 @@ def ingest_split(
             "reason": "",
             "detail": "",
         }
-        for i in range(n)
+        for i in range(len(split))
     ]
+
+
+def _describe_in_chunks(
+    split: Split,
+    thumbs: np.ndarray,
+    thumb_size: int,
+    compute_phash: bool,
+    phash_min_side: int,
+    chunk: int,
+    bar,
+) -> dict[str, list]:
+    """``describe_arrays`` of the in-memory images, ``chunk`` at a time: the metadata columns;
+    the thumbnails are written into ``thumbs``."""
+    n = len(split)
+    columns: dict[str, list] = {}
+    for start in range(0, n, chunk):
+        batch, thumbs[start : start + chunk] = describe_arrays(
+            np.asarray(split.images[start : start + chunk]),
+            thumb_size,
+            compute_phash,
+            phash_min_side,
+        )
+        for key, values in batch.items():
+            columns.setdefault(key, []).extend(values)
+        bar.update(min(chunk, n - start))
+    return columns
+
+
+def ingest_split(
+    split: Split,
+    name: str,
+    thumb_size: int,
+    max_pixels: int,
+    compute_phash: bool = True,
+    progress: bool = True,
+    phash_min_side: int = 0,
+    chunk: int = 4096,
+) -> tuple[pd.DataFrame, np.ndarray]:
+    """Metadata rows (COLUMNS) and thumbnails (N, s, s, 3) uint8 for every item of a split.
+
+    pHash is computed only for images whose short side is at least phash_min_side (dedup ignores
+    it below; skipping it saves a third of the ingest time on Fashion-MNIST). In-memory images
+    are described ``chunk`` at a time with array operations; files one by one.
+    """
+    from tqdm.auto import tqdm
+
+    n = len(split)
+    thumbs = np.zeros((n, thumb_size, thumb_size, 3), dtype=np.uint8)
+    rows = _blank_rows(split, name)
     with tqdm(total=n, desc=f"ingest {name}", disable=not progress, mininterval=1.0) as bar:
         if split.images is not None:
-            columns: dict[str, list] = {}
-            for start in range(0, n, chunk):
-                batch, thumbs[start : start + chunk] = describe_arrays(
-                    np.asarray(split.images[start : start + chunk]),
-                    thumb_size,
-                    compute_phash,
-                    phash_min_side,
-                )
-                for key, values in batch.items():
-                    columns.setdefault(key, []).extend(values)
-                bar.update(min(chunk, n - start))
+            columns = _describe_in_chunks(
+                split, thumbs, thumb_size, compute_phash, phash_min_side, chunk, bar
+            )
             frame = pd.DataFrame(rows, columns=COLUMNS)
             for key, values in columns.items():
                 frame[key] = values

@@ -182,42 +182,32 @@ def _json_safe(obj):
     return obj
 
 
-def build_report(
-    meta: pd.DataFrame,
-    quarantine: pd.DataFrame,
-    validation: dict,
-    balance: dict,
-    splits: dict[str, Split] | None,
-    cfg: CurationConfig,
-    report_dir: str | Path | None = None,
-    timings: dict | None = None,
-) -> dict:
-    """Write the report files and return the JSON content (also logged to an active MLflow run)."""
-    out = Path(report_dir or cfg.report.dir)
-    out.mkdir(parents=True, exist_ok=True)
-    train = meta[meta["split"] == "train"]
-    per_reason = {r: int(v) for r, v in train["reason"].value_counts().items() if r}
+def _counts(meta: pd.DataFrame, train: pd.DataFrame, quarantine: pd.DataFrame) -> dict:
+    """Input, kept and removed images, per reason; files skipped; eval rows dropped."""
+    return {
+        "input": {s: int((meta["split"] == s).sum()) for s in ("train", "val", "test")},
+        "kept": int((train["reason"] == "").sum()),
+        "removed": int((train["reason"] != "").sum()),
+        "per_reason": {r: int(v) for r, v in train["reason"].value_counts().items() if r},
+        "skipped_files": {
+            r: int(v)
+            for r, v in quarantine[quarantine["split"] == ""]["reason"].value_counts().items()
+        },
+        "eval_rows_dropped": {
+            r: int(v)
+            for r, v in meta[meta["split"] != "train"]["reason"].value_counts().items()
+            if r
+        },
+    }
+
+
+def _eval_duplicates(meta: pd.DataFrame, train: pd.DataFrame) -> dict:
+    """Pool images removed as duplicates of val/test: directly, by component, per eval split."""
     split_of_eval = dict(zip(meta["item_id"].astype(str), meta["split"], strict=True))
     split_of_eval = {k: v for k, v in split_of_eval.items() if v != "train"}
     contaminated = train[train["reason"].isin(["eval_duplicate", "eval_duplicate_component"])]
     by_split = contaminated["dup_of"].map(split_of_eval).value_counts()
-    stages = funnel(meta)
-    report = {
-        "counts": {
-            "input": {s: int((meta["split"] == s).sum()) for s in ("train", "val", "test")},
-            "kept": int((train["reason"] == "").sum()),
-            "removed": int((train["reason"] != "").sum()),
-            "per_reason": per_reason,
-            "skipped_files": {
-                r: int(v)
-                for r, v in quarantine[quarantine["split"] == ""]["reason"].value_counts().items()
-            },
-            "eval_rows_dropped": {
-                r: int(v)
-                for r, v in meta[meta["split"] != "train"]["reason"].value_counts().items()
-                if r
-            },
-        },
+    return {
         "removed_as_eval_duplicates": len(contaminated),
         "removed_as_eval_duplicates_direct": int(
             (contaminated["reason"] == "eval_duplicate").sum()
@@ -226,22 +216,18 @@ def build_report(
             (contaminated["reason"] == "eval_duplicate_component").sum()
         ),
         "removed_as_eval_duplicates_by_split": {k: int(v) for k, v in by_split.items()},
-        # the same pixels under two labels (kept once; which label is right is the user's call)
-        "label_conflicts": [
-            {"item_id": i, "duplicate_of": d, "detail": t}
-            for i, d, t in zip(
-                train["item_id"], train["dup_of"], train["detail"].astype(str), strict=True
-            )
-            if "under another label" in t
-        ],
-        "funnel": stages,
-        "balance": balance,
-        "validation": validation,
-        "timings_s": timings or {},
-        "config": cfg.model_dump(),
     }
-    report = _json_safe(report)
-    atomic_write_json(out / "curation_report.json", report)
+
+
+def _plot_report(
+    meta: pd.DataFrame,
+    balance: dict,
+    splits: dict[str, Split] | None,
+    cfg: CurationConfig,
+    stages: list[dict],
+    out: Path,
+) -> None:
+    """funnel.png, duplicate_components.png, eval_duplicates.png, cluster_balance.png."""
     plot_funnel(stages, out / "funnel.png")
     max_px = min(cfg.ingest.max_pixels, cfg.quality.max_pixels)
     limit, per = cfg.report.max_components_shown, cfg.report.max_images_per_component
@@ -263,6 +249,45 @@ def build_report(
     )
     if not balance.get("skipped", True):
         plot_balance(balance, out / "cluster_balance.png")
+
+
+def build_report(
+    meta: pd.DataFrame,
+    quarantine: pd.DataFrame,
+    validation: dict,
+    balance: dict,
+    splits: dict[str, Split] | None,
+    cfg: CurationConfig,
+    report_dir: str | Path | None = None,
+    timings: dict | None = None,
+) -> dict:
+    """Write the report files and return the JSON content (also logged to an active MLflow run)."""
+    out = Path(report_dir or cfg.report.dir)
+    out.mkdir(parents=True, exist_ok=True)
+    train = meta[meta["split"] == "train"]
+    counts = _counts(meta, train, quarantine)
+    eval_duplicates = _eval_duplicates(meta, train)
+    stages = funnel(meta)
+    report = {
+        "counts": counts,
+        **eval_duplicates,
+        # the same pixels under two labels (kept once; which label is right is the user's call)
+        "label_conflicts": [
+            {"item_id": i, "duplicate_of": d, "detail": t}
+            for i, d, t in zip(
+                train["item_id"], train["dup_of"], train["detail"].astype(str), strict=True
+            )
+            if "under another label" in t
+        ],
+        "funnel": stages,
+        "balance": balance,
+        "validation": validation,
+        "timings_s": timings or {},
+        "config": cfg.model_dump(),
+    }
+    report = _json_safe(report)
+    atomic_write_json(out / "curation_report.json", report)
+    _plot_report(meta, balance, splits, cfg, stages, out)
     log_to_mlflow(report, out)
     return report
 

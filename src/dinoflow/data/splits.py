@@ -89,6 +89,61 @@ def _carve(n: int, size: int | float, seed: int) -> tuple[np.ndarray, np.ndarray
     return np.sort(order[count:]), np.sort(order[:count])
 
 
+def _fashion_mnist_splits(path: str | None, allow_download: bool) -> tuple[Split, Split]:
+    """(train, test): the official 60k/10k; ``path`` overrides the local lookup folder."""
+    local = Path(path) if path else fashion_mnist.DEFAULT_LOCAL_DIR
+    arrays = fashion_mnist.load_fashion_mnist(
+        fashion_mnist.find_fashion_mnist(local_dir=local, allow_download=allow_download)
+    )
+    names = fashion_mnist.CLASS_NAMES
+    full_train = Split(
+        ids=[f"train/{i:06d}" for i in range(len(arrays["train_labels"]))],
+        labels=arrays["train_labels"].astype(np.int64),
+        class_names=names,
+        channels=1,
+        images=arrays["train_images"],
+        name="train",
+    )
+    test = Split(
+        ids=[f"test/{i:06d}" for i in range(len(arrays["test_labels"]))],
+        labels=arrays["test_labels"].astype(np.int64),
+        class_names=names,
+        channels=1,
+        images=arrays["test_images"],
+        name="test",
+    )
+    return full_train, test
+
+
+def _image_folder_splits(
+    path: str | None,
+    test_fraction: float,
+    seed: int,
+    channels: int | None,
+    follow_symlinks_out_of_root: bool,
+) -> tuple[Split, Split]:
+    """(train, test) of a tree of images under ``path``: test is ``test_fraction`` of it."""
+    if not path:
+        raise DataError("data.path: required when data.source=image_folder")
+    root = Path(path)
+    paths, label_names, class_names = list_image_folder(root, follow_symlinks_out_of_root)
+    if not paths:
+        raise DataError(f"data.path: no images under {root}")
+    index = {name: i for i, name in enumerate(class_names)}
+    labels = np.array([index.get(name, -1) for name in label_names], dtype=np.int64)
+    everything = Split(
+        ids=[p.relative_to(root).as_posix() for p in paths],
+        labels=labels,
+        class_names=class_names,
+        channels=channels or 3,
+        paths=paths,
+    )
+    rest, test_idx = _carve(len(everything), float(test_fraction), seed + 1)
+    full_train, test = everything.subset(rest), everything.subset(test_idx)
+    test.name = "test"
+    return full_train, test
+
+
 def load_splits(
     source: str = "fashion_mnist",
     path: str | None = None,
@@ -107,46 +162,11 @@ def load_splits(
     image_folder: any tree of images under ``path``; test is ``test_fraction`` of it.
     """
     if source == "fashion_mnist":
-        local = Path(path) if path else fashion_mnist.DEFAULT_LOCAL_DIR
-        arrays = fashion_mnist.load_fashion_mnist(
-            fashion_mnist.find_fashion_mnist(local_dir=local, allow_download=allow_download)
-        )
-        names = fashion_mnist.CLASS_NAMES
-        full_train = Split(
-            ids=[f"train/{i:06d}" for i in range(len(arrays["train_labels"]))],
-            labels=arrays["train_labels"].astype(np.int64),
-            class_names=names,
-            channels=1,
-            images=arrays["train_images"],
-            name="train",
-        )
-        test = Split(
-            ids=[f"test/{i:06d}" for i in range(len(arrays["test_labels"]))],
-            labels=arrays["test_labels"].astype(np.int64),
-            class_names=names,
-            channels=1,
-            images=arrays["test_images"],
-            name="test",
-        )
+        full_train, test = _fashion_mnist_splits(path, allow_download)
     elif source == "image_folder":
-        if not path:
-            raise DataError("data.path: required when data.source=image_folder")
-        root = Path(path)
-        paths, label_names, class_names = list_image_folder(root, follow_symlinks_out_of_root)
-        if not paths:
-            raise DataError(f"data.path: no images under {root}")
-        index = {name: i for i, name in enumerate(class_names)}
-        labels = np.array([index.get(name, -1) for name in label_names], dtype=np.int64)
-        everything = Split(
-            ids=[p.relative_to(root).as_posix() for p in paths],
-            labels=labels,
-            class_names=class_names,
-            channels=channels or 3,
-            paths=paths,
+        full_train, test = _image_folder_splits(
+            path, test_fraction, seed, channels, follow_symlinks_out_of_root
         )
-        rest, test_idx = _carve(len(everything), float(test_fraction), seed + 1)
-        full_train, test = everything.subset(rest), everything.subset(test_idx)
-        test.name = "test"
     else:
         raise DataError(f"data.source: unknown source {source!r} (fashion_mnist or image_folder)")
     if isinstance(val_size, float) or source == "image_folder":

@@ -131,9 +131,16 @@ def knn_classify(
     top5 = dict.fromkeys(ks, 0)
     n_top = min(5, n_classes)
     for start, stop, scores in _iter_scores(
-        train_feats, torch.as_tensor(train_labels, dtype=torch.long), test_feats, n_classes, ks,
-        temperature, test_chunk, train_chunk, device,
-    ):  # fmt: skip
+        train_feats,
+        torch.as_tensor(train_labels, dtype=torch.long),
+        test_feats,
+        n_classes,
+        ks,
+        temperature,
+        test_chunk,
+        train_chunk,
+        device,
+    ):
         target = test_labels[start:stop].to(device)
         valid = target >= 0
         for k in ks:

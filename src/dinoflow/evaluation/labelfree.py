@@ -51,7 +51,9 @@ def rankme(embeddings: torch.Tensor, eps: float = RANKME_EPS) -> float:
     """RankMe of embeddings (N, D), not centred (as the paper). >= 1 (clamped: with one singular
     value the eps term would put it a hair under 1)."""
     if embeddings.ndim != 2 or min(embeddings.shape) == 0:
-        raise ValueError(f"rankme: expected a non-empty (N, D) matrix, got {tuple(embeddings.shape)}")
+        raise ValueError(
+            f"rankme: expected a non-empty (N, D) matrix, got {tuple(embeddings.shape)}"
+        )
     sigma = torch.linalg.svdvals(embeddings.double())
     total = sigma.sum()
     if total <= 0:
@@ -63,7 +65,9 @@ def rankme(embeddings: torch.Tensor, eps: float = RANKME_EPS) -> float:
 def alignment(view1: torch.Tensor, view2: torch.Tensor) -> float:
     """Mean squared distance of the L2-normalised rows of view1 (N, D) and view2 (N, D)."""
     if view1.shape != view2.shape:
-        raise ValueError(f"alignment: views differ in shape {tuple(view1.shape)} {tuple(view2.shape)}")
+        raise ValueError(
+            f"alignment: views differ in shape {tuple(view1.shape)} {tuple(view2.shape)}"
+        )
     a, b = F.normalize(view1.double(), dim=1), F.normalize(view2.double(), dim=1)
     return float((a - b).pow(2).sum(dim=1).mean())
 
@@ -85,7 +89,9 @@ def view_retrieval_top1(view1: torch.Tensor, view2: torch.Tensor, chunk: int = 1
     The (N, N) similarity is computed ``chunk`` query rows at a time.
     """
     if view1.shape != view2.shape:
-        raise ValueError(f"view retrieval: views differ in shape {tuple(view1.shape)} {tuple(view2.shape)}")
+        raise ValueError(
+            f"view retrieval: views differ in shape {tuple(view1.shape)} {tuple(view2.shape)}"
+        )
     a, b = F.normalize(view1.float(), dim=1), F.normalize(view2.float(), dim=1)
     hits = 0
     for start in range(0, a.shape[0], chunk):
@@ -137,12 +143,20 @@ class ViewSettings:
     ) -> MultiCropAugmentation:
         """The training augmentation's crop pieces with these parameters (validated there)."""
         return MultiCropAugmentation(
-            global_size=size, n_local=0, global_scale=tuple(self.scale), flip_p=self.flip_p,
-            jitter=tuple(self.jitter), jitter_p=self.jitter_p, grayscale_p=self.grayscale_p,
-            blur_kernel=self.blur_kernel, blur_sigma=tuple(self.blur_sigma),
-            blur_p=(self.blur_p[0], self.blur_p[1], 0.0), solarize_p=self.solarize_p,
-            mean=tuple(mean), std=tuple(std),
-        )  # fmt: skip
+            global_size=size,
+            n_local=0,
+            global_scale=tuple(self.scale),
+            flip_p=self.flip_p,
+            jitter=tuple(self.jitter),
+            jitter_p=self.jitter_p,
+            grayscale_p=self.grayscale_p,
+            blur_kernel=self.blur_kernel,
+            blur_sigma=tuple(self.blur_sigma),
+            blur_p=(self.blur_p[0], self.blur_p[1], 0.0),
+            solarize_p=self.solarize_p,
+            mean=tuple(mean),
+            std=tuple(std),
+        )
 
 
 def image_generator(seed: int, index: int) -> torch.Generator:
@@ -159,10 +173,12 @@ def two_views(
     """B uint8 images (C, H, W), C in {1, 3}, image b's draws from generators[b] -> the two
     uint8 views (B, C, S, S) each, S = augmentation.global_size."""
     params = [
-        [augmentation.sample_crop_params(i.shape[1], i.shape[2], kind, g)
-         for kind in ("global1", "global2")]
+        [
+            augmentation.sample_crop_params(i.shape[1], i.shape[2], kind, g)
+            for kind in ("global1", "global2")
+        ]
         for i, g in zip(images, generators, strict=True)
-    ]  # fmt: skip
+    ]
     size = augmentation.global_size
     return tuple(
         augmentation.apply_crops(images, [p[view] for p in params], size) for view in (0, 1)
@@ -186,7 +202,9 @@ def _cls(backbone: nn.Module, x: torch.Tensor, precision: str) -> torch.Tensor:
 def _progress(total: int, enabled: bool):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc="label-free metrics", unit="img", disable=not enabled, leave=False)
+    return tqdm(
+        total=total, desc="label-free metrics", unit="img", disable=not enabled, leave=False
+    )
 
 
 @torch.inference_mode()

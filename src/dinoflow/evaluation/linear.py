@@ -24,8 +24,20 @@ from torch import nn
 
 # The reference grid (dinov2/eval/linear.py).
 DEFAULT_LRS: tuple[float, ...] = (
-    1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 1e-1,
-)  # fmt: skip
+    1e-5,
+    2e-5,
+    5e-5,
+    1e-4,
+    2e-4,
+    5e-4,
+    1e-3,
+    2e-3,
+    5e-3,
+    1e-2,
+    2e-2,
+    5e-2,
+    1e-1,
+)
 
 # Candidate feature variants: the FeatureSet fields concatenated, in order.
 VARIANTS: dict[str, tuple[str, ...]] = {
@@ -146,7 +158,12 @@ def linear_probe(
 
 
 def _init_heads(
-    train: Any, one_row: torch.Tensor, variants: Sequence[str], n_classes: int, n_lrs: int, seed: int
+    train: Any,
+    one_row: torch.Tensor,
+    variants: Sequence[str],
+    n_classes: int,
+    n_lrs: int,
+    seed: int,
 ) -> nn.ModuleDict:
     """{variant: _VariantHeads}, one head per learning rate, seeded (the caller's RNG untouched)."""
     heads = nn.ModuleDict()
@@ -206,7 +223,10 @@ def _train_heads(
 
 
 def _select_on_val(
-    heads: nn.ModuleDict, val: Any, val_labels: torch.Tensor, val_rows: torch.Tensor,
+    heads: nn.ModuleDict,
+    val: Any,
+    val_labels: torch.Tensor,
+    val_rows: torch.Tensor,
     lrs: list[float],
 ) -> tuple[dict[str, float], str, str, int]:
     """(val accuracy of every candidate, best name, its variant, its lr index), on val only.
@@ -233,8 +253,10 @@ def _predict_test(head: nn.Linear, test: Any, variant: str) -> tuple[torch.Tenso
     test_rows = _labelled_rows(test_labels)
     if len(test_rows) == 0:
         raise ValueError("linear probe: the test set has no labelled rows")
-    test_pred = torch.cat([
-        head(variant_features(test, variant, test_rows[s : s + 4096])).argmax(dim=1)
-        for s in range(0, len(test_rows), 4096)
-    ])  # fmt: skip
+    test_pred = torch.cat(
+        [
+            head(variant_features(test, variant, test_rows[s : s + 4096])).argmax(dim=1)
+            for s in range(0, len(test_rows), 4096)
+        ]
+    )
     return test_pred, test_labels[test_rows]

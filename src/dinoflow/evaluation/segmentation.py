@@ -194,14 +194,29 @@ def train_linear_segmentation(
                      device, progress)
     confusion, predictions = _predict(head, test_maps, y_test, n_classes, batch_size, n_examples,
                                       device)
-    miou, per_class = iou_from_confusion(confusion)
     n_ex = min(n_examples, len(test_maps))
+    return _segmentation_result(head, confusion, predictions, test_images, y_test, n_ex)
+
+
+def _segmentation_result(
+    head: LinearSegHead,
+    confusion: torch.Tensor,
+    predictions: np.ndarray,
+    test_images: np.ndarray,
+    y_test: torch.Tensor,
+    n_ex: int,
+) -> dict[str, Any]:
+    """``train_linear_segmentation``'s result: the scores, the first n_ex examples, the head."""
+    miou, per_class = iou_from_confusion(confusion)
     return {
         "seg_miou": miou,
         "per_class_iou": per_class,
         "pixel_accuracy": float(confusion.diag().sum()) / max(int(confusion.sum()), 1),
-        "examples": {"images": np.asarray(test_images)[:n_ex], "masks": y_test[:n_ex].numpy(),
-                     "predictions": predictions[:n_ex]},
+        "examples": {
+            "images": np.asarray(test_images)[:n_ex],
+            "masks": y_test[:n_ex].numpy(),
+            "predictions": predictions[:n_ex],
+        },
         "head": head,
     }
 

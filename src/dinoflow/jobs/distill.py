@@ -38,8 +38,13 @@ from dinoflow.training.distill import distill
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TeacherSource", "evaluate_distillation", "load_teacher", "register_distillation",
-           "run_distillation"]
+__all__ = [
+    "TeacherSource",
+    "evaluate_distillation",
+    "load_teacher",
+    "register_distillation",
+    "run_distillation",
+]
 
 DISTILLED_MODEL_NAME = "dinoflow-backbone-distilled"
 TAG_DISTILLED_INTO = "dinoflow.distilled_into"  # on the teacher's version and run
@@ -69,7 +74,9 @@ class TeacherSource:
 def _load_heads(path: str | Path, backbone: DinoVisionTransformer, key: str):
     if not Path(path).is_file():
         raise ConfigError(f"{key}: {path} does not exist")
-    return heads_from_state(torch.load(path, map_location="cpu", weights_only=True), backbone.embed_dim)
+    return heads_from_state(
+        torch.load(path, map_location="cpu", weights_only=True), backbone.embed_dim
+    )
 
 
 def _version_of_run(run_id: str | None, fp: str | None) -> dict[str, str]:
@@ -83,7 +90,8 @@ def _version_of_run(run_id: str | None, fp: str | None) -> dict[str, str]:
         from mlflow import MlflowClient
 
         found = MlflowClient().search_model_versions(
-            f"name = '{MODEL_NAME}' and tags.`dinoflow.pretrain_run_id` = '{run_id}'")
+            f"name = '{MODEL_NAME}' and tags.`dinoflow.pretrain_run_id` = '{run_id}'"
+        )
     except Exception:  # noqa: BLE001 - no registry here: the run id is the lineage
         return {}
     same = [v for v in found if not fp or v.tags.get("dinoflow.fingerprint") == fp]
@@ -103,13 +111,19 @@ def _teacher_artifact(tcfg: TeacherConfig, in_chans: int, global_size: int) -> M
             return backbone_from_config(tcfg.backbone, global_size, in_chans)
 
     try:
-        return load_model(tcfg.source, key="distillation.teacher.source", find_heads=not tcfg.heads,
-                          architecture=architecture if tcfg.backbone is not None else None)
+        return load_model(
+            tcfg.source,
+            key="distillation.teacher.source",
+            find_heads=not tcfg.heads,
+            architecture=architecture if tcfg.backbone is not None else None,
+        )
     except ModelLoadError as exc:
         if exc.kind == "released" and tcfg.backbone is None:
-            raise ConfigError(f"distillation.teacher.backbone: {tcfg.source} is a released weights "
-                              "file; give its architecture (arch or embed_dim/depth/num_heads, "
-                              "patch_size)") from None
+            raise ConfigError(
+                f"distillation.teacher.backbone: {tcfg.source} is a released weights "
+                "file; give its architecture (arch or embed_dim/depth/num_heads, "
+                "patch_size)"
+            ) from None
         raise ConfigError(str(exc)) from None
 
 
@@ -119,7 +133,11 @@ def load_teacher(tcfg: TeacherConfig, in_chans: int, global_size: int) -> Teache
     where it has them (``teacher.heads``, else its run directory's)."""
     artifact = _teacher_artifact(tcfg, in_chans, global_size)
     heads_path = tcfg.heads or artifact.heads_file
-    heads = _load_heads(heads_path, artifact.backbone, "distillation.teacher.heads") if heads_path else None
+    heads = (
+        _load_heads(heads_path, artifact.backbone, "distillation.teacher.heads")
+        if heads_path
+        else None
+    )
     info: dict[str, Any] = {"source": tcfg.source, "uri": artifact.uri}
     if artifact.kind == "registered":
         info.update(model_name=artifact.model_name, version=artifact.version)
@@ -128,12 +146,58 @@ def load_teacher(tcfg: TeacherConfig, in_chans: int, global_size: int) -> Teache
     info["heads"] = str(heads_path) if heads_path else "none"
     if artifact.kind == "run_dir":
         info.update(_version_of_run(artifact.run_id, artifact.fingerprint))
-    return TeacherSource(artifact.backbone, heads, artifact.mean, artifact.std, artifact.image_size,
-                         info)
+    return TeacherSource(
+        artifact.backbone, heads, artifact.mean, artifact.std, artifact.image_size, info
+    )
 
 
-def fit_teacher_heads(cfg: DistillationConfig, teacher: TeacherSource, train: Split,
-                      mean: list[float], std: list[float]) -> TeacherSource:
+def _head_fit_config(
+    cfg: DistillationConfig, kw: dict[str, Any], fit_dir: Path, init: Path
+) -> PretrainConfig:
+    """The pretraining that fits the heads: the teacher's architecture (``kw``, its constructor
+    kwargs) from ``init``, ``teacher.fit_steps`` steps with the backbone's lr at 0."""
+    return PretrainConfig(
+        crops=cfg.crops,
+        loss=cfg.loss,
+        optim=cfg.optim,
+        monitor=cfg.monitor,
+        backbone=BackboneConfig(
+            arch="custom",
+            patch_size=kw["patch_size"],
+            embed_dim=kw["embed_dim"],
+            depth=kw["depth"],
+            num_heads=kw["num_heads"],
+            mlp_ratio=kw["mlp_ratio"],
+            num_register_tokens=kw["num_register_tokens"],
+            layerscale_init=kw["layerscale_init"] or 0.0,
+            drop_path_rate=0.0,
+            layer_norm_eps=kw["layer_norm_eps"],
+            ffn=kw["ffn"],
+            interpolate_offset=kw["interpolate_offset"],
+            interpolate_antialias=kw["interpolate_antialias"],
+            pos_embed_size=kw["img_size"],
+        ),
+        head=cfg.teacher.fit_head,
+        train=TrainConfig(
+            **{
+                **cfg.train.model_dump(),
+                "epochs": 1,
+                "max_steps": None,
+                "steps_per_epoch": cfg.teacher.fit_steps,
+                "run_dir": str(fit_dir),
+            }
+        ),
+        init=InitConfig(weights=str(init), head_warmup_steps=cfg.teacher.fit_steps),
+    )
+
+
+def fit_teacher_heads(
+    cfg: DistillationConfig,
+    teacher: TeacherSource,
+    train: Split,
+    mean: list[float],
+    std: list[float],
+) -> TeacherSource:
     """Fresh heads for a headless teacher: ``teacher.fit_steps`` steps of DINOv2 pretraining with
     the backbone's lr at 0 (``pretrain.init.head_warmup_*``); the EMA's heads are kept. A fit
     that finished before (same settings and backbone) is reused; a killed one resumes."""
@@ -142,34 +206,35 @@ def fit_teacher_heads(cfg: DistillationConfig, teacher: TeacherSource, train: Sp
     fit_dir = Path(cfg.train.run_dir) / "teacher_heads_fit"
     init = fit_dir / "init_backbone.pt"
     save_backbone(teacher.backbone, init)
-    kw = teacher.backbone.backbone_kwargs()
-    pcfg = PretrainConfig(
-        crops=cfg.crops, loss=cfg.loss, optim=cfg.optim, monitor=cfg.monitor,
-        backbone=BackboneConfig(arch="custom", patch_size=kw["patch_size"], embed_dim=kw["embed_dim"],
-                                depth=kw["depth"], num_heads=kw["num_heads"], mlp_ratio=kw["mlp_ratio"],
-                                num_register_tokens=kw["num_register_tokens"],
-                                layerscale_init=kw["layerscale_init"] or 0.0, drop_path_rate=0.0,
-                                layer_norm_eps=kw["layer_norm_eps"], ffn=kw["ffn"],
-                                interpolate_offset=kw["interpolate_offset"],
-                                interpolate_antialias=kw["interpolate_antialias"],
-                                pos_embed_size=kw["img_size"]),
-        head=cfg.teacher.fit_head,
-        train=TrainConfig(**{**cfg.train.model_dump(), "epochs": 1, "max_steps": None,
-                             "steps_per_epoch": cfg.teacher.fit_steps, "run_dir": str(fit_dir)}),
-        init=InitConfig(weights=str(init), head_warmup_steps=cfg.teacher.fit_steps),
-    )  # fmt: skip
-    key = fingerprint({"fit": pcfg.model_dump(mode="json"), "teacher": teacher.frozen().digest(),
-                       "n": len(train), "steps": total_steps_for(pcfg, len(train), 1)[0]})
+    pcfg = _head_fit_config(cfg, teacher.backbone.backbone_kwargs(), fit_dir, init)
+    key = fingerprint(
+        {
+            "fit": pcfg.model_dump(mode="json"),
+            "teacher": teacher.frozen().digest(),
+            "n": len(train),
+            "steps": total_steps_for(pcfg, len(train), 1)[0],
+        }
+    )
     done, heads_file = fit_dir / "fit.json", fit_dir / "teacher_heads.pt"
-    if not (done.is_file() and json.loads(done.read_text()).get("key") == key and heads_file.is_file()):
-        log.info("the teacher has no heads: fitting them for %d steps on the frozen backbone",
-                 cfg.teacher.fit_steps)
+    if not (
+        done.is_file() and json.loads(done.read_text()).get("key") == key and heads_file.is_file()
+    ):
+        log.info(
+            "the teacher has no heads: fitting them for %d steps on the frozen backbone",
+            cfg.teacher.fit_steps,
+        )
         with nested_run("teacher heads fit"):
             pretrain(pcfg, train, mean, std)
         atomic_write_json(done, {"key": key})
     heads = heads_from_state(torch.load(heads_file, weights_only=True), teacher.backbone.embed_dim)
-    return TeacherSource(teacher.backbone, heads, teacher.mean, teacher.std, teacher.image_size,
-                         {**teacher.info, "heads": f"fitted: {heads_file}"})
+    return TeacherSource(
+        teacher.backbone,
+        heads,
+        teacher.mean,
+        teacher.std,
+        teacher.image_size,
+        {**teacher.info, "heads": f"fitted: {heads_file}"},
+    )
 
 
 @contextlib.contextmanager
@@ -188,19 +253,27 @@ def nested_run(name: str) -> Iterator[None]:
 
 
 # --------------------------------------------------------------------------- the jobs
-def run_distillation(data: DataConfig, cfg: DistillationConfig, manifest_ids: list[str] | None = None,
-                     stop_after_steps: int | None = None) -> DistillationSummary:
+def run_distillation(
+    data: DataConfig,
+    cfg: DistillationConfig,
+    manifest_ids: list[str] | None = None,
+    stop_after_steps: int | None = None,
+) -> DistillationSummary:
     """Load the data and the teacher, fit heads if needed, distil; one writer per run directory."""
     from dinoflow.jobs.pretrain import apply_manifest, knn_subsets
 
     splits = load_data(data)
-    train = apply_manifest(splits["train"], manifest_ids if cfg.train.use_curated_manifest else None)
+    train = apply_manifest(
+        splits["train"], manifest_ids if cfg.train.use_curated_manifest else None
+    )
     source = load_teacher(cfg.teacher, train.channels, cfg.crops.global_size)
     if source.mean is None or source.std is None:  # a file: the data's normalisation
         source.mean, source.std = channel_stats(train)
     if int(source.backbone.in_chans) != train.channels:
-        raise DataError(f"distillation.teacher: the teacher takes {source.backbone.in_chans}-channel "
-                        f"images, the data has {train.channels} (set data.channels)")
+        raise DataError(
+            f"distillation.teacher: the teacher takes {source.backbone.in_chans}-channel "
+            f"images, the data has {train.channels} (set data.channels)"
+        )
     mode = "heads" if source.heads is not None else cfg.teacher.headless
     t = cfg.train
     bank, queries = knn_subsets(splits, t.knn_bank_size, t.knn_query_size, t.seed)
@@ -208,19 +281,39 @@ def run_distillation(data: DataConfig, cfg: DistillationConfig, manifest_ids: li
         if mode == "fit_heads":
             source = fit_teacher_heads(cfg, source, train, source.mean, source.std)
         info = {**source.info, "mode": "features" if mode == "features" else "heads"}
-        summary = distill(cfg, source.frozen(), train, source.mean, source.std, bank, queries,
-                          stop_after_steps, teacher_info=info)
-    return summary.model_copy(update={"n_train_images": len(train), "data": data.model_dump(mode="json"),
-                                      "mlflow_run_id": tracking.active_run_id()})
+        summary = distill(
+            cfg,
+            source.frozen(),
+            train,
+            source.mean,
+            source.std,
+            bank,
+            queries,
+            stop_after_steps,
+            teacher_info=info,
+        )
+    return summary.model_copy(
+        update={
+            "n_train_images": len(train),
+            "data": data.model_dump(mode="json"),
+            "mlflow_run_id": tracking.active_run_id(),
+        }
+    )
 
 
 def _student(summary: DistillationSummary) -> DinoVisionTransformer:
-    return load_model(summary.student_backbone, key="distillation_summary.student_backbone").backbone
+    return load_model(
+        summary.student_backbone, key="distillation_summary.student_backbone"
+    ).backbone
 
 
-def evaluate_distillation(data: DataConfig, params: dict[str, Any], cfg: DistillationConfig,
-                          summary: DistillationSummary,
-                          out_dir: str | Path) -> tuple[dict[str, float], EvaluationReport]:
+def evaluate_distillation(
+    data: DataConfig,
+    params: dict[str, Any],
+    cfg: DistillationConfig,
+    summary: DistillationSummary,
+    out_dir: str | Path,
+) -> tuple[dict[str, float], EvaluationReport]:
     """The student and its teacher through ``run_evaluation`` (the evaluation pipeline's code and
     settings): the student's keys, the teacher's prefixed ``teacher_``; the report is the
     student's with the teacher's report, the FLOPs and the ratios added."""
@@ -229,24 +322,41 @@ def evaluate_distillation(data: DataConfig, params: dict[str, Any], cfg: Distill
     params = {k: v for k, v in (params or {}).items() if k != "model"}
     out_dir = Path(out_dir)
     student = _student(summary)
-    metrics, report = run_evaluation(data, params, summary.as_pretrain_summary(), student,
-                                     str(out_dir / "student"))
-    pinned = cfg.teacher.model_copy(update={"source": summary.teacher.get("uri") or cfg.teacher.source})
+    metrics, report = run_evaluation(
+        data, params, summary.as_pretrain_summary(), student, str(out_dir / "student")
+    )
+    pinned = cfg.teacher.model_copy(
+        update={"source": summary.teacher.get("uri") or cfg.teacher.source}
+    )
     teacher = load_teacher(pinned, summary.channels, summary.image_size).backbone
-    as_pretrain = PretrainSummary(run_dir="", teacher_backbone=str(pinned.source), teacher_heads="",
-                                  steps=0, mean=summary.mean, std=summary.std,
-                                  image_size=summary.image_size, channels=summary.channels,
-                                  mlflow_run_id=summary.teacher.get("run_id"))
+    as_pretrain = PretrainSummary(
+        run_dir="",
+        teacher_backbone=str(pinned.source),
+        teacher_heads="",
+        steps=0,
+        mean=summary.mean,
+        std=summary.std,
+        image_size=summary.image_size,
+        channels=summary.channels,
+        mlflow_run_id=summary.teacher.get("run_id"),
+    )
     # the baselines (random weights, raw pixels) are the student's; the teacher needs none
-    t_metrics, t_report = run_evaluation(data, {**params, "baselines": []}, as_pretrain, teacher,
-                                         str(out_dir / "teacher"))
+    t_metrics, t_report = run_evaluation(
+        data, {**params, "baselines": []}, as_pretrain, teacher, str(out_dir / "teacher")
+    )
     metrics.update({f"teacher_{k}": v for k, v in t_metrics.items()})
     ratios = {"flops_ratio": summary.student_flops / max(summary.teacher_flops, 1)}
     if t_metrics.get("knn_top1"):
         ratios["knn_top1_kept"] = metrics["knn_top1"] / t_metrics["knn_top1"]
-    report = report.model_copy(update={
-        "teacher": summary.teacher, "teacher_report": t_report.model_dump(mode="json"),
-        "student_flops": summary.student_flops, "teacher_flops": summary.teacher_flops, **ratios})
+    report = report.model_copy(
+        update={
+            "teacher": summary.teacher,
+            "teacher_report": t_report.model_dump(mode="json"),
+            "student_flops": summary.student_flops,
+            "teacher_flops": summary.teacher_flops,
+            **ratios,
+        }
+    )
     return metrics, report
 
 
@@ -255,7 +365,8 @@ def distillation_card(summary: DistillationSummary, metrics: dict[str, Any]) -> 
     t = summary.teacher
     keys = sorted(k for k in metrics if f"teacher_{k}" in metrics and not k.startswith("seg_iou_"))
     lines = [
-        "## Distillation", "",
+        "## Distillation",
+        "",
         f"- teacher: `{t.get('uri') or t.get('source')}` (given as `{t.get('source')}`), model "
         f"version `{t.get('model_name', '-')}/{t.get('version', '-')}`, run `{t.get('run_id')}`, "
         f"heads: {t.get('heads')}",
@@ -265,17 +376,29 @@ def distillation_card(summary: DistillationSummary, metrics: dict[str, Any]) -> 
         f"teacher {summary.teacher_flops:,} "
         f"({summary.student_flops / max(summary.teacher_flops, 1):.3f} of the teacher's)",
         f"- distillation: {summary.steps} steps, {summary.train_seconds:.0f} s, "
-        f"{summary.images_per_second:.1f} images/s", "",
-        "| metric | student | teacher | kept |", "|---|---|---|---|",
-        *(f"| {k} | {metrics[k]:.4f} | {metrics['teacher_' + k]:.4f} | "
-          f"{metrics[k] / metrics['teacher_' + k]:.1%} |" if metrics["teacher_" + k] else
-          f"| {k} | {metrics[k]:.4f} | {metrics['teacher_' + k]:.4f} | - |" for k in keys), "",
-    ]  # fmt: skip
+        f"{summary.images_per_second:.1f} images/s",
+        "",
+        "| metric | student | teacher | kept |",
+        "|---|---|---|---|",
+        *(
+            f"| {k} | {metrics[k]:.4f} | {metrics['teacher_' + k]:.4f} | "
+            f"{metrics[k] / metrics['teacher_' + k]:.1%} |"
+            if metrics["teacher_" + k]
+            else f"| {k} | {metrics[k]:.4f} | {metrics['teacher_' + k]:.4f} | - |"
+            for k in keys
+        ),
+        "",
+    ]
     return "\n".join(lines)
 
 
-def register_distillation(summary: DistillationSummary, metrics: dict[str, Any],
-                          report: EvaluationReport | None, reg_cfg, git_commit: str = "unknown") -> dict:
+def register_distillation(
+    summary: DistillationSummary,
+    metrics: dict[str, Any],
+    report: EvaluationReport | None,
+    reg_cfg,
+    git_commit: str = "unknown",
+) -> dict:
     """Register the student (the registration job's code, its model name), promoted by the same
     rule; tagged with its teacher's version and run, which are tagged back with the student."""
     from mlflow import MlflowClient
@@ -283,28 +406,47 @@ def register_distillation(summary: DistillationSummary, metrics: dict[str, Any],
     from dinoflow.registry import register_pretrained
 
     t = summary.teacher
-    tags = {"dinoflow.distillation_mode": summary.mode, "dinoflow.teacher_source": t.get("source"),
-            "dinoflow.teacher_uri": t.get("uri"), "dinoflow.teacher_model_name": t.get("model_name"),
-            "dinoflow.teacher_version": t.get("version"), "dinoflow.teacher_run_id": t.get("run_id"),
-            "dinoflow.student_flops": summary.student_flops,
-            "dinoflow.teacher_flops": summary.teacher_flops}
+    tags = {
+        "dinoflow.distillation_mode": summary.mode,
+        "dinoflow.teacher_source": t.get("source"),
+        "dinoflow.teacher_uri": t.get("uri"),
+        "dinoflow.teacher_model_name": t.get("model_name"),
+        "dinoflow.teacher_version": t.get("version"),
+        "dinoflow.teacher_run_id": t.get("run_id"),
+        "dinoflow.student_flops": summary.student_flops,
+        "dinoflow.teacher_flops": summary.teacher_flops,
+    }
     tags = {k: str(v) for k, v in tags.items() if v not in (None, "")}
     # the card's metric table: the student's; its distillation section sets the teacher's beside
     own = {k: v for k, v in metrics.items() if not k.startswith("teacher_")}
-    decision = register_pretrained(summary.as_pretrain_summary(), own, reg_cfg, git_commit,
-                                   report, _student(summary), extra_tags=tags,
-                                   card_extra=distillation_card(summary, metrics))
+    decision = register_pretrained(
+        summary.as_pretrain_summary(),
+        own,
+        reg_cfg,
+        git_commit,
+        report,
+        _student(summary),
+        extra_tags=tags,
+        card_extra=distillation_card(summary, metrics),
+    )
     student = f"{reg_cfg.model_name}/{decision['version']}"
     client = MlflowClient()
     if t.get("model_name") and t.get("version"):
         mv = client.get_model_version(t["model_name"], t["version"])
-        client.set_model_version_tag(t["model_name"], t["version"], TAG_DISTILLED_INTO,
-                                     _appended(mv.tags.get(TAG_DISTILLED_INTO), student))
+        client.set_model_version_tag(
+            t["model_name"],
+            t["version"],
+            TAG_DISTILLED_INTO,
+            _appended(mv.tags.get(TAG_DISTILLED_INTO), student),
+        )
     if t.get("run_id"):
         try:
             run = client.get_run(t["run_id"])
-            client.set_tag(t["run_id"], TAG_DISTILLED_INTO,
-                           _appended(run.data.tags.get(TAG_DISTILLED_INTO), student))
+            client.set_tag(
+                t["run_id"],
+                TAG_DISTILLED_INTO,
+                _appended(run.data.tags.get(TAG_DISTILLED_INTO), student),
+            )
         except Exception:  # noqa: BLE001 - the teacher's run may live in another store
             log.warning("the teacher's run %s is not in this tracking store", t["run_id"])
     return decision

@@ -247,6 +247,52 @@ class DinoBlock(Block):
         return xr + (y if s2 is None else y * s2[sample, None])
 
 
+def _check_arguments(img_size: int, patch_size: int, drop_path_rate: float, ffn: str) -> None:
+    """Refuse an unknown ffn, a crop not a whole number of patches, a rate outside [0, 1)."""
+    if ffn not in ("mlp", "swiglu"):
+        raise ValueError(f"ffn must be 'mlp' or 'swiglu', got {ffn!r}")
+    if img_size % patch_size != 0:
+        raise ValueError(f"img_size {img_size} is not a multiple of patch_size {patch_size}")
+    if not 0.0 <= drop_path_rate < 1.0:
+        raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate}")
+
+
+def _timm_vit(kw: dict[str, Any]) -> VisionTransformer:
+    """timm's VisionTransformer for ``DinoVisionTransformer``'s constructor kwargs (no drop path:
+    timm decays it linearly, DINOv2 keeps it uniform; ``_set_drop_path`` sets it)."""
+    mlp_kwargs: dict[str, Any] = {}
+    if kw["ffn"] == "swiglu":
+        mlp_kwargs = dict(mlp_layer=SwiGLUFFN, act_layer=nn.SiLU)
+    return VisionTransformer(
+        img_size=kw["img_size"],
+        patch_size=kw["patch_size"],
+        in_chans=kw["in_chans"],
+        num_classes=0,
+        global_pool="token",
+        embed_dim=kw["embed_dim"],
+        depth=kw["depth"],
+        num_heads=kw["num_heads"],
+        mlp_ratio=kw["mlp_ratio"],
+        qkv_bias=kw["qkv_bias"],
+        init_values=kw["layerscale_init"] or None,
+        class_token=True,
+        no_embed_class=True,
+        reg_tokens=kw["num_register_tokens"],
+        dynamic_img_size=True,
+        drop_path_rate=0.0,  # timm decays linearly; DINOv2 is uniform: _set_drop_path
+        norm_layer=partial(nn.LayerNorm, eps=kw["layer_norm_eps"]),  # partial: picklable
+        block_fn=DinoBlock,
+        **mlp_kwargs,
+    )
+
+
+def _set_drop_path(vit: VisionTransformer, drop_path_rate: float) -> None:
+    """The same stochastic-depth probability on every block (DINOv2)."""
+    for blk in vit.blocks:
+        blk.drop_path1 = DropPath(drop_path_rate) if drop_path_rate > 0 else nn.Identity()
+        blk.drop_path2 = DropPath(drop_path_rate) if drop_path_rate > 0 else nn.Identity()
+
+
 class DinoVisionTransformer(nn.Module):
     """ViT backbone for DINOv2 training. Inputs (B, C, H, W) with H, W multiples of patch_size.
 
@@ -285,12 +331,7 @@ class DinoVisionTransformer(nn.Module):
         interpolate_antialias: bool = False,
     ) -> None:
         super().__init__()
-        if ffn not in ("mlp", "swiglu"):
-            raise ValueError(f"ffn must be 'mlp' or 'swiglu', got {ffn!r}")
-        if img_size % patch_size != 0:
-            raise ValueError(f"img_size {img_size} is not a multiple of patch_size {patch_size}")
-        if not 0.0 <= drop_path_rate < 1.0:
-            raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate}")
+        _check_arguments(img_size, patch_size, drop_path_rate, ffn)
         self._kwargs: dict[str, Any] = dict(
             img_size=img_size,
             patch_size=patch_size,
@@ -317,33 +358,8 @@ class DinoVisionTransformer(nn.Module):
         self.in_chans = in_chans
         self.img_size = img_size
 
-        mlp_kwargs: dict[str, Any] = {}
-        if ffn == "swiglu":
-            mlp_kwargs = dict(mlp_layer=SwiGLUFFN, act_layer=nn.SiLU)
-        self.vit = VisionTransformer(
-            img_size=img_size,
-            patch_size=patch_size,
-            in_chans=in_chans,
-            num_classes=0,
-            global_pool="token",
-            embed_dim=embed_dim,
-            depth=depth,
-            num_heads=num_heads,
-            mlp_ratio=mlp_ratio,
-            qkv_bias=qkv_bias,
-            init_values=layerscale_init or None,
-            class_token=True,
-            no_embed_class=True,
-            reg_tokens=num_register_tokens,
-            dynamic_img_size=True,
-            drop_path_rate=0.0,  # timm decays linearly; DINOv2 is uniform: set below
-            norm_layer=partial(nn.LayerNorm, eps=layer_norm_eps),  # partial: picklable
-            block_fn=DinoBlock,
-            **mlp_kwargs,
-        )
-        for blk in self.vit.blocks:
-            blk.drop_path1 = DropPath(drop_path_rate) if drop_path_rate > 0 else nn.Identity()
-            blk.drop_path2 = DropPath(drop_path_rate) if drop_path_rate > 0 else nn.Identity()
+        self.vit = _timm_vit(self._kwargs)
+        _set_drop_path(self.vit, drop_path_rate)
         self.mask_token = nn.Parameter(torch.zeros(1, embed_dim))
 
     # ------------------------------------------------------------------ helpers

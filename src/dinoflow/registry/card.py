@@ -18,8 +18,12 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def _use(model_name: str, decision: Mapping[str, Any], summary: Mapping[str, Any],
-         embedder_name: str | None) -> list[str]:  # fmt: skip
+def _use(
+    model_name: str,
+    decision: Mapping[str, Any],
+    summary: Mapping[str, Any],
+    embedder_name: str | None,
+) -> list[str]:
     """How to load and serve the version."""
     v = decision["version"]
     return [
@@ -35,15 +39,22 @@ def _use(model_name: str, decision: Mapping[str, Any], summary: Mapping[str, Any
         f"mean {list(summary.get('mean', []))}, std {list(summary.get('std', []))}, "
         f"image_size {summary.get('image_size')}, channels {summary.get('channels')}.",
         "",
-        *([f"Serve (image files in, embeddings out): `mlflow models serve -m "
-           f"models:/{embedder_name}@{decision['alias']} --env-manager local -h 127.0.0.1` "
-           f"(`{embedder_name}`: the same weights, alias `{decision['alias']}`).", ""]
-          if embedder_name else []),
-    ]  # fmt: skip
+        *(
+            [
+                f"Serve (image files in, embeddings out): `mlflow models serve -m "
+                f"models:/{embedder_name}@{decision['alias']} --env-manager local -h 127.0.0.1` "
+                f"(`{embedder_name}`: the same weights, alias `{decision['alias']}`).",
+                "",
+            ]
+            if embedder_name
+            else []
+        ),
+    ]
 
 
-def _provenance(decision: Mapping[str, Any], summary: Mapping[str, Any],
-                lineage: Mapping[str, Any]) -> list[str]:  # fmt: skip
+def _provenance(
+    decision: Mapping[str, Any], summary: Mapping[str, Any], lineage: Mapping[str, Any]
+) -> list[str]:
     """The data, the code and the runs the version came from."""
     data = summary.get("data") or {}
     return [
@@ -67,8 +78,12 @@ def _provenance(decision: Mapping[str, Any], summary: Mapping[str, Any],
     ]
 
 
-def _numbers(decision: Mapping[str, Any], summary: Mapping[str, Any], metrics: Mapping[str, Any],
-             backbone_kwargs: Mapping[str, Any]) -> list[str]:  # fmt: skip
+def _numbers(
+    decision: Mapping[str, Any],
+    summary: Mapping[str, Any],
+    metrics: Mapping[str, Any],
+    backbone_kwargs: Mapping[str, Any],
+) -> list[str]:
     """Architecture, training, metrics and the promotion decision."""
     return [
         "## Architecture",
@@ -78,22 +93,31 @@ def _numbers(decision: Mapping[str, Any], summary: Mapping[str, Any], metrics: M
         "",
         "## Training",
         f"- steps: {summary.get('steps')}, images/s: {_fmt(summary.get('images_per_second'))}",
-        *(f"- final {k}: {_fmt(val)}" for k, val in (summary.get("final") or {}).items()
-          if k.startswith("loss/")),
+        *(
+            f"- final {k}: {_fmt(val)}"
+            for k, val in (summary.get("final") or {}).items()
+            if k.startswith("loss/")
+        ),
         "",
         "## Metrics",
         "| metric | value |",
         "|---|---|",
-        *(f"| {k} | {val:.4f} |" for k, val in sorted(metrics.items())
-          if isinstance(val, int | float) and not isinstance(val, bool)),
+        *(
+            f"| {k} | {val:.4f} |"
+            for k, val in sorted(metrics.items())
+            if isinstance(val, int | float) and not isinstance(val, bool)
+        ),
         "",
         "## Promotion",
         f"- metric: {decision.get('metric_why') or decision.get('metric_name', 'knn_top1')}",
         f"- this version: {decision['metric']:.4f}; champion before: "
-        + ("none" if decision.get("champion_metric") is None
-           else f"{decision['champion_metric']:.4f} (v{decision['champion_version']})"),
+        + (
+            "none"
+            if decision.get("champion_metric") is None
+            else f"{decision['champion_metric']:.4f} (v{decision['champion_version']})"
+        ),
         "",
-    ]  # fmt: skip
+    ]
 
 
 def model_card(

@@ -122,8 +122,13 @@ class RegisteredBackbone(nn.Module):
                 "(run the pretrain pipeline first)"
             )
         backbone = load_model(path, key="pretrain_summary.teacher_backbone").backbone
-        return cls(backbone, summary["mean"], summary["std"], summary["image_size"],
-                   summary.get("channels"))  # fmt: skip
+        return cls(
+            backbone,
+            summary["mean"],
+            summary["std"],
+            summary["image_size"],
+            summary.get("channels"),
+        )
 
 
 # Pickled (mlflow.pytorch, "pickle" format) under the path versions registered before the split

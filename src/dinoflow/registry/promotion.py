@@ -123,8 +123,9 @@ def compare(
     margin = f" - {min_improvement}" if min_improvement else ""
     if new < old - min_improvement:
         return True, f"beats champion v{champion}: {metric_name} {new:.4f} < {old:.4f}{margin}"
-    return False, (f"does not beat champion v{champion}: {metric_name} {new:.4f} >= "
-                   f"{old:.4f}{margin}")  # fmt: skip
+    return False, (
+        f"does not beat champion v{champion}: {metric_name} {new:.4f} >= {old:.4f}{margin}"
+    )
 
 
 def decide(
@@ -148,6 +149,8 @@ def decide(
     if champion_metric is None:
         return False, f"champion v{champion} has no recorded {metric_tag(metric_name)}"
     if champion_data != data_id:
-        return False, (f"not comparable: champion v{champion} was evaluated on other data "
-                       f"({champion_data} != {data_id})")  # fmt: skip
+        return False, (
+            f"not comparable: champion v{champion} was evaluated on other data "
+            f"({champion_data} != {data_id})"
+        )
     return compare(metric_name, metric_value, champion_metric, min_improvement, champion)

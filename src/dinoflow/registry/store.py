@@ -131,14 +131,18 @@ def log_and_register(
         code_paths=code_paths,
         metadata={
             "dinoflow": {
-                "mean": list(model.mean), "std": list(model.std), "image_size": model.image_size,
-                "crop_ratio": model.crop_ratio, "in_chans": model.in_chans,
-                "patch_size": model.patch_size, "embed_dim": model.embed_dim,
+                "mean": list(model.mean),
+                "std": list(model.std),
+                "image_size": model.image_size,
+                "crop_ratio": model.crop_ratio,
+                "in_chans": model.in_chans,
+                "patch_size": model.patch_size,
+                "embed_dim": model.embed_dim,
                 "preprocessing": model.preprocessing,
                 **(metadata or {}),
             }
         },
-    )  # fmt: skip
+    )
     version = mlflow.register_model(
         info.model_uri, model_name, tags={k: str(v) for k, v in (tags or {}).items()}
     )
@@ -153,6 +157,40 @@ def _alias_version(client, model_name: str, alias: str):
         return client.get_model_version_by_alias(model_name, alias)
     except MlflowException:
         return None
+
+
+def _tag_candidate(
+    client,
+    model_name: str,
+    version: str,
+    tag_metric: str,
+    metric_value: float,
+    metric_name: str,
+    data_id: str,
+) -> None:
+    """The version's metric value, promotion metric and evaluation data id, as its tags."""
+    for tag, value in (
+        (tag_metric, repr(metric_value)),
+        (TAG_PROMOTION_METRIC, metric_name),
+        (TAG_EVAL_DATA, data_id),
+    ):
+        client.set_model_version_tag(model_name, version, tag, value)
+
+
+def _champion(
+    client, model_name: str, version: str, tag_metric: str
+) -> tuple[str | None, float | None, str | None]:
+    """(version, metric, eval data id) of the champion (None if there is none); another
+    champion than ``version`` is recorded on it, given back if this one is undone."""
+    champ = _alias_version(client, model_name, CHAMPION)
+    other = champ if champ is not None and str(champ.version) != version else None
+    if other is not None:  # given back if this one is undone
+        client.set_model_version_tag(model_name, version, TAG_PREVIOUS_CHAMPION, str(other.version))
+    raw = other.tags.get(tag_metric) if other is not None else None
+    champ_metric = float(raw) if raw is not None else None
+    champ_data = other.tags.get(TAG_EVAL_DATA) if other is not None else None
+    champ_version = None if champ is None else str(champ.version)
+    return champ_version, champ_metric, champ_data
 
 
 def promote(
@@ -181,19 +219,18 @@ def promote(
     if not math.isfinite(metric_value):
         raise ValueError(f"promote: metric value {metric_value} is not finite")
     tag_metric = metric_tag(metric_name)
-    for tag, value in ((tag_metric, repr(metric_value)), (TAG_PROMOTION_METRIC, metric_name),
-                       (TAG_EVAL_DATA, data_id)):  # fmt: skip
-        client.set_model_version_tag(model_name, version, tag, value)
-    champ = _alias_version(client, model_name, CHAMPION)
-    other = champ if champ is not None and str(champ.version) != version else None
-    if other is not None:  # given back if this one is undone
-        client.set_model_version_tag(model_name, version, TAG_PREVIOUS_CHAMPION, str(other.version))
-    raw = other.tags.get(tag_metric) if other is not None else None
-    champ_metric = float(raw) if raw is not None else None
-    champ_data = other.tags.get(TAG_EVAL_DATA) if other is not None else None
-    champ_version = None if champ is None else str(champ.version)
-    promoted, reason = decide(version, metric_name, metric_value, data_id, champ_version,
-                              champ_metric, champ_data, min_improvement)  # fmt: skip
+    _tag_candidate(client, model_name, version, tag_metric, metric_value, metric_name, data_id)
+    champ_version, champ_metric, champ_data = _champion(client, model_name, version, tag_metric)
+    promoted, reason = decide(
+        version,
+        metric_name,
+        metric_value,
+        data_id,
+        champ_version,
+        champ_metric,
+        champ_data,
+        min_improvement,
+    )
     alias = CHAMPION if promoted else CHALLENGER
     client.set_registered_model_alias(model_name, alias, version)
     decision = {
@@ -366,10 +403,13 @@ def _evaluation_run(client, run_id: str, pretrain_run_id: str | None, data_id: s
         experiment = client.get_run(run_id).info.experiment_id
         runs = client.search_runs(
             [experiment],
-            filter_string=(f"tags.`dinoflow.pretrain_run_id` = '{pretrain_run_id}' and "
-                           f"tags.`dinoflow.eval_data_id` = '{data_id}'"),
-            order_by=["attributes.start_time DESC"], max_results=5,
-        )  # fmt: skip
+            filter_string=(
+                f"tags.`dinoflow.pretrain_run_id` = '{pretrain_run_id}' and "
+                f"tags.`dinoflow.eval_data_id` = '{data_id}'"
+            ),
+            order_by=["attributes.start_time DESC"],
+            max_results=5,
+        )
     except Exception:  # noqa: BLE001 - lineage is best effort; the decision does not need it
         return None
     return runs[0].info.run_id if runs else None
@@ -381,8 +421,9 @@ def _register_embedder(
     """``dinoflow-embedder`` over the backbone ``version`` just promoted, with its aliases."""
     from dinoflow.serving import register_embedder
 
-    return register_embedder(version, model, cfg.model_name, cfg.embedder_name, tags=tags,
-                             log_code=cfg.log_code)  # fmt: skip
+    return register_embedder(
+        version, model, cfg.model_name, cfg.embedder_name, tags=tags, log_code=cfg.log_code
+    )
 
 
 def _lineage(
@@ -428,9 +469,19 @@ def _attach_card(
     import mlflow
 
     pictures = _pictures(summary, report, cfg.pictures)
-    card = model_card(cfg.model_name, decision, summary, metrics, lineage,
-                      model.backbone.backbone_kwargs(), [p.name for p in pictures],
-                      cfg.embedder_name) + card_extra  # fmt: skip
+    card = (
+        model_card(
+            cfg.model_name,
+            decision,
+            summary,
+            metrics,
+            lineage,
+            model.backbone.backbone_kwargs(),
+            [p.name for p in pictures],
+            cfg.embedder_name,
+        )
+        + card_extra
+    )
     for p in pictures:
         mlflow.log_artifact(str(p), artifact_path="model_card")
     mlflow.log_text(card, "model_card/model_card.md")
@@ -457,9 +508,13 @@ def _registered_model(
     )
 
 
-def _promotion_inputs(cfg: RegistrationConfig, summary: Mapping[str, Any],
-                      metrics: Mapping[str, Any], report: Mapping[str, Any],
-                      labelled: bool | None) -> tuple[str, float, str, str]:  # fmt: skip
+def _promotion_inputs(
+    cfg: RegistrationConfig,
+    summary: Mapping[str, Any],
+    metrics: Mapping[str, Any],
+    report: Mapping[str, Any],
+    labelled: bool | None,
+) -> tuple[str, float, str, str]:
     """(metric, its value, why it decides, eval_data_id), checked before any work."""
     if labelled is None:
         labelled = bool(report.get("labelled", AUTO_LABELLED_METRIC in metrics))
@@ -487,8 +542,12 @@ def _unchanged(client, existing, cfg: RegistrationConfig) -> dict[str, Any]:
 
     result = _already_registered(client, existing, cfg)
     log.info("%s: %s", cfg.model_name, result["reason"])
-    mlflow.set_tags({"dinoflow.registered_version": f"{cfg.model_name}/{existing.version}",
-                     "dinoflow.registration_decision": "unchanged"})  # fmt: skip
+    mlflow.set_tags(
+        {
+            "dinoflow.registered_version": f"{cfg.model_name}/{existing.version}",
+            "dinoflow.registration_decision": "unchanged",
+        }
+    )
     return result
 
 
@@ -506,18 +565,26 @@ def _version_tags(
     return known
 
 
-def _log_decision(cfg: RegistrationConfig, version: str, value: float,
-                  decision: Mapping[str, Any]) -> None:  # fmt: skip
+def _log_decision(
+    cfg: RegistrationConfig, version: str, value: float, decision: Mapping[str, Any]
+) -> None:
     """The numbers and the decision on the registration run."""
     import mlflow
 
-    numbers = {"registration/metric": value, "registration/promoted": float(decision["promoted"]),
-               "registration/version": float(version)}  # fmt: skip
+    numbers = {
+        "registration/metric": value,
+        "registration/promoted": float(decision["promoted"]),
+        "registration/version": float(version),
+    }
     if decision["champion_metric"] is not None:
         numbers["registration/champion_metric"] = decision["champion_metric"]
     mlflow.log_metrics(numbers)
-    mlflow.set_tags({"dinoflow.registered_version": f"{cfg.model_name}/{version}",
-                     "dinoflow.registration_decision": decision["alias"]})  # fmt: skip
+    mlflow.set_tags(
+        {
+            "dinoflow.registered_version": f"{cfg.model_name}/{version}",
+            "dinoflow.registration_decision": decision["alias"],
+        }
+    )
 
 
 def _repair_and_find(client, cfg: RegistrationConfig, model: RegisteredBackbone) -> tuple[str, Any]:
@@ -530,6 +597,65 @@ def _repair_and_find(client, cfg: RegistrationConfig, model: RegisteredBackbone)
         remove_orphan_embedders(cfg.model_name, cfg.embedder_name, client)
     sha = weights_sha256(model)
     return sha, registered_with_weights(client, cfg.model_name, sha)
+
+
+def _log_version(
+    model: RegisteredBackbone,
+    cfg: RegistrationConfig,
+    known: Mapping[str, str],
+    sha: str,
+    summary: Mapping[str, Any],
+):
+    """A new version of the weights, tagged as started (complete once the job is done)."""
+    return log_and_register(
+        model,
+        cfg.model_name,
+        tags={**known, TAG_STARTED: "true", TAG_WEIGHTS: sha},
+        metadata={"fingerprint": summary.get("fingerprint", "")},
+        input_example_batch=cfg.input_example_batch,
+        log_code=cfg.log_code,
+    )
+
+
+def _promote_version(
+    client, cfg: RegistrationConfig, version, metric: str, value: float, data_id: str, why: str
+) -> dict[str, Any]:
+    """``promote`` the new version on ``metric``; the decision, with why that metric."""
+    import mlflow
+
+    mlflow.set_tag(TAG_PROMOTION_METRIC, metric)
+    decision = promote(
+        version.version,
+        value,
+        data_id,
+        cfg.model_name,
+        cfg.min_improvement,
+        client,
+        metric_name=metric,
+    )
+    decision["metric_why"] = why
+    return decision
+
+
+def _registration_result(
+    cfg: RegistrationConfig,
+    version,
+    decision: Mapping[str, Any],
+    metric: str,
+    lineage: Mapping[str, Any],
+    model: RegisteredBackbone,
+    known: Mapping[str, str],
+) -> dict[str, Any]:
+    """The registration summary; the embedder registered beside the backbone, if configured."""
+    result = {
+        **decision,
+        "metric_name": metric,
+        "model_uri": f"models:/{cfg.model_name}/{version.version}",
+        "lineage": lineage,
+    }
+    if cfg.embedder_name:
+        result["embedder"] = _register_embedder(version, model, cfg, known)
+    return result
 
 
 def register_pretrained(
@@ -570,23 +696,22 @@ def register_pretrained(
             return _unchanged(client, existing, cfg)
         lineage = _lineage(client, run.info.run_id, summary, metrics, report, data_id, git_commit)
         known = _version_tags(lineage, extra_tags)
-        version = log_and_register(
-            model, cfg.model_name, tags={**known, TAG_STARTED: "true", TAG_WEIGHTS: sha},
-            metadata={"fingerprint": summary.get("fingerprint", "")},
-            input_example_batch=cfg.input_example_batch, log_code=cfg.log_code,
-        )  # fmt: skip
-        mlflow.set_tag(TAG_PROMOTION_METRIC, metric)
-        decision = promote(version.version, value, data_id, cfg.model_name, cfg.min_improvement,
-                           client, metric_name=metric)  # fmt: skip
-        decision["metric_why"] = why
-        _attach_card(client, cfg, version.version, decision, summary, metrics, report, lineage,
-                     model, card_extra)  # fmt: skip
+        version = _log_version(model, cfg, known, sha, summary)
+        decision = _promote_version(client, cfg, version, metric, value, data_id, why)
+        _attach_card(
+            client,
+            cfg,
+            version.version,
+            decision,
+            summary,
+            metrics,
+            report,
+            lineage,
+            model,
+            card_extra,
+        )
         _log_decision(cfg, version.version, value, decision)
-        result = {**decision, "metric_name": metric,
-                  "model_uri": f"models:/{cfg.model_name}/{version.version}",
-                  "lineage": lineage}  # fmt: skip
-        if cfg.embedder_name:
-            result["embedder"] = _register_embedder(version, model, cfg, known)
+        result = _registration_result(cfg, version, decision, metric, lineage, model, known)
         mlflow.log_dict(result, "registration/decision.json")
         client.set_model_version_tag(cfg.model_name, version.version, TAG_COMPLETE, "true")
     return result
