@@ -16,6 +16,7 @@ non-overlapping tiles and their overlapping crops), beside each variant's random
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shutil
 import time
@@ -55,23 +56,6 @@ def prepare_project(workdir: Path) -> Path:
     return project
 
 
-def in_project(project: Path):
-    """The working directory set to ``project`` (conf's cache folder is relative to it)."""
-    import contextlib
-    import os
-
-    @contextlib.contextmanager
-    def cwd():
-        here = Path.cwd()
-        os.chdir(project)
-        try:
-            yield
-        finally:
-            os.chdir(here)
-
-    return cwd()
-
-
 def photo_config(project: Path, params: list[str]) -> tuple[dict, dict]:
     """(data, pretrain) parameters of conf/base + conf/photos + ``params`` (as kedro merges them)."""
     import yaml
@@ -102,7 +86,7 @@ def seconds_per_step(project: Path, photos: Path, params: list[str]) -> float:
 
     data, pretrain = photo_config(project, [f"data.path={photos}", *params])
     cpu = torch.device("cpu")
-    with in_project(project):
+    with contextlib.chdir(project):  # conf's cache folder is relative to the project
         data_cfg = DataConfig.model_validate(data)
         build_for_data(data_cfg, progress=False)
         split = load_data(data_cfg)["train"]

@@ -202,11 +202,7 @@ class DINOv2:
                 t_cls, t_masked = self.teacher.teacher_forward(global_crops, masks, max_masked)
                 if gram:
                     t_patches = self.gram_teacher.forward_patches(global_crops)
-            out = (
-                model(global_crops, local_crops, masks, max_masked, patches=gram)
-                if gram
-                else (model(global_crops, local_crops, masks, max_masked))
-            )
+            out = model(global_crops, local_crops, masks, max_masked, patches=gram)
         # targets, centering and losses in fp32 whatever the precision (as the reference on
         # GPU); inference tensors cannot be saved for backward: plain copies (2B x K, small)
         t_cls, t_masked = t_cls.float().clone(), t_masked[:n_masked].float().clone()
