@@ -83,7 +83,16 @@ def test_this_machine_is_reported_as_it_is() -> None:
     from pathlib import Path
 
     flags = set(Path("/proc/cpuinfo").read_text().split())
-    assert prec.cpu_bf16_units() == bool(flags & {"amx_bf16", "avx512_bf16"})
+    usable = torch.backends.cpu.get_cpu_capability() == "AVX512"  # ATEN_CPU_CAPABILITY may cap it
+    assert prec.cpu_bf16_units() == (usable and bool(flags & {"amx_bf16", "avx512_bf16"}))
+
+
+def test_kernels_capped_at_avx2_mean_fp32(monkeypatch) -> None:
+    """ATEN_CPU_CAPABILITY=avx2 (an AVX2-only machine, or one told to act as one): bf16 matmuls
+    would be emulated, so ``auto`` trains in fp32 even on a CPU with bf16 units."""
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    assert not prec.cpu_bf16_units()
+    assert precision_choice(cfg(), CPU)[0] == "fp32"
 
 
 def test_the_summary_says_the_precision(tmp_path) -> None:

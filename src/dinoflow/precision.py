@@ -24,7 +24,10 @@ MIN_BF16_MACS = 2**24  # one MLP layer's multiply-accumulates from which bf16 is
 
 def cpu_bf16_units() -> bool:
     """Native bf16 matrix units on this CPU (Intel AMX tiles or AVX512-BF16; lscpu's
-    ``amx_bf16`` / ``avx512_bf16``). Without them bf16 matmuls are emulated, ~100x slower."""
+    ``amx_bf16`` / ``avx512_bf16``) that PyTorch's kernels may use: ``ATEN_CPU_CAPABILITY=avx2``
+    limits them to AVX2, where bf16 matmuls are emulated, ~100x slower."""
+    if torch.backends.cpu.get_cpu_capability() != "AVX512":
+        return False
     checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
     return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
 
