@@ -56,8 +56,9 @@ smoke: data  ## the default pipeline on the tiny smoke profile (a few minutes)
 test: install  ## the whole test suite
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-lint: install  ## ruff, and the import layers (import-linter contracts in pyproject.toml)
+lint: install  ## ruff (and the library formatted as ruff writes it), and the import layers (import-linter contracts in pyproject.toml)
 	$(VENV)/bin/ruff check src pipelines tests benchmarks experiments
+	$(VENV)/bin/ruff format --check src
 	$(VENV)/bin/lint-imports
 
 bench: data  ## benchmarks -> benchmarks/results/latest.json and latest.md

@@ -1,7 +1,7 @@
 """Continued pretraining from released-format weights, on CPU: naive versus protected.
 
 1. A small backbone pretrained by dinoflow on Fashion-MNIST (``--backbone PATH``: a dinoflow
-   backbone file, e.g. data/06_models/teacher_backbone.pt; otherwise pretrained here briefly).
+   backbone file, e.g. data/06_models/pretrain/teacher_backbone.pt; otherwise pretrained here briefly).
 2. Saved in the official DINOv2 key layout (``save_official_layout``), as a release would be:
    teacher backbone only, no heads.
 3. Continued with ``train.pretrain`` (``init.weights`` = that file) on a shifted domain

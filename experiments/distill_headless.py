@@ -1,6 +1,6 @@
 """A teacher without heads: fitted heads or feature distillation? Measured on a short run.
 
-1. The teacher of a dinoflow run directory (``--teacher``, default data/06_models: the conf/base
+1. The teacher of a dinoflow run directory (``--teacher``, default data/06_models/pretrain: the conf/base
    champion's files) distils as it is, with its own heads (``heads``: the reference point).
 2. Its backbone saved in the official DINOv2 layout (``save_official_layout``: a release has no
    heads), then distilled two ways (``distillation.teacher.headless``):
@@ -77,7 +77,7 @@ def run(mode: str, teacher_dir: Path, released: Path, arch: dict, steps: int, ou
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--teacher", type=Path, default=ROOT / "data/06_models")
+    ap.add_argument("--teacher", type=Path, default=ROOT / "data/06_models/pretrain")
     ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--fit-steps", type=int, default=300)
     ap.add_argument("--threads", type=int, default=2)

@@ -5,7 +5,7 @@ wall-clock time (docs/results.md, "Distillation"). Three phases, from the reposi
     #    student, in one process, alternating (torch.compile'd as conf/base runs them):
     python -m experiments.distill_vs_scratch probe --distill-steps 3200
     # 2. the distillation itself: the pipeline, from the run directory of the champion
-    kedro run --pipelines=distillation --params=distillation.teacher.source=data/06_models
+    kedro run --pipelines=distillation --params=distillation.teacher.source=data/06_models/pretrain
     # 3. the student architecture pretrained from scratch (the pretrain job, conf/base's recipe)
     #    for the number of steps that takes the distillation's time, then the evaluation job:
     python -m experiments.distill_vs_scratch scratch --steps N
@@ -55,7 +55,7 @@ def _yaml(name: str, section: str) -> dict:
 
 def distillation_config() -> DistillationConfig:
     params = _yaml("parameters_distillation.yml", "distillation")
-    return DistillationConfig.model_validate(deep_merge(params, {"teacher": {"source": "data/06_models"}}))
+    return DistillationConfig.model_validate(deep_merge(params, {"teacher": {"source": "data/06_models/pretrain"}}))
 
 
 def scratch_config(steps: int, time_budget_min: float | None = None) -> PretrainConfig:

@@ -50,7 +50,7 @@ def run_variant(project: Path, params: list[str], steps: int, out: Path) -> dict
     out.mkdir(parents=True, exist_ok=True)
     for png in (project / "data/08_reporting/evaluation").glob("*.png"):
         shutil.copy(png, out / png.name)
-    shutil.copy(project / "data/06_models/history.json", out / "history.json")
+    shutil.copy(project / "data/06_models/pretrain/history.json", out / "history.json")
     return {"params": params, "seconds": round(seconds), "steps": summary["steps"],
             "images_per_second": summary.get("images_per_second"),
             "final_loss": summary["final"], **{k: metrics.get(k) for k in KEYS}}

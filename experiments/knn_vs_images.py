@@ -2,7 +2,7 @@
 
 Reads what ``make run`` (or any pretrain + evaluation run) left, from the repository root:
 
-    python -m experiments.knn_vs_images --label "make run" [--run-dir data/06_models] [--metrics data/08_reporting/metrics.json]
+    python -m experiments.knn_vs_images --label "make run" [--run-dir data/06_models/pretrain] [--metrics data/08_reporting/metrics.json]
 
 - the online curve: the teacher's kNN top-1 (k = 20) at every check of the run (a fixed train
   bank against validation queries; ``history.json``), with raw pixels on the same bank and queries
@@ -12,7 +12,7 @@ Reads what ``make run`` (or any pretrain + evaluation run) left, from the reposi
 
 Images seen = steps x batch size x processes (each image gives 2 global and ``n_local`` local
 crops). The run's curve is stored under ``--label`` in experiments/results/knn_vs_images.json
-beside the runs stored before (a longer run overwrites data/06_models, not the stored curves);
+beside the runs stored before (a longer run overwrites data/06_models/pretrain, not the stored curves);
 docs/images/knn_vs_images.png draws them all.
 """
 
@@ -88,7 +88,7 @@ def stored_curves(path: Path) -> dict[str, dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run-dir", type=Path, default=ROOT / "data/06_models")
+    parser.add_argument("--run-dir", type=Path, default=ROOT / "data/06_models/pretrain")
     parser.add_argument("--metrics", type=Path, default=ROOT / "data/08_reporting/metrics.json")
     parser.add_argument("--label", default="make run", help="the run's name in the picture")
     parser.add_argument("--out", type=Path, default=ROOT / "docs/images/knn_vs_images.png")

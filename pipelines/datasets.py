@@ -3,23 +3,28 @@
 - ``ResultDataset``: a typed job result (``dinoflow.results``: PretrainSummary, EvaluationReport,
   RegistrationDecision) as JSON, written atomically; ``optional: true`` loads None when absent
   (e.g. evaluation of a model given by parameter, without a pretrain run).
-- ``BackboneDataset``: the trained teacher backbone (``dinoflow.models.vit.save_backbone`` file),
-  loaded as the ``DinoVisionTransformer`` it holds.
-- ``AtomicJSONDataset``: a plain JSON dict written atomically (metrics.json).
+- ``AtomicJSONDataset``: a plain JSON dict written atomically.
+- ``ReportSetDataset``: an evaluation's metrics, report and folder of pictures and details
+  (``ReportSet``), replaced as one set: a reader, or a run killed mid-save, sees the old set or
+  the new one, never a mix.
 - ``OptionalCSVDataset``: a CSV that loads as None when absent (pretrain without curation).
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import json
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kedro.io import AbstractDataset
+from kedro.io import AbstractDataset, DatasetError
 from kedro_datasets.pandas import CSVDataset
 
-from dinoflow.files import atomic_write_json
+from dinoflow.files import atomic_write_json, recover_swaps, staging_folder, swap_in
+from dinoflow.results import EvaluationReport
 
 
 class OptionalCSVDataset(CSVDataset):
@@ -27,6 +32,17 @@ class OptionalCSVDataset(CSVDataset):
 
     def load(self) -> Any:
         return super().load() if self._exists() else None
+
+    def md5(self) -> str:
+        """The md5 DVC records for the file (its content hash), or "absent"."""
+        path = Path(self._filepath)
+        if not path.is_file():
+            return "absent"
+        digest = hashlib.md5()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+        return digest.hexdigest()
 
 
 class AtomicJSONDataset(AbstractDataset):
@@ -71,26 +87,84 @@ class ResultDataset(AtomicJSONDataset):
         return {**super()._describe(), "model": self._model.__name__}
 
 
-class BackboneDataset(AbstractDataset):
-    """The teacher backbone file; ``optional: true`` loads None when it is absent."""
+@dataclass
+class ReportSet:
+    """One evaluation's output: its metrics, its report and the folder of the files the report
+    names (pictures, details). A node returns it with ``folder`` a temporary folder; the catalog's
+    ``ReportSetDataset`` moves that folder into place."""
 
-    def __init__(self, filepath: str, optional: bool = False, metadata: dict | None = None):
-        self._path, self._optional, self.metadata = Path(filepath), optional, metadata
+    metrics: dict[str, float]
+    report: EvaluationReport
+    folder: Path
 
-    def load(self) -> Any:
-        from dinoflow.models.vit import load_backbone
+    @property
+    def mlflow_run_id(self) -> str | None:
+        return self.report.mlflow_run_id
 
-        if self._optional and not self._path.is_file():
+
+def _relocated(value: Any, old: str, new: str) -> Any:
+    """``value`` (JSON data) with every string path under ``old`` moved under ``new``."""
+    if isinstance(value, dict):
+        return {k: _relocated(v, old, new) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_relocated(v, old, new) for v in value]
+    if isinstance(value, str) and (value == old or value.startswith(old + "/")):
+        return new + value[len(old) :]
+    return value
+
+
+class ReportSetDataset(AbstractDataset):
+    """``folder`` (pictures and details), ``metrics`` and ``report`` (JSON files, inside the
+    folder or beside it), saved as one change (``dinoflow.files.swap_in``): a kill mid-save
+    leaves the previous set whole, and the next load or save finishes a committed swap.
+
+    save(ReportSet): the set's folder is moved in and the report's paths point into ``folder``.
+    load() -> ReportSet (``optional: true``: None when the set was never written).
+    """
+
+    def __init__(self, folder: str, metrics: str, report: str, optional: bool = False,
+                 metadata: dict | None = None):
+        self._folder, self._optional, self.metadata = Path(folder), optional, metadata
+        self._files = {"metrics": Path(metrics), "report": Path(report)}
+
+    def _inside(self, path: Path) -> Path | None:
+        """``path`` relative to the folder, or None when it lies beside it."""
+        try:
+            return path.relative_to(self._folder)
+        except ValueError:
             return None
-        return load_backbone(self._path)
 
-    def save(self, data: Any) -> None:
-        from dinoflow.models.vit import save_backbone
+    def save(self, data: ReportSet) -> None:
+        recover_swaps(self._folder.parent)
+        staging = staging_folder(self._folder)
+        shutil.copytree(data.folder, staging, dirs_exist_ok=True)
+        report = _relocated(data.report.model_dump(mode="json"), str(data.folder), str(self._folder))
+        beside = {}
+        for name, content in (("metrics", data.metrics), ("report", report)):
+            path = self._files[name]
+            inside = self._inside(path)
+            if inside is None:  # written into the staging folder, copied out at the swap
+                inside = Path(f".{name}-{path.name}")
+                beside[str(inside)] = path
+            atomic_write_json(staging / inside, content)
+        swap_in(staging, self._folder, beside)
+        for name in beside:
+            (self._folder / name).unlink(missing_ok=True)
+        shutil.rmtree(data.folder, ignore_errors=True)
 
-        save_backbone(data, self._path)
+    def load(self) -> ReportSet | None:
+        recover_swaps(self._folder.parent)
+        missing = [str(p) for p in self._files.values() if not p.is_file()]
+        if missing:
+            if self._optional:
+                return None
+            raise DatasetError(f"{', '.join(missing)}: not written yet (run the evaluation first)")
+        metrics = json.loads(self._files["metrics"].read_text())
+        report = EvaluationReport.model_validate_json(self._files["report"].read_text())
+        return ReportSet(metrics, report, self._folder)
 
     def _exists(self) -> bool:
-        return self._path.is_file()
+        return all(p.is_file() for p in self._files.values())
 
     def _describe(self) -> dict[str, Any]:
-        return {"filepath": str(self._path), "optional": self._optional}
+        return {"folder": str(self._folder), **{k: str(v) for k, v in self._files.items()}}

@@ -2,17 +2,16 @@
 
 - ``RunGuardHooks`` (first of all hooks, before kedro-mlflow opens its run): every parameter of
   the run validated (``validation.py``), MLflow runs left RUNNING by a process that died ended as
-  KILLED, an evaluation swap interrupted by a kill finished, and one ``kedro run`` at a time per
-  project (``data/.dinoflow.lock``; a second one is told which process holds it).
+  KILLED, and one ``kedro run`` at a time per project (``.dinoflow.lock`` in the folder settings.py
+  gives, ``data/``; a second run is told which process holds it).
 - ``LineageHooks``: kedro-mlflow opens one MLflow run per ``kedro run`` (conf/*/mlflow.yml) and
   logs flattened parameters; this hook names the run and tags it (pipeline, env, dataset, git
-  commit, DVC hash of the curated data, the process), so runs can be filtered and traced from a
-  registered model back to code and data.
+  commit, DVC hash of the catalog's curated manifest, the process), so runs can be filtered and
+  traced from a registered model back to code and data.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import socket
@@ -82,23 +81,17 @@ def git_commit(root: Path = Path(".")) -> str:
         return "unknown"
 
 
-def file_md5(path: Path) -> str:
-    """The md5 DVC records for a file (its content hash), or "absent"."""
-    if not path.is_file():
-        return "absent"
-    digest = hashlib.md5()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+def curated_data_md5(catalog) -> str:
+    """The md5 DVC records for the catalog's ``curated_manifest`` file, or "absent"."""
+    dataset = catalog.get("curated_manifest") if catalog is not None else None
+    return dataset.md5() if hasattr(dataset, "md5") else "absent"
 
 
 # Catalog inputs that record the MLflow run which made them -> the tag naming that parent run.
 # So the evaluation run points at its pretrain run and the registration run at both.
 PARENT_RUN_TAGS = {
     "pretrain_summary": "dinoflow.pretrain_run_id",
-    "metrics": "dinoflow.evaluation_run_id",
-    "evaluation_report": "dinoflow.evaluation_run_id",
+    "evaluation": "dinoflow.evaluation_run_id",
 }
 
 
@@ -118,9 +111,6 @@ def tag_parent_runs(inputs: dict[str, Any]) -> dict[str, str]:
     if tags:
         mlflow.set_tags(tags)
     return tags
-
-
-PROJECT_LOCK_FOLDER = Path("data")
 
 
 def process_tags() -> dict[str, str]:
@@ -163,21 +153,21 @@ def end_runs_of_dead_processes(experiment: str = "dinoflow") -> list[str]:
 
 
 class RunGuardHooks:
-    """Runs first (``tryfirst``): nothing starts unless the whole run can."""
+    """Runs first (``tryfirst``): nothing starts unless the whole run can. ``lock_folder``: where
+    the project's run lock lives (relative to the project)."""
 
-    def __init__(self) -> None:
-        self._lock = None
+    def __init__(self, lock_folder: str | Path = "data") -> None:
+        self._lock, self._lock_folder = None, Path(lock_folder)
 
     @hook_impl(tryfirst=True)
     def before_pipeline_run(self, run_params: dict[str, Any], pipeline, catalog) -> None:
-        from dinoflow.files import FolderLock, recover_swaps
+        from dinoflow.files import FolderLock
         from dinoflow.pipelines.validation import sections_used, validate_run_parameters
 
         validate_run_parameters(catalog.load("parameters"), sections_used(pipeline))
-        lock = FolderLock(PROJECT_LOCK_FOLDER, "kedro run")
+        lock = FolderLock(self._lock_folder, "kedro run")
         lock.__enter__()  # raises LockedError naming the holder
         self._lock = lock
-        recover_swaps(Path("data/08_reporting"))
         end_runs_of_dead_processes()
 
     def _release(self) -> None:
@@ -230,7 +220,7 @@ class LineageHooks:
             "dinoflow.dataset": dataset,
             "dinoflow.model": f"{arch}/{patch}",
             "dinoflow.git_commit": git_commit(),
-            "dinoflow.curated_data_md5": file_md5(Path("data/03_primary/curated_manifest.csv")),
+            "dinoflow.curated_data_md5": curated_data_md5(self._catalog),
             "dinoflow.kedro_session": str(rp.get("session_id", "")),
         }
 
@@ -245,8 +235,7 @@ class LineageHooks:
         if self._tagged:
             if "curated_manifest" in inputs:
                 # the default pipeline curates in the same run: tag the data it actually trains on
-                mlflow.set_tag("dinoflow.curated_data_md5",
-                               file_md5(Path("data/03_primary/curated_manifest.csv")))
+                mlflow.set_tag("dinoflow.curated_data_md5", curated_data_md5(catalog))
             return
         from dinoflow.tracking import mark_training_experiment
 

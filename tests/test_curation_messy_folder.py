@@ -208,7 +208,7 @@ def test_manifest_counts_and_report_files(curated) -> None:
     assert funnel["unreadable"] == 3 and funnel["low_information"] == 2
     assert res.report["counts"]["skipped_files"] == {"hidden": 1, "not_an_image": 1}
     report = tmp / "report"
-    for f in ["curation_report.json", "funnel.png", "duplicate_components.png",
+    for f in ["funnel.png", "duplicate_components.png",
               "eval_duplicates.png", "cluster_balance.png", "gx_docs/index.html"]:  # fmt: skip
         assert (report / f).is_file(), f
     warned = {c["kwargs"].get("column"): c["success"] for c in res.report["validation"]["checks"]

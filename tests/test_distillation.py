@@ -297,13 +297,15 @@ def test_pipeline_evaluates_beside_the_teacher_and_registers_with_lineage(
     from kedro.io import DataCatalog, MemoryDataset
     from kedro.runner import SequentialRunner
 
+    from dinoflow.pipelines.datasets import ReportSetDataset
     from dinoflow.pipelines.distillation import create_pipeline
 
     class Kept(MemoryDataset):  # the runner releases intermediate datasets; keep these
         def _release(self) -> None:
             pass
 
-    monkeypatch.chdir(tmp_path)  # data/08_reporting/distillation lands here
+    monkeypatch.chdir(tmp_path)
+    reports = tmp_path / "data/08_reporting/distillation"
     mlflow.set_experiment("dinoflow")
     teacher_run = _register_teacher(teacher_dir)
     params = {**STUDENT, "teacher": {"source": "models:/dinoflow-backbone@champion"},
@@ -317,8 +319,9 @@ def test_pipeline_evaluates_beside_the_teacher_and_registers_with_lineage(
         "params:distillation_registration": MemoryDataset(
             {"model_name": "dinoflow-backbone-distilled", "embedder_name": None, "log_code": False}),
         "curated_manifest": MemoryDataset(None),
-        **{n: Kept(copy_mode="assign") for n in ("distillation_summary", "distillation_metrics",
-                                                          "distillation_report", "distillation_registration_summary")},
+        **{n: Kept(copy_mode="assign") for n in ("distillation_summary", "distillation_registration_summary")},
+        "distillation_evaluation": ReportSetDataset(folder=str(reports), metrics=str(reports / "metrics.json"),
+                                                    report=str(reports / "distillation_report.json")),
     })  # fmt: skip
     with mlflow.start_run(run_name="distillation") as run:
         SequentialRunner().run(create_pipeline(), catalog)

@@ -156,7 +156,7 @@ def test_smoke_dvc_repro_twice_then_param_change_then_push_pull(tmp_path: Path) 
     remote = tmp_path / "remote"
     _run(["dvc", "remote", "add", "-d", "local", str(remote)], repo, env)
     _run(["dvc", "push"], repo, env)
-    backbone = repo / "data/06_models/teacher_backbone.pt"
+    backbone = repo / "data/06_models/pretrain/teacher_backbone.pt"
     before = backbone.read_bytes()
     shutil.rmtree(repo / ".dvc/cache")
     backbone.unlink()

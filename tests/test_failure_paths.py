@@ -401,3 +401,49 @@ def test_a_killed_registration_leaves_no_version_without_its_decision(tmp_path, 
     for v in versions.values():
         assert v.tags["dinoflow.registration_complete"] == "true" and "dinoflow.decision" in v.tags
     assert versions["3"].tags["dinoflow.decision"].startswith("champion: beats champion v1")
+
+
+def test_the_catalog_replaces_an_evaluation_set_whole(tmp_path) -> None:
+    """``ReportSetDataset``: metrics.json (beside the folder), the report (inside it) and the
+    pictures change together; the report's paths point into the folder; a swap committed by a
+    run killed before it finished is completed by the next load."""
+    from dinoflow.pipelines.datasets import ReportSet, ReportSetDataset
+    from dinoflow.results import EvaluationReport
+
+    folder, metrics = tmp_path / "evaluation", tmp_path / "metrics.json"
+    dataset = ReportSetDataset(folder=str(folder), metrics=str(metrics),
+                               report=str(folder / "report.json"))
+
+    def made(tag: str) -> ReportSet:
+        made_in = tmp_path / f"node-{tag}"
+        made_in.mkdir()
+        (made_in / "pca_features.png").write_text(f"picture {tag}")
+        report = EvaluationReport(model=tag, eval_data_id="d",
+                                  files={"pca": str(made_in / "pca_features.png")})
+        return ReportSet({"run": tag}, report, made_in)
+
+    dataset.save(made("old"))
+    loaded = dataset.load()
+    assert loaded.metrics == {"run": "old"} and json.loads(metrics.read_text()) == {"run": "old"}
+    assert loaded.report.files == {"pca": str(folder / "pca_features.png")}
+    assert (folder / "pca_features.png").read_text() == "picture old"
+    assert not (tmp_path / "node-old").exists()  # the node's folder was moved in
+
+    # killed after the commit point of the next save: readers still see the old set whole ...
+    new = made("new")
+    staging = staging_folder(folder)
+    shutil.copytree(new.folder, staging, dirs_exist_ok=True)
+    (staging / "report.json").write_text(new.report.model_dump_json())
+    (staging / ".m.json").write_text(json.dumps({"run": "new"}))
+    (staging / ".swap.json").write_text(json.dumps(
+        {"target": str(folder), "files": {".m.json": str(metrics)}}))
+    os.replace(staging, tmp_path / "evaluation.commit")
+    assert _consistent_set(folder, metrics) == "old"
+    # ... and the next load finishes the swap before reading
+    assert dataset.load().metrics == {"run": "new"} and _consistent_set(folder, metrics) == "new"
+
+
+def _consistent_set(folder: Path, metrics: Path) -> str:
+    tag = json.loads(metrics.read_text())["run"]
+    assert (folder / "pca_features.png").read_text() == f"picture {tag}"
+    return tag

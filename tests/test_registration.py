@@ -119,8 +119,10 @@ def test_champion_goes_to_the_better_model_and_loads_in_a_fresh_process(
     import mlflow
     from mlflow import MlflowClient
 
+    from dinoflow.pipelines.datasets import ReportSet
     from dinoflow.pipelines.hooks import tag_parent_runs
     from dinoflow.pipelines.registration.nodes import register_backbone
+    from dinoflow.results import EvaluationReport
 
     rng = np.random.default_rng(0)
     train, test = _split(*_images(10, rng), "train"), _split(*_images(5, rng), "test")
@@ -159,21 +161,22 @@ def test_champion_goes_to_the_better_model_and_loads_in_a_fresh_process(
         metrics = {"knn_top1": knn[name], "knn_top1_k10": 0.5}
         if data is not None:
             metrics["eval_data_id"] = data
-        report = {"eval_data_id": data_id, "files": files}
+        report = EvaluationReport(model=str(path), eval_data_id=data_id, files=files)
         with mlflow.start_run(run_name=f"registration {name}") as reg:
             # what LineageHooks.before_node_run does with the node's inputs under Kedro
-            parents = tag_parent_runs({"pretrain_summary": summary, "metrics": metrics, "x": 1})
+            parents = tag_parent_runs({"pretrain_summary": summary, "evaluation": metrics, "x": 1})
             assert parents == {"dinoflow.pretrain_run_id": pre.info.run_id}
-            out = register_backbone(summary, models[name], metrics, report, params).model_dump()
+            evaluation = ReportSet(metrics, report, path.parent)
+            out = register_backbone(summary, evaluation, params).model_dump()
         if not out["reason"].startswith("already registered"):
             assert out["lineage"]["evaluation_run_id"] == ev.info.run_id
         out["run_id"] = reg.info.run_id
         out["pretrain_run_id"] = pre.info.run_id
         return out
 
-    assert tag_parent_runs({"metrics": {"mlflow_run_id": "x"}}) == {}  # no active run: no tags
+    assert tag_parent_runs({"evaluation": {"mlflow_run_id": "x"}}) == {}  # no active run: no tags
     with mlflow.start_run():
-        assert tag_parent_runs({"evaluation_report": {"mlflow_run_id": "e1"}}) == {
+        assert tag_parent_runs({"evaluation": {"mlflow_run_id": "e1"}}) == {
             "dinoflow.evaluation_run_id": "e1"}  # fmt: skip
     first = register("worse")
     assert (first["version"], first["alias"], first["champion_metric"]) == ("1", CHAMPION, None)

@@ -3,46 +3,25 @@
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 
 from dinoflow.config import DataConfig, validate
-from dinoflow.files import atomic_write_json, staging_folder, swap_in
 from dinoflow.jobs.evaluate import run_evaluation
-from dinoflow.models.vit import DinoVisionTransformer
+from dinoflow.pipelines.datasets import ReportSet
 from dinoflow.results import EvaluationReport, PretrainSummary
-
-# The evaluate stage's DVC outs (dvc.yaml) and the catalog's metrics / evaluation_report paths:
-# the three are replaced together, so a kill mid-evaluation leaves the previous set whole.
-REPORT_DIR = Path("data/08_reporting/evaluation")
-METRICS_FILE = Path("data/08_reporting/metrics.json")
-REPORT_FILE = Path("data/08_reporting/evaluation_report.json")
+from dinoflow.tracking import active_run_id
 
 
-def evaluate(data: dict, evaluation: dict, pretrain_summary: PretrainSummary | None,
-             teacher_backbone: DinoVisionTransformer | None) -> tuple[dict, EvaluationReport]:
-    """Evaluate the backbone pretrain made (or ``evaluation.model``); metrics + report.
-
-    Pictures and details are written into a staging folder, then swapped in with metrics.json
-    and evaluation_report.json (``dinoflow.files.swap_in``)."""
+def evaluate(data: dict, evaluation: dict, pretrain_summary: PretrainSummary | None) -> ReportSet:
+    """Evaluate the backbone pretrain made (or ``evaluation.model``): metrics, report and the
+    pictures and details, in a temporary folder the catalog moves into place."""
     data_cfg = validate(DataConfig, data, "data")
-    staging = staging_folder(REPORT_DIR)
-    metrics, report = run_evaluation(data_cfg, evaluation, pretrain_summary, teacher_backbone,
-                                     out_dir=str(staging))
-    files = {k: str(REPORT_DIR / Path(v).relative_to(staging)) for k, v in report.files.items()}
-    report = report.model_copy(update={"files": files, "mlflow_run_id": _active_run_id()})
-    atomic_write_json(staging / "metrics.json", metrics)
-    atomic_write_json(staging / "evaluation_report.json", report.model_dump(mode="json"))
-    swap_in(staging, REPORT_DIR, {"metrics.json": METRICS_FILE,
-                                  "evaluation_report.json": REPORT_FILE})
+    folder = Path(tempfile.mkdtemp(prefix="dinoflow-evaluation-"))
+    metrics, report = run_evaluation(data_cfg, evaluation, pretrain_summary, None, folder)
+    report = report.model_copy(update={"mlflow_run_id": active_run_id()})
     log_to_mlflow(metrics, report)
-    return metrics, report
-
-
-def _active_run_id() -> str | None:
-    import mlflow
-
-    run = mlflow.active_run()
-    return run.info.run_id if run else None
+    return ReportSet(metrics, report, folder)
 
 
 def log_to_mlflow(metrics: dict[str, float], report: EvaluationReport) -> None:

@@ -8,8 +8,8 @@ def create_pipeline(**kwargs) -> Pipeline:
         [
             Node(
                 evaluate,
-                inputs=["params:data", "params:evaluation", "pretrain_summary", "teacher_backbone"],
-                outputs=["metrics", "evaluation_report"],
+                inputs=["params:data", "params:evaluation", "pretrain_summary"],
+                outputs="evaluation",
                 name="evaluate",
             )
         ]

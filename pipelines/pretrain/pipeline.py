@@ -9,7 +9,7 @@ def create_pipeline(**kwargs) -> Pipeline:
             Node(
                 pretrain,
                 inputs=["params:data", "params:pretrain", "curated_manifest"],
-                outputs=["pretrain_summary", "teacher_backbone"],
+                outputs="pretrain_summary",
                 name="pretrain",
             )
         ]

@@ -2,22 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from dinoflow.config import DataConfig, validate
 from dinoflow.errors import DataError
 from dinoflow.evaluation.metric_spec import data_is_labelled
-from dinoflow.models.vit import DinoVisionTransformer
+from dinoflow.pipelines.datasets import ReportSet
 from dinoflow.pipelines.hooks import git_commit
 from dinoflow.registry import RegistrationConfig, register_pretrained, resolve_registration_metric
-from dinoflow.results import EvaluationReport, PretrainSummary, RegistrationDecision
+from dinoflow.results import PretrainSummary, RegistrationDecision
 
 
 def register_backbone(
     pretrain_summary: PretrainSummary | None,
-    teacher_backbone: DinoVisionTransformer | None,
-    metrics: dict[str, Any],
-    evaluation_report: EvaluationReport | None,
+    evaluation: ReportSet,
     registration: dict,
     data: dict | None = None,
 ) -> RegistrationDecision:
@@ -31,12 +27,9 @@ def register_backbone(
     if data is not None:
         labelled = data_is_labelled(validate(DataConfig, data, "data"))
         resolve_registration_metric(cfg.metric, labelled)
-    if pretrain_summary is None or teacher_backbone is None:
-        raise DataError(
-            "registration: pretrain_summary / teacher_backbone (data/06_models/) are missing: "
-            "run the pretrain pipeline first"
-        )
-    decision = register_pretrained(pretrain_summary, metrics, cfg, git_commit=git_commit(),
-                                   report=evaluation_report, backbone=teacher_backbone,
+    if pretrain_summary is None:
+        raise DataError("registration: no pretrain summary: run the pretrain pipeline first")
+    decision = register_pretrained(pretrain_summary, evaluation.metrics, cfg,
+                                   git_commit=git_commit(), report=evaluation.report,
                                    labelled=labelled)
     return RegistrationDecision.model_validate(decision)

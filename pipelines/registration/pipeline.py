@@ -8,8 +8,7 @@ def create_pipeline(**kwargs) -> Pipeline:
         [
             Node(
                 register_backbone,
-                inputs=["pretrain_summary", "teacher_backbone", "metrics", "evaluation_report",
-                        "params:registration", "params:data"],
+                inputs=["pretrain_summary", "evaluation", "params:registration", "params:data"],
                 outputs="registration_summary",
                 name="register_backbone",
             )

@@ -255,7 +255,7 @@ class TrainConfig(Strict):
     # files unreadable at training time are replaced by another image; past this fraction of
     # the train split the run stops (training/data.py UnreadableFiles)
     max_unreadable_fraction: float = Field(0.01, ge=0, le=1)
-    run_dir: str = "data/06_models"
+    run_dir: str = "data/06_models/pretrain"
     checkpoint_every_steps: int = Field(200, ge=1)
     keep_checkpoints: int = Field(
         2, ge=1

@@ -197,7 +197,7 @@ def swap_in(
 
     Renaming ``staging`` to ``<target>.commit`` is the commit point: before it nothing of the old
     state was touched; after it the swap is rolled forward, by this call or, after a kill, by
-    ``recover_swaps`` at the start of the next run. Readers see the old set or the new set.
+    ``recover_swaps`` (the next load or save of the set). Readers see the old set or the new set.
     """
     staging, target = Path(staging), Path(target)
     journal = {

@@ -26,7 +26,10 @@ from dinoflow.pipelines.hooks import (  # noqa: E402
 # before Kedro loads kedro-mlflow's hook and CLI: see import_kedro_mlflow_models for why
 import_kedro_mlflow_models()
 
-HOOKS = (RunGuardHooks(), LineageHooks())
+HOOKS = (
+    RunGuardHooks(lock_folder="data"),
+    LineageHooks(),
+)  # data/.dinoflow.lock: one run at a time
 DISABLE_HOOKS_FOR_PLUGINS = ("kedro-telemetry",)
 
 CONFIG_LOADER_ARGS = {

@@ -180,12 +180,16 @@ def load_released_weights(
     model_sd = backbone.state_dict()
     if "pos_embed" in mapped and "cls_token" in mapped:
         _fit_pos_embed(mapped, backbone, raw, report, str(path))
-    if (report.source_format == "official" and "reg_token" in mapped
-            and (backbone.interpolate_offset, backbone.interpolate_antialias) != (0.0, True)):
+    if (
+        report.source_format == "official"
+        and "reg_token" in mapped
+        and (backbone.interpolate_offset, backbone.interpolate_antialias) != (0.0, True)
+    ):
         report.notes.append(
             "register release: dinov2's hub interpolates its position embeddings with "
             "interpolate_offset 0.0 and antialias (set pretrain.backbone.interpolate_offset: 0.0, "
-            "interpolate_antialias: true to compute as it does at other crop sizes)")
+            "interpolate_antialias: true to compute as it does at other crop sizes)"
+        )
     _fit_channels(mapped, model_sd, report)
     to_load = _compare(mapped, origin, model_sd, allow_missing, report)
     if strict_report and not report.ok:
@@ -212,8 +216,13 @@ def _to_timm_keys(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor],
     return mapped, origin
 
 
-def _fit_pos_embed(mapped: dict[str, torch.Tensor], backbone: DinoVisionTransformer, raw: Any,
-                   report: LoadReport, path: str) -> None:
+def _fit_pos_embed(
+    mapped: dict[str, torch.Tensor],
+    backbone: DinoVisionTransformer,
+    raw: Any,
+    report: LoadReport,
+    path: str,
+) -> None:
     """Fold the file's prefix rows (CLS, registers) into the tokens, resize the patch grid."""
     pe = mapped["pos_embed"].float()
     rows = pe.shape[1]
@@ -242,10 +251,13 @@ def _fit_pos_embed(mapped: dict[str, torch.Tensor], backbone: DinoVisionTransfor
                 kw = raw.get("kwargs", {}) if isinstance(raw, dict) else {}
                 offset = kw.get("interpolate_offset", 0.0)
                 antialias = kw.get("interpolate_antialias", True)
-            pe = interpolate_pos_embed(pe, (side, side), (int(grid[0]), int(grid[1])),
-                                       offset, antialias)
-            how = (f"as dinov2's interpolate_pos_encoding (interpolate_offset {offset:g}, "
-                   f"interpolate_antialias {antialias})")
+            pe = interpolate_pos_embed(
+                pe, (side, side), (int(grid[0]), int(grid[1])), offset, antialias
+            )
+            how = (
+                f"as dinov2's interpolate_pos_encoding (interpolate_offset {offset:g}, "
+                f"interpolate_antialias {antialias})"
+            )
         else:
             pe = resample_abs_pos_embed(
                 pe, new_size=list(grid), old_size=[side, side], num_prefix_tokens=0
@@ -256,8 +268,9 @@ def _fit_pos_embed(mapped: dict[str, torch.Tensor], backbone: DinoVisionTransfor
     mapped["pos_embed"] = pe.to(mapped["pos_embed"].dtype)
 
 
-def _fit_channels(mapped: dict[str, torch.Tensor], model_sd: dict[str, torch.Tensor],
-                  report: LoadReport) -> None:
+def _fit_channels(
+    mapped: dict[str, torch.Tensor], model_sd: dict[str, torch.Tensor], report: LoadReport
+) -> None:
     """A colour patch embedding into a grayscale backbone: summed over the channels."""
     pw = mapped.get("patch_embed.proj.weight")
     target = model_sd["vit.patch_embed.proj.weight"]
@@ -273,9 +286,13 @@ def _fit_channels(mapped: dict[str, torch.Tensor], model_sd: dict[str, torch.Ten
         report.notes.append("3-channel patch embedding summed to 1 channel")
 
 
-def _compare(mapped: dict[str, torch.Tensor], origin: dict[str, str],
-             model_sd: dict[str, torch.Tensor], allow_missing: Sequence[str],
-             report: LoadReport) -> dict[str, torch.Tensor]:
+def _compare(
+    mapped: dict[str, torch.Tensor],
+    origin: dict[str, str],
+    model_sd: dict[str, torch.Tensor],
+    allow_missing: Sequence[str],
+    report: LoadReport,
+) -> dict[str, torch.Tensor]:
     """The tensors that fit the backbone; the report lists unexpected, mismatched, missing."""
     to_load: dict[str, torch.Tensor] = {}
     provided: set[str] = set()

@@ -29,7 +29,9 @@ def l2_normalise(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
     return (x / np.maximum(norms, eps)).astype(np.float32)
 
 
-def pca_fit(x: np.ndarray, dim: int, max_fit: int = 100_000, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def pca_fit(
+    x: np.ndarray, dim: int, max_fit: int = 100_000, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
     """PCA of x (N, D): (mean (D,), components (D, k)), k = min(dim, D, N), largest first."""
     rng = np.random.default_rng(seed)
     fit = x if len(x) <= max_fit else x[np.sort(rng.choice(len(x), max_fit, replace=False))]
@@ -45,7 +47,12 @@ def pca_fit(x: np.ndarray, dim: int, max_fit: int = 100_000, seed: int = 0) -> t
 
 
 def pixel_embeddings(
-    thumbs: np.ndarray, fit_rows: np.ndarray, use_rows: np.ndarray, dim: int, max_fit: int, seed: int
+    thumbs: np.ndarray,
+    fit_rows: np.ndarray,
+    use_rows: np.ndarray,
+    dim: int,
+    max_fit: int,
+    seed: int,
 ) -> np.ndarray:
     """Thumbnails (N, s, s, 3) uint8 -> (N, k) L2-normalised PCA embeddings; zeros off use_rows."""
     flat = thumbs.reshape(len(thumbs), -1).astype(np.float32) / 255.0
@@ -74,9 +81,7 @@ def load_model(cfg: EmbeddingConfig):
     elif cfg.kind == "timm":
         import timm
 
-        model = timm.create_model(
-            cfg.timm_name, pretrained=False, num_classes=0, **cfg.timm_kwargs
-        )
+        model = timm.create_model(cfg.timm_name, pretrained=False, num_classes=0, **cfg.timm_kwargs)
         state = torch.load(cfg.timm_weights, map_location="cpu", weights_only=True)
         if isinstance(state, dict) and "state_dict" in state:
             state = state["state_dict"]
@@ -130,9 +135,18 @@ def model_embeddings(
         for start in tqdm(batches, desc=f"embed ({cfg.kind})", disable=not progress):
             chunk = rows[start : start + cfg.batch_size]
             # the one normaliser (dinoflow.data.transforms), image by image: sizes differ
-            x = torch.cat([preprocess(torch.from_numpy(np.ascontiguousarray(load(int(r))))
-                                      .permute(2, 0, 1)[None], size, mean, std, in_chans)
-                           for r in chunk]).to(device)
+            x = torch.cat(
+                [
+                    preprocess(
+                        torch.from_numpy(np.ascontiguousarray(load(int(r)))).permute(2, 0, 1)[None],
+                        size,
+                        mean,
+                        std,
+                        in_chans,
+                    )
+                    for r in chunk
+                ]
+            ).to(device)
             feats = model(x).float().cpu().numpy()
             if out is None:
                 out = np.zeros((n_total, feats.shape[1]), dtype=np.float32)

@@ -1,8 +1,9 @@
 """The curation report: funnel, duplicate-component grids, cluster balance, JSON, MLflow.
 
-Files under the report folder: curation_report.json, funnel.png, duplicate_components.png,
-eval_duplicates.png, cluster_balance.png (GX Data Docs are written by the validation step).
-Everything is logged to MLflow when a run is active.
+Files under the report folder: funnel.png, duplicate_components.png, eval_duplicates.png,
+cluster_balance.png (GX Data Docs are written by the validation step). The report itself is
+returned (the Kedro catalog writes it as curation_report.json). Everything is logged to MLflow
+when a run is active.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import pandas as pd
 from dinoflow.curation.config import CurationConfig
 from dinoflow.curation.ingest import load_rgb
 from dinoflow.data import Split
-from dinoflow.files import atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -286,7 +286,6 @@ def build_report(
         "config": cfg.model_dump(),
     }
     report = _json_safe(report)
-    atomic_write_json(out / "curation_report.json", report)
     _plot_report(meta, balance, splits, cfg, stages, out)
     log_to_mlflow(report, out)
     return report
@@ -308,5 +307,6 @@ def log_to_mlflow(report: dict, out: Path) -> bool:
             if value is not None:
                 metrics[f"curation_balance_{when}_{key}"] = value
     mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
+    mlflow.log_dict(report, "curation/curation_report.json")
     mlflow.log_artifacts(str(out), artifact_path="curation")
     return True

@@ -24,8 +24,15 @@ from dinoflow.data.transforms import (
 )
 from dinoflow.precision import autocast
 
-__all__ = ["FeatureSet", "ImageSource", "extract_features", "load_batch", "match_channels",
-           "preprocess", "raw_pixel_features"]
+__all__ = [
+    "FeatureSet",
+    "ImageSource",
+    "extract_features",
+    "load_batch",
+    "match_channels",
+    "preprocess",
+    "raw_pixel_features",
+]
 
 
 class ImageSource(Protocol):

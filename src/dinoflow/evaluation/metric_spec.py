@@ -104,5 +104,6 @@ def data_is_labelled(data: Any) -> bool:
     from dinoflow.data.image_folder import list_image_folder
 
     paths, label_names, class_names = list_image_folder(
-        data.path, getattr(data, "follow_symlinks_out_of_root", False))
+        data.path, getattr(data, "follow_symlinks_out_of_root", False)
+    )
     return bool(paths) and all(label_names) and len(class_names) >= 2

@@ -185,15 +185,28 @@ def train_linear_segmentation(
     if epochs < 1:
         raise ValueError(f"segmentation: epochs must be >= 1, got {epochs}")
     train_maps, test_maps = (
-        extract_patch_maps(backbone, images, mean, std, image_size, feature_batch_size, device,
-                           progress, f"seg {name} tokens", precision)
-        for name, images in (("train", train_images), ("test", test_images)))
+        extract_patch_maps(
+            backbone,
+            images,
+            mean,
+            std,
+            image_size,
+            feature_batch_size,
+            device,
+            progress,
+            f"seg {name} tokens",
+            precision,
+        )
+        for name, images in (("train", train_images), ("test", test_images))
+    )
     y_train = torch.as_tensor(np.asarray(train_masks), dtype=torch.long)
     y_test = torch.as_tensor(np.asarray(test_masks), dtype=torch.long)
-    head = _fit_head(train_maps, y_train, n_classes, epochs, lr, batch_size, weight_decay, seed,
-                     device, progress)
-    confusion, predictions = _predict(head, test_maps, y_test, n_classes, batch_size, n_examples,
-                                      device)
+    head = _fit_head(
+        train_maps, y_train, n_classes, epochs, lr, batch_size, weight_decay, seed, device, progress
+    )
+    confusion, predictions = _predict(
+        head, test_maps, y_test, n_classes, batch_size, n_examples, device
+    )
     n_ex = min(n_examples, len(test_maps))
     return _segmentation_result(head, confusion, predictions, test_images, y_test, n_ex)
 
@@ -221,9 +234,18 @@ def _segmentation_result(
     }
 
 
-def _fit_head(train_maps: torch.Tensor, y_train: torch.Tensor, n_classes: int, epochs: int,
-              lr: float, batch_size: int, weight_decay: float, seed: int,
-              device: str | torch.device, progress: bool) -> LinearSegHead:
+def _fit_head(
+    train_maps: torch.Tensor,
+    y_train: torch.Tensor,
+    n_classes: int,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    weight_decay: float,
+    seed: int,
+    device: str | torch.device,
+    progress: bool,
+) -> LinearSegHead:
     """AdamW with a linear decay to 0 over ``epochs`` of shuffled batches (seeded)."""
     from tqdm.auto import tqdm
 
@@ -256,9 +278,15 @@ def _fit_head(train_maps: torch.Tensor, y_train: torch.Tensor, n_classes: int, e
 
 
 @torch.no_grad()
-def _predict(head: LinearSegHead, test_maps: torch.Tensor, y_test: torch.Tensor, n_classes: int,
-             batch_size: int, n_examples: int,
-             device: str | torch.device) -> tuple[torch.Tensor, np.ndarray]:
+def _predict(
+    head: LinearSegHead,
+    test_maps: torch.Tensor,
+    y_test: torch.Tensor,
+    n_classes: int,
+    batch_size: int,
+    n_examples: int,
+    device: str | torch.device,
+) -> tuple[torch.Tensor, np.ndarray]:
     """(confusion matrix over the test set, predicted maps of the first n_examples images)."""
     test_size = (int(y_test.shape[-2]), int(y_test.shape[-1]))
     confusion = torch.zeros(n_classes, n_classes, dtype=torch.long)

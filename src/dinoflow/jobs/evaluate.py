@@ -20,8 +20,8 @@ def load_model_for_evaluation(
     model: str | None, summary: PretrainSummary | None, backbone: nn.Module | None = None
 ) -> tuple[nn.Module, dict[str, Any]]:
     """(backbone, info) from ``evaluation.model`` (any source ``dinoflow.artifacts.load_model``
-    takes: a registered-model URI, a run directory, a backbone file), else the backbone pretrain
-    produced (the catalog's ``teacher_backbone``, or its file).
+    takes: a registered-model URI, a run directory, a backbone file), else ``backbone`` (loaded
+    by the caller), else the teacher backbone the pretrain summary names.
 
     info: {"source", "mean", "std", "image_size", "pretrain_run_id"} (None where unknown); the
     source's own preprocessing (a registered model's, a run directory's) replaces the summary's.
@@ -35,7 +35,7 @@ def load_model_for_evaluation(
         "pretrain_run_id": summary.mlflow_run_id if summary else None,
     }
     if model is None and backbone is not None:
-        info["source"] = summary.teacher_backbone if summary else "teacher_backbone"
+        info["source"] = summary.teacher_backbone if summary else "a loaded backbone"
         return backbone.eval(), info
     source = model or (summary.teacher_backbone if summary else None)
     if not source:
@@ -88,8 +88,8 @@ def run_evaluation(
     data: DataConfig,
     params: dict[str, Any],
     summary: PretrainSummary | None,
-    backbone: nn.Module | None = None,
-    out_dir: str = "data/08_reporting",
+    backbone: nn.Module | None,
+    out_dir: str | Path,
 ) -> tuple[dict[str, float], EvaluationReport]:
     """Evaluate a teacher backbone: label-free metrics always; kNN, linear probe and segmentation
     with labels; baselines and pictures.
@@ -100,7 +100,7 @@ def run_evaluation(
     from dinoflow.evaluation.report import evaluate_backbone
     from dinoflow.models.vit import DinoVisionTransformer
 
-    params = dict(params or {})
+    params, out_dir = dict(params or {}), str(out_dir)
     model = params.pop("model", None)
     evaluation_settings(params, out_dir, (0.5,), (0.5,), None)  # the keys, before any work
     backbone, info = load_model_for_evaluation(model, summary, backbone)

@@ -182,25 +182,36 @@ class DinoBlock(Block):
     ``forward(x)``: (B, T, D) -> (B, T, D).
     """
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
-                rows: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
+        rows: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         if rows is not None:
             return self._forward_rows(x, rows)
         # on CUDA the nonzero() of the sample subset would sync the host: timm's path there
         if attn_mask is not None or x.device.type != "cpu":
             return super().forward(x, attn_mask=attn_mask)
         # draws in timm's order: drop_path1, then drop_path2 (the branches use no randomness)
-        x = _residual(x, lambda t: self.ls1(self._attention(self.norm1(t))),
-                      _keep_scale(self.drop_path1, x))
-        return _residual(x, lambda t: self.ls2(self.mlp(self.norm2(t))), _keep_scale(self.drop_path2, x))
+        x = _residual(
+            x, lambda t: self.ls1(self._attention(self.norm1(t))), _keep_scale(self.drop_path1, x)
+        )
+        return _residual(
+            x, lambda t: self.ls2(self.mlp(self.norm2(t))), _keep_scale(self.drop_path2, x)
+        )
 
     def _short_path(self, h: torch.Tensor) -> bool:
         """Whether ``short_attention`` stands in for timm's attention on h (B, T, D)."""
         a = self.attn
-        return (h.device.type == "cpu" and h.shape[1] <= SHORT_SEQUENCE_MAX
-                and isinstance(a.q_norm, nn.Identity)
-                and isinstance(a.k_norm, nn.Identity) and getattr(a, "gate", None) is None
-                and (a.attn_drop.p == 0.0 or not self.training))
+        return (
+            h.device.type == "cpu"
+            and h.shape[1] <= SHORT_SEQUENCE_MAX
+            and isinstance(a.q_norm, nn.Identity)
+            and isinstance(a.k_norm, nn.Identity)
+            and getattr(a, "gate", None) is None
+            and (a.attn_drop.p == 0.0 or not self.training)
+        )
 
     def _qkv(self, h: torch.Tensor, q_rows: torch.Tensor | None = None):
         """(q_lin, kv_lin) of timm's fused qkv layer, q_lin for q_rows (R, D) if given."""
@@ -397,8 +408,13 @@ class DinoVisionTransformer(nn.Module):
         """
         vit = self.vit
         b, h, w, d = x.shape
-        pos = interpolate_pos_embed(vit.pos_embed, tuple(vit.patch_embed.grid_size), (h, w),
-                                    self.interpolate_offset, self.interpolate_antialias)
+        pos = interpolate_pos_embed(
+            vit.pos_embed,
+            tuple(vit.patch_embed.grid_size),
+            (h, w),
+            self.interpolate_offset,
+            self.interpolate_antialias,
+        )
         x = x.reshape(b, h * w, d) + pos
         prefix = [vit.cls_token.expand(b, -1, -1)]
         if vit.reg_token is not None:
@@ -407,7 +423,10 @@ class DinoVisionTransformer(nn.Module):
 
     # ------------------------------------------------------------------ forwards
     def forward_features(
-        self, x: torch.Tensor, masks: torch.Tensor | None = None, select: torch.Tensor | None = None,
+        self,
+        x: torch.Tensor,
+        masks: torch.Tensor | None = None,
+        select: torch.Tensor | None = None,
         pad_selected_to: int | None = None,
     ) -> dict[str, torch.Tensor | None]:
         """x (B, C, H, W), masks (B, N) bool | None -> dict of normalised tokens.
@@ -437,7 +456,10 @@ class DinoVisionTransformer(nn.Module):
         }
 
     def _forward_selected(
-        self, x: torch.Tensor, select: torch.Tensor, masks: torch.Tensor | None,
+        self,
+        x: torch.Tensor,
+        select: torch.Tensor,
+        masks: torch.Tensor | None,
         pad_selected_to: int | None,
     ) -> dict[str, torch.Tensor | None]:
         b, t, _ = x.shape
@@ -449,20 +471,24 @@ class DinoVisionTransformer(nn.Module):
             x = blk(x)
         cls, selected = self._last_block_selected(last, x, select, pad_selected_to or 0)
         # the norm on what the loss reads (padding rows come out as the norm's bias)
-        return {"x_norm_clstoken": self.vit.norm(cls), "x_norm_selected": self.vit.norm(selected),
-                "masks": masks}
+        return {
+            "x_norm_clstoken": self.vit.norm(cls),
+            "x_norm_selected": self.vit.norm(selected),
+            "masks": masks,
+        }
 
     # data-dependent shapes (the selected rows): eager under torch.compile; what it returns has
     # the same shapes every step when padded
     @torch.compiler.disable
-    def _last_block_selected(self, last: DinoBlock, x: torch.Tensor, select: torch.Tensor,
-                             pad_to: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _last_block_selected(
+        self, last: DinoBlock, x: torch.Tensor, select: torch.Tensor, pad_to: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(CLS (B, D), selected (max(M, pad_to), D)) out of the last block, before the norm;
         zero rows after the M selected ones."""
         b, t, d = x.shape
         rows = torch.zeros(b, t, dtype=torch.bool, device=x.device)
         rows[:, 0] = True  # CLS (registers are not outputs of the loss)
-        rows[:, self.num_prefix_tokens:] = select.to(device=x.device, dtype=torch.bool)
+        rows[:, self.num_prefix_tokens :] = select.to(device=x.device, dtype=torch.bool)
         out = last(x, rows=rows)  # (R, D), row-major (sample, token)
         is_cls = rows.cumsum(1).flatten()[rows.flatten()] == 1  # each sample's first row is CLS
         selected = out[~is_cls]
