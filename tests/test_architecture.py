@@ -182,3 +182,43 @@ def test_benchmarks_and_experiments_run_as_modules(module: str) -> None:
                          text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "usage" in out.stdout.lower()
+
+
+
+def _private_imports(folder: Path) -> list[str]:
+    """``from module import _name``: a module's private helper used by another module."""
+    found = []
+    for path in sorted(folder.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                found += [f"{path.name}: {node.module}.{a.name}" for a in node.names
+                          if a.name.startswith("_") and not a.name.startswith("__")]
+    return found
+
+
+def test_no_private_helper_is_imported_across_modules(tmp_path: Path) -> None:
+    assert _private_imports(LIBRARY) + _private_imports(ROOT / "pipelines") == []
+    (tmp_path / "m.py").write_text("from dinoflow.files import _roll_forward, swap_in\n")
+    assert _private_imports(tmp_path) == ["m.py: dinoflow.files._roll_forward"]
+
+
+def _model_loading_functions(folder: Path) -> list[str]:
+    """The functions whose own body calls ``mlflow.pytorch.load_model``."""
+    found = []
+    for path in sorted(folder.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                own = [n for n in node.body if not isinstance(n, ast.FunctionDef | ast.ClassDef)]
+                calls = [c for n in own for c in ast.walk(n) if isinstance(c, ast.Call)]
+                if any(ast.unparse(c.func) == "mlflow.pytorch.load_model" for c in calls):
+                    found.append(f"{path.relative_to(folder)}:{node.name}")
+    return found
+
+
+def test_one_place_loads_a_logged_pytorch_model() -> None:
+    """``mlflow.pytorch.load_model`` in ``dinoflow.artifacts`` (the one loader) and in the
+    embedder's ``load_context`` (MLflow calls it inside the served model), nowhere else."""
+    assert _model_loading_functions(LIBRARY) == [
+        "artifacts.py:_from_mlflow",
+        "serving.py:load_context",
+    ]

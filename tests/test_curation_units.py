@@ -19,7 +19,7 @@ from dinoflow.curation.dedup import (
     similarity_edges,
 )
 from dinoflow.curation.ingest import (
-    _to_uint8_grey,
+    to_uint8_grey,
     array_to_rgb,
     box_thumbnails,
     describe,
@@ -35,8 +35,8 @@ def test_grey_stats_and_16_bit() -> None:
     std, ent = grey_stats(np.array([[0, 0], [255, 255]], np.uint8))
     assert std == 127.5 and ent == pytest.approx(1.0)
     assert grey_stats(np.full((4, 4), 9, np.uint8)) == (0.0, 0.0)
-    assert _to_uint8_grey(np.array([65535, 256, 255], np.uint16), "I;16").tolist() == [255, 1, 0]
-    assert _to_uint8_grey(np.array([0.0, 0.5, 1.0], np.float32), "F").tolist() == [0, 128, 255]
+    assert to_uint8_grey(np.array([65535, 256, 255], np.uint16), "I;16").tolist() == [255, 1, 0]
+    assert to_uint8_grey(np.array([0.0, 0.5, 1.0], np.float32), "F").tolist() == [0, 128, 255]
 
 
 @pytest.mark.parametrize("shape", [(28, 28), (28, 28, 1), (32, 32, 3), (17, 17, 4), (30, 20)])

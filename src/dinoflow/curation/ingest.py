@@ -21,7 +21,7 @@ import pandas as pd
 from dinoflow.data import Split
 from dinoflow.data.decode import (  # noqa: F401  (re-exported: the decoder curation uses)
     Decoded,
-    _to_uint8_grey,
+    to_uint8_grey,
     array_to_rgb,
     decode_file,
     pil_to_rgb,

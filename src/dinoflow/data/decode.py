@@ -44,7 +44,7 @@ class Decoded:
     detail: str = ""
 
 
-def _to_uint8_grey(arr: np.ndarray, mode: str) -> np.ndarray:
+def to_uint8_grey(arr: np.ndarray, mode: str) -> np.ndarray:
     """16-bit / 32-bit / float grey (H, W) -> uint8 (H, W), keeping the full range visible."""
     if mode.startswith("I;16"):
         return (arr.astype(np.uint32) >> 8).astype(np.uint8)
@@ -62,7 +62,7 @@ def pil_to_rgb(im) -> np.ndarray:
 
     mode = im.mode
     if mode.startswith("I") or mode == "F":
-        grey = _to_uint8_grey(np.asarray(im), mode)
+        grey = to_uint8_grey(np.asarray(im), mode)
         return np.repeat(grey[:, :, None], 3, axis=2)
     has_alpha = mode in ("RGBA", "LA", "PA", "La", "RGBa") or (
         mode == "P" and "transparency" in im.info
