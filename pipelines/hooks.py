@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 # kedro-mlflow 2.0.3's KedroPipelineModel.predict, as released (no type hint), and with the hint
 # that MLflow asks for. pd.DataFrame is what a pyfunc hands a KedroPipelineModel, and one of the
-# hints MLflow infers no schema from, so the class behaves exactly as before (no input validation).
+# hints MLflow infers no schema from, so the class behaves exactly as released (no input validation).
 _UNHINTED_PREDICT = "    def predict(self, context, model_input, params=None):"
 _HINTED_PREDICT = "    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None):"
 _KEDRO_PIPELINE_MODEL = "kedro_mlflow.mlflow.kedro_pipeline_model"
@@ -239,7 +239,7 @@ class LineageHooks:
             return
         from dinoflow.tracking import mark_training_experiment
 
-        # an experiment made before mlflow.yml's tag (or by other code): model training too
+        # an experiment without mlflow.yml's tag (made by other code): model training too
         mark_training_experiment(run.info.experiment_id)
         tags = self.run_tags()
         pipeline = tags["dinoflow.pipeline"].replace("__default__", "default")

@@ -173,7 +173,7 @@ def test_a_registered_versions_heads_are_its_pretraining_runs(tmp_path: Path) ->
     assert load_model("models:/dinoflow-backbone@champion", find_heads=True).heads_file is None
 
 
-def test_a_version_registered_before_the_registry_split_still_loads(tmp_path: Path) -> None:
+def test_a_recorded_registered_version_loads_by_its_class_path(tmp_path: Path) -> None:
     """The fixture was saved by mlflow.pytorch with the code of c2ef209 (registry.py a module):
     logged to a run, registered, loaded by the loader and by a fresh process."""
     import mlflow

@@ -19,13 +19,13 @@ from dinoflow.curation.dedup import (
     similarity_edges,
 )
 from dinoflow.curation.ingest import (
-    to_uint8_grey,
     array_to_rgb,
     box_thumbnails,
     describe,
     grey_stats,
     ingest_split,
     pil_to_rgb,
+    to_uint8_grey,
 )
 from dinoflow.curation.quality import quality_reasons
 from dinoflow.data import Split

@@ -57,7 +57,7 @@ def test_sixteen_bit_grey_is_scaled_not_clipped(tmp_path) -> None:
     grey = decode_image(path, channels=1)[0].numpy()
     assert grey.min() == 0 and grey.max() == 255  # the full range, not 99.6% white
     assert (grey == 255).mean() < 0.01
-    # Pillow's own convert("L") clips 16-bit values: what training used to see
+    # Pillow's own convert("L") clips 16-bit values: what a plain Pillow reader gives
     with Image.open(path) as im:
         clipped = np.asarray(im.convert("L"))
     assert (clipped == 255).mean() > 0.9

@@ -29,8 +29,8 @@ def _tensor(image: Image.Image) -> torch.Tensor:
     return x.unsqueeze(0) if x.ndim == 2 else x.permute(2, 0, 1)
 
 
-def _old_preprocess(x: torch.Tensor, size: int) -> torch.Tensor:
-    """The square resize every consumer used before the centre crop."""
+def _square_resize_preprocess(x: torch.Tensor, size: int) -> torch.Tensor:
+    """A plain square resize to size x size, then the normaliser (no centre crop)."""
     if list(x.shape[-2:]) != [size, size]:
         x = TF.resize(x, [size, size], interpolation=InterpolationMode.BILINEAR, antialias=True)
     return normalize(x, MEAN, STD)
@@ -42,15 +42,15 @@ def _disc_aspect(x: torch.Tensor) -> float:
     return (cols.max() - cols.min() + 1) / (rows.max() - rows.min() + 1)
 
 
-def test_square_crop_size_images_are_bit_identical_to_the_old_square_resize() -> None:
+def test_square_crop_size_images_are_bit_identical_to_a_plain_square_resize() -> None:
     grey = _tensor(real_photo(640, 480).convert("L").resize((28, 28), Image.BILINEAR))
     noise = torch.randint(
         0, 256, (4, 1, 28, 28), generator=torch.Generator().manual_seed(0), dtype=torch.uint8
     )
     for x in (grey[None], noise):
         assert torch.equal(resize_center_crop(x, 28), x)
-        assert torch.equal(preprocess(x, 28, MEAN, STD), _old_preprocess(x, 28))
-        assert torch.equal(preprocess(x, 28, MEAN, STD, crop_ratio=0.5), _old_preprocess(x, 28))
+        assert torch.equal(preprocess(x, 28, MEAN, STD), _square_resize_preprocess(x, 28))
+        assert torch.equal(preprocess(x, 28, MEAN, STD, crop_ratio=0.5), _square_resize_preprocess(x, 28))
     assert float(grey.float().std()) > 10  # a real picture, not a flat one
 
 

@@ -186,7 +186,7 @@ def test_eval_settings_are_the_tasks_settings_composed() -> None:
 
 
 @pytest.mark.parametrize("env", ["base", "gpu", "photos", "smoke"])
-def test_every_conf_evaluation_key_still_works(env) -> None:
+def test_every_conf_evaluation_key_reaches_the_settings(env) -> None:
     from dinoflow.jobs.evaluate import evaluation_settings
 
     params = {}

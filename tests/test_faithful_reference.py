@@ -5,8 +5,8 @@ facebookresearch/dinov2 (commit in meta.json) with experiments/faithful/make_fix
 inputs of experiments/faithful/reference.py; here dinoflow computes the same things from the same
 inputs. float32 results agree to float rounding (atol 5e-6 on values up to ~4, rtol 2e-6 on
 the head's gradients up to ~15), masks and
-schedules exactly (schedules: float64 to 1e-15). Each group also checks that dinoflow's earlier
-behaviour (the config value that keeps it) does NOT match, so the comparison can fail.
+schedules exactly (schedules: float64 to 1e-15). Each group also checks that the other value of
+its config key does NOT match, so the comparison can fail.
 """
 
 from __future__ import annotations
@@ -127,7 +127,7 @@ def test_released_layout_vits14_forward_equals_the_reference(model: str, tmp_pat
     assert worst <= ATOL, diffs
 
 
-def test_timm_resample_of_the_earlier_code_is_off_for_the_local_crops(tmp_path) -> None:
+def test_timm_resample_setting_is_off_for_the_local_crops(tmp_path) -> None:
     diffs = ref.vit_differences("vits14_224", tmp_path, sizes=["98x98"], interpolate_offset=0.0,
                                 interpolate_antialias=True)
     assert diffs["98x98"]["patches"] > 0.1
@@ -158,7 +158,7 @@ def test_masks_equal_the_reference_on_a_shared_random_stream(name: str) -> None:
     assert used == info["draws_used"]
 
 
-def test_earlier_rejection_rule_gives_other_masks() -> None:
+def test_rejecting_small_blocks_gives_other_masks() -> None:
     info, arrays = META["masking"]["16x16"], ref.load_fixture("masking")
     masks, _ = stream_masks((16, 16), 20, info["seed"], reject_small_blocks=True)
     assert (masks.sum(1) != arrays["16x16/counts"][: len(masks)]).any()
@@ -167,7 +167,7 @@ def test_earlier_rejection_rule_gives_other_masks() -> None:
 def test_mask_statistics_match_the_reference_with_its_own_random() -> None:
     """12,000 masked 16x16 crops each (the reference with python's random, dinoflow with a
     numpy Generator): mean masked count, how often the requested count is hit and the mean
-    shortfall agree within 4 standard errors; the earlier rule falls short far more often."""
+    shortfall agree within 4 standard errors; rejecting small blocks falls short far more often."""
     want = META["masking"]["stats"]
     got = mask_stats(False)
     assert got["n"] == want["masked_crops"] == 12000
@@ -175,9 +175,9 @@ def test_mask_statistics_match_the_reference_with_its_own_random() -> None:
     se_hit = np.sqrt(want["hit_rate"] * (1 - want["hit_rate"]) / want["masked_crops"])
     assert abs(got["hit_rate"] - want["hit_rate"]) < 4 * se_hit * np.sqrt(2)
     assert abs(got["mean_shortfall"] - want["mean_shortfall"]) < 4 * got["se_shortfall"] * np.sqrt(2)
-    old = mask_stats(True)
-    assert old["hit_rate"] < want["hit_rate"] - 0.3
-    assert old["mean_shortfall"] > want["mean_shortfall"] + 0.5
+    rejecting = mask_stats(True)
+    assert rejecting["hit_rate"] < want["hit_rate"] - 0.3
+    assert rejecting["mean_shortfall"] > want["mean_shortfall"] + 0.5
 
 
 # ----------------------------------------------------------------------------- schedules
@@ -202,6 +202,6 @@ def test_schedules_equal_the_reference(name: str) -> None:
     for key, values in got.items():
         np.testing.assert_allclose(values, arrays[f"{name}/{key}"], rtol=0, atol=1e-15,
                                    err_msg=key)
-    v1, _ = build_schedules(convention="dinoflow_v1", **kw)
-    assert np.abs(v1.lr - arrays[f"{name}/lr"]).max() > 1e-6
-    assert np.abs(v1.teacher_temp - arrays[f"{name}/teacher_temp"]).max() > 1e-4
+    exact, _ = build_schedules(convention="exact_ends", **kw)
+    assert np.abs(exact.lr - arrays[f"{name}/lr"]).max() > 1e-6
+    assert np.abs(exact.teacher_temp - arrays[f"{name}/teacher_temp"]).max() > 1e-4

@@ -94,7 +94,7 @@ def test_blocks_form_the_mask(reject_small_blocks: bool) -> None:
 
 def test_small_blocks_fill_the_last_patches_unless_rejected() -> None:
     """dinov2's rule: once fewer than min_num_patches are still wanted, smaller blocks fill
-    them, so the requested count is hit far more often than with the earlier rejection."""
+    them, so the requested count is hit far more often than with reject_small_blocks."""
     rng = np.random.default_rng(3)
     targets = rng.integers(26, 129, size=400)  # the 16x16 counts of ratios 0.1..0.5
     hits, small = {}, {}
@@ -124,9 +124,9 @@ def test_blocks_never_exceed_max_mask_ratio() -> None:
     gen = BlockMaskGenerator(GRID, max_mask_ratio=0.5)
     masks = sample_masks(8, GRID, gen, rng)  # ratios 0.1..0.5
     assert masks.sum(1).max() <= N // 2
-    # the earlier rule also capped the total at max_mask_ratio
-    old = BlockMaskGenerator((8, 8), max_mask_ratio=0.25, reject_small_blocks=True)
-    assert old(64, rng).sum() <= 16
+    # reject_small_blocks also caps the total at max_mask_ratio
+    rejecting = BlockMaskGenerator((8, 8), max_mask_ratio=0.25, reject_small_blocks=True)
+    assert rejecting(64, rng).sum() <= 16
 
 
 def test_deterministic_for_a_seeded_rng() -> None:

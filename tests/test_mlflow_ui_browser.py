@@ -208,7 +208,7 @@ def test_compare_two_tuning_trials_in_the_mlflow_ui(tmp_path):
             os.environ["MLFLOW_TRACKING_URI"] = old
     assert len({r.data.tags["mlflow.parentRunId"] for r in trials.values()}) == 1  # one tuning run
     names = [r.info.run_name for r in trials.values()]
-    # the experiment was made without a kind (as before this tag existed): the tuning run tagged it
+    # the experiment was made without a kind tag: the tuning run tagged it
     experiment = mlflow.MlflowClient(uri).get_experiment_by_name("dinoflow")
     assert experiment.tags[EXPERIMENT_KIND_TAG] == TRAINING_EXPERIMENT_KIND
 

@@ -35,28 +35,28 @@ def test_scaled_lr_square_root_rule() -> None:
 
 def test_cosine_schedule_endpoints_and_midpoint() -> None:
     """dinov2's CosineScheduler: final + (base - final)(1 + cos(pi i / n)) / 2, i < n, so the
-    last step is one step short of final; dinoflow_v1 ends at final exactly."""
+    last step is one step short of final; exact_ends ends at final exactly."""
     m = cosine_schedule(0.992, 1.0, 100)
     assert m.shape == (100,)
     assert m[0] == 0.992 and m[50] == pytest.approx(0.996)  # i / n = 1/2
     assert m[-1] == pytest.approx(1.0 - 0.004 * (1 + np.cos(np.pi * 99 / 100)), abs=1e-15)
     assert 1.0 - m[-1] == pytest.approx(1.974e-6, rel=1e-3)
     assert (np.diff(m) >= 0).all()
-    v1 = cosine_schedule(0.992, 1.0, 101, convention="dinoflow_v1")
-    assert v1[0] == pytest.approx(0.992) and v1[50] == pytest.approx(0.996)
-    assert v1[-1] == pytest.approx(1.0)
+    exact = cosine_schedule(0.992, 1.0, 101, convention="exact_ends")
+    assert exact[0] == pytest.approx(0.992) and exact[50] == pytest.approx(0.996)
+    assert exact[-1] == pytest.approx(1.0)
 
 
 def test_cosine_schedule_with_warmup_repeats_the_peak() -> None:
     """dinov2: the warm-up linspace(0, 1, 4) reaches the peak at step 3, and the cosine starts
-    at the peak again at step 4; dinoflow_v1 reaches it once, at step 4."""
+    at the peak again at step 4; exact_ends reaches it once, at step 4."""
     lr = cosine_schedule(1.0, 0.1, 14, warmup_steps=4)
     np.testing.assert_allclose(lr[:5], [0.0, 1 / 3, 2 / 3, 1.0, 1.0])
     assert lr[-1] == pytest.approx(0.1 + 0.45 * (1 + np.cos(np.pi * 9 / 10)))
     assert lr.max() == pytest.approx(1.0)
-    v1 = cosine_schedule(1.0, 0.1, 14, warmup_steps=4, convention="dinoflow_v1")
-    np.testing.assert_allclose(v1[:6], [0.0, 0.25, 0.5, 0.75, 1.0, 0.1 + 0.45 * (1 + np.cos(np.pi / 9))])
-    assert v1[-1] == pytest.approx(0.1)
+    exact = cosine_schedule(1.0, 0.1, 14, warmup_steps=4, convention="exact_ends")
+    np.testing.assert_allclose(exact[:6], [0.0, 0.25, 0.5, 0.75, 1.0, 0.1 + 0.45 * (1 + np.cos(np.pi / 9))])
+    assert exact[-1] == pytest.approx(0.1)
     with pytest.raises(ValueError, match="convention"):
         cosine_schedule(1.0, 0.1, 14, convention="dinov3")
 
@@ -66,7 +66,7 @@ def test_linear_warmup_then_constant() -> None:
         linear_warmup_then_constant(0.04, 0.07, 3, 6), [0.04, 0.055, 0.07, 0.07, 0.07, 0.07]
     )
     np.testing.assert_allclose(
-        linear_warmup_then_constant(0.04, 0.07, 3, 6, convention="dinoflow_v1"),
+        linear_warmup_then_constant(0.04, 0.07, 3, 6, convention="exact_ends"),
         [0.04, 0.05, 0.06, 0.07, 0.07, 0.07],
     )
     np.testing.assert_allclose(linear_warmup_then_constant(0.04, 0.07, 0, 2), [0.07, 0.07])
@@ -92,11 +92,11 @@ def test_reference_recipe_100_epochs() -> None:
     # prototype layer frozen for the first epoch only
     assert s.last_layer_lr_zero.dtype == bool
     assert s.last_layer_lr_zero[:10].all() and not s.last_layer_lr_zero[10:].any()
-    # the earlier convention: the peak at step 100 only, temperature 0.07 from step 300
-    v1, _ = build_schedules(total_steps=1000, steps_per_epoch=10, convention="dinoflow_v1",
+    # exact_ends: the peak at step 100 only, temperature 0.07 from step 300
+    exact, _ = build_schedules(total_steps=1000, steps_per_epoch=10, convention="exact_ends",
                             **REFERENCE)
-    assert v1.lr[99] == pytest.approx(0.004 * 0.99) and v1.lr[100] == pytest.approx(0.004)
-    assert v1.teacher_temp[299] == pytest.approx(0.0699) and v1.teacher_temp[300] == 0.07
+    assert exact.lr[99] == pytest.approx(0.004 * 0.99) and exact.lr[100] == pytest.approx(0.004)
+    assert exact.teacher_temp[299] == pytest.approx(0.0699) and exact.teacher_temp[300] == 0.07
 
 
 def test_short_run_caps_warmups_and_says_so() -> None:

@@ -39,10 +39,10 @@ REFERENCE: list[tuple[float, float, float, float]] = [
     (1.7189255, 2.4970376, 9.0088415, 5.1168475),
 ]
 
-# The curve before those defaults, recorded with the unoptimised backbone and SSLModel (commit
-# ae20b70) on the loop of commit a8bffed (whose data loader has its own generator, so the
-# global RNG serves drop-path only). The four config values of EARLIER_BEHAVIOUR reproduce it.
-EARLIER_REFERENCE: list[tuple[float, float, float, float]] = [
+# The curve with the other value of each of those four keys (OTHER_VALUES), recorded with the
+# unoptimised backbone and SSLModel (commit ae20b70) on the loop of commit a8bffed (whose data
+# loader has its own generator, so the global RNG serves drop-path only).
+OTHER_VALUES_REFERENCE: list[tuple[float, float, float, float]] = [
     (1.0472651, 3.0936036, 6.4635139, 4.78722),
     (1.6695775, 3.1391025, 6.9176755, 5.5004478),
     (0.360354, 2.9625251, 10.7442579, 4.397305),
@@ -50,11 +50,11 @@ EARLIER_REFERENCE: list[tuple[float, float, float, float]] = [
     (0.8545373, 2.5385866, 9.7072344, 4.3638473),
     (1.2214096, 2.8385267, 9.2885294, 4.9887896),
 ]
-EARLIER_BEHAVIOUR = {
+OTHER_VALUES = {
     "head": {"norm_last_layer": True},
     "backbone": {"interpolate_offset": 0.0, "interpolate_antialias": True},
     "masking": {"reject_small_blocks": True},
-    "optim": {"schedule_convention": "dinoflow_v1"},
+    "optim": {"schedule_convention": "exact_ends"},
 }
 
 # fp32 with a different summation order drifts by ~1e-6 relative per step; a semantic change
@@ -137,12 +137,12 @@ def test_bf16_twin_of_the_loss_curve_guard(tmp_path) -> None:
     np.testing.assert_allclose(got[:, 3], got[:, 0] + got[:, 1] + 0.1 * got[:, 2], rtol=1e-5)
 
 
-def test_the_earlier_behaviour_values_reproduce_the_curve_before_issue_16(tmp_path) -> None:
+def test_the_other_values_of_the_four_faithfulness_keys_give_their_recorded_curve(tmp_path) -> None:
     """With head.norm_last_layer, the timm interpolation, masking.reject_small_blocks and the
-    dinoflow_v1 schedules, the curve recorded before the official defaults comes back: the
-    move of REFERENCE is due to those four changes and nothing else."""
-    curve = np.array(run_curve(str(tmp_path / "run"), EARLIER_BEHAVIOUR))
-    np.testing.assert_allclose(curve, np.array(EARLIER_REFERENCE), rtol=RTOL, atol=ATOL)
+    exact_ends schedules, OTHER_VALUES_REFERENCE comes back: the difference between the two
+    recorded curves is due to those four keys and nothing else."""
+    curve = np.array(run_curve(str(tmp_path / "run"), OTHER_VALUES))
+    np.testing.assert_allclose(curve, np.array(OTHER_VALUES_REFERENCE), rtol=RTOL, atol=ATOL)
 
 
 def test_the_curve_is_deterministic_and_moves(tmp_path) -> None:

@@ -2,10 +2,10 @@
 
     python -m experiments.faithful.compare > experiments/faithful/results.md
 
-For each place where dinoflow used to differ from facebookresearch/dinov2, the max abs
-difference from the official figures (tests/fixtures/dinov2_reference/, written by
-make_fixtures.py) with dinoflow's default and with the config value that keeps the earlier
-behaviour. About a minute on one core.
+For each place where a config key chooses between facebookresearch/dinov2's arithmetic (the
+default) and another value, the max abs difference from the official figures
+(tests/fixtures/dinov2_reference/, written by make_fixtures.py) with dinoflow's default and with
+the other value. About a minute on one core.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def head_rows() -> list[str]:
                     for n, p in head.named_parameters()))
         trainable = {official_name(n) for n, p in head.named_parameters() if p.requires_grad}
         missing = set(info["official"]["init"]["trainable"]) - trainable
-        label = "`head.norm_last_layer: true` (earlier)" if norm_last_layer else "default"
+        label = "`head.norm_last_layer: true` (other value)" if norm_last_layer else "default"
         rows.append(f"| DINO head | {label} | relative (max diff / max value per tensor): "
                     f"outputs {worst['out']:.2g}, gradients "
                     f"{worst['grad']:.2g}; absolute, weights after AdamW step 1 (frozen) "
@@ -77,7 +77,7 @@ def pos_rows(tmp: Path) -> list[str]:
     rows.append(f"| position embeddings (37 -> 7, 16, 7x16; 16 -> 7, 37; both official settings) "
                 f"| default | {max(d.values()):.2g} |")
     for label, kw in (("default", {}),
-                      ("`interpolate_offset: 0.0, interpolate_antialias: true` (earlier: timm's "
+                      ("`interpolate_offset: 0.0, interpolate_antialias: true` (other value: timm's "
                        "resample)", {"interpolate_offset": 0.0, "interpolate_antialias": True})):
         for model in ("vits14_518", "vits14_reg4_518", "vits14_224"):
             diffs = ref.vit_differences(model, tmp, **kw)
@@ -97,7 +97,7 @@ def mask_rows() -> list[str]:
     rows = []
     arrays = ref.load_fixture("masking")
     for reject in (False, True):
-        label = "`masking.reject_small_blocks: true` (earlier)" if reject else "default"
+        label = "`masking.reject_small_blocks: true` (other value)" if reject else "default"
         cells = []
         for name in ("16x16", "7x7"):
             info = META["masking"][name]
@@ -121,7 +121,7 @@ def mask_rows() -> list[str]:
 def schedule_rows() -> list[str]:
     arrays = ref.load_fixture("schedules")
     rows = []
-    for convention in ("dinov2", "dinoflow_v1"):
+    for convention in ("dinov2", "exact_ends"):
         cells = []
         for name, c in META["schedules"].items():
             s, _ = build_schedules(
@@ -145,7 +145,7 @@ def schedule_rows() -> list[str]:
                 + f"; lr at step {w - 1} {s.lr[w - 1] / arrays[f'{name}/lr'][w - 1]:.4f} x official,"
                 f" teacher temp at step {t - 1} {s.teacher_temp[t - 1]:.5f}"
                 f" (official {arrays[f'{name}/teacher_temp'][t - 1]:.5f})")
-        label = ("`optim.schedule_convention: dinoflow_v1` (earlier)" if convention != "dinov2"
+        label = ("`optim.schedule_convention: exact_ends` (other value)" if convention != "dinov2"
                  else "default")
         rows.append(f"| schedules | {label} | {'; '.join(cells)} |")
     return rows

@@ -17,6 +17,7 @@ from dinoflow import curation
 from dinoflow.config import DataConfig, validate
 from dinoflow.data import Split, load_data
 from dinoflow.data.cache import build_for_data
+from dinoflow.data.sources import get_source
 
 
 def build_image_cache(data: dict) -> dict:
@@ -30,13 +31,13 @@ def build_image_cache(data: dict) -> dict:
 
 
 def load_curation_splits(data: dict, image_cache: dict | None = None) -> dict[str, Split]:
-    """The train/val/test splits every pipeline uses; ``root`` is the folder of an image_folder
-    source (its files the source skipped are listed in the quarantine). ``image_cache`` (the
+    """The train/val/test splits every pipeline uses; ``root`` is the folder of a source that
+    reads files (its files the source skipped are listed in the quarantine). ``image_cache`` (the
     report of ``build_image_cache``) only orders this node after the build."""
     del image_cache
     cfg = validate(DataConfig, data, "data")
     splits = load_data(cfg)
-    root = cfg.path if cfg.source == "image_folder" else None
+    root = cfg.path if get_source(cfg.source).reads_files else None
     for split in splits.values():
         split.extra.update(root=root, follow_out_of_root=cfg.follow_symlinks_out_of_root)
     return splits

@@ -64,10 +64,16 @@ class ImageCacheConfig(Strict):
     workers: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"  # build processes; auto: cores
 
 
+# The image sources ``dinoflow.data.sources`` registers, by their ``data.source`` name, and
+# whether each needs ``data.path`` (the folder it reads). This layer cannot import the data
+# layer, so the names are listed here too: tests/test_sources.py checks both lists agree.
+SOURCE_NEEDS_PATH: dict[str, bool] = {"fashion_mnist": False, "image_folder": True}
+
+
 class DataConfig(Strict):
     """Where images come from and how they are split (shared by every pipeline)."""
 
-    source: Literal["fashion_mnist", "image_folder"] = "fashion_mnist"
+    source: str = "fashion_mnist"  # a name of SOURCE_NEEDS_PATH (dinoflow.data.sources)
     path: str | None = None
     val_size: int | float = Field(5000, gt=0)
     test_fraction: float = Field(0.1, gt=0, lt=1)
@@ -80,12 +86,19 @@ class DataConfig(Strict):
     test_limit: int | None = Field(None, ge=10)
     cache: ImageCacheConfig = ImageCacheConfig()  # image_folder only
 
+    @field_validator("source")
+    @classmethod
+    def _registered_source(cls, value: str) -> str:
+        if value not in SOURCE_NEEDS_PATH:
+            raise ValueError(f"not a registered image source ({', '.join(SOURCE_NEEDS_PATH)})")
+        return value
+
     @model_validator(mode="after")
     def _folder_needs_a_path(self) -> DataConfig:
         # refused before any work: a GPU node must not start on the wrong (or no) images
-        if self.source == "image_folder" and not self.path:
+        if SOURCE_NEEDS_PATH[self.source] and not self.path:
             raise ValueError(
-                "data.path is required with data.source=image_folder: the folder of "
+                f"data.path is required with data.source={self.source}: the folder of "
                 "your images (--params data.path=/data/photos)"
             )
         return self
@@ -178,7 +191,8 @@ class MaskingConfig(Strict):
     min_aspect: float = Field(0.3, gt=0)
     max_attempts: int = Field(10, ge=1)
     # false (dinov2's MaskingGenerator): once the remaining budget is below min_num_patches,
-    # smaller blocks fill it; true: blocks below min_num_patches are rejected (earlier dinoflow)
+    # smaller blocks fill it; true: blocks below min_num_patches are rejected (masks then fall
+    # short of the requested count more often, docs/faithfulness.md)
     reject_small_blocks: bool = False
 
 
@@ -227,9 +241,9 @@ class OptimConfig(Strict):
     teacher_temp_warmup_epochs: float = Field(30, ge=0)
     max_warmup_fraction: float = Field(0.3, gt=0, le=1)  # short runs: warm-ups capped to this
     # dinov2: CosineScheduler's ends (the warm-up reaches the peak at its last step, the cosine
-    # starts at the peak again and stops one step short of final); dinoflow_v1: the peak once,
-    # final reached at the last step
-    schedule_convention: Literal["dinov2", "dinoflow_v1"] = "dinov2"
+    # starts at the peak again and stops one step short of final); exact_ends: the peak once,
+    # at the first step after the warm-up, and final reached exactly at the last step
+    schedule_convention: Literal["dinov2", "exact_ends"] = "dinov2"
 
 
 class TrainConfig(Strict):

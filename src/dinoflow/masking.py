@@ -39,7 +39,7 @@ class BlockMaskGenerator:
     are at least ~min_num_patches (rounding may make them smaller) while the budget allows, and
     smaller ones fill the last patches once it is below min_num_patches, as the reference does.
 
-    reject_small_blocks=True is dinoflow's earlier rule: a block below min_num_patches is never
+    reject_small_blocks=True is a stricter rule: a block below min_num_patches is never
     placed (masks then stop short of the requested count: by 1.03 patches on average per masked
     16x16 crop, the reference by 0.08; the count is hit 36.6% of the time, the reference's
     92.2%), the total is capped at max_mask_ratio * H * W, and the area is drawn in the sorted

@@ -2,8 +2,8 @@
 
 Why: MLflow 3.17's UI has two workflows, GenAI and model training, and it takes the one to show
 from the ``workflowType`` URL parameter, else from the browser's stored choice
-(``localStorage["mlflow.workflowType_v1"]``), else GenAI. It no longer reads the experiment's
-``mlflow.experimentKind`` tag (the code that did sits behind a flag that is always on), so a new
+(``localStorage["mlflow.workflowType_v1"]``), else GenAI. It does not read the experiment's
+``mlflow.experimentKind`` tag (the code that would sits behind a flag that is always on), so a new
 browser opening ``dinoflow`` lands on the GenAI overview (usage charts, traces, an assistant)
 instead of the runs table, from any address.
 

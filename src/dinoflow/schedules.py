@@ -10,8 +10,9 @@ is its own ``linspace`` warm-up, then constant. Checked against the official cod
 (docs/faithfulness.md). dinoflow adds one thing: warm-ups longer than ``max_warmup_fraction`` of
 the run are capped (notes say so), as a short run must still reach its peak and final values.
 
-convention="dinoflow_v1" is dinoflow's earlier variant: the warm-up reaches ``base`` at step
-``warmup_steps`` (no repeated peak) and the cosine reaches ``final`` exactly at the last step.
+convention="exact_ends" makes the ends exact instead: the warm-up reaches ``base`` at step
+``warmup_steps`` (the peak once, not repeated) and the cosine reaches ``final`` exactly at the
+last step.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ def scaled_lr(base_lr: float, global_batch: int) -> float:
     return base_lr * math.sqrt(global_batch / 1024)
 
 
-CONVENTIONS = ("dinov2", "dinoflow_v1")
+CONVENTIONS = ("dinov2", "exact_ends")
 
 
 def _check_convention(convention: str) -> None:
@@ -48,7 +49,7 @@ def cosine_schedule(
     dinov2 (``CosineScheduler``): warm-up linspace(warmup_start, base, W), so step W - 1 is
     ``base``; the cosine final + (base - final)(1 + cos(pi i / n)) / 2 for i < n = total - W
     starts at ``base`` at step W and ends one step short of ``final``.
-    dinoflow_v1: step W is ``base`` (the warm-up stops just below it) and the last step is
+    exact_ends: step W is ``base`` (the warm-up stops just below it) and the last step is
     ``final``.
     """
     _check_convention(convention)
@@ -77,7 +78,7 @@ def linear_warmup_then_constant(
     """(total_steps,) linear start -> end over warmup_steps, then end.
 
     dinov2 (its teacher-temperature ``CosineScheduler``): linspace(start, end, W), so step
-    W - 1 is ``end``; dinoflow_v1: step W is ``end``.
+    W - 1 is ``end``; exact_ends: step W is ``end``.
     """
     _check_convention(convention)
     if warmup_steps <= 0:

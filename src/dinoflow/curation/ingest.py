@@ -21,11 +21,11 @@ import pandas as pd
 from dinoflow.data import Split
 from dinoflow.data.decode import (  # noqa: F401  (re-exported: the decoder curation uses)
     Decoded,
-    to_uint8_grey,
     array_to_rgb,
     decode_file,
     pil_to_rgb,
     rgb_to_luma,
+    to_uint8_grey,
 )
 
 # Row schema of the metadata table (the order is the CSV order).

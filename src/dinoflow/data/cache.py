@@ -218,18 +218,18 @@ def cached_paths(paths: Sequence[Path], root: str | Path, folder: str | Path) ->
 
 
 def build_for_data(data: DataConfig, progress: bool = True) -> CacheReport | None:
-    """The build for ``params:data``: the whole folder of an image_folder source (every split);
-    None when ``data.cache.short_side`` is null or the images are in memory (Fashion-MNIST)."""
-    from dinoflow.data.image_folder import list_image_folder
+    """The build for ``params:data``: every image file of the source (every split); None when
+    ``data.cache.short_side`` is null or the source holds its images in memory (Fashion-MNIST)."""
+    from dinoflow.data.sources import get_source
 
     if data.cache.short_side is None:
         return None
-    if data.source != "image_folder":
+    source = get_source(data.source)
+    if not source.reads_files:
         log.info("data.cache: %s is held in memory, nothing to cache", data.source)
         return None
-    paths, _, _ = list_image_folder(data.path, data.follow_symlinks_out_of_root)
     return build_image_cache(
-        paths,
+        source.files(data),
         data.path,
         data.cache.short_side,
         cache_folder(data.cache),

@@ -11,7 +11,7 @@ decoding for a consumer: uint8 (C, H, W) with C = 1 (luma, as Pillow's "L") or 3
 
 Reduced decoding: with ``min_side``, a JPEG is decoded by libjpeg at 1/2, 1/4 or 1/8 scale
 (``Image.draft``), as small as keeps its shorter side >= ``min_side``; everything above holds
-as before. ``decode_short_side`` is that plus an antialiased resize to a shorter side of exactly
+as at full scale. ``decode_short_side`` is that plus an antialiased resize to a shorter side of exactly
 ``side`` px (never up): the pixels the image cache (``dinoflow.data.cache``) stores.
 """
 

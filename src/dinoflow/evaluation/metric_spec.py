@@ -18,7 +18,6 @@ from typing import Any, Literal
 
 import numpy as np
 
-from dinoflow.errors import DataError
 from dinoflow.evaluation.labelfree import LABEL_FREE_KEYS
 
 # Keys compared the other way round: smaller is better.
@@ -92,18 +91,10 @@ def splits_are_labelled(splits: Mapping[str, Any]) -> bool:
 def data_is_labelled(data: Any) -> bool:
     """Whether ``data`` (a ``dinoflow.config.DataConfig``) is labelled, without decoding an image.
 
-    Fashion-MNIST: always (10 classes). An image folder: every image sits under a first-level
-    sub-folder (its label) and at least 2 sub-folders hold images. The folder is only listed.
+    The source's own answer (``ImageSource.is_labelled``): Fashion-MNIST always (10 classes);
+    an image folder when every image sits under a first-level sub-folder (its label) and at
+    least 2 sub-folders hold images. A folder is only listed.
     """
-    if data.source == "fashion_mnist":
-        return True
-    if data.source != "image_folder":
-        raise DataError(f"data.source: unknown source {data.source!r}")
-    if not data.path:
-        raise DataError("data.path: required when data.source=image_folder")
-    from dinoflow.data.image_folder import list_image_folder
+    from dinoflow.data.sources import get_source
 
-    paths, label_names, class_names = list_image_folder(
-        data.path, getattr(data, "follow_symlinks_out_of_root", False)
-    )
-    return bool(paths) and all(label_names) and len(class_names) >= 2
+    return get_source(data.source).is_labelled(data)

@@ -558,7 +558,8 @@ def load_backbone(
     if not isinstance(payload, dict) or payload.get("format") != BACKBONE_FORMAT:
         raise ValueError(f"{path}: not a {BACKBONE_FORMAT} file")
     kwargs = dict(payload["kwargs"])
-    # files written before these kwargs existed ran timm's resample (= offset 0, antialias)
+    # a file whose kwargs name no interpolation setting was trained with timm's resample
+    # (= offset 0, antialias)
     kwargs.setdefault("interpolate_offset", 0.0)
     kwargs.setdefault("interpolate_antialias", True)
     model = DinoVisionTransformer(**kwargs)

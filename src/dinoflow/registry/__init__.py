@@ -14,7 +14,8 @@ The package, by job:
   registration job ``register_pretrained``.
 
 Registered versions are pickled with the class path ``dinoflow.registry.RegisteredBackbone``
-(as before the package existed): unpickling one in a fresh process only needs this package, which
+(the path every registered version is stored under): unpickling one in a fresh process only
+needs this package, which
 imports no MLflow; the package source also travels with the model (``code_paths``) for machines
 without dinoflow. Models are loaded by ``dinoflow.artifacts.load_model``.
 """

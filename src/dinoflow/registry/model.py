@@ -1,8 +1,8 @@
 """The registered model ``RegisteredBackbone``: a DINOv2 backbone and its preprocessing.
 
 It is pickled by ``mlflow.pytorch`` under the class path ``dinoflow.registry.RegisteredBackbone``
-(the class says so: ``__module__``), the path every version registered before ``dinoflow.registry``
-became a package holds; unpickling it only imports ``dinoflow.registry``, which imports no MLflow.
+(the class says so: ``__module__``), the path every registered version is stored under;
+unpickling it only imports ``dinoflow.registry``, which imports no MLflow.
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ class RegisteredBackbone(nn.Module):
         self.preprocessing = PREPROCESSING
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        # versions pickled before crop_ratio existed get the default
+        # a pickled version without crop_ratio gets the default
         state.setdefault("crop_ratio", DEFAULT_CROP_RATIO)
         super().__setstate__(state)
 

@@ -58,8 +58,8 @@ __all__ = [
 
 EXPERIMENT = "dinoflow"
 # Model-version tags: what promotion compares, and where the version came from. The value is kept
-# under "dinoflow.<metric name>" (``promotion.metric_tag``: "dinoflow.knn_top1", as before, for
-# kNN), the name under TAG_PROMOTION_METRIC (also a tag of the registration run).
+# under "dinoflow.<metric name>" (``promotion.metric_tag``: "dinoflow.knn_top1" for kNN), the
+# name under TAG_PROMOTION_METRIC (also a tag of the registration run).
 TAG_METRIC = "dinoflow.knn_top1"
 TAG_PROMOTION_METRIC = "dinoflow.promotion_metric"
 TAG_EVAL_DATA = "dinoflow.eval_data_id"

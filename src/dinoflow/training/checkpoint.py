@@ -66,7 +66,8 @@ class Checkpointer:
         main: bool = True,
     ):
         self.folder = Path(run_dir) / "checkpoints" / fp
-        self.legacy = Path(run_dir) / "checkpoints" / f"{fp}.pt"  # one-file layout of older runs
+        # the one-file layout, checkpoints/<fingerprint>.pt: read (oldest), never written
+        self.one_file = Path(run_dir) / "checkpoints" / f"{fp}.pt"
         self.every, self.keep, self.fsdp, self.main = every, keep, fsdp, main
 
     # ------------------------------------------------------------------ reading
@@ -78,7 +79,7 @@ class Checkpointer:
             if (m := _STEP_FILE.match(p.name))
         ]
         ordered = [p for _, p in sorted(found, reverse=True)]
-        return ordered + ([self.legacy] if self.legacy.is_file() else [])
+        return ordered + ([self.one_file] if self.one_file.is_file() else [])
 
     def latest(self) -> Path | None:
         files = self.files()
