@@ -27,10 +27,10 @@ from dinoflow.methods.frozen_teacher import backbone_flops
 from dinoflow.models.vit import load_backbone
 from dinoflow.training import Trainer, pretrain
 from dinoflow.training.distill import distill
-from tests.distill_resume_job import CROPS, STUDENT
+from tests.e2e.jobs.distill_resume_job import CROPS, STUDENT
 
-REPO = Path(__file__).resolve().parents[1]
-JOB = Path(__file__).with_name("distill_resume_job.py")
+REPO = Path(__file__).resolve().parents[2]
+JOB = Path(__file__).parent / "jobs" / "distill_resume_job.py"
 
 TEACHER = {
     "crops": CROPS,

@@ -327,7 +327,7 @@ def test_launchers_run_two_processes(tmp_path: Path, monkeypatch, launcher: str)
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(Path(__file__).parents[1] / "src"),
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(Path(__file__).parents[2] / "src"),
                                                       *sys.path]))
     data = DataConfig(source="image_folder", path=str(_image_folder(tmp_path / "imgs")),
                       val_size=2, test_fraction=0.1)

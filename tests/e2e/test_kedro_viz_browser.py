@@ -15,10 +15,10 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import project_copy, stop_process_group
-from test_mlflow_ui_browser import CHROMIUM, CHROMIUM_ARGS, ENV, free_port
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.support.browser import CHROMIUM, CHROMIUM_ARGS, ENV, free_port
+
+REPO = Path(__file__).resolve().parents[2]
 
 pytestmark = [
     pytest.mark.slow,
@@ -37,28 +37,40 @@ _SETTINGS_JS = ("localStorage.setItem('KedroViz', JSON.stringify("
                 "{showFeatureHints: false, theme: 'light', isPrettyName: false}));")
 
 
-def _project_copy(tmp_path: Path) -> Path:
-    return project_copy(tmp_path / "project")
+@pytest.fixture
+def _project_copy(project_copy):
+    """The factory ``_project_copy(tmp_path) -> Path``: a copy of the Kedro project at tmp_path / "project"."""
+
+    def _project_copy(tmp_path: Path) -> Path:
+        return project_copy(tmp_path / "project")
+
+    return _project_copy
 
 
-def _serve_static(folder: Path) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1",
-                             "-d", str(folder)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(url + "/", timeout=2):
-                return proc, url
-        except OSError:
-            time.sleep(0.2)
-    stop_process_group(proc)
-    raise RuntimeError(f"static server did not come up on {url}")
+@pytest.fixture
+def _serve_static(stop_process_group):
+    """The factory ``_serve_static(folder) -> (process, url)``: a static HTTP server on loopback."""
+
+    def _serve_static(folder: Path) -> tuple[subprocess.Popen, str]:
+        port = free_port()
+        proc = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1",
+                                 "-d", str(folder)], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(url + "/", timeout=2):
+                    return proc, url
+            except OSError:
+                time.sleep(0.2)
+        stop_process_group(proc)
+        raise RuntimeError(f"static server did not come up on {url}")
+
+    return _serve_static
 
 
-def test_kedro_viz_build_renders_every_pipeline(tmp_path: Path) -> None:
+def test_kedro_viz_build_renders_every_pipeline(tmp_path: Path, _project_copy, _serve_static, stop_process_group) -> None:
     from playwright.sync_api import sync_playwright
 
     root = _project_copy(tmp_path)

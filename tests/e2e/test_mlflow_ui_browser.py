@@ -10,7 +10,6 @@ that is not to the local server is aborted, so nothing leaves the machine.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -18,19 +17,14 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import stop_process_group
 
 from dinoflow.config import DataConfig, PretrainConfig
 from dinoflow.jobs.tune import run_study
 from dinoflow.tracking import EXPERIMENT_KIND_TAG, TRAINING_EXPERIMENT_KIND, ui_landing_url
 from dinoflow.tuning import TuningConfig
+from tests.support.browser import CHROMIUM, CHROMIUM_ARGS, ENV, free_port
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--headless=new", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
-REPO = Path(__file__).resolve().parents[1]
-ENV = {"DO_NOT_TRACK": "1", "KEDRO_DISABLE_TELEMETRY": "1", "MLFLOW_DISABLE_TELEMETRY": "true",
-       "DVC_NO_ANALYTICS": "1", "OMP_NUM_THREADS": "1"}
+REPO = Path(__file__).resolve().parents[2]
 
 pytestmark = [
     pytest.mark.slow,
@@ -67,36 +61,36 @@ _METRIC_CELLS_JS = """(name) => {
 }"""
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+@pytest.fixture
+def start_mlflow_ui(stop_process_group):
+    """The factory ``start_mlflow_ui(store_uri, cwd) -> (process, url)``."""
 
+    def start_mlflow_ui(store_uri: str, cwd: Path) -> tuple[subprocess.Popen, str]:
+        """``mlflow ui --app-name dinoflow`` (as ``make ui``) on loopback, in its own process group (so
+        the workers stop with it); its base URL."""
+        port = free_port()
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "ui", "--app-name", "dinoflow", "--backend-store-uri", store_uri,
+             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+            # no background job runner (its workers are of no use to a UI check)
+            cwd=cwd, env={**os.environ, **ENV, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True)
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                    if r.status == 200:
+                        return proc, url
+            except OSError:
+                time.sleep(1)
+            if proc.poll() is not None:
+                break
+        stop_process_group(proc)
+        raise RuntimeError(f"mlflow ui did not come up on {url}")
 
-def start_mlflow_ui(store_uri: str, cwd: Path) -> tuple[subprocess.Popen, str]:
-    """``mlflow ui --app-name dinoflow`` (as ``make ui``) on loopback, in its own process group (so
-    the workers stop with it); its base URL."""
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "ui", "--app-name", "dinoflow", "--backend-store-uri", store_uri,
-         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        # no background job runner (its workers are of no use to a UI check)
-        cwd=cwd, env={**os.environ, **ENV, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                if r.status == 200:
-                    return proc, url
-        except OSError:
-            time.sleep(1)
-        if proc.poll() is not None:
-            break
-    stop_process_group(proc)
-    raise RuntimeError(f"mlflow ui did not come up on {url}")
+    return start_mlflow_ui
 
 
 
@@ -183,7 +177,7 @@ def landing_in_browser(url: str, run_prefix: str, stored_workflow: str | None = 
             browser.close()
 
 
-def test_compare_two_tuning_trials_in_the_mlflow_ui(tmp_path):
+def test_compare_two_tuning_trials_in_the_mlflow_ui(tmp_path, start_mlflow_ui, stop_process_group):
     import mlflow
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"

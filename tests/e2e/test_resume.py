@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-JOB = Path(__file__).with_name("resume_job.py")
+JOB = Path(__file__).parent / "jobs" / "resume_job.py"
 # Gram anchoring on: the Gram teacher is copied from the EMA before steps 2, 5, 8, ...; the kill
 # comes after the checkpoint of step 4, between two copies: the copy must come back from it
 GRAM = {"gram": {"weight": 1.0, "first_update_step": 2, "update_every": 3}}

@@ -17,9 +17,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import project_copy
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 LABEL_FREE = ("rankme", "alignment", "uniformity", "view_retrieval_top1")
 
 
@@ -41,20 +40,16 @@ def _write_pngs(images: np.ndarray, folder: Path) -> None:
         Image.fromarray(image).save(folder / f"{i:05d}.png")
 
 
-def _project_copy(root: Path) -> Path:
-    return project_copy(root)
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("layout", ["flat", "one_sub_folder"])
-def test_unlabelled_folder_runs_the_default_pipeline(tmp_path: Path, layout: str) -> None:
+def test_unlabelled_folder_runs_the_default_pipeline(tmp_path: Path, layout: str, project_copy) -> None:
     import mlflow
 
     images = _fashion_mnist_test_images(300)
     folder = tmp_path / "images"
     _write_pngs(images, folder if layout == "flat" else folder / "everything")
-    root = _project_copy(tmp_path / "project")
+    root = project_copy(tmp_path / "project")
     store = f"sqlite:///{tmp_path}/mlflow.db"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MLFLOW_TRACKING_URI": store}
     kedro = Path(sys.executable).with_name("kedro")

@@ -33,9 +33,9 @@ from dinoflow.training.data import (
     UnreadableFiles,
     replacement_order,
 )
-from tests.unreadable_resume_job import MEAN, STD, tiny_cfg, train
+from tests.e2e.jobs.unreadable_resume_job import MEAN, STD, tiny_cfg, train
 
-JOB = Path(__file__).with_name("unreadable_resume_job.py")
+JOB = Path(__file__).parent / "jobs" / "unreadable_resume_job.py"
 PHOTOS = sorted(Path("/usr/share/backgrounds").glob("*.jpg"), key=lambda p: p.stat().st_size)[:10]
 N_IMAGES = 40
 SIZES = (32, 40, 48, 64)

@@ -113,7 +113,6 @@ def build_eval_folder(root: Path, messy: Path) -> Path:
 
 import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
-from conftest import run_curation  # noqa: E402
 
 from dinoflow.curation import curation_config  # noqa: E402
 from dinoflow.data import Split, list_image_folder  # noqa: E402
@@ -140,7 +139,7 @@ def _cfg(tmp: Path, **over) -> object:
 
 
 @pytest.fixture(scope="module")
-def curated(tmp_path_factory):
+def curated(tmp_path_factory, run_curation):
     tmp = tmp_path_factory.mktemp("curation")
     messy = build_messy_folder(tmp / "messy")
     evals = build_eval_folder(tmp / "eval", messy)

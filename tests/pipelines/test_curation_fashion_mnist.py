@@ -5,14 +5,13 @@ from __future__ import annotations
 import time
 
 import pytest
-from conftest import run_curation
 
 from dinoflow.curation import curation_config
 from dinoflow.data import load_splits
 
 
 @pytest.mark.slow
-def test_fashion_mnist_default_curation(tmp_path) -> None:
+def test_fashion_mnist_default_curation(tmp_path, run_curation) -> None:
     try:
         splits = load_splits("fashion_mnist", None, 5000, 0.1, 0, allow_download=False)
     except FileNotFoundError as exc:

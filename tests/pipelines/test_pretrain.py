@@ -8,11 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import project_copy
 
 from dinoflow.monitor import TrainingDiverged, collapse_warning
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def tiny_params(run_dir: Path, **train) -> dict:
@@ -104,12 +103,18 @@ def test_collapse_warnings_name_the_kind():
     assert collapse_warning(0.5 * math.log(1024), 1024) is None
 
 
-def _project_copy(tmp_path: Path) -> Path:
-    return project_copy(tmp_path / "project")
+@pytest.fixture
+def _project_copy(project_copy):
+    """The factory ``_project_copy(tmp_path) -> Path``: a copy of the Kedro project at tmp_path / "project"."""
+
+    def _project_copy(tmp_path: Path) -> Path:
+        return project_copy(tmp_path / "project")
+
+    return _project_copy
 
 
 @pytest.mark.parametrize("flag", ["--pipelines=pretrain", "--pipeline=pretrain"])
-def test_kedro_cli_both_spellings(tmp_path, flag):
+def test_kedro_cli_both_spellings(tmp_path, flag, _project_copy):
     root = _project_copy(tmp_path)
     params = ("pretrain.train.max_steps=2,pretrain.train.knn_every_epochs=100,"
               "pretrain.train.progress=false")

@@ -14,7 +14,7 @@ import torch
 
 from dinoflow.config import ConfigError, DataConfig, PretrainConfig, validate
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PHOTOS = sorted(Path("/usr/share/backgrounds").glob("*.jpg"))
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 LIBRARY = ROOT / "src" / "dinoflow"
 MAX_FUNCTION_LINES = 60  # as `ruff format` writes it (no `# fmt: skip`)
 

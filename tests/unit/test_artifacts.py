@@ -28,7 +28,7 @@ from dinoflow.weights import save_official_layout
 MEAN, STD, SIZE = [0.3], [0.35], 8
 KWARGS = {"img_size": SIZE, "patch_size": 4, "in_chans": 1, "embed_dim": 16, "depth": 1,
           "num_heads": 2}  # fmt: skip
-FIXTURE = Path(__file__).parent / "fixtures" / "registered_backbone_c2ef209"
+FIXTURE = Path(__file__).parents[1] / "fixtures" / "registered_backbone_c2ef209"
 
 
 def tiny(seed: int = 0) -> DinoVisionTransformer:

@@ -136,12 +136,10 @@ def test_a_resumed_run_keeps_the_precision_its_checkpoint_was_trained_in(monkeyp
 
 
 # ----------------------------------------------------------------------------- evaluation
-def test_evaluation_precision_follows_the_same_rule(monkeypatch) -> None:
-    from conftest import TinyBackbone
-
+def test_evaluation_precision_follows_the_same_rule(monkeypatch, tiny_backbone) -> None:
     from dinoflow.evaluation.report import EvalSettings, evaluation_precision
 
-    backbone = TinyBackbone(dim=32)
+    backbone = tiny_backbone(dim=32)
     settings = EvalSettings(image_size=16, batch_size=64)
     assert settings.precision == "auto"
     monkeypatch.setattr(prec, "cpu_bf16_units", lambda: False)
@@ -151,7 +149,7 @@ def test_evaluation_precision_follows_the_same_rule(monkeypatch) -> None:
     # a feature batch's tokens x D x 4D: 1088 x 32 x 128 = 4.5M MACs: too small for bf16
     precision, why = evaluation_precision(settings, backbone)
     assert precision == "fp32" and "1088x32 @ 32x128" in why
-    wide = TinyBackbone(dim=128)  # 1088 x 128 x 512 = 71M MACs
+    wide = tiny_backbone(dim=128)  # 1088 x 128 x 512 = 71M MACs
     assert evaluation_precision(settings, wide)[0] == "bf16"
     assert evaluation_precision(EvalSettings(precision="fp32"), backbone)[0] == "fp32"
     assert evaluation_precision(EvalSettings(precision="auto", device="cuda"), backbone)[0] == "bf16"

@@ -33,7 +33,7 @@ from dinoflow.tuning import (
     write_best_params,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 TINY_PRETRAIN = {
     "crops": {"global_size": 28, "local_size": 12, "n_local": 2},

@@ -1,7 +1,7 @@
 """A tiny pretraining run on a folder of photos, some of them unreadable: used by
 test_unreadable_training.py in process, and as a separate process to be killed.
 
-``python tests/unreadable_resume_job.py RUN_DIR SPLIT_JSON``: SPLIT_JSON holds the folder and
+``python tests/e2e/jobs/unreadable_resume_job.py RUN_DIR SPLIT_JSON``: SPLIT_JSON holds the folder and
 the item ids of the split as it was built, before some of its files broke.
 """
 

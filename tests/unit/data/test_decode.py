@@ -124,9 +124,7 @@ def test_links_out_of_the_data_root_are_not_followed_by_default(tmp_path, caplog
     assert skipped == {"linked.png": "outside_root", "dogs": "outside_root"}
 
 
-def test_the_same_image_under_two_labels_is_reported(tmp_path) -> None:
-    from conftest import run_curation
-
+def test_the_same_image_under_two_labels_is_reported(tmp_path, run_curation) -> None:
     from dinoflow.curation import curation_config
 
     root = tmp_path / "data"

@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import real_photo
 from PIL import Image, ImageDraw
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
@@ -42,7 +41,7 @@ def _disc_aspect(x: torch.Tensor) -> float:
     return (cols.max() - cols.min() + 1) / (rows.max() - rows.min() + 1)
 
 
-def test_square_crop_size_images_are_bit_identical_to_the_old_square_resize() -> None:
+def test_square_crop_size_images_are_bit_identical_to_the_old_square_resize(real_photo) -> None:
     grey = _tensor(real_photo(640, 480).convert("L").resize((28, 28), Image.BILINEAR))
     noise = torch.randint(
         0, 256, (4, 1, 28, 28), generator=torch.Generator().manual_seed(0), dtype=torch.uint8
@@ -72,7 +71,7 @@ def test_a_drawn_circle_stays_a_circle(width: int, height: int) -> None:
     assert abs(_disc_aspect(squashed) - height / width) < 0.05
 
 
-def test_the_photo_crop_is_the_shorter_side_resize_then_the_centre() -> None:
+def test_the_photo_crop_is_the_shorter_side_resize_then_the_centre(real_photo) -> None:
     x = _tensor(real_photo(640, 480))
     crop = resize_center_crop(x, 224)  # 224 / 0.875 = 256: (480, 640) -> (256, 341)
     resized = TF.resize(x, 256, interpolation=InterpolationMode.BILINEAR, antialias=True)
@@ -88,23 +87,29 @@ def test_the_photo_crop_is_the_shorter_side_resize_then_the_centre() -> None:
         resize_center_crop(x, 224, crop_ratio=1.5)
 
 
-def _photo_split(root: Path) -> Split:
-    """Three real photo crops of different shapes, as PNG files in a folder split."""
-    root.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i, (w, h) in enumerate(((64, 48), (40, 72), (36, 36))):
-        paths.append(root / f"{i}.png")
-        real_photo(4 * w, 4 * h).resize((w, h), Image.BILINEAR).save(paths[-1])
-    return Split(
-        ids=[p.name for p in paths],
-        labels=np.array([0, 1, 0]),
-        class_names=["a", "b"],
-        channels=3,
-        paths=paths,
-    )
+@pytest.fixture
+def _photo_split(real_photo):
+    """The factory ``_photo_split(root) -> Split``: three real photo crops as PNG files."""
+
+    def _photo_split(root: Path) -> Split:
+        """Three real photo crops of different shapes, as PNG files in a folder split."""
+        root.mkdir(parents=True, exist_ok=True)
+        paths = []
+        for i, (w, h) in enumerate(((64, 48), (40, 72), (36, 36))):
+            paths.append(root / f"{i}.png")
+            real_photo(4 * w, 4 * h).resize((w, h), Image.BILINEAR).save(paths[-1])
+        return Split(
+            ids=[p.name for p in paths],
+            labels=np.array([0, 1, 0]),
+            class_names=["a", "b"],
+            channels=3,
+            paths=paths,
+        )
+
+    return _photo_split
 
 
-def test_features_and_raw_pixels_see_the_centre_crop(tmp_path: Path) -> None:
+def test_features_and_raw_pixels_see_the_centre_crop(tmp_path: Path, _photo_split) -> None:
     split = _photo_split(tmp_path / "photos")
     crops = torch.stack([resize_center_crop(split.load(i), 32) for i in range(3)])
     assert torch.equal(load_batch(split, 0, 3, 32), crops)
@@ -124,7 +129,7 @@ def test_features_and_raw_pixels_see_the_centre_crop(tmp_path: Path) -> None:
     assert (crops[:2].float() - squashed[:2].float()).abs().mean() > 5  # the crop is not a squash
 
 
-def test_label_free_clean_images_are_the_centre_crop(tmp_path: Path) -> None:
+def test_label_free_clean_images_are_the_centre_crop(tmp_path: Path, _photo_split) -> None:
     from dinoflow.evaluation.labelfree import ViewSettings, _batch_inputs
 
     split = _photo_split(tmp_path / "photos")

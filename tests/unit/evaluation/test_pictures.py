@@ -4,7 +4,6 @@ import json
 
 import numpy as np
 import torch
-from conftest import TinyBackbone
 from PIL import Image
 
 from dinoflow.evaluation.pictures import (
@@ -62,10 +61,10 @@ def test_classification_confusion_hand_example():
     assert counts.tolist() == [[1, 1, 0], [0, 1, 0], [1, 0, 2]]
 
 
-def test_figures_are_written(tmp_path):
+def test_figures_are_written(tmp_path, tiny_backbone):
     torch.manual_seed(0)
     images = np.random.default_rng(0).integers(0, 255, (4, 16, 16), dtype=np.uint8)
-    path = pca_feature_maps(TinyBackbone(), images, (0.5,), (0.5,), tmp_path / "pca.png")
+    path = pca_feature_maps(tiny_backbone(), images, (0.5,), (0.5,), tmp_path / "pca.png")
     width, height = png_size(path)
     assert width > height  # 4 columns, 2 rows
     path = confusion_matrix_figure([0, 1, 2, 2], [0, 1, 1, 2], ["a", "b", "c"], tmp_path / "cm.png")
@@ -101,7 +100,7 @@ class Split:
         return torch.from_numpy(self.images[i]).unsqueeze(0)
 
 
-def test_evaluate_backbone_reports_every_metric_and_baseline(tmp_path):
+def test_evaluate_backbone_reports_every_metric_and_baseline(tmp_path, tiny_backbone):
     torch.manual_seed(0)
     splits = {"train": Split(80, 0), "val": Split(24, 1), "test": Split(24, 2)}
     cfg = EvalSettings(
@@ -109,7 +108,7 @@ def test_evaluate_backbone_reports_every_metric_and_baseline(tmp_path):
         linear_batch_size=16, seg_train_scenes=24, seg_test_scenes=8, seg_canvas=16, seg_epochs=2,
         seg_batch_size=8, n_pictures=3, progress=False, baseline_max_train=50, baseline_random_max_train=40,
     )  # fmt: skip
-    backbone = TinyBackbone()
+    backbone = tiny_backbone()
     metrics, files = evaluate_backbone(backbone, splits, cfg)
     contract = [
         "knn_top1",
@@ -154,9 +153,9 @@ def test_evaluate_backbone_reports_every_metric_and_baseline(tmp_path):
     }
 
 
-def test_random_init_like():
+def test_random_init_like(tiny_backbone):
     torch.manual_seed(1)
-    trained = TinyBackbone()
+    trained = tiny_backbone()
     with torch.no_grad():
         for p in trained.parameters():
             p.add_(1.0)  # "pretraining" moved every parameter
@@ -167,7 +166,7 @@ def test_random_init_like():
         assert torch.equal(p, q), name  # the same seed gives the same weights
         if not name.startswith("norm"):
             assert not torch.equal(p, t), name  # and none of the trained ones
-    made = random_init_like(trained, factory=lambda: TinyBackbone(dim=4))
+    made = random_init_like(trained, factory=lambda: tiny_backbone(dim=4))
     assert made.embed_dim == 4
     before = torch.random.get_rng_state()
     random_init_like(trained, seed=5)

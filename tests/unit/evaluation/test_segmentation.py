@@ -5,7 +5,6 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import TinyBackbone
 from torch import nn
 
 from dinoflow.evaluation.scenes import make_scenes
@@ -46,9 +45,9 @@ def test_confusion_rows_are_targets():
     assert conf.tolist() == [[1, 1, 0], [0, 2, 0], [1, 0, 1]]
 
 
-def test_patch_maps_keep_the_row_major_grid():
+def test_patch_maps_keep_the_row_major_grid(tiny_backbone):
     torch.manual_seed(0)
-    backbone = TinyBackbone()
+    backbone = tiny_backbone()
     images = np.random.default_rng(0).integers(0, 255, (3, 12, 8), dtype=np.uint8)
     maps = extract_patch_maps(backbone, images, (0.5,), (0.25,), progress=False, batch_size=2)
     assert maps.shape == (3, 16, 3, 2)
@@ -67,7 +66,7 @@ def test_head_shapes():
     assert isinstance(head.bn, nn.BatchNorm2d) and head.conv.kernel_size == (1, 1)
 
 
-def test_linear_head_learns_scenes():
+def test_linear_head_learns_scenes(tiny_backbone):
     """Objects of 3 classes differ in intensity; a random patchifier keeps that linearly readable."""
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
@@ -77,7 +76,7 @@ def test_linear_head_learns_scenes():
     images = np.clip(images + rng.integers(0, 5, images.shape), 0, 255).astype(np.uint8)
     tr_x, tr_y = make_scenes(images, labels, 120, canvas=24, scale_range=(1.0, 1.5), seed=0)
     te_x, te_y = make_scenes(images, labels, 30, canvas=24, scale_range=(1.0, 1.5), seed=1)
-    backbone = TinyBackbone(patch=2)
+    backbone = tiny_backbone(patch=2)
     out = train_linear_segmentation(backbone, tr_x, tr_y, te_x, te_y, (0.2,), (0.3,), n_classes=4,
                                     epochs=15, lr=1e-2, batch_size=16, n_examples=3, progress=False)  # fmt: skip
     background_only, _ = mean_iou(torch.zeros_like(torch.from_numpy(te_y)), te_y, 4)

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import TinyBackbone
 from pydantic import ValidationError
 
 from dinoflow.config import Strict
@@ -27,7 +26,7 @@ from dinoflow.evaluation.tasks.label_free import LabelFreeSettings
 from dinoflow.evaluation.tasks.pictures import PictureSettings
 from dinoflow.evaluation.tasks.segmentation import SegmentationSettings
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 LABEL_FREE = ["rankme", "alignment", "uniformity", "view_retrieval_top1"]
 
 
@@ -81,16 +80,23 @@ def settings(out_dir: Path) -> EvalSettings:
     )
 
 
-def evaluate(out_dir: Path, tasks=TASKS, labelled: bool = True):
-    torch.manual_seed(0)
-    metrics, files = evaluate_backbone(
-        TinyBackbone(), splits(labelled), settings(out_dir), None, tasks
-    )
-    return metrics, files, json.loads(files["details"].read_text())
+@pytest.fixture(scope="module")
+def evaluate(tiny_backbone):
+    """The factory ``evaluate(out_dir, tasks=TASKS, labelled=True) -> (metrics, files, details)``:
+    the report of a TinyBackbone on the tiny splits."""
+
+    def evaluate(out_dir: Path, tasks=TASKS, labelled: bool = True):
+        torch.manual_seed(0)
+        metrics, files = evaluate_backbone(
+            tiny_backbone(), splits(labelled), settings(out_dir), None, tasks
+        )
+        return metrics, files, json.loads(files["details"].read_text())
+
+    return evaluate
 
 
 @pytest.fixture(scope="module")
-def every_task(tmp_path_factory):
+def every_task(tmp_path_factory, evaluate):
     return evaluate(tmp_path_factory.mktemp("all"))
 
 
@@ -117,7 +123,7 @@ def test_the_task_list_is_the_report(every_task) -> None:
 
 
 @pytest.mark.parametrize("task", [t.name for t in TASKS])
-def test_disabling_a_task_removes_exactly_its_keys(task, every_task, tmp_path) -> None:
+def test_disabling_a_task_removes_exactly_its_keys(task, every_task, tmp_path, evaluate) -> None:
     metrics, files, details = every_task
     kept = [t for t in TASKS if t.name != task]
     fewer, fewer_files, fewer_details = evaluate(tmp_path, kept)
@@ -142,14 +148,14 @@ def test_disabling_a_task_removes_exactly_its_keys(task, every_task, tmp_path) -
     assert set(fewer_details["timings_s"]) <= set(details["timings_s"])
 
 
-def test_without_labels_only_the_label_free_metrics(tmp_path) -> None:
+def test_without_labels_only_the_label_free_metrics(tmp_path, evaluate) -> None:
     metrics, files, details = evaluate(tmp_path, labelled=False)
     assert set(metrics) == set(LABEL_FREE) | {f"baseline_random_{k}" for k in LABEL_FREE}
     assert set(files) == {"pca_features", "pca_features_random", "details"}
     assert details["labelled"] is False
 
 
-def test_a_new_task_adds_its_metrics_with_its_own_settings(tmp_path) -> None:
+def test_a_new_task_adds_its_metrics_with_its_own_settings(tmp_path, evaluate) -> None:
     class CountSettings(Strict):
         count_fraction: float = 0.25
 

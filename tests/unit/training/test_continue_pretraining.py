@@ -175,7 +175,7 @@ def test_gpu_continue_profile_takes_a_vits14_reg4_release(tmp_path: Path) -> Non
     the register releases' setting)."""
     import yaml
 
-    conf = Path(__file__).resolve().parents[1] / "conf" / "gpu_continue"
+    conf = Path(__file__).resolve().parents[3] / "conf" / "gpu_continue"
     params = yaml.safe_load((conf / "parameters_pretrain.yml").read_text())["pretrain"]
     cfg = PretrainConfig.model_validate(params)
     assert set(params) == set(PretrainConfig.model_fields)  # every group set explicitly

@@ -7,7 +7,7 @@ tolerance: an optimisation may change the summation order, never the computation
 
 Re-record (only after an intended change of the method or of the RNG stream, from the code
 without the optimisation under test):
-``DINOFLOW_RECORD=1 python -m pytest tests/test_step_equivalence.py -s -k reference``.
+``DINOFLOW_RECORD=1 python -m pytest tests/unit/training/test_step_equivalence.py -s -k reference``.
 """
 
 from __future__ import annotations

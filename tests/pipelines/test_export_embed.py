@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import project_copy, real_photo
 from PIL import Image
 
 from dinoflow.export import (
@@ -26,7 +25,7 @@ from dinoflow.export import (
 from dinoflow.models.vit import DinoVisionTransformer
 from dinoflow.registry import RegisteredBackbone
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 MEAN, STD = [0.3], [0.35]
 
 
@@ -95,7 +94,7 @@ def test_timm_create_model_gives_the_same_embeddings(tmp_path: Path, kw: dict) -
     assert (timm_model(kwargs, tmp_path / "timm_backbone.safetensors")(x) - ours).abs().max() < 1e-5
 
 
-def test_export_json_holds_the_preprocessing_an_onnx_user_reproduces(tmp_path: Path) -> None:
+def test_export_json_holds_the_preprocessing_an_onnx_user_reproduces(tmp_path: Path, real_photo) -> None:
     import onnxruntime as ort
     from torchvision.transforms.v2 import InterpolationMode
     from torchvision.transforms.v2 import functional as TF
@@ -131,8 +130,14 @@ def test_export_json_holds_the_preprocessing_an_onnx_user_reproduces(tmp_path: P
     assert np.abs(cls - expected).max() < 1e-4
 
 
-def _project_copy(tmp_path: Path) -> Path:
-    return project_copy(tmp_path / "project")
+@pytest.fixture
+def _project_copy(project_copy):
+    """The factory ``_project_copy(tmp_path) -> Path``: a copy of the Kedro project at tmp_path / "project"."""
+
+    def _project_copy(tmp_path: Path) -> Path:
+        return project_copy(tmp_path / "project")
+
+    return _project_copy
 
 
 def _register_champion(store: str, tmp_path: Path) -> RegisteredBackbone:
@@ -179,7 +184,7 @@ def _folder(root: Path) -> list[str]:
 
 
 @pytest.mark.slow  # two `kedro run`s (a Kedro + kedro-mlflow start each)
-def test_export_and_embed_pipelines_through_the_cli(tmp_path: Path) -> None:
+def test_export_and_embed_pipelines_through_the_cli(tmp_path: Path, _project_copy) -> None:
     import faiss
     import mlflow
 

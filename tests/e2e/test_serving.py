@@ -21,7 +21,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import real_photo, stop_process_group
 from PIL import Image
 
 from dinoflow.data.decode import decode_image
@@ -189,33 +188,40 @@ def post(url: str, payload: dict) -> tuple[int, dict]:
         return err.code, json.loads(err.read() or b"{}")
 
 
-def serve(store: str, cwd: Path) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    with open(cwd / "serve.log", "wb") as logfile:  # the child keeps its own copy of the handle
-        proc = subprocess.Popen(
-            [str(Path(sys.executable).with_name("mlflow")), "models", "serve", "-m",
-             f"models:/{EMBEDDER_NAME}@{CHAMPION}", "--env-manager", "local", "-h", "127.0.0.1",
-             "-p", str(port), "--workers", "1"],
-            cwd=cwd, env={**os.environ, **ENV, "MLFLOW_TRACKING_URI": store},
-            stdout=logfile, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            with urllib.request.urlopen(f"{url}/ping", timeout=2) as r:
-                if r.status == 200:
-                    return proc, url
-        except OSError:
-            time.sleep(1)
-    stop_process_group(proc)
-    raise RuntimeError(f"mlflow models serve did not come up:\n{(cwd / 'serve.log').read_text()[-3000:]}")
+@pytest.fixture
+def serve(stop_process_group):
+    """The factory ``serve(store, cwd) -> (process, url)``: ``mlflow models serve`` of the embedder
+    champion on loopback."""
+
+    def serve(store: str, cwd: Path) -> tuple[subprocess.Popen, str]:
+        port = free_port()
+        with open(cwd / "serve.log", "wb") as logfile:  # the child keeps its own copy of the handle
+            proc = subprocess.Popen(
+                [str(Path(sys.executable).with_name("mlflow")), "models", "serve", "-m",
+                 f"models:/{EMBEDDER_NAME}@{CHAMPION}", "--env-manager", "local", "-h", "127.0.0.1",
+                 "-p", str(port), "--workers", "1"],
+                cwd=cwd, env={**os.environ, **ENV, "MLFLOW_TRACKING_URI": store},
+                stdout=logfile, stderr=subprocess.STDOUT, start_new_session=True,
+            )  # fmt: skip
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                with urllib.request.urlopen(f"{url}/ping", timeout=2) as r:
+                    if r.status == 200:
+                        return proc, url
+            except OSError:
+                time.sleep(1)
+        stop_process_group(proc)
+        raise RuntimeError(f"mlflow models serve did not come up:\n{(cwd / 'serve.log').read_text()[-3000:]}")
+
+    return serve
 
 
 
 
 @pytest.mark.slow  # one registration (backbone + embedder), a model server on loopback
-def test_served_embeddings_equal_the_pyfunc_and_the_backbone(store: str, tmp_path: Path) -> None:
+def test_served_embeddings_equal_the_pyfunc_and_the_backbone(store: str, tmp_path: Path, serve, stop_process_group) -> None:
     import mlflow
     import pandas as pd
 
@@ -279,7 +285,7 @@ def test_example_input_is_real_image_files() -> None:
     assert sizes == [(20, 24), (30, 26)] and modes == ["L", "RGB"]
 
 
-def test_the_embedder_sees_a_wide_photo_as_its_centre_crop(tmp_path: Path) -> None:
+def test_the_embedder_sees_a_wide_photo_as_its_centre_crop(tmp_path: Path, real_photo) -> None:
     import copy
     import pickle
 
@@ -328,7 +334,7 @@ def test_the_embedder_sees_a_wide_photo_as_its_centre_crop(tmp_path: Path) -> No
     assert torch.equal(restored.preprocess(x[None]), model.preprocess(x[None]))
 
 
-def test_registration_keeps_the_evaluations_crop(tmp_path: Path) -> None:
+def test_registration_keeps_the_evaluations_crop(tmp_path: Path, real_photo) -> None:
     from dinoflow.registry import weights_sha256
     from dinoflow.registry.store import _registered_model
 
