@@ -7,7 +7,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 # No telemetry leaves the machine, in tests as everywhere.
 for _var, _value in {"DO_NOT_TRACK": "1", "KEDRO_DISABLE_TELEMETRY": "1",
@@ -69,7 +68,7 @@ def fmnist_splits():
     return load_splits(allow_download=False)
 
 
-def run_curation(splits: dict, params: dict, root: str | None = None):
+def _run_curation(splits: dict, params: dict, root: str | None = None):
     """The Kedro curation pipeline on given splits (an in-memory catalog, from_inputs
     ``curation_splits``): -> namespace(manifest, quarantine, report, metadata, embeddings)."""
     from types import SimpleNamespace
@@ -97,34 +96,7 @@ def run_curation(splits: dict, params: dict, root: str | None = None):
                            embeddings=got["curation_embeddings"])
 
 
-class TinyBackbone(nn.Module):
-    """Stand-in with the DinoVisionTransformer interface: conv patchifier + residual MLP blocks."""
-
-    def __init__(self, in_chans: int = 1, dim: int = 16, patch: int = 4, depth: int = 3) -> None:
-        super().__init__()
-        self.embed_dim, self.patch_size, self.depth, self.in_chans = dim, patch, depth, in_chans
-        self.patch_embed = nn.Conv2d(in_chans, dim, patch, patch)
-        self.blocks = nn.ModuleList(nn.Linear(dim, dim) for _ in range(depth))
-        self.norm = nn.LayerNorm(dim)
-
-    def get_intermediate_layers(self, x, n=1):
-        t = self.patch_embed(x).flatten(2).transpose(1, 2)  # (B, N, D)
-        outs = []
-        for i, blk in enumerate(self.blocks):
-            t = t + torch.tanh(blk(t))
-            if i >= self.depth - n:
-                y = self.norm(t)
-                outs.append((y, y.mean(dim=1)))
-        return outs
-
-    def forward(self, x):
-        return self.get_intermediate_layers(x)[-1][1]
-
-    def forward_patches(self, x):
-        return self.get_intermediate_layers(x)[-1][0]
-
-
-def project_copy(root: Path) -> Path:
+def _project_copy(root: Path) -> Path:
     """A Kedro project at ``root`` that runs the installed dinoflow: conf/ (without local/),
     pyproject.toml, an empty src/ (Kedro checks it exists) and the data layers."""
     import shutil
@@ -140,25 +112,7 @@ def project_copy(root: Path) -> Path:
     return root
 
 
-def stop_process_group(proc) -> None:
-    """Stop a server started with ``start_new_session=True`` and every process of its group
-    (workers outlive a stopped parent): SIGTERM, then SIGKILL."""
-    import signal
-    import subprocess
-
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            break
-        try:
-            proc.wait(timeout=20)
-            break
-        except subprocess.TimeoutExpired:
-            continue
-
-
-def real_photo(width: int, height: int):
+def _real_photo(width: int, height: int):
     """A width x height RGB PIL image cut from the centre of a real photo (the Debian wallpapers
     in /usr/share/backgrounds), the photo first shrunk to about twice that size so the crop holds
     a scene; the test is skipped when none is installed."""
@@ -176,6 +130,28 @@ def real_photo(width: int, height: int):
     if left < 0 or top < 0:
         pytest.skip(f"{photos[0]} is smaller than {width}x{height}")
     return im.crop((left, top, left + width, top + height))
+
+
+# --------------------------------------------------------------------------- factory fixtures
+@pytest.fixture(scope="session")
+def run_curation():
+    """The factory ``run_curation(splits, params, root=None)``: the Kedro curation pipeline on
+    given splits -> namespace(manifest, quarantine, report, metadata, embeddings)."""
+    return _run_curation
+
+
+@pytest.fixture(scope="session")
+def project_copy():
+    """The factory ``project_copy(root) -> root``: a Kedro project at ``root`` that runs the
+    installed dinoflow (conf/ without local/, pyproject.toml, an empty src/, the data layers)."""
+    return _project_copy
+
+
+@pytest.fixture(scope="session")
+def real_photo():
+    """The factory ``real_photo(width, height) -> PIL image``: a crop of a real photo (the test is
+    skipped when none is installed)."""
+    return _real_photo
 
 
 @pytest.fixture

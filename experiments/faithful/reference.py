@@ -2,7 +2,7 @@
 
 ``experiments/faithful/make_fixtures.py`` feeds these inputs to a local copy of
 facebookresearch/dinov2 and writes its outputs under ``tests/fixtures/dinov2_reference/``;
-``tests/test_faithful_reference.py`` feeds the same inputs to dinoflow (the dinoflow-side
+``tests/unit/test_faithful_reference.py`` feeds the same inputs to dinoflow (the dinoflow-side
 helpers at the end of this module are shared by those tests and ``compare.py``). Everything here is
 regenerated from seeds (numpy's PCG64), so the fixtures hold only the reference's outputs.
 
@@ -128,7 +128,7 @@ def random_pos_embed(seed: int, grid: int, dim: int) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- dinoflow's side
 # Each function runs dinoflow on a fixture's inputs and returns max abs differences from the
-# official outputs (used by tests/test_faithful_reference.py and experiments/faithful/compare.py).
+# official outputs (used by tests/unit/test_faithful_reference.py and experiments/faithful/compare.py).
 def load_fixture(name: str) -> dict:
     """``meta`` (the json) or the arrays of ``<name>.npz``."""
     import json

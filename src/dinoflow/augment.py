@@ -221,7 +221,7 @@ class MultiCropAugmentation:
         over the N crops: torchvision's kernels take one factor per call, so each op is written
         here on the whole batch with per-crop factors, keeping the arithmetic (and the rounding
         to uint8 after each op) of torchvision's uint8 kernel: the result equals torchvision's
-        per-crop ops (``tests/test_augment.py``), at a few batched ops instead of ~8 per crop.
+        per-crop ops (``tests/unit/test_augment.py``), at a few batched ops instead of ~8 per crop.
         """
         if len(images) != len(params):
             raise ValueError(f"{len(images)} images but {len(params)} crop parameters")

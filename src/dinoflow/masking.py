@@ -6,7 +6,7 @@ of the global ``random`` module so that masks are reproducible from a seed: the 
 ``random.uniform(a, b)`` is ``a + (b - a) * rng.random()`` here, ``random.randint(a, b)`` is
 ``rng.integers(a, b + 1)`` and ``random.shuffle`` is ``rng.permutation``. Driven by the same
 stream of draws, both give the same masks: 24,000 of 24,000 identical on a 16x16 and 8,000 of
-8,000 on a 7x7 grid (tests/test_faithful_reference.py, fixtures made by running the official
+8,000 on a 7x7 grid (tests/unit/test_faithful_reference.py, fixtures made by running the official
 code: experiments/faithful/make_fixtures.py).
 
 One difference in how the generator is built: the reference's train.py passes

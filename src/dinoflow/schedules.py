@@ -6,7 +6,7 @@ default) gives the values of dinov2's ``CosineScheduler`` and ``build_schedulers
 ``linspace(start, base, W)``, so it reaches the peak at step W - 1 and the cosine starts at the
 peak again at step W, and the cosine stops one step short of ``final``; the teacher temperature
 is its own ``linspace`` warm-up, then constant. Checked against the official code's arrays
-(tests/test_faithful_reference.py): equal to float64 rounding, 3.3e-16 relative at most
+(tests/unit/test_faithful_reference.py): equal to float64 rounding, 3.3e-16 relative at most
 (docs/faithfulness.md). dinoflow adds one thing: warm-ups longer than ``max_warmup_fraction`` of
 the run are capped (notes say so), as a short run must still reach its peak and final values.
 

@@ -20,7 +20,7 @@ itself resizes them at run time: official files with the backbone's own ``interp
 them), timm files with timm's ``resample_abs_pos_embed`` (= offset 0, antialias), dinoflow files
 with the settings recorded in the file. A backbone whose stored grid is the file's
 (``backbone.pos_embed_size`` = 518 for the releases) needs no resize: its forward equals the
-released model's at every crop size (tests/test_faithful_reference.py: within 1.9e-6 at 98 px,
+released model's at every crop size (tests/unit/test_faithful_reference.py: within 1.9e-6 at 98 px,
 0 at 224 and 518 px). Resized to a 224 px backbone, it equals it at 224 px (0) only.
 """
 

@@ -99,7 +99,7 @@ def box_thumbnails(rgb: np.ndarray, size: int) -> np.ndarray:
     horizontal pass depends on its input row only. So the batch is stacked into one tall image and
     resized horizontally, then its tiles are transposed and the same is done again: two Pillow calls
     instead of N. Square images only: for H != W Pillow picks the cheaper pass first, which this
-    does not follow (tests/test_curation_units.py checks the equality).
+    does not follow (tests/unit/curation/test_ingest.py checks the equality).
     """
     from PIL import Image
 

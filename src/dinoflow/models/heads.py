@@ -1,6 +1,6 @@
 """DINO projection head (docs/method.md section 2), as the reference ``dinov2/layers/dino_head.py``.
 
-Checked against that code (tests/test_faithful_reference.py, fixtures from
+Checked against that code (tests/unit/test_faithful_reference.py, fixtures from
 experiments/faithful/make_fixtures.py): for the same weights and inputs the outputs and the
 gradients agree within 2e-7 relative to each tensor's largest value, the weights after two AdamW
 steps (the first with the last layer frozen) within 1.2e-6, and the trainable tensors and their
