@@ -137,9 +137,11 @@ def test_no_file_refers_to_anything_outside_the_repository() -> None:
 
 
 def test_docs_for_users_and_for_developers_are_apart() -> None:
-    """One page per topic: the developer pages live in docs/dev/, and the README links both."""
-    assert (ROOT / "docs" / "dev" / "architecture.md").is_file()
-    assert not (ROOT / "docs" / "architecture.md").exists()
+    """One page per topic: the architecture page (where a new method, data source or evaluation
+    task goes) is docs/architecture.md, the measurement history in docs/dev/, and the README
+    links every page."""
+    assert (ROOT / "docs" / "architecture.md").is_file()
+    assert not (ROOT / "docs" / "dev" / "architecture.md").exists()
     links = {link.partition("#")[0] for link in _links(README)}
     for page in (ROOT / "docs").rglob("*.md"):
         assert str(page.relative_to(ROOT)) in links, f"the README does not link {page}"
