@@ -23,6 +23,18 @@ if _bin not in os.environ.get("PATH", "").split(os.pathsep):
 torch.set_num_threads(1)
 
 
+def pytest_report_header(config) -> str:
+    """The CPU kind in every test log: runs are compared per kind (AVX2, AVX512-BF16, AMX)."""
+    from dinoflow.precision import cpu_bf16_units
+
+    info = Path("/proc/cpuinfo")
+    lines = info.read_text().splitlines() if info.is_file() else []
+    model = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")),
+                 "unknown CPU")
+    return (f"cpu: {model}, {os.cpu_count()} cores; torch kernels: "
+            f"{torch.backends.cpu.get_cpu_capability()}; bf16 units: {cpu_bf16_units()}")
+
+
 @pytest.fixture(autouse=True)
 def _isolated_mlflow(tmp_path_factory, monkeypatch):
     """Every test gets its own MLflow store: the repo's mlflow.db and mlruns/ stay untouched."""
