@@ -21,8 +21,8 @@ def _carved(n: int, count: int, seed: int) -> tuple[list[int], list[int]]:
     return sorted(order[count:].tolist()), sorted(order[:count].tolist())
 
 
-def test_the_registry_holds_both_sources_under_the_names_the_config_accepts():
-    assert list(SOURCES) == ["fashion_mnist", "image_folder"]
+def test_the_registry_holds_every_source_under_the_names_the_config_accepts():
+    assert list(SOURCES) == ["fashion_mnist", "image_folder", "shards"]
     assert {name: s.needs_path for name, s in SOURCES.items()} == SOURCE_NEEDS_PATH
     for name, source in SOURCES.items():
         assert source.name == name and get_source(name) is source
