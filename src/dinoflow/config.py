@@ -84,7 +84,7 @@ class DataConfig(Strict):
     # Keep a fixed random subset (smoke runs, quick experiments); None keeps everything.
     train_limit: int | None = Field(None, ge=10)
     test_limit: int | None = Field(None, ge=10)
-    cache: ImageCacheConfig = ImageCacheConfig()  # image_folder only
+    cache: ImageCacheConfig = ImageCacheConfig()  # image_folder (shards: short_side only)
 
     @field_validator("source")
     @classmethod
