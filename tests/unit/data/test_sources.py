@@ -34,13 +34,14 @@ def test_the_registry_holds_every_source_under_the_names_the_config_accepts():
 def test_an_unknown_source_is_refused_naming_data_source_and_the_known_names():
     with pytest.raises(DataError, match=r"data\.source: unknown source 'webdataset'") as err:
         get_source("webdataset")
-    assert "fashion_mnist, image_folder" in str(err.value)
+    assert "fashion_mnist, image_folder, shards" in str(err.value)
     with pytest.raises(DataError, match=r"data\.source"):
         load_splits("webdataset")
     with pytest.raises(ConfigError) as err:
         validate(DataConfig, {"source": "webdataset"}, "data")
     assert str(err.value).splitlines()[1:] == [
-        "  data.source: not a registered image source (fashion_mnist, image_folder) (got 'webdataset')"
+        "  data.source: not a registered image source (fashion_mnist, image_folder, shards) "
+        "(got 'webdataset')"
     ]
     with pytest.raises(ConfigError, match="data.path is required with data.source=image_folder"):
         validate(DataConfig, {"source": "image_folder"}, "data")
