@@ -65,9 +65,9 @@ class ImageCacheConfig(Strict):
 
 
 # The image sources ``dinoflow.data.sources`` registers, by their ``data.source`` name, and
-# whether each needs ``data.path`` (the folder it reads). This layer cannot import the data
+# whether each needs ``data.path`` (the folder or the shards it reads). This layer cannot import the data
 # layer, so the names are listed here too: tests/test_sources.py checks both lists agree.
-SOURCE_NEEDS_PATH: dict[str, bool] = {"fashion_mnist": False, "image_folder": True}
+SOURCE_NEEDS_PATH: dict[str, bool] = {"fashion_mnist": False, "image_folder": True, "shards": True}
 
 
 class DataConfig(Strict):
@@ -84,7 +84,7 @@ class DataConfig(Strict):
     # Keep a fixed random subset (smoke runs, quick experiments); None keeps everything.
     train_limit: int | None = Field(None, ge=10)
     test_limit: int | None = Field(None, ge=10)
-    cache: ImageCacheConfig = ImageCacheConfig()  # image_folder only
+    cache: ImageCacheConfig = ImageCacheConfig()  # image_folder (shards: short_side only)
 
     @field_validator("source")
     @classmethod
@@ -97,10 +97,12 @@ class DataConfig(Strict):
     def _folder_needs_a_path(self) -> DataConfig:
         # refused before any work: a GPU node must not start on the wrong (or no) images
         if SOURCE_NEEDS_PATH[self.source] and not self.path:
-            raise ValueError(
-                f"data.path is required with data.source={self.source}: the folder of "
-                "your images (--params data.path=/data/photos)"
+            example = (
+                "the shards (--params data.path=/data/shard-{000000..000099}.tar)"
+                if self.source == "shards"
+                else "the folder of your images (--params data.path=/data/photos)"
             )
+            raise ValueError(f"data.path is required with data.source={self.source}: {example}")
         return self
 
 

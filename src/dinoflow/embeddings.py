@@ -65,12 +65,13 @@ class EmbedConfig(Strict):
 
 @dataclass
 class ImageSet:
-    """What to embed: ids, file paths ("" for in-memory items) and a uint8 (C, H, W) loader."""
+    """What to embed: ids, file paths ("" for in-memory items, ``<shard>#<member>`` for shards)
+    and the split that loads them when they are not paths."""
 
     ids: list[str]
     paths: list[str]
     source: str
-    images: Any = None  # an in-memory Split (load(i) -> uint8 (C, H, W)), or None for files
+    images: Any = None  # a Split of in-memory images or shard members, or None for files
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -96,12 +97,12 @@ def split_image_set(split, source: str, limit: int | None = None) -> ImageSet:
     """A data split (e.g. the curated train split): in-memory images or image files."""
     n = min(len(split), limit) if limit else len(split)
     split = split.subset(np.arange(n))
-    paths = [str(p) for p in split.paths] if split.paths is not None else [""] * n
     return ImageSet(
         ids=list(split.ids),
-        paths=paths,
+        paths=[split.location(i) for i in range(n)],
         source=source,
-        images=split if split.images is not None else None,
+        # in-memory images and shard members are loaded by the split (paths go through the service)
+        images=split if split.paths is None else None,
     )
 
 
@@ -109,6 +110,19 @@ def _progress(total: int, desc: str, enabled: bool):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=desc, unit="img", disable=not enabled, mininterval=1.0)
+
+
+def _preprocessed(model: torch.nn.Module, images: ImageSet, i: int) -> torch.Tensor:
+    """Row i as the model's input (1, C, S, S): a file or a shard member's bytes through the
+    service's ``preprocess_images``, an in-memory image through ``model.preprocess``."""
+    from dinoflow.serving import preprocess_images
+
+    split = images.images
+    if split is None:
+        return preprocess_images(model, [images.paths[i]], [images.paths[i]])
+    if split.members is not None:
+        return preprocess_images(model, [split.file(i)], [split.location(i)])
+    return model.preprocess(split.load(i).unsqueeze(0))
 
 
 def embed_image_set(
@@ -125,7 +139,7 @@ def embed_image_set(
     in-memory items through ``model.preprocess``. Unreadable files are skipped (and returned)
     when ``skip_unreadable``, else the first one stops the run with its name.
     """
-    from dinoflow.serving import embed_images, preprocess_images
+    from dinoflow.serving import embed_images
 
     vectors: list[np.ndarray] = []
     kept: list[int] = []
@@ -133,24 +147,17 @@ def embed_image_set(
     with _progress(len(images), "embed", progress) as bar:
         for start in range(0, len(images), batch_size):
             rows = list(range(start, min(start + batch_size, len(images))))
-            if images.images is not None:
-                batch = [images.images.load(i) for i in rows]
-                x = torch.cat([model.preprocess(t.unsqueeze(0)) for t in batch])
-                good = rows
-            else:
-                tensors, good = [], []
-                for i in rows:
-                    try:
-                        tensors.append(
-                            preprocess_images(model, [images.paths[i]], [images.paths[i]])
-                        )
-                        good.append(i)
-                    except ValueError as exc:
-                        if not skip_unreadable:
-                            raise
-                        skipped.append((images.paths[i], str(exc)))
-                        log.warning("embed: skipping %s", exc)
-                x = torch.cat(tensors) if tensors else None
+            tensors, good = [], []
+            for i in rows:
+                try:
+                    tensors.append(_preprocessed(model, images, i))
+                    good.append(i)
+                except ValueError as exc:  # DataError too: a shard member unreadable
+                    if not skip_unreadable:
+                        raise
+                    skipped.append((images.paths[i], str(exc)))
+                    log.warning("embed: skipping %s", exc)
+            x = torch.cat(tensors) if tensors else None
             if x is not None and len(good):
                 vectors.append(embed_images(model, x, embedding, batch_size))
                 kept += good

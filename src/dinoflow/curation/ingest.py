@@ -27,6 +27,7 @@ from dinoflow.data.decode import (  # noqa: F401  (re-exported: the decoder cura
     rgb_to_luma,
     to_uint8_grey,
 )
+from dinoflow.errors import DataError
 
 # Row schema of the metadata table (the order is the CSV order).
 COLUMNS = [
@@ -89,7 +90,17 @@ def load_rgb(split: Split, i: int, max_pixels: int) -> np.ndarray | None:
     """Item i of a split as (H, W, 3) uint8, or None if it cannot be decoded."""
     if split.images is not None:
         return array_to_rgb(np.asarray(split.images[i]))
-    return decode_file(split.paths[i], max_pixels).rgb
+    return decode_item(split, i, max_pixels).rgb
+
+
+def decode_item(split: Split, i: int, max_pixels: int) -> Decoded:
+    """``decode_file`` of item i's file: a path, or a shard member's bytes (a member the shard
+    cannot give is unreadable, as a broken file is)."""
+    try:
+        source = split.file(i)
+    except DataError as exc:
+        return Decoded(None, {"file_bytes": -1}, "unreadable", str(exc))
+    return decode_file(source, max_pixels)
 
 
 def box_thumbnails(rgb: np.ndarray, size: int) -> np.ndarray:
@@ -174,7 +185,7 @@ def _blank_rows(split: Split, name: str) -> list[dict]:
             "index": i,
             "item_id": split.ids[i],
             "label": int(split.labels[i]),
-            "path": "" if split.paths is None else str(split.paths[i]),
+            "path": split.location(i),
             "readable": False,
             "width": -1,
             "height": -1,
@@ -250,7 +261,7 @@ def ingest_split(
                 frame[key] = values
             return frame, thumbs
         for i, row in enumerate(rows):
-            decoded = decode_file(split.paths[i], max_pixels)
+            decoded = decode_item(split, i, max_pixels)
             row.update(decoded.meta)
             row["reason"], row["detail"] = decoded.reason, decoded.detail
             if decoded.rgb is not None:

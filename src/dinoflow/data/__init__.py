@@ -1,4 +1,5 @@
-"""Image sources (``dinoflow.data.sources``: Fashion-MNIST, a folder of images, by name) and the
+"""Image sources (``dinoflow.data.sources``: Fashion-MNIST, a folder of images, tar shards, by
+name) and the
 shared train/val/test split."""
 
 from dinoflow.data.fashion_mnist import FashionMNISTNotFound, find_fashion_mnist, read_idx

@@ -208,14 +208,17 @@ def decode_image(
     channels: int,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     short_side: int | None = None,
+    name: str | None = None,
 ) -> torch.Tensor:
     """A file (path or bytes) -> uint8 (C, H, W): the pixels curation checked, in ``channels``;
-    with ``short_side``, reduced as ``decode_short_side`` does."""
+    with ``short_side``, reduced as ``decode_short_side`` does. ``name``: the file's name in the
+    error (bytes read from a shard: "<shard>#<member>"); default the path, or "image bytes"."""
     if short_side:
         decoded = decode_short_side(source, short_side, max_pixels)
     else:
         decoded = decode_file(source, max_pixels)
     if decoded.rgb is None:
-        name = "image bytes" if isinstance(source, bytes | bytearray) else str(source)
+        if name is None:
+            name = "image bytes" if isinstance(source, bytes | bytearray) else str(source)
         raise DataError(f"cannot read image {name}: {decoded.reason} ({decoded.detail})")
     return to_channels(decoded.rgb, channels)

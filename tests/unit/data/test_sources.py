@@ -21,8 +21,8 @@ def _carved(n: int, count: int, seed: int) -> tuple[list[int], list[int]]:
     return sorted(order[count:].tolist()), sorted(order[:count].tolist())
 
 
-def test_the_registry_holds_both_sources_under_the_names_the_config_accepts():
-    assert list(SOURCES) == ["fashion_mnist", "image_folder"]
+def test_the_registry_holds_every_source_under_the_names_the_config_accepts():
+    assert list(SOURCES) == ["fashion_mnist", "image_folder", "shards"]
     assert {name: s.needs_path for name, s in SOURCES.items()} == SOURCE_NEEDS_PATH
     for name, source in SOURCES.items():
         assert source.name == name and get_source(name) is source
@@ -34,13 +34,14 @@ def test_the_registry_holds_both_sources_under_the_names_the_config_accepts():
 def test_an_unknown_source_is_refused_naming_data_source_and_the_known_names():
     with pytest.raises(DataError, match=r"data\.source: unknown source 'webdataset'") as err:
         get_source("webdataset")
-    assert "fashion_mnist, image_folder" in str(err.value)
+    assert "fashion_mnist, image_folder, shards" in str(err.value)
     with pytest.raises(DataError, match=r"data\.source"):
         load_splits("webdataset")
     with pytest.raises(ConfigError) as err:
         validate(DataConfig, {"source": "webdataset"}, "data")
     assert str(err.value).splitlines()[1:] == [
-        "  data.source: not a registered image source (fashion_mnist, image_folder) (got 'webdataset')"
+        "  data.source: not a registered image source (fashion_mnist, image_folder, shards) "
+        "(got 'webdataset')"
     ]
     with pytest.raises(ConfigError, match="data.path is required with data.source=image_folder"):
         validate(DataConfig, {"source": "image_folder"}, "data")

@@ -7,12 +7,15 @@ one module here, registered in ``SOURCES`` below, with its name in
 
 from __future__ import annotations
 
-from dinoflow.data.sources.base import ImageSource, Split, carve
+from dinoflow.data.sources.base import ImageSource, Members, Split, carve, carve_test
 from dinoflow.data.sources.fashion_mnist import FASHION_MNIST
 from dinoflow.data.sources.image_folder import IMAGE_FOLDER
+from dinoflow.data.sources.shards import SHARDS
 from dinoflow.errors import DataError
 
-SOURCES: dict[str, ImageSource] = {source.name: source for source in (FASHION_MNIST, IMAGE_FOLDER)}
+SOURCES: dict[str, ImageSource] = {
+    source.name: source for source in (FASHION_MNIST, IMAGE_FOLDER, SHARDS)
+}
 
 
 def get_source(name: str) -> ImageSource:
@@ -24,4 +27,4 @@ def get_source(name: str) -> ImageSource:
         raise DataError(f"data.source: unknown source {name!r} (known: {known})") from None
 
 
-__all__ = ["SOURCES", "ImageSource", "Split", "carve", "get_source"]
+__all__ = ["SOURCES", "ImageSource", "Members", "Split", "carve", "carve_test", "get_source"]

@@ -20,11 +20,29 @@ from dinoflow.data.decode import decode_image
 from dinoflow.errors import DataError
 
 
+class Members(Protocol):
+    """Image files that are not paths: the members of tar shards (``dinoflow.data.shards``)."""
+
+    def __len__(self) -> int: ...
+
+    def read(self, i: int) -> bytes:
+        """The encoded file of item i; a ``DataError`` naming it when it cannot be read."""
+        ...
+
+    def name(self, i: int) -> str:
+        """Item i's file, named in errors and tables (``<shard>#<member>``)."""
+        ...
+
+    def subset(self, indices: np.ndarray) -> Members: ...
+
+
 @dataclass
 class Split:
-    """One split of a source: in-memory uint8 images (Fashion-MNIST) or image paths (folders).
+    """One split of a source: in-memory uint8 images (Fashion-MNIST), image paths (folders) or
+    ``members`` (encoded files read by index: tar shards).
 
-    ids: stable item ids ("train/000123" or the path relative to the folder root).
+    ids: stable item ids ("train/000123", the path relative to the folder root, or
+    "<shard file name>/<key>").
     labels: int64 (N,), -1 where unlabelled. channels: 1 (grayscale) or 3 (RGB) for load().
     short_side, cached (files, ``data.cache``): images read with their shorter side at
     ``short_side`` px, from ``cached[i]`` (the image cache's copy) where there is one.
@@ -40,6 +58,7 @@ class Split:
     extra: dict = field(default_factory=dict)
     short_side: int | None = None
     cached: list[Path | None] | None = None
+    members: Members | None = None
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -54,7 +73,27 @@ class Split:
             # a cached copy gone or damaged since the split was listed: the original below
             with contextlib.suppress(DataError):
                 return decode_image(self.cached[i], self.channels)
+        if self.members is not None:
+            return decode_image(
+                self.members.read(i),
+                self.channels,
+                short_side=self.short_side,
+                name=self.members.name(i),
+            )
         return decode_image(self.paths[i], self.channels, short_side=self.short_side)
+
+    def file(self, i: int) -> Path | bytes:
+        """Item i's encoded file for the decoder: its path, or its bytes (a ``DataError`` when a
+        shard cannot give them). Not for in-memory images."""
+        if self.members is not None:
+            return self.members.read(i)
+        return self.paths[i]
+
+    def location(self, i: int) -> str:
+        """Where item i's file is: its path, ``<shard>#<member>``, or "" (in memory)."""
+        if self.members is not None:
+            return self.members.name(i)
+        return "" if self.paths is None else str(self.paths[i])
 
     def subset(self, indices: np.ndarray | list[int]) -> Split:
         """A new split holding the given rows, in the given order."""
@@ -69,6 +108,7 @@ class Split:
             name=self.name,
             short_side=self.short_side,
             cached=None if self.cached is None else [self.cached[i] for i in indices],
+            members=None if self.members is None else self.members.subset(indices),
         )
 
     @property
@@ -85,6 +125,15 @@ def carve(n: int, size: int | float, seed: int) -> tuple[np.ndarray, np.ndarray]
         )
     order = np.random.default_rng(seed).permutation(n)
     return np.sort(order[count:]), np.sort(order[:count])
+
+
+def carve_test(everything: Split, data: DataConfig) -> tuple[Split, Split]:
+    """(full_train, test) of a source that has no test split of its own: test is
+    ``data.test_fraction`` of ``everything``, carved with seed + 1."""
+    rest, test_idx = carve(len(everything), float(data.test_fraction), data.seed + 1)
+    full_train, test = everything.subset(rest), everything.subset(test_idx)
+    test.name = "test"
+    return full_train, test
 
 
 class ImageSource(Protocol):

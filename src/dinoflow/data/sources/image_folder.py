@@ -12,7 +12,7 @@ import numpy as np
 
 from dinoflow.config import DataConfig
 from dinoflow.data.image_folder import list_image_folder
-from dinoflow.data.sources.base import Split, carve
+from dinoflow.data.sources.base import Split, carve_test
 from dinoflow.errors import DataError
 
 
@@ -38,10 +38,7 @@ class ImageFolderSource:
             channels=data.channels or 3,
             paths=paths,
         )
-        rest, test_idx = carve(len(everything), float(data.test_fraction), data.seed + 1)
-        full_train, test = everything.subset(rest), everything.subset(test_idx)
-        test.name = "test"
-        return full_train, test
+        return carve_test(everything, data)
 
     def val_size(self, requested: int | float, n_train: int) -> int | float:
         """A fraction as it is; a count at most a tenth of full_train (small folders)."""
