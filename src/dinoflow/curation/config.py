@@ -92,7 +92,9 @@ class EmbeddingConfig(_Strict):
     mean: list[float] | None = None  # model embedders: None = ImageNet (timm: its data config)
     std: list[float] | None = None
     batch_size: int = Field(64, ge=1)
-    device: str = "cpu"
+    device: str = "auto"  # auto: CUDA when present (the training device), else the CPU
+    # auto: the rule training and evaluation use (dinoflow.precision) for a batch's shapes
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
 
     @model_validator(mode="after")
     def _check_kind(self) -> EmbeddingConfig:

@@ -12,6 +12,7 @@ Rows not embedded (dropped before this step) are zero vectors.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 import numpy as np
@@ -101,6 +102,22 @@ def load_model(cfg: EmbeddingConfig):
     return model, in_chans, mean, std
 
 
+def embedding_precision(cfg: EmbeddingConfig, model, device) -> tuple[str, str]:
+    """(precision, why) of the embedder's forward: ``curation.embedding.precision``, or for auto
+    training's rule (``dinoflow.precision``) for one MLP layer of a batch's shapes."""
+    from dinoflow.precision import auto_precision
+
+    if cfg.precision != "auto":
+        return cfg.precision, f"curation.embedding.precision={cfg.precision}"
+    dim = int(getattr(model, "embed_dim", None) or getattr(model, "num_features", 768))
+    patch = getattr(model, "patch_size", None) or getattr(
+        getattr(model, "patch_embed", None), "patch_size", 16
+    )
+    patch = int(patch[0] if isinstance(patch, tuple | list) else patch)
+    tokens = (cfg.image_size // patch) ** 2 + 1
+    return auto_precision(device, min(4096, cfg.batch_size * tokens), dim, 4 * dim)
+
+
 def model_embeddings(
     cfg: EmbeddingConfig,
     load: Callable[[int], np.ndarray | None],
@@ -121,6 +138,7 @@ def model_embeddings(
     from tqdm.auto import tqdm
 
     from dinoflow.data.transforms import preprocess
+    from dinoflow.precision import autocast
 
     model, in_chans, mean, std = load_model(cfg)
     if mean is None or std is None:
@@ -130,8 +148,10 @@ def model_embeddings(
     mean, std = list(mean[:in_chans]), list(std[:in_chans])
     out: np.ndarray | None = None
     size, device = cfg.image_size, next(model.parameters()).device
+    precision, why = embedding_precision(cfg, model, device)
+    logging.getLogger(__name__).info("curation embedding: %s", why)
     batches = range(0, len(rows), cfg.batch_size)
-    with torch.inference_mode():
+    with torch.inference_mode(), autocast(precision, device):
         for start in tqdm(batches, desc=f"embed ({cfg.kind})", disable=not progress):
             chunk = rows[start : start + cfg.batch_size]
             # the one normaliser (dinoflow.data.transforms), image by image: sizes differ

@@ -78,3 +78,33 @@ def test_timm_local_weights_embedder(tmp_path) -> None:
     bad = cfg.model_copy(update={"timm_weights": str(tmp_path / "bad.pth")})
     with pytest.raises(ValueError, match="lacks"):
         model_embeddings(bad, lambda r: imgs[r], np.arange(1), 1, [0.0] * 3, [1.0] * 3, progress=False)
+
+
+def test_embeddings_take_the_precision_rule_of_training(tmp_path, monkeypatch) -> None:
+    """``curation.embedding.precision``: bf16 embeddings point where the fp32 ones do (cosine >
+    0.99); ``auto`` follows dinoflow.precision for a batch's shapes (fp32 for this tiny model, and
+    fp32 on a CPU without bf16 units whatever the shapes)."""
+    from dinoflow import precision as prec
+    from dinoflow.curation.embed import embedding_precision
+    from dinoflow.models.vit import DinoVisionTransformer, save_backbone
+
+    torch.manual_seed(0)
+    model = DinoVisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2)
+    save_backbone(model, tmp_path / "teacher.pt")
+    imgs = _images()
+    cfg = EmbeddingConfig(kind="dinoflow", checkpoint=str(tmp_path / "teacher.pt"), image_size=32,
+                          batch_size=4, mean=[0.5] * 3, std=[0.25] * 3)  # fmt: skip
+    rows = np.arange(len(imgs))
+    fp32 = model_embeddings(cfg.model_copy(update={"precision": "fp32"}), lambda r: imgs[r], rows,
+                            len(imgs), [0.0] * 3, [1.0] * 3, progress=False)  # fmt: skip
+    bf16 = model_embeddings(cfg.model_copy(update={"precision": "bf16"}), lambda r: imgs[r], rows,
+                            len(imgs), [0.0] * 3, [1.0] * 3, progress=False)  # fmt: skip
+    assert not np.array_equal(fp32, bf16)  # bf16 did run
+    assert (fp32 * bf16).sum(axis=1).min() > 0.99
+    assert embedding_precision(cfg, model, torch.device("cpu"))[0] == "fp32"  # 68 x 32 @ 32 x 128
+    monkeypatch.setattr(prec, "cpu_bf16_units", lambda: False)
+    big = cfg.model_copy(update={"batch_size": 4096, "image_size": 224})
+    assert embedding_precision(big, model, torch.device("cpu"))[0] == "fp32"
+    monkeypatch.setattr(prec, "cpu_bf16_units", lambda: True)
+    wide = DinoVisionTransformer(img_size=32, patch_size=8, embed_dim=512, depth=1, num_heads=2)
+    assert embedding_precision(big, wide, torch.device("cpu"))[0] == "bf16"
