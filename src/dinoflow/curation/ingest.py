@@ -5,6 +5,10 @@ the sha256 of the decoded pixels (exact duplicates), a 64-bit perceptual hash (n
 grey-level std and entropy (low-information filter), and the label. A small RGB thumbnail per
 item (``pixel_size`` square) is returned beside the table for the pixel embedder.
 
+``describe_split`` describes the items of a split (or of one chunk of it) in this process;
+``dinoflow.curation.ingest_run`` runs it over chunks in worker processes, on disk, resumable
+(the pipeline's ingest); ``ingest_split`` is the one-process, in-memory form.
+
 Decoding is ``dinoflow.data.decode`` (the one decoder training and the registered model use too),
 which survives what real folders hold: truncated and empty files, decompression bombs, EXIF
 orientation, CMYK, transparency, 16-bit grey, animations.

@@ -46,6 +46,9 @@ log = logging.getLogger(__name__)
 
 FORMAT = 1  # bumped when what a chunk holds changes: every older chunk is then recomputed
 SPLIT_ORDER = ("train", "val", "test")
+# what the fork server imports once, so that a pool's workers start with it (scipy via imagehash
+# and pyarrow take about a second to import in every new worker otherwise)
+PRELOAD = (__name__, "imagehash", "scipy.fftpack", "PIL.Image", "pyarrow.parquet")
 
 
 @dataclass(frozen=True)
@@ -168,7 +171,7 @@ def _run_chunks(
         mininterval=1.0,
         smoothing=0.1,
     ) as bar:
-        for i, (n, _) in unordered_map(ingest_chunk, todo, workers, [__name__]):
+        for i, (n, _) in unordered_map(ingest_chunk, todo, workers, PRELOAD):
             bar.update(n)
             if on_chunk is not None:
                 on_chunk(todo[i])
