@@ -186,3 +186,22 @@ def test_killed_run_resumes_to_the_uninterrupted_result(data, reference) -> None
     assert {(c.name, c.start) for c in computed}.isdisjoint({(c.name, c.start) for c in done_before})
     assert meta.equals(reference[0]) and np.array_equal(thumbs, reference[1])
     assert isinstance(meta, pd.DataFrame)
+
+
+def test_the_pipeline_step_returns_the_memmap_and_its_timing(data, reference) -> None:
+    """``curation.ingest`` with ``work_dir`` and ``workers``: the thumbnails memory-mapped from
+    the work folder, the stage's seconds and workers in the table's attrs (the report's
+    ``timings_s``), carried through the next step."""
+    from dinoflow import curation
+
+    tmp, splits = data
+    cfg = curation.curation_config({
+        "workers": 2, "work_dir": str(tmp / "work_step"), "show_progress": False,
+        "ingest": {"files_per_chunk": FILES, "arrays_per_chunk": ARRAYS},
+    })  # fmt: skip
+    meta, thumbs = curation.ingest(splits, cfg)
+    assert isinstance(thumbs, np.memmap) and np.array_equal(thumbs, reference[1])
+    assert meta[reference[0].columns].equals(reference[0])
+    timing = curation.quality(meta, cfg).attrs["timings_s"]
+    assert timing["ingest"]["workers"] == 2 and timing["ingest"]["chunks"] == 16
+    assert timing["ingest"]["images"] == len(meta) and timing["quality"]["workers"] == 1
