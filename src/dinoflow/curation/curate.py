@@ -20,7 +20,7 @@ import pandas as pd
 from dinoflow.curation import dedup as dd
 from dinoflow.curation.config import CurationConfig
 from dinoflow.curation.decontam import eval_matches, expand_to_components
-from dinoflow.curation.embed import model_embeddings, pixel_embeddings
+from dinoflow.curation.embed import model_embeddings, pixel_embeddings, thumbnail_mean_std
 from dinoflow.curation.ingest import list_skipped_files, load_rgb
 from dinoflow.curation.ingest_run import IngestSettings, ingest_splits
 from dinoflow.curation.quality import apply_quality
@@ -100,11 +100,6 @@ def _eval_rows(meta: pd.DataFrame) -> np.ndarray:
     return ((meta["split"] != "train") & meta["readable"].astype(bool)).to_numpy()
 
 
-def _dataset_mean_std(thumbs: np.ndarray, rows: np.ndarray) -> tuple[list[float], list[float]]:
-    x = thumbs[rows].reshape(-1, 3).astype(np.float64) / 255.0 if rows.any() else np.zeros((1, 3))
-    return x.mean(0).tolist(), np.maximum(x.std(0), 1e-3).tolist()
-
-
 def embed(
     meta: pd.DataFrame, thumbs: np.ndarray, splits: dict[str, Split] | None, cfg: CurationConfig
 ) -> np.ndarray:
@@ -125,7 +120,7 @@ def embed(
             raise ValueError(f"curation: {meta['item_id'].iat[row]} can no longer be decoded")
         return rgb
 
-    mean, std = _dataset_mean_std(thumbs, pool)
+    mean, std = thumbnail_mean_std(thumbs, pool)
     return model_embeddings(e, load, np.flatnonzero(use), len(meta), mean, std, cfg.show_progress)
 
 
