@@ -88,7 +88,7 @@ class IngestStats:
     """What one ingest did (the report's ``timings_s.ingest``)."""
 
     seconds: float = 0.0
-    workers: int = 1
+    workers: int = 1  # worker processes (1: this process; 0: every chunk was re-used)
     images: int = 0
     chunks: int = 0
     chunks_reused: int = 0
@@ -249,7 +249,7 @@ def ingest_splits(
     seconds = time.perf_counter() - t0
     stats = IngestStats(
         seconds=round(seconds, 3),
-        workers=n_workers,
+        workers=n_workers if todo else 0,  # every chunk re-used: no worker ran
         images=total,
         chunks=len(chunks),
         chunks_reused=len(chunks) - len(todo),
