@@ -2,6 +2,15 @@
 
     python -m benchmarks.bench_curation            # 1M x 128: one JSON line, also results/curation.json
     python -m benchmarks.bench_curation --n 100000 # quicker
+    python -m benchmarks.bench_curation --ingest   # ingest images/s on 1 and 2 workers (2000 JPEGs)
+    python -m benchmarks.bench_curation --ingest --ingest-images 24  # a quick check that it runs
+
+Ingest (``--ingest``): 640x480 JPEGs cut from real camera photos (the Debian wallpapers,
+``benchmarks.common.camera_photos``), ingested by ``dinoflow.curation.ingest_run`` (decode,
+statistics, hashes, thumbnails, chunks to disk) with 1 and 2 worker processes in one run,
+interleaved (1 2, 2 1, ...), each time into an empty work folder: images/s of each, their ratio,
+peak RSS of this process and of the largest worker, the CPU named. The fork server is started
+before the timing (a tiny 2-worker ingest), as it is once per run in the pipeline.
 
 Data: a Gaussian mixture with power-law cluster sizes (like web data: a few huge concepts, a long
 tail), 1% of the points replaced by near copies of others (cosine ~ 0.999), L2-normalised.
@@ -102,6 +111,77 @@ def run(args: argparse.Namespace) -> dict:
     return out
 
 
+def ingest_images(folder: Path, n: int, size: tuple[int, int] = (640, 480)) -> list[Path]:
+    """n JPEGs of ``size`` cut from real camera photos (several crops per photo), in ``folder``."""
+    from PIL import Image
+
+    from benchmarks.common import camera_photos
+
+    photos = camera_photos()
+    if not photos:
+        raise SystemExit("no camera photo: apt-get install mate-backgrounds plasma-workspace-wallpapers")
+    folder.mkdir(parents=True, exist_ok=True)
+    paths, k = [], 0
+    while len(paths) < n:
+        with Image.open(photos[k % len(photos)]) as im:
+            im = im.convert("RGB")
+        w, h = size
+        for j in range(4):  # corners, then shifted by the round
+            if len(paths) == n:
+                break
+            x = (j % 2) * max(0, im.width - w) + (k // len(photos)) * 7 % max(1, im.width - w)
+            y = (j // 2) * max(0, im.height - h) + (k // len(photos)) * 5 % max(1, im.height - h)
+            x, y = min(x, im.width - w), min(y, im.height - h)
+            path = folder / f"img_{len(paths):06d}.jpg"
+            im.crop((x, y, x + w, y + h)).save(path, quality=90)
+            paths.append(path)
+        k += 1
+    return paths
+
+
+def run_ingest(args: argparse.Namespace) -> dict:
+    """Ingest images/s with 1 and 2 workers on the same 640x480 JPEGs; peak RSS; the CPU."""
+    import os
+    import tempfile
+
+    from benchmarks.common import PeakRSS, cpu_model, interleaved_times, median
+    from dinoflow.curation.ingest_run import IngestSettings, ingest_splits
+    from dinoflow.data import Split
+    from dinoflow.parallel import usable_cores
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-ingest-"))
+    paths = ingest_images(tmp / "images", args.ingest_images)
+    split = Split(ids=[p.name for p in paths], labels=np.full(len(paths), -1), class_names=[],
+                  channels=3, paths=paths, name="train")  # fmt: skip
+    settings = IngestSettings(thumb_size=16, max_pixels=40_000_000, compute_phash=True, phash_min_side=64)
+
+    def ingest(workers: int, tag: str, splits: dict, per_chunk: int = args.files_per_chunk) -> None:
+        work = tmp / f"work-{tag}"
+        ingest_splits(splits, settings, work, workers, per_chunk, progress=False)
+        for f in sorted(work.rglob("*"), reverse=True):  # an empty folder for the next call
+            f.unlink() if f.is_file() else f.rmdir()
+
+    ingest(2, "warm", {"train": split.subset(range(min(2, len(paths))))}, 1)  # start the fork server
+    with PeakRSS() as rss:
+        times = interleaved_times(
+            {f"{w}_workers": (lambda i, w=w: ingest(w, f"{w}-{i}", {"train": split})) for w in (1, 2)},
+            repeats=args.repeats, warmup=0,
+        )  # fmt: skip
+    out: dict = {"benchmark": "curation ingest", "images": len(paths), "image_size": [640, 480],
+                 "files_per_chunk": args.files_per_chunk, "repeats": args.repeats,
+                 "cpu": cpu_model(), "usable_cores": usable_cores(), "load_average_1m": os.getloadavg()[0]}  # fmt: skip
+    for name, t in times.items():
+        out[f"{name}_seconds"] = median(t["wall"])
+        out[f"{name}_images_per_s"] = len(paths) / median(t["wall"])
+    out["speedup_2_vs_1"] = out["2_workers_images_per_s"] / out["1_workers_images_per_s"]
+    out["peak_rss_mb"] = rss.peak / 2**20
+    out["peak_rss_worker_mb"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    for f in sorted(tmp.rglob("*"), reverse=True):
+        f.unlink() if f.is_file() else f.rmdir()
+    tmp.rmdir()
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, default=1_000_000)
@@ -119,9 +199,17 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--progress", action="store_true")
-    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "curation.json")
+    p.add_argument("--ingest", action="store_true", help="the ingest benchmark instead")
+    p.add_argument("--ingest-images", type=int, default=2000)
+    p.add_argument("--files-per-chunk", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--out", type=Path, default=None, help="default results/curation.json "
+                   "(--ingest: results/curation_ingest.json)")
     args = p.parse_args(argv)
-    result = run(args)
+    result = run_ingest(args) if args.ingest else run(args)
+    if args.out is None:
+        name = "curation_ingest.json" if args.ingest else "curation.json"
+        args.out = Path(__file__).resolve().parent / "results" / name
     print(json.dumps(result))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))

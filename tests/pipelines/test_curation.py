@@ -213,6 +213,11 @@ def test_manifest_counts_and_report_files(curated) -> None:
     warned = {c["kwargs"].get("column"): c["success"] for c in res.report["validation"]["checks"]
               if c["severity"] == "warning"}  # fmt: skip
     assert warned["readable"] is False and warned["min_side"] is False
+    # per stage: seconds and worker processes (ingest: every usable core by default)
+    timings = res.report["timings_s"]
+    assert {"ingest", "quality", "deduplicate", "sampling"} <= set(timings)
+    assert timings["ingest"]["workers"] >= 1 and timings["ingest"]["images"] == len(res.metadata)
+    assert all(t["seconds"] >= 0 for t in timings.values())
 
 
 def test_kedro_pipeline_runs_on_messy_folder(tmp_path: Path) -> None:

@@ -20,8 +20,9 @@ import pandas as pd
 from dinoflow.curation import dedup as dd
 from dinoflow.curation.config import CurationConfig
 from dinoflow.curation.decontam import eval_matches, expand_to_components
-from dinoflow.curation.embed import model_embeddings, pixel_embeddings
-from dinoflow.curation.ingest import ingest_splits, list_skipped_files, load_rgb
+from dinoflow.curation.embed import model_embeddings, pixel_embeddings, thumbnail_mean_std
+from dinoflow.curation.ingest import list_skipped_files, load_rgb
+from dinoflow.curation.ingest_run import IngestSettings, ingest_splits
 from dinoflow.curation.quality import apply_quality
 from dinoflow.curation.sampling import (
     balance_stats,
@@ -39,19 +40,42 @@ DEDUP_REASONS = ["exact_duplicate", "eval_duplicate", "eval_duplicate_component"
 ALL_REASONS = [*QUALITY_REASONS, *DEDUP_REASONS, "not_sampled"]
 
 
+TIMINGS = "timings_s"  # meta.attrs[TIMINGS]: {stage: {"seconds", "workers", ...}}
+
+
+def _timed(meta: pd.DataFrame, stage: str, t0: float, workers: int = 1, **extra) -> pd.DataFrame:
+    """Record a stage's seconds (since ``t0``) and worker count in the table's attrs, which
+    travel with it (copies included) to the report."""
+    timings = dict(meta.attrs.get(TIMINGS, {}))
+    timings[stage] = {"seconds": round(time.perf_counter() - t0, 3), "workers": workers, **extra}
+    meta.attrs[TIMINGS] = timings
+    return meta
+
+
 def ingest(splits: dict[str, Split], cfg: CurationConfig) -> tuple[pd.DataFrame, np.ndarray]:
-    """Metadata table and (N, s, s, 3) thumbnails of all splits (train rows first)."""
-    meta, thumbs = ingest_splits(
-        splits,
+    """Metadata table and (N, s, s, 3) thumbnails of all splits (train rows first), by
+    ``curation.workers`` processes in chunks kept in ``curation.work_dir`` (a re-run re-uses
+    them); the thumbnails memory-mapped from ``<work_dir>/thumbnails.npy``."""
+    t0 = time.perf_counter()
+    settings = IngestSettings(
         cfg.embedding.pixel_size,
         min(cfg.ingest.max_pixels, cfg.quality.max_pixels),
         cfg.ingest.compute_phash and cfg.dedup.phash,
-        cfg.show_progress,
         cfg.dedup.phash_min_side,
+    )
+    meta, thumbs, stats = ingest_splits(
+        splits,
+        settings,
+        cfg.work_dir,
+        cfg.workers,
+        cfg.ingest.files_per_chunk,
+        cfg.ingest.arrays_per_chunk,
+        cfg.show_progress,
     )
     for col, default in (("component", -1), ("dup_of", ""), ("cluster", -1)):
         meta[col] = default
-    return meta, thumbs
+    extra = {k: v for k, v in stats.as_dict().items() if k not in ("seconds", "workers")}
+    return _timed(meta, "ingest", t0, stats.workers, **extra), thumbs
 
 
 def validate(meta: pd.DataFrame, n_classes: int, cfg: CurationConfig) -> dict:
@@ -63,7 +87,8 @@ def validate(meta: pd.DataFrame, n_classes: int, cfg: CurationConfig) -> dict:
 
 def quality(meta: pd.DataFrame, cfg: CurationConfig) -> pd.DataFrame:
     """Reasons unreadable / too_large / too_small / extreme_aspect / low_information."""
-    return apply_quality(meta, cfg.quality)
+    t0 = time.perf_counter()
+    return _timed(apply_quality(meta, cfg.quality), "quality", t0)
 
 
 def _pool(meta: pd.DataFrame) -> np.ndarray:
@@ -73,11 +98,6 @@ def _pool(meta: pd.DataFrame) -> np.ndarray:
 def _eval_rows(meta: pd.DataFrame) -> np.ndarray:
     """Readable val/test rows: every evaluation image counts, whatever its quality."""
     return ((meta["split"] != "train") & meta["readable"].astype(bool)).to_numpy()
-
-
-def _dataset_mean_std(thumbs: np.ndarray, rows: np.ndarray) -> tuple[list[float], list[float]]:
-    x = thumbs[rows].reshape(-1, 3).astype(np.float64) / 255.0 if rows.any() else np.zeros((1, 3))
-    return x.mean(0).tolist(), np.maximum(x.std(0), 1e-3).tolist()
 
 
 def embed(
@@ -100,7 +120,7 @@ def embed(
             raise ValueError(f"curation: {meta['item_id'].iat[row]} can no longer be decoded")
         return rgb
 
-    mean, std = _dataset_mean_std(thumbs, pool)
+    mean, std = thumbnail_mean_std(thumbs, pool)
     return model_embeddings(e, load, np.flatnonzero(use), len(meta), mean, std, cfg.show_progress)
 
 
@@ -138,7 +158,7 @@ def _report_label_conflicts(
 
 def deduplicate(meta: pd.DataFrame, emb: np.ndarray, cfg: CurationConfig) -> pd.DataFrame:
     """Exact duplicates, eval decontamination (with whole components), then near duplicates."""
-    meta = meta.copy()
+    t0, meta = time.perf_counter(), meta.copy()
     reason = meta["reason"].to_numpy(dtype=object, copy=True)
     detail = meta["detail"].to_numpy(dtype=object, copy=True)
     ids = meta["item_id"].to_numpy(dtype=object)
@@ -186,7 +206,7 @@ def deduplicate(meta: pd.DataFrame, emb: np.ndarray, cfg: CurationConfig) -> pd.
         dup_of,
         component,
     )
-    return meta
+    return _timed(meta, "deduplicate", t0)
 
 
 def _near_duplicate_components(
@@ -322,7 +342,7 @@ def balanced_sampling(
         ),
         "seconds": time.perf_counter() - t0,
     }
-    return meta, report
+    return _timed(meta, "sampling", t0), report
 
 
 def manifest_of(meta: pd.DataFrame) -> pd.DataFrame:

@@ -47,6 +47,14 @@ def pca_fit(
     return mean, components * np.where(signs == 0, 1.0, signs)
 
 
+BLOCK = 65536  # thumbnails read and projected at a time
+
+
+def _flat(thumbs: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Thumbnails ``rows`` as (len(rows), s * s * 3) float32 in [0, 1]."""
+    return thumbs[rows].reshape(len(rows), -1).astype(np.float32) / 255.0
+
+
 def pixel_embeddings(
     thumbs: np.ndarray,
     fit_rows: np.ndarray,
@@ -55,17 +63,40 @@ def pixel_embeddings(
     max_fit: int,
     seed: int,
 ) -> np.ndarray:
-    """Thumbnails (N, s, s, 3) uint8 -> (N, k) L2-normalised PCA embeddings; zeros off use_rows."""
-    flat = thumbs.reshape(len(thumbs), -1).astype(np.float32) / 255.0
+    """Thumbnails (N, s, s, 3) uint8 -> (N, k) L2-normalised PCA embeddings; zeros off use_rows.
+
+    ``thumbs`` may be memory-mapped (the ingest's ``thumbnails.npy``): only the PCA's fit sample
+    (at most ``max_fit`` rows, drawn as ``pca_fit`` draws them) and ``BLOCK`` rows at a time are
+    read into memory as float32, never all N."""
     if not fit_rows.any():
         return np.zeros((len(thumbs), 1), dtype=np.float32)
-    mean, comps = pca_fit(flat[fit_rows], dim, max_fit, seed)
+    fit = np.flatnonzero(fit_rows)
+    if len(fit) > max_fit:  # pca_fit's own subsample, drawn here to read only those rows
+        fit = fit[np.sort(np.random.default_rng(seed).choice(len(fit), max_fit, replace=False))]
+    mean, comps = pca_fit(_flat(thumbs, fit), dim, max_fit, seed)
     out = np.zeros((len(thumbs), comps.shape[1]), dtype=np.float32)
     idx = np.flatnonzero(use_rows)
-    for start in range(0, len(idx), 65536):
-        part = idx[start : start + 65536]
-        out[part] = ((flat[part] - mean) @ comps).astype(np.float32)
+    for start in range(0, len(idx), BLOCK):
+        part = idx[start : start + BLOCK]
+        out[part] = ((_flat(thumbs, part) - mean) @ comps).astype(np.float32)
     return l2_normalise(out)
+
+
+def thumbnail_mean_std(thumbs: np.ndarray, rows: np.ndarray) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std (in [0, 1]; std at least 1e-3) of the thumbnails ``rows``, read
+    ``BLOCK`` at a time with exact integer sums; (0, 1e-3) when there is no row."""
+    idx = np.flatnonzero(rows)
+    if not len(idx):
+        return [0.0] * 3, [1e-3] * 3
+    total, squares = np.zeros(3, np.int64), np.zeros(3, np.int64)
+    for start in range(0, len(idx), BLOCK):
+        x = thumbs[idx[start : start + BLOCK]].reshape(-1, 3).astype(np.int64)
+        total += x.sum(0)
+        squares += (x * x).sum(0)
+    n = len(idx) * thumbs.shape[1] * thumbs.shape[2]
+    mean = total / n
+    var = np.maximum(squares / n - mean * mean, 0.0)
+    return (mean / 255.0).tolist(), np.maximum(np.sqrt(var) / 255.0, 1e-3).tolist()
 
 
 def load_model(cfg: EmbeddingConfig):

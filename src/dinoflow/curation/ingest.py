@@ -5,6 +5,10 @@ the sha256 of the decoded pixels (exact duplicates), a 64-bit perceptual hash (n
 grey-level std and entropy (low-information filter), and the label. A small RGB thumbnail per
 item (``pixel_size`` square) is returned beside the table for the pixel embedder.
 
+``describe_split`` describes the items of a split (or of one chunk of it) in this process;
+``dinoflow.curation.ingest_run`` runs it over chunks in worker processes, on disk, resumable
+(the pipeline's ingest); ``ingest_split`` is the one-process, in-memory form.
+
 Decoding is ``dinoflow.data.decode`` (the one decoder training and the registered model use too),
 which survives what real folders hold: truncated and empty files, decompression bombs, EXIF
 orientation, CMYK, transparency, 16-bit grey, animations.
@@ -50,6 +54,16 @@ COLUMNS = [
     "reason",
     "detail",
 ]
+# The table's dtypes: the same whatever the chunking (a chunk of unreadable files included).
+DTYPES = {
+    **dict.fromkeys(["split", "item_id", "path", "mode", "sha256", "phash", "reason"], str),
+    **dict.fromkeys(["index", "label", "width", "height", "channels", "n_frames"], np.int64),
+    "file_bytes": np.int64,
+    "readable": bool,
+    "std": np.float64,
+    "entropy": np.float64,
+    "detail": str,
+}
 GREY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F", "La"}
 
 
@@ -177,12 +191,13 @@ def describe_arrays(
     return columns, thumbs
 
 
-def _blank_rows(split: Split, name: str) -> list[dict]:
-    """One metadata row per item: its identity, every measure unknown (not yet read)."""
+def _blank_rows(split: Split, name: str, start: int = 0) -> list[dict]:
+    """One metadata row per item: its identity, every measure unknown (not yet read). ``index``
+    counts from ``start`` (the split's first item when ``split`` is one chunk of it)."""
     return [
         {
             "split": name,
-            "index": i,
+            "index": start + i,
             "item_id": split.ids[i],
             "label": int(split.labels[i]),
             "path": split.location(i),
@@ -204,30 +219,52 @@ def _blank_rows(split: Split, name: str) -> list[dict]:
     ]
 
 
-def _describe_in_chunks(
+def describe_split(
     split: Split,
-    thumbs: np.ndarray,
+    name: str,
     thumb_size: int,
-    compute_phash: bool,
-    phash_min_side: int,
-    chunk: int,
-    bar,
-) -> dict[str, list]:
-    """``describe_arrays`` of the in-memory images, ``chunk`` at a time: the metadata columns;
-    the thumbnails are written into ``thumbs``."""
-    n = len(split)
-    columns: dict[str, list] = {}
-    for start in range(0, n, chunk):
-        batch, thumbs[start : start + chunk] = describe_arrays(
-            np.asarray(split.images[start : start + chunk]),
-            thumb_size,
-            compute_phash,
-            phash_min_side,
+    max_pixels: int,
+    compute_phash: bool = True,
+    phash_min_side: int = 0,
+    start: int = 0,
+) -> tuple[pd.DataFrame, np.ndarray]:
+    """Metadata rows (COLUMNS, dtypes ``DTYPES``) and (N, s, s, 3) thumbnails of every item of
+    ``split``, in this process: in-memory images with array operations, files one by one.
+    ``start``: the index of the first item when ``split`` is one chunk of a larger split."""
+    thumbs = np.zeros((len(split), thumb_size, thumb_size, 3), dtype=np.uint8)
+    rows = _blank_rows(split, name, start)
+    if split.images is not None and len(split):
+        columns, thumbs = describe_arrays(
+            np.asarray(split.images), thumb_size, compute_phash, phash_min_side
         )
-        for key, values in batch.items():
-            columns.setdefault(key, []).extend(values)
-        bar.update(min(chunk, n - start))
-    return columns
+        frame = pd.DataFrame(rows, columns=COLUMNS)
+        for key, values in columns.items():
+            frame[key] = values
+        return frame.astype(DTYPES), thumbs
+    for i, row in enumerate(rows):
+        decoded = decode_item(split, i, max_pixels)
+        row.update(decoded.meta)
+        row["reason"], row["detail"] = decoded.reason, decoded.detail
+        if decoded.rgb is not None:
+            want_phash = compute_phash and min(decoded.rgb.shape[:2]) >= phash_min_side
+            info, thumbs[i] = describe(decoded.rgb, thumb_size, want_phash)
+            row.update(info, readable=True)
+    return pd.DataFrame(rows, columns=COLUMNS).astype(DTYPES), thumbs
+
+
+def chunk_of(split: Split, start: int, stop: int) -> Split:
+    """Items [start, stop) of a split as a small split of their own (ids, labels, the pixels or
+    paths of those items only: what a worker process is sent)."""
+    return Split(
+        ids=split.ids[start:stop],
+        labels=np.asarray(split.labels[start:stop]),
+        class_names=[],
+        channels=split.channels,
+        images=None if split.images is None else np.asarray(split.images[start:stop]),
+        paths=None if split.paths is None else list(split.paths[start:stop]),
+        members=None if split.members is None else split.members.subset(np.arange(start, stop)),
+        name=split.name,
+    )
 
 
 def ingest_split(
@@ -240,57 +277,35 @@ def ingest_split(
     phash_min_side: int = 0,
     chunk: int = 4096,
 ) -> tuple[pd.DataFrame, np.ndarray]:
-    """Metadata rows (COLUMNS) and thumbnails (N, s, s, 3) uint8 for every item of a split.
+    """Metadata rows (COLUMNS) and thumbnails (N, s, s, 3) uint8 for every item of a split, in
+    this process and in memory (``dinoflow.curation.ingest_run`` is the pipeline's ingest: worker
+    processes, chunks on disk, resumable).
 
     pHash is computed only for images whose short side is at least phash_min_side (dedup ignores
-    it below; skipping it saves a third of the ingest time on Fashion-MNIST). In-memory images
-    are described ``chunk`` at a time with array operations; files one by one.
+    it below; skipping it saves a third of the ingest time on Fashion-MNIST). Items are described
+    ``chunk`` at a time.
     """
     from tqdm.auto import tqdm
 
     n = len(split)
-    thumbs = np.zeros((n, thumb_size, thumb_size, 3), dtype=np.uint8)
-    rows = _blank_rows(split, name)
+    frames, thumbs = [], np.zeros((n, thumb_size, thumb_size, 3), dtype=np.uint8)
     with tqdm(total=n, desc=f"ingest {name}", disable=not progress, mininterval=1.0) as bar:
-        if split.images is not None:
-            columns = _describe_in_chunks(
-                split, thumbs, thumb_size, compute_phash, phash_min_side, chunk, bar
+        for start in range(0, n, chunk):
+            stop = min(n, start + chunk)
+            frame, thumbs[start:stop] = describe_split(
+                chunk_of(split, start, stop),
+                name,
+                thumb_size,
+                max_pixels,
+                compute_phash,
+                phash_min_side,
+                start,
             )
-            frame = pd.DataFrame(rows, columns=COLUMNS)
-            for key, values in columns.items():
-                frame[key] = values
-            return frame, thumbs
-        for i, row in enumerate(rows):
-            decoded = decode_item(split, i, max_pixels)
-            row.update(decoded.meta)
-            row["reason"], row["detail"] = decoded.reason, decoded.detail
-            if decoded.rgb is not None:
-                want_phash = compute_phash and min(decoded.rgb.shape[:2]) >= phash_min_side
-                info, thumbs[i] = describe(decoded.rgb, thumb_size, want_phash)
-                row.update(info, readable=True)
-            bar.update(1)
-    return pd.DataFrame(rows, columns=COLUMNS), thumbs
-
-
-def ingest_splits(
-    splits: dict[str, Split],
-    thumb_size: int,
-    max_pixels: int,
-    compute_phash: bool = True,
-    progress: bool = True,
-    phash_min_side: int = 0,
-) -> tuple[pd.DataFrame, np.ndarray]:
-    """All splits stacked (train first): one metadata table and aligned thumbnails."""
-    frames, thumbs = [], []
-    for name in ("train", "val", "test"):
-        if name in splits:
-            f, t = ingest_split(
-                splits[name], name, thumb_size, max_pixels, compute_phash, progress, phash_min_side
-            )
-            frames.append(f)
-            thumbs.append(t)
-    frame = pd.concat(frames, ignore_index=True)
-    return frame, np.concatenate(thumbs, axis=0)
+            frames.append(frame)
+            bar.update(stop - start)
+    if not frames:
+        return pd.DataFrame(columns=COLUMNS).astype(DTYPES), thumbs
+    return pd.concat(frames, ignore_index=True), thumbs
 
 
 def list_skipped_files(

@@ -282,7 +282,8 @@ def build_report(
         "funnel": stages,
         "balance": balance,
         "validation": validation,
-        "timings_s": timings or {},
+        # per stage: seconds and worker processes (``curate._timed``, carried in meta.attrs)
+        "timings_s": timings or meta.attrs.get("timings_s", {}),
         "config": cfg.model_dump(),
     }
     report = _json_safe(report)

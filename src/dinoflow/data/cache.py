@@ -27,10 +27,8 @@ import hashlib
 import io
 import json
 import logging
-import os
 import time
-from collections.abc import Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -39,6 +37,7 @@ import numpy as np
 from dinoflow.config import DataConfig, ImageCacheConfig
 from dinoflow.data.decode import decode_short_side
 from dinoflow.files import FolderLock, atomic_write_bytes, atomic_write_json
+from dinoflow.parallel import ordered_map, resolve_workers
 
 log = logging.getLogger(__name__)
 
@@ -121,21 +120,7 @@ def store_image(job: tuple[str, str, int]) -> tuple[str, str, str, str]:
     return sha, name, "encoded", ""
 
 
-def _workers(setting: int | str, jobs: int) -> int:
-    cores = os.cpu_count() or 1
-    return max(1, min(jobs, cores if setting == "auto" else int(setting)))
-
-
-def _run(jobs: list[tuple[str, str, int]], workers: int) -> Iterator[tuple[str, str, str, str]]:
-    """``store_image`` over the jobs, in order; in this process when one worker is asked for."""
-    if workers == 1:
-        yield from map(store_image, jobs)
-        return
-    with ProcessPoolExecutor(max_workers=workers) as pool:
-        yield from pool.map(store_image, jobs, chunksize=4)
-
-
-def _stat(path: Path) -> list[int]:
+def file_stat(path: Path) -> list[int]:
     """[size, mtime_ns]: what tells a changed file without reading it ([-1, -1]: no such file)."""
     try:
         stat = path.stat()
@@ -150,7 +135,7 @@ def _unchanged(
     """-> (the index entries still valid, [(relative path, stat)] of the files to read)."""
     old, entries, todo = read_index(folder, root), {}, []
     for path in paths:
-        rel, stat = path.relative_to(root).as_posix(), _stat(path)
+        rel, stat = path.relative_to(root).as_posix(), file_stat(path)
         prev = old.get(rel)
         if (
             stat[0] >= 0
@@ -183,7 +168,7 @@ def build_image_cache(
     with FolderLock(folder, "image cache"):
         entries, todo = _unchanged(paths, root, folder, report)
         jobs = [(str(root / rel), str(folder), short_side) for rel, _ in todo]
-        n = _workers(workers, len(jobs))
+        n = resolve_workers(workers, len(jobs))
         with tqdm(
             total=len(jobs),
             desc=f"image cache ({n} processes)",
@@ -191,7 +176,9 @@ def build_image_cache(
             disable=not progress,
             mininterval=1.0,
         ) as bar:
-            for (rel, stat), (sha, name, status, detail) in zip(todo, _run(jobs, n), strict=True):
+            for (rel, stat), (sha, name, status, detail) in zip(
+                todo, ordered_map(store_image, jobs, n, [__name__]), strict=True
+            ):
                 entries[rel] = [*stat, sha, name, detail]
                 setattr(report, status, getattr(report, status) + 1)
                 bar.update(1)
@@ -212,7 +199,7 @@ def cached_paths(paths: Sequence[Path], root: str | Path, folder: str | Path) ->
     out: list[Path | None] = []
     for path in paths:
         entry = index.get(path.relative_to(root).as_posix())
-        same = entry is not None and bool(entry[3]) and entry[:2] == _stat(path)
+        same = entry is not None and bool(entry[3]) and entry[:2] == file_stat(path)
         out.append(folder / entry[3] if same else None)
     return out
 

@@ -175,12 +175,26 @@ class ShardMembers:
         self.shard = np.asarray(shard, dtype=np.int64)
         self.offset = np.asarray(offset, dtype=np.int64)
         self.size = np.asarray(size, dtype=np.int64)
+        self._stamps: dict[int, str] = {}
 
     def __len__(self) -> int:
         return len(self.members)
 
     def name(self, i: int) -> str:
         return f"{self.urls[self.shard[i]]}#{self.members[i]}"
+
+    def identity(self, i: int) -> str:
+        shard = int(self.shard[i])
+        if shard not in self._stamps:  # one stat per shard, not per member
+            fs, path = _fs(self.urls[shard])
+            try:
+                info = fs.info(path)
+            except (OSError, ValueError):
+                info = {}
+            self._stamps[shard] = (
+                f"{info.get('size')}:{info.get('mtime') or info.get('LastModified')}"
+            )
+        return f"{self.name(i)}@{int(self.offset[i])}+{int(self.size[i])}|{self._stamps[shard]}"
 
     def read(self, i: int) -> bytes:
         """The bytes of member i; a ``DataError`` naming it when the shard cannot give them."""

@@ -108,3 +108,28 @@ def test_embeddings_take_the_precision_rule_of_training(tmp_path, monkeypatch) -
     monkeypatch.setattr(prec, "cpu_bf16_units", lambda: True)
     wide = DinoVisionTransformer(img_size=32, patch_size=8, embed_dim=512, depth=1, num_heads=2)
     assert embedding_precision(big, wide, torch.device("cpu"))[0] == "bf16"
+
+
+def test_pixel_embeddings_stream_a_memmap_to_the_in_memory_result(tmp_path, monkeypatch) -> None:
+    """Memory-mapped thumbnails, read a block at a time (blocks of 7 here), with the PCA fitted on
+    a subsample: exactly the all-in-memory computation; the dataset mean/std likewise."""
+    import sys
+
+    from dinoflow.curation.embed import l2_normalise, thumbnail_mean_std
+
+    rng = np.random.default_rng(1)
+    thumbs = np.lib.format.open_memmap(tmp_path / "t.npy", "w+", np.uint8, (50, 4, 4, 3))
+    thumbs[:] = rng.integers(0, 256, thumbs.shape, dtype=np.uint8)
+    fit, use = rng.random(50) < 0.8, rng.random(50) < 0.9
+    monkeypatch.setattr(sys.modules["dinoflow.curation.embed"], "BLOCK", 7)  # not the step
+    got = pixel_embeddings(thumbs, fit, use, 6, 20, 3)
+    flat = np.asarray(thumbs).reshape(50, -1).astype(np.float32) / 255.0  # the whole array at once
+    mean, comps = pca_fit(flat[fit], 6, 20, 3)
+    want = np.zeros((50, 6), np.float32)
+    want[use] = ((flat[use] - mean) @ comps).astype(np.float32)
+    np.testing.assert_array_equal(got, l2_normalise(want))
+    m, s = thumbnail_mean_std(thumbs, fit)
+    x = np.asarray(thumbs)[fit].reshape(-1, 3).astype(np.float64) / 255.0
+    np.testing.assert_allclose(m, x.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(s, x.std(0), rtol=1e-9)
+    assert thumbnail_mean_std(thumbs, np.zeros(50, bool)) == ([0.0] * 3, [1e-3] * 3)

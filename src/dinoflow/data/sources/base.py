@@ -33,6 +33,11 @@ class Members(Protocol):
         """Item i's file, named in errors and tables (``<shard>#<member>``)."""
         ...
 
+    def identity(self, i: int) -> str:
+        """What item i's bytes are, cheaply (where it lies and its size, the container's size and
+        time where known): equal identities, equal bytes (curation's resumable chunks)."""
+        ...
+
     def subset(self, indices: np.ndarray) -> Members: ...
 
 
