@@ -3,14 +3,18 @@
     python -m benchmarks.bench_curation            # 1M x 128: one JSON line, also results/curation.json
     python -m benchmarks.bench_curation --n 100000 # quicker
     python -m benchmarks.bench_curation --ingest   # ingest images/s on 1 and 2 workers (2000 JPEGs)
-    python -m benchmarks.bench_curation --ingest --ingest-images 24  # a quick check that it runs
+    python -m benchmarks.bench_curation --ingest --ingest-images 24 --memory-sizes 200 400  # quick
 
 Ingest (``--ingest``): 640x480 JPEGs cut from real camera photos (the Debian wallpapers,
 ``benchmarks.common.camera_photos``), ingested by ``dinoflow.curation.ingest_run`` (decode,
 statistics, hashes, thumbnails, chunks to disk) with 1 and 2 worker processes in one run,
 interleaved (1 2, 2 1, ...), each time into an empty work folder: images/s of each, their ratio,
 peak RSS of this process and of the largest worker, the CPU named. The fork server is started
-before the timing (a tiny 2-worker ingest), as it is once per run in the pipeline.
+before the timing (a tiny 2-worker ingest), as it is once per run in the pipeline. The same on the
+camera photos themselves (1-9 megapixels, each copied 4 times: full decodes of real 2-5K photos).
+Memory (``--memory-sizes``, default 20000 100000): N small JPEGs (96x72, cut from the photos)
+ingested on 2 workers and embedded (pixels + PCA, the default embedder), peak RSS of the main
+process and of the whole process tree: flat in N when the thumbnails stream to disk.
 
 Data: a Gaussian mixture with power-law cluster sizes (like web data: a few huge concepts, a long
 tail), 1% of the points replaced by near copies of others (cosine ~ 0.999), L2-normalised.
@@ -29,6 +33,7 @@ Memory is O(N * D) for the vectors plus O(edges): shard the vectors (memory-mapp
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import resource
 import time
@@ -176,9 +181,109 @@ def run_ingest(args: argparse.Namespace) -> dict:
     out["speedup_2_vs_1"] = out["2_workers_images_per_s"] / out["1_workers_images_per_s"]
     out["peak_rss_mb"] = rss.peak / 2**20
     out["peak_rss_worker_mb"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    for f in sorted(tmp.rglob("*"), reverse=True):
-        f.unlink() if f.is_file() else f.rmdir()
-    tmp.rmdir()
+    out["camera_photos"] = run_camera_photos(tmp, args.repeats, max(1, args.files_per_chunk // 8))
+    out["memory"] = run_memory(args.memory_sizes, tmp)
+    import shutil
+
+    shutil.rmtree(tmp)
+    return out
+
+
+class TreeRSS:
+    """Peak RSS of this process and of the whole process tree (workers, fork server), sampled."""
+
+    def __init__(self, interval_s: float = 0.05):
+        import threading
+
+        self.interval_s, self.main = interval_s, 0
+        self.tree = 0
+        self._stop, self._thread = threading.Event(), threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        import psutil
+
+        me = psutil.Process()
+        while not self._stop.is_set():
+            total = main = me.memory_info().rss
+            for child in me.children(recursive=True):
+                with contextlib.suppress(psutil.Error):  # ended between the listing and the read
+                    total += child.memory_info().rss
+            self.main, self.tree = max(self.main, main), max(self.tree, total)
+            time.sleep(self.interval_s)
+
+    def __enter__(self) -> TreeRSS:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def run_memory(sizes: list[int], tmp: Path) -> dict:
+    """Peak RSS of ingest (2 workers, chunks to disk) + pixel embeddings at each N."""
+    from dinoflow.curation.config import EmbeddingConfig
+    from dinoflow.curation.embed import pixel_embeddings
+    from dinoflow.curation.ingest_run import IngestSettings, ingest_splits
+    from dinoflow.data import Split
+
+    settings = IngestSettings(thumb_size=16, max_pixels=40_000_000, compute_phash=True, phash_min_side=64)
+    out = {}
+    for n in sizes:
+        paths = ingest_images(tmp / f"small-{n}", n, size=(96, 72))
+        split = Split(ids=[p.name for p in paths], labels=np.full(n, -1), class_names=[],
+                      channels=3, paths=paths, name="train")  # fmt: skip
+        t0 = time.perf_counter()
+        with TreeRSS() as rss:
+            meta, thumbs, _ = ingest_splits({"train": split}, settings, tmp / f"work-{n}", 2,
+                                            256, progress=False)  # fmt: skip
+            cfg = EmbeddingConfig()
+            everything = np.ones(n, bool)
+            pixel_embeddings(thumbs, everything, everything, cfg.pca_dim, cfg.pca_max_fit, 0)
+        out[str(n)] = {"seconds": round(time.perf_counter() - t0, 1),
+                       "peak_rss_main_mb": round(rss.main / 2**20, 1),
+                       "peak_rss_tree_mb": round(rss.tree / 2**20, 1),
+                       "thumbnails_on_disk_mb": round(thumbs.nbytes / 2**20, 1)}  # fmt: skip
+        del meta, thumbs
+    return out
+
+
+def run_camera_photos(tmp: Path, repeats: int, per_chunk: int) -> dict:
+    """Ingest images/s with 1 and 2 workers on the camera photos at full size (4 copies each)."""
+    import shutil
+
+    from benchmarks.common import camera_photos, interleaved_times, median
+    from dinoflow.curation.ingest_run import IngestSettings, ingest_splits
+    from dinoflow.data import Split
+
+    folder = tmp / "camera"
+    folder.mkdir()
+    paths = []
+    for k, photo in enumerate(camera_photos()):
+        for copy in range(4):
+            paths.append(folder / f"{k:03d}_{copy}{photo.suffix.lower()}")
+            shutil.copy(photo, paths[-1])
+    split = Split(ids=[p.name for p in paths], labels=np.full(len(paths), -1), class_names=[],
+                  channels=3, paths=paths, name="train")  # fmt: skip
+    settings = IngestSettings(thumb_size=16, max_pixels=40_000_000, compute_phash=True, phash_min_side=64)
+
+    def ingest(workers: int, tag: str) -> None:
+        work = tmp / f"camera-work-{tag}"
+        ingest_splits({"train": split}, settings, work, workers, per_chunk, progress=False)
+        shutil.rmtree(work)
+
+    times = interleaved_times({f"{w}_workers": (lambda i, w=w: ingest(w, f"{w}-{i}")) for w in (1, 2)},
+                              repeats=repeats, warmup=0)  # fmt: skip
+    megapixels = []
+    from PIL import Image
+
+    for p in paths[::4]:
+        with Image.open(p) as im:
+            megapixels.append(im.width * im.height / 1e6)
+    out = {"images": len(paths), "megapixels_min_max": [round(min(megapixels), 1), round(max(megapixels), 1)]}
+    for name, t in times.items():
+        out[f"{name}_images_per_s"] = round(len(paths) / median(t["wall"]), 2)
+    out["speedup_2_vs_1"] = round(out["2_workers_images_per_s"] / out["1_workers_images_per_s"], 3)
     return out
 
 
@@ -203,6 +308,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--ingest-images", type=int, default=2000)
     p.add_argument("--files-per-chunk", type=int, default=64)
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--memory-sizes", type=int, nargs="+", default=[20_000, 100_000])
     p.add_argument("--out", type=Path, default=None, help="default results/curation.json "
                    "(--ingest: results/curation_ingest.json)")
     args = p.parse_args(argv)
