@@ -211,7 +211,7 @@ def embed_batches(
             x = torch.cat(
                 [
                     preprocess(
-                        torch.from_numpy(np.ascontiguousarray(load(int(r)))).permute(2, 0, 1)[None],
+                        torch.from_numpy(np.array(load(int(r)))).permute(2, 0, 1)[None],
                         emb.image_size,
                         emb.mean,
                         emb.std,
