@@ -34,9 +34,20 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
+def local_share_of_cores() -> int:
+    """The usable cores, divided among the processes torchrun started on this host
+    (``LOCAL_WORLD_SIZE``) when they all share the whole machine; a process bound to its own
+    cores (SLURM ``cpus_per_task``, ``taskset``) keeps its mask."""
+    cores, local = usable_cores(), int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    if local > 1 and cores >= (os.cpu_count() or 1):
+        return max(1, cores // local)
+    return cores
+
+
 def resolve_workers(setting: int | str, jobs: int) -> int:
-    """Worker processes for a ``workers`` setting ("auto" = the usable cores) and ``jobs`` jobs."""
-    cores = usable_cores() if setting == "auto" else int(setting)
+    """Worker processes for a ``workers`` setting ("auto" = the usable cores, this process's
+    share of them under torchrun) and ``jobs`` jobs."""
+    cores = local_share_of_cores() if setting == "auto" else int(setting)
     return max(1, min(jobs, cores))
 
 

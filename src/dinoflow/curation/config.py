@@ -96,6 +96,9 @@ class EmbeddingConfig(_Strict):
     mean: list[float] | None = None  # model embedders: None = ImageNet (timm: its data config)
     std: list[float] | None = None
     batch_size: int = Field(64, ge=1)
+    # model embedders: rows per chunk on disk (``<work_dir>/embed/``), the unit of resuming a
+    # killed run and of sharing the work among the ranks of a job (dinoflow.curation.embed_run)
+    rows_per_chunk: int = Field(4096, ge=1)
     device: str = "auto"  # auto: CUDA when present (the training device), else the CPU
     # auto: the rule training and evaluation use (dinoflow.precision) for a batch's shapes
     precision: Literal["auto", "fp32", "bf16"] = "auto"

@@ -20,7 +20,8 @@ import pandas as pd
 from dinoflow.curation import dedup as dd
 from dinoflow.curation.config import CurationConfig
 from dinoflow.curation.decontam import eval_matches, expand_to_components
-from dinoflow.curation.embed import model_embeddings, pixel_embeddings, thumbnail_mean_std
+from dinoflow.curation.embed import pixel_embeddings, thumbnail_mean_std
+from dinoflow.curation.embed_run import embed_chunks
 from dinoflow.curation.ingest import list_skipped_files, load_rgb
 from dinoflow.curation.ingest_run import IngestSettings, ingest_splits
 from dinoflow.curation.quality import apply_quality
@@ -103,7 +104,8 @@ def _eval_rows(meta: pd.DataFrame) -> np.ndarray:
 def embed(
     meta: pd.DataFrame, thumbs: np.ndarray, splits: dict[str, Split] | None, cfg: CurationConfig
 ) -> np.ndarray:
-    """(N, D) float32 L2-normalised embeddings of pool and eval rows (other rows zero)."""
+    """(N, D) float32 L2-normalised embeddings of pool and eval rows (other rows zero); model
+    embedders chunk by chunk in ``curation.work_dir`` (resumable, shared by a job's ranks)."""
     e = cfg.embedding
     pool, evals = _pool(meta), _eval_rows(meta)
     use = pool | evals
@@ -121,7 +123,8 @@ def embed(
         return rgb
 
     mean, std = thumbnail_mean_std(thumbs, pool)
-    return model_embeddings(e, load, np.flatnonzero(use), len(meta), mean, std, cfg.show_progress)
+    rows = np.flatnonzero(use)
+    return embed_chunks(e, load, meta, rows, mean, std, cfg.work_dir, cfg.show_progress)
 
 
 def _phash_ok(meta: pd.DataFrame, cfg: CurationConfig) -> list[str]:

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -149,6 +151,81 @@ def embedding_precision(cfg: EmbeddingConfig, model, device) -> tuple[str, str]:
     return auto_precision(device, min(4096, cfg.batch_size * tokens), dim, 4 * dim)
 
 
+@dataclass
+class Embedder:
+    """A loaded model embedder and how its inputs are prepared (``embedder``)."""
+
+    model: Any
+    in_chans: int
+    mean: list[float]
+    std: list[float]
+    image_size: int
+    batch_size: int
+    device: Any
+    precision: str
+
+
+def embedder(cfg: EmbeddingConfig, dataset_mean: list[float], dataset_std: list[float]) -> Embedder:
+    """The dinoflow / timm model of ``cfg`` on its device, with the normalisation it gets (the
+    config's mean/std, else the model's own for timm, else the dataset's for dinoflow) and the
+    precision of its forward."""
+    model, in_chans, mean, std = load_model(cfg)
+    if mean is None or std is None:
+        mean, std = dataset_mean, dataset_std
+    if in_chans == 1:
+        mean, std = [float(np.mean(mean))], [float(np.mean(std))]
+    device = next(model.parameters()).device
+    precision, why = embedding_precision(cfg, model, device)
+    logging.getLogger(__name__).info("curation embedding: %s", why)
+    return Embedder(
+        model,
+        in_chans,
+        [float(m) for m in mean[:in_chans]],
+        [float(s) for s in std[:in_chans]],
+        cfg.image_size,
+        cfg.batch_size,
+        device,
+        precision,
+    )
+
+
+def embed_batches(
+    emb: Embedder,
+    load: Callable[[int], np.ndarray],
+    rows: np.ndarray,
+    bar: Any = None,
+) -> np.ndarray | None:
+    """(len(rows), D) float32 model features (not normalised) of ``rows``, ``batch_size`` at a
+    time in the order given (the same rows give the same batches); None when rows is empty.
+    ``bar``: a progress bar updated by the rows done."""
+    import torch
+
+    from dinoflow.data.transforms import preprocess
+    from dinoflow.precision import autocast
+
+    feats = []
+    with torch.inference_mode(), autocast(emb.precision, emb.device):
+        for start in range(0, len(rows), emb.batch_size):
+            batch = rows[start : start + emb.batch_size]
+            # the one normaliser (dinoflow.data.transforms), image by image: sizes differ
+            x = torch.cat(
+                [
+                    preprocess(
+                        torch.from_numpy(np.array(load(int(r)))).permute(2, 0, 1)[None],
+                        emb.image_size,
+                        emb.mean,
+                        emb.std,
+                        emb.in_chans,
+                    )
+                    for r in batch
+                ]
+            ).to(emb.device)
+            feats.append(emb.model(x).float().cpu().numpy())
+            if bar is not None:
+                bar.update(len(batch))
+    return np.concatenate(feats) if feats else None
+
+
 def model_embeddings(
     cfg: EmbeddingConfig,
     load: Callable[[int], np.ndarray | None],
@@ -158,50 +235,20 @@ def model_embeddings(
     dataset_std: list[float],
     progress: bool = True,
 ) -> np.ndarray:
-    """(n_total, D) L2-normalised model embeddings of ``rows`` (others zero).
+    """(n_total, D) L2-normalised model embeddings of ``rows`` (others zero), in memory.
 
     load(row) -> (H, W, 3) uint8. Images go through ``dinoflow.data.transforms.preprocess`` (grey
     if the model takes one channel, the image_size centre crop at the default crop ratio as
-    evaluation's, normalised by mean/std (the config's, else the model's own for timm, else the
-    dataset's for dinoflow).
+    evaluation's, normalised as ``embedder`` says). The pipeline's step runs the same batches
+    chunk by chunk on disk (``dinoflow.curation.embed_run``).
     """
-    import torch
     from tqdm.auto import tqdm
 
-    from dinoflow.data.transforms import preprocess
-    from dinoflow.precision import autocast
-
-    model, in_chans, mean, std = load_model(cfg)
-    if mean is None or std is None:
-        mean, std = dataset_mean, dataset_std
-    if in_chans == 1:
-        mean, std = [float(np.mean(mean))], [float(np.mean(std))]
-    mean, std = list(mean[:in_chans]), list(std[:in_chans])
-    out: np.ndarray | None = None
-    size, device = cfg.image_size, next(model.parameters()).device
-    precision, why = embedding_precision(cfg, model, device)
-    logging.getLogger(__name__).info("curation embedding: %s", why)
-    batches = range(0, len(rows), cfg.batch_size)
-    with torch.inference_mode(), autocast(precision, device):
-        for start in tqdm(batches, desc=f"embed ({cfg.kind})", disable=not progress):
-            chunk = rows[start : start + cfg.batch_size]
-            # the one normaliser (dinoflow.data.transforms), image by image: sizes differ
-            x = torch.cat(
-                [
-                    preprocess(
-                        torch.from_numpy(np.ascontiguousarray(load(int(r)))).permute(2, 0, 1)[None],
-                        size,
-                        mean,
-                        std,
-                        in_chans,
-                    )
-                    for r in chunk
-                ]
-            ).to(device)
-            feats = model(x).float().cpu().numpy()
-            if out is None:
-                out = np.zeros((n_total, feats.shape[1]), dtype=np.float32)
-            out[chunk] = feats
-    if out is None:
+    emb = embedder(cfg, dataset_mean, dataset_std)
+    with tqdm(total=len(rows), desc=f"embed ({cfg.kind})", disable=not progress) as bar:
+        feats = embed_batches(emb, load, rows, bar)
+    if feats is None:
         return np.zeros((n_total, 1), dtype=np.float32)
+    out = np.zeros((n_total, feats.shape[1]), dtype=np.float32)
+    out[rows] = feats
     return l2_normalise(out)

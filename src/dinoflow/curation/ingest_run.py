@@ -15,6 +15,10 @@ by SIGKILL resumes from the chunks it finished) and computes the others; a chang
 setting changes its chunks' keys, so nothing stale is read. After a complete run the chunk files
 of other keys (stale ones, half-written temp files) are deleted.
 
+Under torch.distributed (``dinoflow.curation.launch``) rank r of W computes the chunks i with
+i % W == r into the shared work folder, rank 0 (the one holding the FolderLock) assembles once
+every rank is done, and the others read what it assembled (``dinoflow.curation.ranks``).
+
 The chunks are then assembled in item order, whatever order they finished in: the metadata
 table (small: a row per item, in memory) and ``<work_dir>/thumbnails.npy`` (N, s, s, 3) uint8,
 filled chunk by chunk through ``numpy.lib.format.open_memmap`` and returned memory-mapped. The
@@ -36,10 +40,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from dinoflow import distributed
+from dinoflow.curation import ranks
 from dinoflow.curation.ingest import COLUMNS, DTYPES, chunk_of, describe_split
 from dinoflow.data import Split
 from dinoflow.data.cache import file_stat
-from dinoflow.files import FolderLock, atomic_write
+from dinoflow.files import atomic_write
 from dinoflow.parallel import resolve_workers, unordered_map
 
 log = logging.getLogger(__name__)
@@ -179,23 +185,40 @@ def _run_chunks(
                 on_chunk(todo[i])
 
 
+def _rows(chunks: list[Chunk]) -> pd.DataFrame:
+    """The chunks' metadata rows in item order."""
+    frames = [pd.read_parquet(c.parquet) for c in chunks]
+    frame = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=COLUMNS)
+    return frame.astype(DTYPES)
+
+
 def assemble(chunks: list[Chunk], out: Path, thumb_size: int) -> tuple[pd.DataFrame, np.ndarray]:
     """The chunks' rows and thumbnails in item order: (table, (N, s, s, 3) memmap of ``out``)."""
     n = sum(len(c.split) for c in chunks)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     thumbs = np.lib.format.open_memmap(tmp, "w+", np.uint8, (n, thumb_size, thumb_size, 3))
-    frames, at = [], 0
+    at = 0
     for c in chunks:
-        frames.append(pd.read_parquet(c.parquet))
         thumbs[at : at + len(c.split)] = np.load(c.npy, mmap_mode="r")
         at += len(c.split)
     thumbs.flush()
     del thumbs
     os.replace(tmp, out)  # a reader of an earlier thumbnails.npy keeps its (unlinked) file
-    frame = (
-        pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=COLUMNS)
-    ).astype(DTYPES)
-    return frame, np.load(out, mmap_mode="r")
+    return _rows(chunks), np.load(out, mmap_mode="r")
+
+
+def _assemble_on_main(
+    chunks: list[Chunk], work_dir: Path, thumb_size: int
+) -> tuple[pd.DataFrame, np.ndarray]:
+    """Rank 0 assembles (and prunes); the other ranks then read what it wrote."""
+    out = work_dir / "thumbnails.npy"
+    if distributed.is_main_process():
+        meta, thumbs = assemble(chunks, out, thumb_size)
+        _prune(work_dir / "ingest", chunks)
+    distributed.barrier()
+    if not distributed.is_main_process():
+        meta, thumbs = _rows(chunks), np.load(out, mmap_mode="r")
+    return meta, thumbs
 
 
 def _prune(folder: Path, chunks: list[Chunk]) -> None:
@@ -236,25 +259,28 @@ def ingest_splits(
             thumbs = np.array(thumbs)
         stats.work_dir = ""
         return meta, thumbs, stats
+    ranks.require_shared(work_dir, "curation ingest")
     t0, work_dir = time.perf_counter(), Path(work_dir)
-    folder = work_dir / "ingest"
-    folder.mkdir(parents=True, exist_ok=True)
-    with FolderLock(work_dir, "curation ingest"):
-        chunks = plan_chunks(splits, settings, folder, files_per_chunk, arrays_per_chunk)
-        todo = [c for c in chunks if not c.done()]
-        total = sum(len(c.split) for c in chunks)
+    (work_dir / "ingest").mkdir(parents=True, exist_ok=True)
+    with ranks.work_lock(work_dir, "curation ingest"):
+        chunks = plan_chunks(
+            splits, settings, work_dir / "ingest", files_per_chunk, arrays_per_chunk
+        )
+        mine = ranks.share(chunks)  # all of them on one process
+        todo = [c for c in mine if not c.done()]
         n_workers = resolve_workers(workers, len(todo))
-        _run_chunks(todo, total, n_workers, progress, on_chunk)
-        meta, thumbs = assemble(chunks, work_dir / "thumbnails.npy", settings.thumb_size)
-        _prune(folder, chunks)
-    computed = sum(len(c.split) for c in todo)
-    seconds = time.perf_counter() - t0
+        _run_chunks(todo, sum(len(c.split) for c in mine), n_workers, progress, on_chunk)
+        n_todo, computed, workers_used = ranks.gather_sums(
+            len(todo), sum(len(c.split) for c in todo), n_workers if todo else 0
+        )
+        meta, thumbs = _assemble_on_main(chunks, work_dir, settings.thumb_size)
+    total, seconds = len(meta), time.perf_counter() - t0
     stats = IngestStats(
         seconds=round(seconds, 3),
-        workers=n_workers if todo else 0,  # every chunk re-used: no worker ran
+        workers=workers_used,  # over all ranks; 0: every chunk was re-used
         images=total,
         chunks=len(chunks),
-        chunks_reused=len(chunks) - len(todo),
+        chunks_reused=len(chunks) - n_todo,
         images_reused=total - computed,
         images_per_s=round(computed / max(seconds, 1e-9), 1),
         work_dir=str(work_dir),

@@ -1,0 +1,54 @@
+"""The ranks of one torch.distributed job sharing curation's chunks in one work folder.
+
+Outside a process group (the Kedro node, a notebook) every helper is the one-process identity.
+Inside one (``torchrun -m dinoflow.curation.launch``, a SLURM job), rank r of W computes the
+chunks i with ``i % W == r`` of a step's plan (ingest, model embedding), all ranks writing to the
+shared ``curation.work_dir``; then rank 0 assembles and the others read what it assembled.
+Only rank 0 takes the work folder's ``FolderLock`` (the other ranks work under it: the lock keeps
+other jobs out, not this job's ranks); every rank waits until it holds it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TypeVar
+
+from dinoflow import distributed
+from dinoflow.files import FolderLock
+
+T = TypeVar("T")
+
+
+def share(items: Sequence[T]) -> list[T]:
+    """This rank's share of a plan: items i with i % world_size == rank (all of them alone)."""
+    rank, world = distributed.world()
+    return [item for i, item in enumerate(items) if i % world == rank]
+
+
+def require_shared(work_dir: str | Path | None, what: str) -> None:
+    """Several ranks need one work folder they all see (a temporary folder is per process)."""
+    if work_dir is None and distributed.world()[1] > 1:
+        raise ValueError(
+            f"{what} on {distributed.world()[1]} processes needs curation.work_dir: a folder "
+            "every rank can read and write (a shared file system across nodes)"
+        )
+
+
+@contextmanager
+def work_lock(work_dir: str | Path, what: str) -> Iterator[None]:
+    """Rank 0 holds ``FolderLock(work_dir, what)`` for the block; the others wait until it does
+    (if it cannot, it raises and the launcher stops the others)."""
+    if not distributed.is_main_process():
+        distributed.barrier()
+        yield
+        return
+    with FolderLock(work_dir, what):
+        distributed.barrier()
+        yield
+
+
+def gather_sums(*counts: int) -> list[int]:
+    """Each count summed over the ranks (a barrier: every rank has finished its share)."""
+    return [sum(values) for values in zip(*distributed.all_gather_objects(counts), strict=True)]
