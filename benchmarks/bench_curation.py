@@ -220,6 +220,30 @@ class TreeRSS:
         self._thread.join()
 
 
+def small_images(folder: Path, n: int, size: tuple[int, int] = (96, 72)) -> list[Path]:
+    """n small JPEGs cut on a grid from the camera photos (each photo decoded once, at 1/4)."""
+    from PIL import Image
+
+    from benchmarks.common import camera_photos
+
+    photos = []
+    for path in camera_photos():
+        with Image.open(path) as im:
+            im.draft("RGB", (im.width // 4, im.height // 4))
+            photos.append(im.convert("RGB"))
+    folder.mkdir(parents=True, exist_ok=True)
+    w, h = size
+    paths = []
+    for i in range(n):
+        im = photos[i % len(photos)]
+        cols, rows = max(1, (im.width - w) // 13), max(1, (im.height - h) // 11)
+        k = i // len(photos)
+        x, y = (k % cols) * 13, ((k // cols) % rows) * 11
+        paths.append(folder / f"s_{i:06d}.jpg")
+        im.crop((x, y, x + w, y + h)).save(paths[-1], quality=90)
+    return paths
+
+
 def run_memory(sizes: list[int], tmp: Path) -> dict:
     """Peak RSS of ingest (2 workers, chunks to disk) + pixel embeddings at each N."""
     from dinoflow.curation.config import EmbeddingConfig
@@ -230,7 +254,7 @@ def run_memory(sizes: list[int], tmp: Path) -> dict:
     settings = IngestSettings(thumb_size=16, max_pixels=40_000_000, compute_phash=True, phash_min_side=64)
     out = {}
     for n in sizes:
-        paths = ingest_images(tmp / f"small-{n}", n, size=(96, 72))
+        paths = small_images(tmp / f"small-{n}", n)
         split = Split(ids=[p.name for p in paths], labels=np.full(n, -1), class_names=[],
                       channels=3, paths=paths, name="train")  # fmt: skip
         t0 = time.perf_counter()
