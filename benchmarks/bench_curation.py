@@ -42,13 +42,15 @@ from pathlib import Path
 import numpy as np
 
 from dinoflow.curation import dedup as dd
-from dinoflow.curation.config import DedupConfig
+from dinoflow.curation.config import DedupConfig, IngestConfig
 from dinoflow.curation.sampling import (
     balance_stats,
     hierarchical_kmeans,
     hierarchical_sample,
     top_level_labels,
 )
+
+DECODE_MIN_SIDE = IngestConfig().decode_min_side  # the product's default (256: reduced JPEG decoding)
 
 
 def rss_mb() -> float:
@@ -158,7 +160,8 @@ def run_ingest(args: argparse.Namespace) -> dict:
     paths = ingest_images(tmp / "images", args.ingest_images)
     split = Split(ids=[p.name for p in paths], labels=np.full(len(paths), -1), class_names=[],
                   channels=3, paths=paths, name="train")  # fmt: skip
-    settings = IngestSettings(thumb_size=16, max_pixels=40_000_000, compute_phash=True, phash_min_side=64)
+    settings = IngestSettings(thumb_size=16, max_pixels=40_000_000, compute_phash=True, phash_min_side=64,
+                              decode_min_side=DECODE_MIN_SIDE)
 
     def ingest(workers: int, tag: str, splits: dict, per_chunk: int = args.files_per_chunk) -> None:
         work = tmp / f"work-{tag}"
@@ -251,7 +254,8 @@ def run_memory(sizes: list[int], tmp: Path) -> dict:
     from dinoflow.curation.ingest_run import IngestSettings, ingest_splits
     from dinoflow.data import Split
 
-    settings = IngestSettings(thumb_size=16, max_pixels=40_000_000, compute_phash=True, phash_min_side=64)
+    settings = IngestSettings(thumb_size=16, max_pixels=40_000_000, compute_phash=True, phash_min_side=64,
+                              decode_min_side=DECODE_MIN_SIDE)
     out = {}
     for n in sizes:
         paths = small_images(tmp / f"small-{n}", n)
@@ -289,7 +293,8 @@ def run_camera_photos(tmp: Path, repeats: int, per_chunk: int) -> dict:
             shutil.copy(photo, paths[-1])
     split = Split(ids=[p.name for p in paths], labels=np.full(len(paths), -1), class_names=[],
                   channels=3, paths=paths, name="train")  # fmt: skip
-    settings = IngestSettings(thumb_size=16, max_pixels=40_000_000, compute_phash=True, phash_min_side=64)
+    settings = IngestSettings(thumb_size=16, max_pixels=40_000_000, compute_phash=True, phash_min_side=64,
+                              decode_min_side=DECODE_MIN_SIDE)
 
     def ingest(workers: int, tag: str) -> None:
         work = tmp / f"camera-work-{tag}"

@@ -23,6 +23,11 @@ class IngestConfig(_Strict):
     # Pillow's decompression-bomb guard: headers announcing more pixels are never decoded.
     max_pixels: int = Field(40_000_000, gt=0)
     compute_phash: bool = True
+    # Reduced decoding: a JPEG is decoded by libjpeg at 1/2, 1/4 or 1/8 scale, as small as keeps
+    # its shorter side >= this (``dinoflow.data.decode``); None: every file in full. The table's
+    # width/height stay the file's full size; sha256, pHash, std/entropy and the thumbnails come
+    # from the reduced decode (docs/architecture.md, "Curation ingest at scale").
+    decode_min_side: int | None = Field(256, ge=1)
     # Items per chunk: the unit of work of a worker process and of resuming a killed run
     # (``dinoflow.curation.ingest_run``). Files: about 256 x 50 ms for camera photos.
     files_per_chunk: int = Field(256, ge=1)

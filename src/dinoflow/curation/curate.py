@@ -63,6 +63,7 @@ def ingest(splits: dict[str, Split], cfg: CurationConfig) -> tuple[pd.DataFrame,
         min(cfg.ingest.max_pixels, cfg.quality.max_pixels),
         cfg.ingest.compute_phash and cfg.dedup.phash,
         cfg.dedup.phash_min_side,
+        cfg.ingest.decode_min_side,
     )
     meta, thumbs, stats = ingest_splits(
         splits,

@@ -11,7 +11,10 @@ item (``pixel_size`` square) is returned beside the table for the pixel embedder
 
 Decoding is ``dinoflow.data.decode`` (the one decoder training and the registered model use too),
 which survives what real folders hold: truncated and empty files, decompression bombs, EXIF
-orientation, CMYK, transparency, 16-bit grey, animations.
+orientation, CMYK, transparency, 16-bit grey, animations. With ``decode_min_side``
+(``curation.ingest.decode_min_side``) a JPEG is decoded reduced (shorter side >= it): width and
+height are still the file's full size, the hashes, statistics and thumbnail those of the
+reduced pixels (docs/architecture.md, "Curation ingest at scale").
 """
 
 from __future__ import annotations
@@ -107,14 +110,19 @@ def load_rgb(split: Split, i: int, max_pixels: int) -> np.ndarray | None:
     return decode_item(split, i, max_pixels).rgb
 
 
-def decode_item(split: Split, i: int, max_pixels: int) -> Decoded:
+def decode_item(split: Split, i: int, max_pixels: int, min_side: int | None = None) -> Decoded:
     """``decode_file`` of item i's file: a path, or a shard member's bytes (a member the shard
-    cannot give is unreadable, as a broken file is)."""
+    cannot give is unreadable, as a broken file is). ``min_side``: a JPEG decoded reduced
+    (``decode_file``); the meta's width/height are then still the file's full size."""
     try:
         source = split.file(i)
     except DataError as exc:
         return Decoded(None, {"file_bytes": -1}, "unreadable", str(exc))
-    return decode_file(source, max_pixels)
+    decoded = decode_file(source, max_pixels, min_side)
+    meta = decoded.meta
+    if "full_width" in meta:
+        meta["width"], meta["height"] = meta.pop("full_width"), meta.pop("full_height")
+    return decoded
 
 
 def box_thumbnails(rgb: np.ndarray, size: int) -> np.ndarray:
@@ -227,10 +235,13 @@ def describe_split(
     compute_phash: bool = True,
     phash_min_side: int = 0,
     start: int = 0,
+    decode_min_side: int | None = None,
 ) -> tuple[pd.DataFrame, np.ndarray]:
     """Metadata rows (COLUMNS, dtypes ``DTYPES``) and (N, s, s, 3) thumbnails of every item of
     ``split``, in this process: in-memory images with array operations, files one by one.
-    ``start``: the index of the first item when ``split`` is one chunk of a larger split."""
+    ``start``: the index of the first item when ``split`` is one chunk of a larger split.
+    ``decode_min_side``: JPEG files decoded reduced (shorter side >= it): sha256, pHash,
+    std/entropy and thumbnail of the reduced pixels, width/height the full size."""
     thumbs = np.zeros((len(split), thumb_size, thumb_size, 3), dtype=np.uint8)
     rows = _blank_rows(split, name, start)
     if split.images is not None and len(split):
@@ -242,11 +253,11 @@ def describe_split(
             frame[key] = values
         return frame.astype(DTYPES), thumbs
     for i, row in enumerate(rows):
-        decoded = decode_item(split, i, max_pixels)
+        decoded = decode_item(split, i, max_pixels, decode_min_side)
         row.update(decoded.meta)
         row["reason"], row["detail"] = decoded.reason, decoded.detail
         if decoded.rgb is not None:
-            want_phash = compute_phash and min(decoded.rgb.shape[:2]) >= phash_min_side
+            want_phash = compute_phash and min(row["width"], row["height"]) >= phash_min_side
             info, thumbs[i] = describe(decoded.rgb, thumb_size, want_phash)
             row.update(info, readable=True)
     return pd.DataFrame(rows, columns=COLUMNS).astype(DTYPES), thumbs
@@ -276,6 +287,7 @@ def ingest_split(
     progress: bool = True,
     phash_min_side: int = 0,
     chunk: int = 4096,
+    decode_min_side: int | None = None,
 ) -> tuple[pd.DataFrame, np.ndarray]:
     """Metadata rows (COLUMNS) and thumbnails (N, s, s, 3) uint8 for every item of a split, in
     this process and in memory (``dinoflow.curation.ingest_run`` is the pipeline's ingest: worker
@@ -283,7 +295,7 @@ def ingest_split(
 
     pHash is computed only for images whose short side is at least phash_min_side (dedup ignores
     it below; skipping it saves a third of the ingest time on Fashion-MNIST). Items are described
-    ``chunk`` at a time.
+    ``chunk`` at a time; ``decode_min_side`` as in ``describe_split``.
     """
     from tqdm.auto import tqdm
 
@@ -300,6 +312,7 @@ def ingest_split(
                 compute_phash,
                 phash_min_side,
                 start,
+                decode_min_side,
             )
             frames.append(frame)
             bar.update(stop - start)

@@ -65,6 +65,7 @@ class IngestSettings:
     max_pixels: int
     compute_phash: bool = True
     phash_min_side: int = 0
+    decode_min_side: int | None = None  # reduced JPEG decoding (``describe_split``)
 
 
 @dataclass
@@ -153,6 +154,7 @@ def ingest_chunk(chunk: Chunk) -> tuple[int, float]:
         s.compute_phash,
         s.phash_min_side,
         chunk.start,
+        s.decode_min_side,
     )
     atomic_write(chunk.npy, lambda f: np.save(f, thumbs, allow_pickle=False))
     atomic_write(chunk.parquet, lambda f: frame.to_parquet(f, index=False))  # the "done" mark
