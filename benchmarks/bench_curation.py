@@ -277,8 +277,11 @@ def run_memory(sizes: list[int], tmp: Path) -> dict:
 
 
 def run_camera_photos(tmp: Path, repeats: int, per_chunk: int) -> dict:
-    """Ingest images/s with 1 and 2 workers on the camera photos at full size (4 copies each)."""
+    """Ingest images/s on 1 and 2 workers on the camera photos at full size (4 copies each),
+    decoded in full and reduced (``decode_min_side``, the product's default)."""
     import shutil
+
+    from PIL import Image
 
     from benchmarks.common import camera_photos, interleaved_times, median
     from dinoflow.curation.ingest_run import IngestSettings, ingest_splits
@@ -293,26 +296,29 @@ def run_camera_photos(tmp: Path, repeats: int, per_chunk: int) -> dict:
             shutil.copy(photo, paths[-1])
     split = Split(ids=[p.name for p in paths], labels=np.full(len(paths), -1), class_names=[],
                   channels=3, paths=paths, name="train")  # fmt: skip
-    settings = IngestSettings(thumb_size=16, max_pixels=40_000_000, compute_phash=True, phash_min_side=64,
-                              decode_min_side=DECODE_MIN_SIDE)
 
-    def ingest(workers: int, tag: str) -> None:
+    def ingest(workers: int, min_side: int | None, tag: str) -> None:
+        settings = IngestSettings(16, 40_000_000, True, 64, decode_min_side=min_side)
         work = tmp / f"camera-work-{tag}"
         ingest_splits({"train": split}, settings, work, workers, per_chunk, progress=False)
         shutil.rmtree(work)
 
-    times = interleaved_times({f"{w}_workers": (lambda i, w=w: ingest(w, f"{w}-{i}")) for w in (1, 2)},
-                              repeats=repeats, warmup=0)  # fmt: skip
+    contenders = {f"{w}_workers_{name}": (lambda i, w=w, m=m, n=name: ingest(w, m, f"{n}{w}-{i}"))
+                  for name, m in (("full", None), ("reduced", DECODE_MIN_SIDE)) for w in (1, 2)}  # fmt: skip
+    times = interleaved_times(contenders, repeats=repeats, warmup=0)
     megapixels = []
-    from PIL import Image
-
     for p in paths[::4]:
         with Image.open(p) as im:
             megapixels.append(im.width * im.height / 1e6)
-    out = {"images": len(paths), "megapixels_min_max": [round(min(megapixels), 1), round(max(megapixels), 1)]}
+    out = {"images": len(paths), "decode_min_side": DECODE_MIN_SIDE,
+           "megapixels_min_max": [round(min(megapixels), 1), round(max(megapixels), 1)]}  # fmt: skip
     for name, t in times.items():
         out[f"{name}_images_per_s"] = round(len(paths) / median(t["wall"]), 2)
-    out["speedup_2_vs_1"] = round(out["2_workers_images_per_s"] / out["1_workers_images_per_s"], 3)
+    for name in ("full", "reduced"):
+        out[f"speedup_2_vs_1_{name}"] = round(
+            out[f"2_workers_{name}_images_per_s"] / out[f"1_workers_{name}_images_per_s"], 3)
+    out["reduced_vs_full_2_workers"] = round(
+        out["2_workers_reduced_images_per_s"] / out["2_workers_full_images_per_s"], 3)
     return out
 
 
