@@ -186,6 +186,7 @@ def run_ingest(args: argparse.Namespace) -> dict:
     out["peak_rss_worker_mb"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     out["camera_photos"] = run_camera_photos(tmp, args.repeats, max(1, args.files_per_chunk // 8))
     out["memory"] = run_memory(args.memory_sizes, tmp)
+    out["model_embedding"] = run_model_embedding(tmp)
     import shutil
 
     shutil.rmtree(tmp)
@@ -320,6 +321,34 @@ def run_camera_photos(tmp: Path, repeats: int, per_chunk: int) -> dict:
     out["reduced_vs_full_2_workers"] = round(
         out["2_workers_reduced_images_per_s"] / out["2_workers_full_images_per_s"], 3)
     return out
+
+
+def run_model_embedding(tmp: Path, n: int = 96) -> dict:
+    """The model embedder's images/s (ViT-S/14 at 224 px, random init: the cost, not the
+    quality), decoded pixels given: curation.embedding defaults on this CPU, all threads."""
+    import torch
+
+    from benchmarks.common import cpu_model
+    from dinoflow.curation.config import EmbeddingConfig
+    from dinoflow.curation.embed import embedding_precision, model_embeddings
+    from dinoflow.models.vit import build_backbone, save_backbone
+
+    torch.manual_seed(0)
+    save_backbone(build_backbone("vit_small", patch_size=14, img_size=224), tmp / "vit_s14.pt")
+    cfg = EmbeddingConfig(kind="dinoflow", checkpoint=str(tmp / "vit_s14.pt"))
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (256, 256, 3), dtype=np.uint8) for _ in range(8)]
+    rows = np.arange(n)
+    model_embeddings(cfg, lambda r: images[r % 8], rows[: cfg.batch_size], n, [0.5] * 3, [0.25] * 3,
+                     progress=False)  # fmt: skip  (warm-up)
+    t0 = time.perf_counter()
+    model_embeddings(cfg, lambda r: images[r % 8], rows, n, [0.5] * 3, [0.25] * 3, progress=False)
+    seconds = time.perf_counter() - t0
+    model = build_backbone("vit_small", patch_size=14, img_size=224)
+    return {"model": "ViT-S/14, 224 px", "images": n, "batch_size": cfg.batch_size,
+            "precision": embedding_precision(cfg, model, torch.device("cpu"))[0],
+            "threads": torch.get_num_threads(), "images_per_s": round(n / seconds, 1),
+            "cpu": cpu_model()}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> dict:
