@@ -249,29 +249,37 @@ def small_images(folder: Path, n: int, size: tuple[int, int] = (96, 72)) -> list
 
 
 def run_memory(sizes: list[int], tmp: Path) -> dict:
-    """Peak RSS of ingest (2 workers, chunks to disk) + pixel embeddings at each N."""
+    """Peak RSS of ingest (2 workers, chunks to disk) and of the pixel embeddings at each N: of
+    this process above its RSS at the start of the stage, and of the whole process tree."""
+    import gc
+
+    import psutil
+
     from dinoflow.curation.config import EmbeddingConfig
     from dinoflow.curation.embed import pixel_embeddings
     from dinoflow.curation.ingest_run import IngestSettings, ingest_splits
     from dinoflow.data import Split
 
-    settings = IngestSettings(thumb_size=16, max_pixels=40_000_000, compute_phash=True, phash_min_side=64,
-                              decode_min_side=DECODE_MIN_SIDE)
+    settings = IngestSettings(16, 40_000_000, True, 64, decode_min_side=DECODE_MIN_SIDE)
     out = {}
     for n in sizes:
         paths = small_images(tmp / f"small-{n}", n)
         split = Split(ids=[p.name for p in paths], labels=np.full(n, -1), class_names=[],
                       channels=3, paths=paths, name="train")  # fmt: skip
-        t0 = time.perf_counter()
-        with TreeRSS() as rss:
+        gc.collect()
+        start, t0 = psutil.Process().memory_info().rss, time.perf_counter()
+        with TreeRSS() as ingest:
             meta, thumbs, _ = ingest_splits({"train": split}, settings, tmp / f"work-{n}", 2,
                                             256, progress=False)  # fmt: skip
-            cfg = EmbeddingConfig()
-            everything = np.ones(n, bool)
+        seconds = time.perf_counter() - t0
+        embed_start, cfg, everything = psutil.Process().memory_info().rss, EmbeddingConfig(), np.ones(n, bool)
+        with TreeRSS() as embed:
             pixel_embeddings(thumbs, everything, everything, cfg.pca_dim, cfg.pca_max_fit, 0)
-        out[str(n)] = {"seconds": round(time.perf_counter() - t0, 1),
-                       "peak_rss_main_mb": round(rss.main / 2**20, 1),
-                       "peak_rss_tree_mb": round(rss.tree / 2**20, 1),
+        out[str(n)] = {"ingest_seconds": round(seconds, 1),
+                       "ingest_peak_above_start_mb": round((ingest.main - start) / 2**20, 1),
+                       "ingest_peak_tree_mb": round(ingest.tree / 2**20, 1),
+                       "embed_peak_above_start_mb": round((embed.main - embed_start) / 2**20, 1),
+                       "metadata_table_mb": round(meta.memory_usage(deep=True).sum() / 2**20, 1),
                        "thumbnails_on_disk_mb": round(thumbs.nbytes / 2**20, 1)}  # fmt: skip
         del meta, thumbs
     return out

@@ -32,24 +32,39 @@ def l2_normalise(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
     return (x / np.maximum(norms, eps)).astype(np.float32)
 
 
+BLOCK = 8192  # thumbnails read and projected at a time (8192 x 768 float64: 50 MB)
+
+
 def pca_fit(
     x: np.ndarray, dim: int, max_fit: int = 100_000, seed: int = 0
 ) -> tuple[np.ndarray, np.ndarray]:
     """PCA of x (N, D): (mean (D,), components (D, k)), k = min(dim, D, N), largest first."""
     rng = np.random.default_rng(seed)
     fit = x if len(x) <= max_fit else x[np.sort(rng.choice(len(x), max_fit, replace=False))]
-    mean = fit.mean(axis=0, dtype=np.float64)
-    centred = (fit - mean).astype(np.float32)  # float32 matmul: 4x faster, ample for PCA
-    cov = (centred.T @ centred).astype(np.float64) / max(len(fit) - 1, 1)
-    eigvals, eigvecs = np.linalg.eigh(cov)
-    k = min(dim, x.shape[1], len(fit))
+    return pca_fit_blocks(lambda rows: fit[rows], len(fit), x.shape[1], dim)
+
+
+def pca_fit_blocks(
+    read: Callable[[np.ndarray], np.ndarray], n: int, width: int, dim: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """``pca_fit`` of the n rows ``read(rows)`` gives ((len(rows), width) float32), ``BLOCK``
+    rows at a time: the memory is one block and the (width, width) covariance, whatever n."""
+    blocks = [np.arange(s, min(n, s + BLOCK)) for s in range(0, n, BLOCK)]
+    mean = sum(read(rows).sum(axis=0, dtype=np.float64) for rows in blocks) / max(n, 1)
+    cov = np.zeros((width, width), dtype=np.float64)
+    for rows in blocks:
+        centred = (read(rows) - mean).astype(np.float32)  # float32 matmul: 4x faster, ample
+        cov += centred.T @ centred
+    eigvals, eigvecs = np.linalg.eigh(cov / max(n - 1, 1))
+    k = min(dim, width, n)
     components = eigvecs[:, ::-1][:, :k]
     # A fixed sign per component (largest |loading| positive): the same data gives the same output.
     signs = np.sign(components[np.abs(components).argmax(axis=0), np.arange(k)])
     return mean, components * np.where(signs == 0, 1.0, signs)
 
 
-BLOCK = 65536  # thumbnails read and projected at a time
+def _width(thumbs: np.ndarray) -> int:
+    return int(np.prod(thumbs.shape[1:]))
 
 
 def _flat(thumbs: np.ndarray, rows: np.ndarray) -> np.ndarray:
@@ -68,14 +83,16 @@ def pixel_embeddings(
     """Thumbnails (N, s, s, 3) uint8 -> (N, k) L2-normalised PCA embeddings; zeros off use_rows.
 
     ``thumbs`` may be memory-mapped (the ingest's ``thumbnails.npy``): only the PCA's fit sample
-    (at most ``max_fit`` rows, drawn as ``pca_fit`` draws them) and ``BLOCK`` rows at a time are
-    read into memory as float32, never all N."""
+    (at most ``max_fit`` rows, drawn as ``pca_fit`` draws them) and the projection are read
+    ``BLOCK`` rows at a time, as float32: never all N, nor the whole sample."""
     if not fit_rows.any():
         return np.zeros((len(thumbs), 1), dtype=np.float32)
     fit = np.flatnonzero(fit_rows)
     if len(fit) > max_fit:  # pca_fit's own subsample, drawn here to read only those rows
         fit = fit[np.sort(np.random.default_rng(seed).choice(len(fit), max_fit, replace=False))]
-    mean, comps = pca_fit(_flat(thumbs, fit), dim, max_fit, seed)
+    mean, comps = pca_fit_blocks(
+        lambda rows: _flat(thumbs, fit[rows]), len(fit), _width(thumbs), dim
+    )
     out = np.zeros((len(thumbs), comps.shape[1]), dtype=np.float32)
     idx = np.flatnonzero(use_rows)
     for start in range(0, len(idx), BLOCK):

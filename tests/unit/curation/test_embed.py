@@ -125,6 +125,12 @@ def test_pixel_embeddings_stream_a_memmap_to_the_in_memory_result(tmp_path, monk
     got = pixel_embeddings(thumbs, fit, use, 6, 20, 3)
     flat = np.asarray(thumbs).reshape(50, -1).astype(np.float32) / 255.0  # the whole array at once
     mean, comps = pca_fit(flat[fit], 6, 20, 3)
+    # the blocked fit is the one-matrix PCA of the same sample to float rounding
+    sample = flat[fit][np.sort(np.random.default_rng(3).choice(int(fit.sum()), 20, replace=False))]
+    whole = np.cov(sample.astype(np.float64), rowvar=False)
+    top = np.linalg.eigh(whole)[1][:, ::-1][:, :6]
+    np.testing.assert_allclose(mean, sample.mean(0, dtype=np.float64), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(np.abs((top * comps).sum(0)), 1.0, atol=1e-4)
     want = np.zeros((50, 6), np.float32)
     want[use] = ((flat[use] - mean) @ comps).astype(np.float32)
     np.testing.assert_array_equal(got, l2_normalise(want))
