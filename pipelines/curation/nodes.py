@@ -64,8 +64,9 @@ def filter_quality(metadata: pd.DataFrame, validation: dict, params: dict) -> pd
 
 
 def embed_images(metadata: pd.DataFrame, thumbnails: np.ndarray, splits: dict[str, Split],
-                 params: dict) -> np.ndarray:
-    """(N, D) embeddings by the configured embedder (pixels + PCA, dinoflow, timm)."""
+                 params: dict) -> tuple[np.ndarray, dict]:
+    """(N, D) embeddings by the configured embedder (pixels + PCA, dinoflow, timm), and the
+    stage's timing for the report."""
     return curation.embed(metadata, thumbnails, splits, curation.curation_config(params))
 
 
@@ -82,14 +83,17 @@ def sample_balanced(
 
 
 def write_outputs(
-    metadata: pd.DataFrame, validation: dict, balance: dict, splits: dict[str, Split], params: dict
+    metadata: pd.DataFrame, validation: dict, balance: dict, splits: dict[str, Split],
+    embed_timing: dict, params: dict,
 ) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     """Curated manifest, quarantine list and report (PNGs, JSON, MLflow if a run is active)."""
     from dinoflow.curation.report import build_report
 
     cfg = curation.curation_config(params)
+    stages = {"validate": validation.get("timing"), "embed": embed_timing}
+    timings = {**metadata.attrs.get("timings_s", {}), **{k: v for k, v in stages.items() if v}}
     manifest = curation.manifest_of(metadata)
     quarantine = curation.quarantine_of(metadata, _root(splits),
                                         splits["train"].extra.get("follow_out_of_root", False))
-    report = build_report(metadata, quarantine, validation, balance, splits, cfg)
+    report = build_report(metadata, quarantine, validation, balance, splits, cfg, timings=timings)
     return manifest, quarantine, report

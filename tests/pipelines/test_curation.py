@@ -215,7 +215,7 @@ def test_manifest_counts_and_report_files(curated) -> None:
     assert warned["readable"] is False and warned["min_side"] is False
     # per stage: seconds and worker processes (ingest: every usable core by default)
     timings = res.report["timings_s"]
-    assert {"ingest", "quality", "deduplicate", "sampling"} <= set(timings)
+    assert set(timings) == {"ingest", "validate", "quality", "embed", "deduplicate", "sampling"}
     assert timings["ingest"]["workers"] >= 1 and timings["ingest"]["images"] == len(res.metadata)
     assert all(t["seconds"] >= 0 for t in timings.values())
 

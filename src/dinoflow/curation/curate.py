@@ -81,10 +81,13 @@ def ingest(splits: dict[str, Split], cfg: CurationConfig) -> tuple[pd.DataFrame,
 
 
 def validate(meta: pd.DataFrame, n_classes: int, cfg: CurationConfig) -> dict:
-    """The GX suite (``validate_metadata``); {"skipped": True} when disabled."""
+    """The GX suite (``validate_metadata``); {"skipped": True} when disabled. ``timing``: the
+    stage's seconds and workers, for the report."""
     if not cfg.validation.enabled:
         return {"skipped": True}
-    return validate_metadata(meta, n_classes, cfg.validation, cfg.quality)
+    t0 = time.perf_counter()
+    result = validate_metadata(meta, n_classes, cfg.validation, cfg.quality)
+    return {**result, "timing": {"seconds": round(time.perf_counter() - t0, 3), "workers": 1}}
 
 
 def quality(meta: pd.DataFrame, cfg: CurationConfig) -> pd.DataFrame:
@@ -104,9 +107,19 @@ def _eval_rows(meta: pd.DataFrame) -> np.ndarray:
 
 def embed(
     meta: pd.DataFrame, thumbs: np.ndarray, splits: dict[str, Split] | None, cfg: CurationConfig
+) -> tuple[np.ndarray, dict]:
+    """(N, D) float32 L2-normalised embeddings of pool and eval rows (other rows zero), and the
+    stage's timing for the report; model embedders chunk by chunk in ``curation.work_dir``
+    (resumable, shared by a job's ranks)."""
+    t0 = time.perf_counter()
+    emb = _embeddings(meta, thumbs, splits, cfg)
+    seconds = round(time.perf_counter() - t0, 3)
+    return emb, {"seconds": seconds, "workers": 1, "embedder": cfg.embedding.kind}
+
+
+def _embeddings(
+    meta: pd.DataFrame, thumbs: np.ndarray, splits: dict[str, Split] | None, cfg: CurationConfig
 ) -> np.ndarray:
-    """(N, D) float32 L2-normalised embeddings of pool and eval rows (other rows zero); model
-    embedders chunk by chunk in ``curation.work_dir`` (resumable, shared by a job's ranks)."""
     e = cfg.embedding
     pool, evals = _pool(meta), _eval_rows(meta)
     use = pool | evals

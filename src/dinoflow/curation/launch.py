@@ -68,7 +68,7 @@ def curate_job(data: DataConfig, cfg: CurationConfig, output: Path) -> dict | No
     meta, thumbs = curate.ingest(splits, cfg)
     validation = curate.validate(meta, len(splits["train"].class_names), cfg) if main else {}
     meta = curate.quality(meta, cfg)
-    emb = curate.embed(meta, thumbs, splits, cfg)
+    emb, _ = curate.embed(meta, thumbs, splits, cfg)
     if not main:
         return None
     from dinoflow.curation.report import build_report

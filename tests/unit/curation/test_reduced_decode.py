@@ -75,7 +75,7 @@ def _curate(paths: list, min_side: int | None) -> dict:
     splits = {"train": _split(paths)}
     meta, thumbs = curate.ingest(splits, cfg)
     meta = curate.quality(meta, cfg)
-    meta = curate.deduplicate(meta, curate.embed(meta, thumbs, splits, cfg), cfg)
+    meta = curate.deduplicate(meta, curate.embed(meta, thumbs, splits, cfg)[0], cfg)
     return dict(zip(meta["item_id"], zip(meta["reason"], meta["dup_of"], strict=True), strict=True))
 
 
