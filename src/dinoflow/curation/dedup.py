@@ -64,10 +64,11 @@ def similarity_edges(
     index = build_index(base_arr, cfg)
     kk = min(k + (1 if self_mode else 0), len(base_arr))
     src, dst, sim = [], [], []
-    starts = range(0, len(queries), cfg.query_batch)
-    for start in tqdm(starts, desc="neighbour search", disable=not progress):
+    bar = tqdm(total=len(queries), desc="neighbour search", unit="img", disable=not progress)
+    for start in range(0, len(queries), cfg.query_batch):
         q = _as_faiss(queries[start : start + cfg.query_batch])
         s, j = index.search(q, kk)
+        bar.update(len(q))
         i = np.arange(start, start + len(q))[:, None].repeat(kk, axis=1)
         keep = (s >= threshold) & (j >= 0)
         if self_mode:
@@ -75,6 +76,7 @@ def similarity_edges(
         src.append(i[keep])
         dst.append(j[keep])
         sim.append(s[keep])
+    bar.close()
     src_a, dst_a, sim_a = (
         np.concatenate(src),
         np.concatenate(dst).astype(np.int64),
