@@ -64,6 +64,7 @@ lint: install  ## ruff (and the library formatted as ruff writes it), and the im
 bench: data  ## benchmarks -> benchmarks/results/latest.json and latest.md
 	$(PY) -m benchmarks.run_all
 	$(PY) -m benchmarks.bench_curation
+	$(PY) -m benchmarks.bench_curation --ingest
 
 ui: install  ## the MLflow UI on the runs: http://127.0.0.1:5000 (experiments open on their training runs)
 	@# --app-name dinoflow: MLflow's server whose page starts in the model-training view
