@@ -39,13 +39,19 @@ def pytest_report_header(config) -> str:
 def _isolated_mlflow(tmp_path_factory, monkeypatch):
     """Every test gets its own MLflow store: the repo's mlflow.db and mlruns/ stay untouched."""
     import mlflow
+    import mlflow.tracking.fluent as fluent
 
     store = tmp_path_factory.mktemp("mlflow")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store}/mlflow.db")
     mlflow.set_tracking_uri(f"sqlite:///{store}/mlflow.db")
+    # mlflow.set_experiment remembers the experiment's id (a module global and
+    # MLFLOW_EXPERIMENT_ID) across stores: an earlier test's id is no experiment of this store
+    monkeypatch.setattr(fluent, "_active_experiment_id", None)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
     yield
     while mlflow.active_run():
         mlflow.end_run()
+    os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
 
 
 @pytest.fixture

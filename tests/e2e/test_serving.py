@@ -24,8 +24,10 @@ import torch
 from PIL import Image
 
 from dinoflow.data.decode import decode_image
-from dinoflow.models.vit import DinoVisionTransformer, load_backbone, save_backbone
+from dinoflow.models.vit import DinoVisionTransformer, save_backbone
+from dinoflow.pipelines.datasets import ReportSet
 from dinoflow.registry import CHALLENGER, CHAMPION, MODEL_NAME, RegisteredBackbone
+from dinoflow.results import EvaluationReport
 from dinoflow.serving import EMBEDDER_NAME, TAG_BACKBONE_VERSION, encode_image
 
 MEAN, STD, SIZE = [0.3], [0.35], 16
@@ -75,9 +77,9 @@ def register(tmp_path: Path, name: str, seed: int, knn: float, data_id: str = "d
                "channels": 1, "mlflow_run_id": None, "fingerprint": name,
                "data": {"source": "synthetic"}, "n_train_images": 10, "steps": 1, "final": {}}  # fmt: skip
     with mlflow.start_run(run_name=f"registration {name}"):
-        return register_backbone(summary, load_backbone(path), {"knn_top1": knn},
-                                 {"eval_data_id": data_id, "files": {}},
-                                 {"input_example_batch": 1}).model_dump()  # fmt: skip
+        evaluation = ReportSet({"knn_top1": knn}, EvaluationReport(model=str(path), eval_data_id=data_id),
+                               path.parent)
+        return register_backbone(summary, evaluation, {"input_example_batch": 1}).model_dump()
 
 
 
@@ -163,9 +165,9 @@ def test_model_card_links_the_evaluation_run_of_the_same_kedro_run(store: str, t
         # what the evaluation node logs on the run it evaluates in (log_to_mlflow)
         mlflow.set_tags({"dinoflow.eval_data_id": "d1", "dinoflow.pretrain_run_id": pre.info.run_id})
         # an evaluation report written before the run id was recorded in it
-        out = register_backbone(summary, load_backbone(path), {"knn_top1": 0.5},
-                                {"eval_data_id": "d1", "files": {}},
-                                {"embedder_name": None}).model_dump()  # fmt: skip
+        evaluation = ReportSet({"knn_top1": 0.5}, EvaluationReport(model=str(path), eval_data_id="d1"),
+                               path.parent)
+        out = register_backbone(summary, evaluation, {"embedder_name": None}).model_dump()
     assert out["lineage"]["evaluation_run_id"] == run.info.run_id
     assert "embedder" not in out
     card = MlflowClient().get_model_version(MODEL_NAME, out["version"]).description

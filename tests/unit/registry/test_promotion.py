@@ -50,7 +50,7 @@ def test_unlabelled_folder_with_knn_metric_stops_before_any_work(tmp_path):
     data = {"source": "image_folder", "path": str(tmp_path)}
     summary = {"teacher_backbone": str(tmp_path / "missing.pt")}  # never read
     with pytest.raises(ConfigError, match="registration.metric: 'knn_top1' needs labels"):
-        register_backbone(summary, None, {}, {}, {"metric": "knn_top1"}, data)
+        register_backbone(summary, None, {"metric": "knn_top1"}, data)  # stops before the evaluation
     assert MlflowClient().search_registered_models() == []
     assert MlflowClient().search_experiments(filter_string="name = 'dinoflow'") == []
 
