@@ -263,21 +263,6 @@ def describe_split(
     return pd.DataFrame(rows, columns=COLUMNS).astype(DTYPES), thumbs
 
 
-def chunk_of(split: Split, start: int, stop: int) -> Split:
-    """Items [start, stop) of a split as a small split of their own (ids, labels, the pixels or
-    paths of those items only: what a worker process is sent)."""
-    return Split(
-        ids=split.ids[start:stop],
-        labels=np.asarray(split.labels[start:stop]),
-        class_names=[],
-        channels=split.channels,
-        images=None if split.images is None else np.asarray(split.images[start:stop]),
-        paths=None if split.paths is None else list(split.paths[start:stop]),
-        members=None if split.members is None else split.members.subset(np.arange(start, stop)),
-        name=split.name,
-    )
-
-
 def ingest_split(
     split: Split,
     name: str,
@@ -305,7 +290,7 @@ def ingest_split(
         for start in range(0, n, chunk):
             stop = min(n, start + chunk)
             frame, thumbs[start:stop] = describe_split(
-                chunk_of(split, start, stop),
+                split.subset(np.arange(start, stop)),
                 name,
                 thumb_size,
                 max_pixels,

@@ -42,7 +42,7 @@ import pandas as pd
 
 from dinoflow import distributed
 from dinoflow.curation import ranks
-from dinoflow.curation.ingest import COLUMNS, DTYPES, chunk_of, describe_split
+from dinoflow.curation.ingest import COLUMNS, DTYPES, describe_split
 from dinoflow.data import Split
 from dinoflow.data.cache import file_stat
 from dinoflow.files import atomic_write
@@ -136,7 +136,7 @@ def plan_chunks(
         split = splits[name]
         size = arrays_per_chunk if split.images is not None else files_per_chunk
         for start in range(0, len(split), size):
-            part = chunk_of(split, start, min(len(split), start + size))
+            part = split.subset(np.arange(start, min(len(split), start + size)))
             key = chunk_key(part, name, start, settings)[:24]
             chunks.append(Chunk(part, name, start, settings, folder / name / f"{start:010d}-{key}"))
     return chunks
