@@ -116,6 +116,15 @@ def all_gather_objects(obj: Any) -> list[Any]:
     return gathered
 
 
+def broadcast_object_from_main(obj: Any) -> Any:
+    """Rank 0's picklable ``obj`` on every process (``obj`` itself on one process)."""
+    if not is_distributed():
+        return obj
+    box = [obj if is_main_process() else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 # --------------------------------------------------------------------------- FSDP2
 def shard_ssl_model(model: Any, device_type: str) -> None:
     """FSDP2 (``fully_shard``) in place: each ViT block, the backbone, each head, the root.

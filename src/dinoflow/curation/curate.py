@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from dinoflow import distributed
 from dinoflow.curation import dedup as dd
 from dinoflow.curation.config import CurationConfig
 from dinoflow.curation.decontam import eval_matches, expand_to_components
@@ -25,6 +26,7 @@ from dinoflow.curation.embed_run import embed_chunks
 from dinoflow.curation.ingest import list_skipped_files, load_rgb
 from dinoflow.curation.ingest_run import IngestSettings, ingest_splits
 from dinoflow.curation.quality import apply_quality
+from dinoflow.curation.rows import Rows
 from dinoflow.curation.sampling import (
     balance_stats,
     hierarchical_kmeans,
@@ -223,7 +225,12 @@ def deduplicate(meta: pd.DataFrame, emb: np.ndarray, cfg: CurationConfig) -> pd.
         dup_of,
         component,
     )
-    return _timed(meta, "deduplicate", t0)
+    return _timed(meta, "deduplicate", t0, distributed.world()[1])
+
+
+def _index_folder(cfg: CurationConfig, name: str) -> Path | None:
+    """Where an IVF index over many vectors is built on disk (``dedup.build_index``)."""
+    return None if cfg.work_dir is None else Path(cfg.work_dir) / "index" / name
 
 
 def _near_duplicate_components(
@@ -235,7 +242,12 @@ def _near_duplicate_components(
     src, dst = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
     if d.embedding and len(pool_idx) > 1:
         s, t, _ = dd.similarity_edges(
-            emb[pool_idx], d.cosine_threshold, d.k_neighbors, d, progress=cfg.show_progress
+            Rows(emb, pool_idx),
+            d.cosine_threshold,
+            d.k_neighbors,
+            d,
+            progress=cfg.show_progress,
+            folder=_index_folder(cfg, "near_duplicates"),
         )
         src.append(s)
         dst.append(t)
@@ -274,12 +286,13 @@ def _decontaminate(
     match, how = eval_matches(
         sha[pool_idx].tolist(),
         sha[eval_idx].tolist(),
-        emb[pool_idx] if use_emb else None,
-        emb[eval_idx] if use_emb else None,
+        Rows(emb, pool_idx) if use_emb else None,
+        Rows(emb, eval_idx) if use_emb else None,
         [ph[r] for r in pool_idx] if d.phash else None,
         [ph[r] for r in eval_idx] if d.phash else None,
         dc,
         d,
+        _index_folder(cfg, "evaluation"),
     )
     hit = match >= 0
     rows = pool_idx[hit]
@@ -311,7 +324,7 @@ def balanced_sampling(
     pool_idx = np.flatnonzero(_pool(meta))
     if not s.enabled or len(pool_idx) < 2:
         return meta, {"skipped": True, "n_pool": len(pool_idx)}
-    x = emb[pool_idx]
+    x = Rows(emb, pool_idx)
     n_clusters, n = [], len(x)
     for k in s.n_clusters:  # small pools (smoke runs, tests): no more clusters than points
         n = min(k, n)
@@ -359,7 +372,7 @@ def balanced_sampling(
         ),
         "seconds": time.perf_counter() - t0,
     }
-    return _timed(meta, "sampling", t0), report
+    return _timed(meta, "sampling", t0, distributed.world()[1]), report
 
 
 def manifest_of(meta: pd.DataFrame) -> pd.DataFrame:

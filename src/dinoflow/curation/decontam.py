@@ -5,32 +5,39 @@ than self-dedup; the pipeline then removes each hit with its whole duplicate com
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from dinoflow.curation.config import DecontamConfig, DedupConfig
 from dinoflow.curation.dedup import hamming_edges, phash_bytes, similarity_edges
+from dinoflow.curation.rows import Rows
 
 
 def eval_matches(
     pool_sha: list[str],
     eval_sha: list[str],
-    pool_emb: np.ndarray | None,
-    eval_emb: np.ndarray | None,
+    pool_emb: np.ndarray | Rows | None,
+    eval_emb: np.ndarray | Rows | None,
     pool_phash: list[str] | None,
     eval_phash: list[str] | None,
     cfg: DecontamConfig,
     search: DedupConfig,
+    index_folder: str | Path | None = None,
 ) -> tuple[np.ndarray, list[str]]:
     """(matched eval index per pool row, -1 if none; how each was found).
 
     pool_phash/eval_phash: hex hashes, "" where pHash is not meaningful (small images); None
-    turns that test off. Exact matches win over pHash, pHash over cosine.
+    turns that test off. Exact matches win over pHash, pHash over cosine. ``index_folder``: where
+    an IVF index over many evaluation vectors is built (``dedup.build_index``).
     """
     n = len(pool_sha)
     match = np.full(n, -1, dtype=np.int64)
     how = [""] * n
     if pool_emb is not None and eval_emb is not None and len(eval_emb):
-        i, j, s = similarity_edges(pool_emb, cfg.cosine_threshold, 1, search, base=eval_emb)
+        i, j, s = similarity_edges(
+            pool_emb, cfg.cosine_threshold, 1, search, base=eval_emb, folder=index_folder
+        )
         for a, b, v in zip(i, j, s, strict=True):
             match[a], how[a] = b, f"cosine {v:.4f} >= {cfg.cosine_threshold}"
     if pool_phash is not None and eval_phash is not None:

@@ -2,91 +2,133 @@
 
 Near duplicates form a graph (an edge per pair above threshold among each image's k nearest
 neighbours, as DINOv2 does with k = 64); its connected components are duplicate groups, of which
-one image is kept. The search is exact (flat) up to ``flat_max`` vectors, an IVF index beyond:
-memory stays O(N * D + edges), the query side is batched.
+one image is kept. The search is exact (flat) up to ``flat_max`` vectors, an IVF index beyond
+(built by blocks, its lists on disk when given a folder: ``build_index``); the queries are read
+and searched a batch at a time, split among the ranks of a job (``_knn_edges``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
 import numpy as np
 import pandas as pd
 
+from dinoflow import distributed
+from dinoflow.curation import ranks
 from dinoflow.curation.config import DedupConfig
+from dinoflow.curation.rows import Rows, as_rows
 
 
-def _as_faiss(x: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(x, dtype=np.float32)
+def build_index(
+    base: np.ndarray | Rows, cfg: DedupConfig, seed: int = 0, folder: str | Path | None = None
+):
+    """A faiss inner-product index over base (N, D): flat, or IVF per cfg.index / cfg.flat_max.
 
-
-def build_index(base: np.ndarray, cfg: DedupConfig, seed: int = 0):
-    """A faiss inner-product index over base (N, D) (flat, or IVF per cfg.index / cfg.flat_max)."""
+    Every rank of a job gets the same index. Flat (up to ``flat_max`` vectors): built in memory
+    by each rank. IVF: rank 0 trains the coarse quantizer on a sample and shares it; with
+    ``folder``, each rank adds its block of the vectors to a shard file there, rank 0 merges the
+    shards' inverted lists into one file on disk (faiss ``merge_ondisk``), and every rank opens
+    it memory-mapped: no process holds the N vectors. Without ``folder`` (one process only): in
+    memory. The lists hold the vectors in row order either way, so the searches are the same.
+    """
     import faiss
 
-    base = _as_faiss(base)
-    n, d = base.shape
+    base = as_rows(base)
+    n, d = len(base), base.dim
     use_ivf = cfg.index == "ivf" or (cfg.index == "auto" and n > cfg.flat_max)
     if not use_ivf:
         index = faiss.IndexFlatIP(d)
-        index.add(base)
+        for _, block in base.blocks():
+            index.add(block)
         return index
     nlist = cfg.ivf_nlist or max(1, int(4 * np.sqrt(n)))
     nlist = max(1, min(nlist, n // 39))  # faiss wants >= 39 training points per list
-    quantizer = faiss.IndexFlatIP(d)
-    index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
-    rng = np.random.default_rng(seed)
-    n_train = min(n, 40 * nlist)
-    index.train(base[np.sort(rng.choice(n, n_train, replace=False))] if n_train < n else base)
-    index.add(base)
+
+    def trained() -> np.ndarray:
+        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
+        rng = np.random.default_rng(seed)
+        n_train = min(n, 40 * nlist)
+        sample = np.sort(rng.choice(n, n_train, replace=False)) if n_train < n else slice(0, n)
+        index.train(base.read(sample))
+        return faiss.serialize_index(index)
+
+    empty = ranks.from_main(trained)
+    if folder is None:
+        ranks.require_shared(None, "an IVF index")
+        index = faiss.deserialize_index(empty)
+        for a, block in base.blocks():
+            index.add_with_ids(block, np.arange(a, a + len(block), dtype=np.int64))
+    else:
+        index = _merged_on_disk(empty, base, Path(folder))
     index.nprobe = min(cfg.ivf_nprobe, nlist)
     return index
 
 
+def _merged_on_disk(empty: np.ndarray, base: Rows, folder: Path):
+    """The trained, empty IVF index ``empty`` (serialised) filled with ``base``: each rank adds
+    its block into ``folder/shard-<rank>.index``, rank 0 merges them into ``folder/lists.ivfdata``
+    (``folder/merged.index`` points to it), every rank reads it memory-mapped."""
+    rank, world = distributed.world()
+    folder.mkdir(parents=True, exist_ok=True)
+    with ranks.work_lock(folder, "curation index"):
+        return _merge_shards(empty, base, folder, rank, world)
+
+
+def _merge_shards(empty: np.ndarray, base: Rows, folder: Path, rank: int, world: int):
+    import faiss
+    from faiss.contrib.ondisk import merge_ondisk
+
+    shard = faiss.deserialize_index(empty)
+    start, stop = ranks.block(len(base))
+    for a, block in base.blocks(start, stop):
+        shard.add_with_ids(block, np.arange(a, a + len(block), dtype=np.int64))
+    shard_path = folder / f"shard-{rank}.index"
+    faiss.write_index(shard, str(shard_path))
+    del shard
+    distributed.barrier()
+    merged = folder / "merged.index"
+    if distributed.is_main_process():
+        for old in (merged, folder / "lists.ivfdata"):
+            old.unlink(missing_ok=True)
+        target = faiss.deserialize_index(empty)
+        shards = [str(folder / f"shard-{r}.index") for r in range(world)]
+        merge_ondisk(target, shards, str(folder / "lists.ivfdata"))
+        faiss.write_index(target, str(merged))
+        del target
+    distributed.barrier()
+    shard_path.unlink(missing_ok=True)
+    return faiss.read_index(str(merged))  # its lists: the memory-mapped lists.ivfdata
+
+
 def similarity_edges(
-    queries: np.ndarray,
+    queries: np.ndarray | Rows,
     threshold: float,
     k: int,
     cfg: DedupConfig,
-    base: np.ndarray | None = None,
+    base: np.ndarray | Rows | None = None,
     progress: bool = False,
+    folder: str | Path | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Pairs (i, j, cosine) with cosine >= threshold among each query's k nearest neighbours.
 
     Self mode (base None): i < j, both indices into queries, each pair once. Cross mode: i into
-    queries, j into base. Inputs are L2-normalised (N, D) arrays.
+    queries, j into base. Inputs are L2-normalised (N, D) vectors (arrays or ``Rows``).
+    ``folder``: where an IVF index is built on disk (``build_index``); needed by a job's ranks.
+    The ranks of a job split the queries (``_knn_edges``); the pairs are the same on every rank.
     """
-    from tqdm.auto import tqdm
-
-    self_mode = base is None
-    base_arr = queries if self_mode else base
-    if len(queries) == 0 or len(base_arr) == 0:
-        empty = np.zeros(0, dtype=np.int64)
-        return empty, empty, np.zeros(0, dtype=np.float32)
-    index = build_index(base_arr, cfg)
-    kk = min(k + (1 if self_mode else 0), len(base_arr))
-    src, dst, sim = [], [], []
-    bar = tqdm(total=len(queries), desc="neighbour search", unit="img", disable=not progress)
-    for start in range(0, len(queries), cfg.query_batch):
-        q = _as_faiss(queries[start : start + cfg.query_batch])
-        s, j = index.search(q, kk)
-        bar.update(len(q))
-        i = np.arange(start, start + len(q))[:, None].repeat(kk, axis=1)
-        keep = (s >= threshold) & (j >= 0)
-        if self_mode:
-            keep &= j != i
-        src.append(i[keep])
-        dst.append(j[keep])
-        sim.append(s[keep])
-    bar.close()
-    src_a, dst_a, sim_a = (
-        np.concatenate(src),
-        np.concatenate(dst).astype(np.int64),
-        np.concatenate(sim),
+    base_rows = None if base is None else as_rows(base)
+    return _knn_edges(
+        as_rows(queries),
+        base_rows,
+        lambda rows: build_index(rows, cfg, folder=folder),
+        k,
+        lambda s: s >= threshold,
+        batch=cfg.query_batch,
+        progress=progress,
     )
-    if self_mode:
-        lo, hi = np.minimum(src_a, dst_a), np.maximum(src_a, dst_a)
-        pairs, first = np.unique(np.stack([lo, hi], 1), axis=0, return_index=True)
-        return pairs[:, 0], pairs[:, 1], sim_a[first]
-    return src_a, dst_a, sim_a
 
 
 def phash_bytes(hex_hashes: list[str] | pd.Series) -> np.ndarray:
@@ -96,6 +138,15 @@ def phash_bytes(hex_hashes: list[str] | pd.Series) -> np.ndarray:
     )
 
 
+def _binary_index(codes: Rows):
+    import faiss
+
+    index = faiss.IndexBinaryFlat(64)
+    for _, block in codes.blocks():
+        index.add(block)
+    return index
+
+
 def hamming_edges(
     queries: np.ndarray, max_distance: int, k: int, base: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -103,27 +154,66 @@ def hamming_edges(
 
     queries/base: (N, 8) uint8 packed 64-bit hashes. Self mode as in ``similarity_edges``.
     """
-    import faiss
+    i, j, d = _knn_edges(
+        as_rows(queries),
+        None if base is None else as_rows(base),
+        _binary_index,
+        k,
+        lambda d: d <= max_distance,
+        batch=65_536,
+        progress=False,
+    )
+    return i, j, d.astype(np.int64)
+
+
+def _knn_edges(
+    queries: Rows,
+    base: Rows | None,
+    make_index: Callable[[Rows], Any],
+    k: int,
+    close_enough: Callable[[np.ndarray], np.ndarray],
+    batch: int,
+    progress: bool,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each query's k nearest (self mode: k + 1, itself included, then dropped) that are
+    ``close_enough``, as pairs (i, j, score); self mode keeps i < j, each pair once.
+
+    Every rank of a job has the whole index (``make_index``) and searches its block of the
+    queries (``ranks.block``), read a batch at a time; the pairs are gathered on every rank. A
+    query is searched by one process whatever the number of ranks: the pairs do not depend on it.
+    """
+    from tqdm.auto import tqdm
 
     self_mode = base is None
-    base_arr = queries if self_mode else base
-    if len(queries) == 0 or len(base_arr) == 0:
-        empty = np.zeros(0, dtype=np.int64)
-        return empty, empty, empty
-    index = faiss.IndexBinaryFlat(64)
-    index.add(np.ascontiguousarray(base_arr))
-    kk = min(k + (1 if self_mode else 0), len(base_arr))
-    d, j = index.search(np.ascontiguousarray(queries), kk)
-    i = np.arange(len(queries))[:, None].repeat(kk, axis=1)
-    keep = (d <= max_distance) & (j >= 0)
-    if self_mode:
-        keep &= j != i
-    src, dst, dist = i[keep], j[keep].astype(np.int64), d[keep].astype(np.int64)
-    if self_mode:
-        lo, hi = np.minimum(src, dst), np.maximum(src, dst)
-        pairs, first = np.unique(np.stack([lo, hi], 1), axis=0, return_index=True)
-        return pairs[:, 0], pairs[:, 1], dist[first]
-    return src, dst, dist
+    base = queries if self_mode else base
+    kk = min(k + (1 if self_mode else 0), len(base))
+    empty = np.zeros(0, dtype=np.int64)
+    if len(queries) == 0 or len(base) == 0:
+        return empty, empty, np.zeros(0, dtype=np.float32)
+    index = make_index(base)
+    found_i, found_j, found_s = [empty], [empty], [np.zeros(0, dtype=np.float32)]
+    q0, q1 = ranks.block(len(queries))
+    bar = tqdm(total=q1 - q0, desc="neighbour search", unit="img", disable=not progress)
+    for start in range(q0, q1, batch):
+        q = queries.read(slice(start, min(q1, start + batch)))
+        s, j = index.search(q, kk)
+        i = np.arange(start, start + len(q))[:, None].repeat(kk, axis=1)
+        keep = (j >= 0) & close_enough(s)
+        if self_mode:
+            keep &= j != i
+        found_i.append(i[keep])
+        found_j.append(j[keep].astype(np.int64))
+        found_s.append(s[keep].astype(np.float32))
+        bar.update(len(q))
+    bar.close()
+    src, dst, score = ranks.gather_concat(
+        np.concatenate(found_i), np.concatenate(found_j), np.concatenate(found_s)
+    )
+    if not self_mode:
+        return src, dst, score
+    lo, hi = np.minimum(src, dst), np.maximum(src, dst)
+    pairs, first = np.unique(np.stack([lo, hi], 1), axis=0, return_index=True)
+    return pairs[:, 0], pairs[:, 1], score[first]
 
 
 def connected_components(n: int, src: np.ndarray, dst: np.ndarray) -> np.ndarray:

@@ -10,9 +10,14 @@ curation pipeline of ``dinoflow.curation.curate`` with the ranks sharing its hea
   (a barrier over Gloo) and the others read them. Each rank's ingest pool gets its share of the
   host's cores (``curation.workers: auto``), and its torch threads likewise.
 - quality filters run on every rank (cheap, deterministic: each rank needs the rows to embed).
-- the Great Expectations suite, deduplication (faiss), the k-means and sampling and the report
-  run on rank 0 only, which writes ``DIR``: ``metadata.parquet``, ``curated_manifest.csv``,
-  ``quarantine.csv``, ``curation_report.json``.
+- deduplication and the k-means run on every rank, their searches split by rank: each rank
+  indexes its block of the vectors and searches every query against it (the ranks' nearest
+  merged per query), and assigns its block of the points to the centroids rank 0 trained
+  (``dedup._knn_edges``, ``sampling.hierarchical_kmeans``). The vectors are read a block at a
+  time from the memory-mapped embeddings, so no rank holds all of them; every rank ends with
+  the same table.
+- the Great Expectations suite and the report run on rank 0 only, which writes ``DIR``:
+  ``metadata.parquet``, ``curated_manifest.csv``, ``quarantine.csv``, ``curation_report.json``.
 
 job.json: ``{"data": {...}, "curation": {...}}``, the parameters of
 ``conf/*/parameters_{data,curation}.yml`` as JSON (``write_job_spec``). The result equals a
@@ -69,12 +74,12 @@ def curate_job(data: DataConfig, cfg: CurationConfig, output: Path) -> dict | No
     validation = curate.validate(meta, len(splits["train"].class_names), cfg) if main else {}
     meta = curate.quality(meta, cfg)
     emb, _ = curate.embed(meta, thumbs, splits, cfg)
+    meta = curate.deduplicate(meta, emb, cfg)
+    meta, balance = curate.balanced_sampling(meta, emb, cfg)
     if not main:
         return None
     from dinoflow.curation.report import build_report
 
-    meta = curate.deduplicate(meta, emb, cfg)
-    meta, balance = curate.balanced_sampling(meta, emb, cfg)
     manifest = curate.manifest_of(meta)
     train = splits["train"]
     quarantine = curate.quarantine_of(

@@ -4,16 +4,21 @@ Outside a process group (the Kedro node, a notebook) every helper is the one-pro
 Inside one (``torchrun -m dinoflow.curation.launch``, a SLURM job), rank r of W computes the
 chunks i with ``i % W == r`` of a step's plan (ingest, model embedding), all ranks writing to the
 shared ``curation.work_dir``; then rank 0 assembles and the others read what it assembled.
+Searches and k-means assignments split rows into one contiguous block per rank (``block``) and
+gather the results on every rank (``gather_concat``); what must not depend on floating-point
+order across processes (a k-means training) is computed by rank 0 and shared (``from_main``).
 Only rank 0 takes the work folder's ``FolderLock`` (the other ranks work under it: the lock keeps
 other jobs out, not this job's ranks); every rank waits until it holds it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
+
+import numpy as np
 
 from dinoflow import distributed
 from dinoflow.files import FolderLock
@@ -52,3 +57,28 @@ def work_lock(work_dir: str | Path, what: str) -> Iterator[None]:
 def gather_sums(*counts: int) -> list[int]:
     """Each count summed over the ranks (a barrier: every rank has finished its share)."""
     return [sum(values) for values in zip(*distributed.all_gather_objects(counts), strict=True)]
+
+
+def block(n: int) -> tuple[int, int]:
+    """This rank's contiguous share [start, stop) of n rows (rank order: blocks in row order)."""
+    rank, world = distributed.world()
+    return n * rank // world, n * (rank + 1) // world
+
+
+def from_main(compute: Callable[[], T]) -> T:
+    """``compute()`` on rank 0, its result on every rank (one process: just ``compute()``).
+    For results that must be the same on every rank whatever the floating-point order
+    (faiss k-means on many threads)."""
+    if distributed.world()[1] == 1:
+        return compute()
+    return distributed.broadcast_object_from_main(
+        compute() if distributed.is_main_process() else None
+    )
+
+
+def gather_concat(*parts: np.ndarray) -> list[np.ndarray]:
+    """Each array concatenated over the ranks in rank order (every rank gets them all)."""
+    if distributed.world()[1] == 1:
+        return list(parts)
+    gathered = distributed.all_gather_objects(parts)
+    return [np.concatenate([g[i] for g in gathered]) for i in range(len(parts))]

@@ -13,8 +13,12 @@ level-1 clusters, which give their quota at random or closest-to-centroid first.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
+
+from dinoflow.curation import ranks
+from dinoflow.curation.rows import Rows, as_rows
 
 
 @dataclass
@@ -53,32 +57,60 @@ def kmeans_pp_init(
     return centres
 
 
-def assign(x: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(nearest centroid (N,) int64, squared L2 distance (N,)) by exact faiss search."""
+def _nearest_centroid_index(centroids: np.ndarray):
     import faiss
 
     index = faiss.IndexFlatL2(centroids.shape[1])
     index.add(np.ascontiguousarray(centroids, dtype=np.float32))
-    d, i = index.search(np.ascontiguousarray(x, dtype=np.float32), 1)
+    return index
+
+
+def assign(x: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(nearest centroid (N,) int64, squared L2 distance (N,)) by exact faiss search."""
+    d, i = _nearest_centroid_index(centroids).search(np.ascontiguousarray(x, dtype=np.float32), 1)
     return i[:, 0].astype(np.int64), d[:, 0]
 
 
+def assign_rows(rows: Rows, centroids: np.ndarray, bar=None) -> tuple[np.ndarray, np.ndarray]:
+    """``assign`` of every row, a block at a time, each rank of a job assigning its block
+    (``ranks.block``); every rank gets the whole (N,) labels and distances. ``bar``: a
+    progress bar advanced by the rows this rank assigned."""
+    index = _nearest_centroid_index(centroids)
+    labels, dists = [np.zeros(0, np.int64)], [np.zeros(0, np.float32)]
+    start, stop = ranks.block(len(rows))
+    for _, x in rows.blocks(start, stop):
+        d, i = index.search(x, 1)
+        labels.append(i[:, 0].astype(np.int64))
+        dists.append(d[:, 0])
+        if bar is not None:
+            bar.update(len(x))
+    return tuple(ranks.gather_concat(np.concatenate(labels), np.concatenate(dists)))
+
+
 def kmeans(
-    x: np.ndarray,
+    x: np.ndarray | Rows,
     k: int,
     niter: int = 25,
     seed: int = 0,
     init: str = "kmeans++",
     max_points_per_centroid: int = 256,
 ) -> np.ndarray:
-    """Lloyd's k-means (faiss, L2) on x (N, D): centroids (min(k, N), D)."""
+    """Lloyd's k-means (faiss, L2) on x (N, D): centroids (min(k, N), D). Trained on at most
+    ``max_points_per_centroid * k`` rows (a random sample of them beyond), the only rows read:
+    the memory is the sample's, whatever N."""
     import faiss
 
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    k = min(k, len(x))
+    rows = as_rows(x)
+    k = min(k, len(rows))
     rng = np.random.default_rng(seed)
+    n_train = max_points_per_centroid * k
+    if len(rows) > n_train:
+        sample = np.sort(np.random.default_rng([seed, 1]).choice(len(rows), n_train, replace=False))
+        train = rows.read(sample)
+    else:
+        train = rows.read(slice(0, len(rows)))
     km = faiss.Kmeans(
-        x.shape[1],
+        train.shape[1],
         k,
         niter=niter,
         seed=seed,
@@ -86,8 +118,8 @@ def kmeans(
         max_points_per_centroid=max_points_per_centroid,
         min_points_per_centroid=1,
     )
-    init_c = kmeans_pp_init(x, k, rng) if init == "kmeans++" else None
-    km.train(x, init_centroids=init_c)
+    init_c = kmeans_pp_init(train, k, rng) if init == "kmeans++" else None
+    km.train(train, init_centroids=init_c)
     return km.centroids.copy()
 
 
@@ -100,7 +132,7 @@ def _compact(centroids: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.
 
 
 def hierarchical_kmeans(
-    x: np.ndarray,
+    x: np.ndarray | Rows,
     n_clusters: list[int],
     resampling_steps: list[int],
     resample_sizes: list[int],
@@ -110,32 +142,44 @@ def hierarchical_kmeans(
     max_points_per_centroid: int = 256,
     progress: bool = False,
 ) -> list[Level]:
-    """Levels finest first. resample_sizes[t] = 0 means half the level's mean cluster size."""
+    """Levels finest first. resample_sizes[t] = 0 means half the level's mean cluster size.
+
+    In a torch.distributed job every rank calls it: rank 0 trains each k-means (on its sample)
+    and shares the centroids, each rank assigns its block of the points (``assign_rows``), so
+    every rank returns the same levels. A level's progress bar counts the points assigned."""
     from tqdm.auto import tqdm
 
     levels: list[Level] = []
-    points = np.ascontiguousarray(x, dtype=np.float32)
+    points = as_rows(x)
     for t, k in enumerate(n_clusters):
         lvl_seed = seed + 1000 * t
-        cents = kmeans(points, k, niter, lvl_seed, init, max_points_per_centroid)
-        labels, dist = assign(points, cents)
         steps = resampling_steps[t]
-        r = resample_sizes[t] or max(1, len(points) // max(len(cents), 1) // 2)
-        for step in tqdm(range(steps), desc=f"level {t + 1} resampling", disable=not progress):
-            if r <= 1:
-                break  # one point per cluster reproduces the centroids (the reference skips it)
+        r = resample_sizes[t] or max(1, len(points) // max(min(k, len(points)), 1) // 2)
+        steps = steps if r > 1 else 0  # one point per cluster reproduces the centroids
+        share = np.diff(ranks.block(len(points)))[0]
+        bar = tqdm(
+            total=int(share) * (steps + 1),
+            desc=f"k-means level {t + 1}",
+            unit="img" if t == 0 else "centroid",
+            disable=not progress,
+        )
+        train = partial(
+            kmeans, niter=niter, init=init, max_points_per_centroid=max_points_per_centroid
+        )
+        cents = ranks.from_main(partial(train, points, k, seed=lvl_seed))
+        labels, dist = assign_rows(points, cents, bar)
+        for step in range(steps):
             order = np.lexsort((dist, labels))  # by cluster, closest first
             sorted_labels = labels[order]
             starts = np.searchsorted(sorted_labels, sorted_labels, side="left")
             rank = np.arange(len(order)) - starts
-            subset = points[order[rank < r]]
-            cents = kmeans(
-                subset, len(cents), niter, lvl_seed + step + 1, init, max_points_per_centroid
-            )
-            labels, dist = assign(points, cents)
+            subset = points.subset(order[rank < r])
+            cents = ranks.from_main(partial(train, subset, len(cents), seed=lvl_seed + step + 1))
+            labels, dist = assign_rows(points, cents, bar)
+        bar.close()
         cents, labels = _compact(cents, labels)
         levels.append(Level(centroids=cents, assignment=labels, distances=dist))
-        points = cents
+        points = Rows(cents)
     return levels
 
 
