@@ -44,6 +44,8 @@ class ValidationConfig(_Strict):
     min_readable_fraction: float = Field(0.5, ge=0, le=1)
     allowed_channels: list[int] = [1, 2, 3, 4]
     docs_dir: str = "data/08_reporting/curation/gx_docs"
+    # Rows per GX run of the row-wise expectations: bounds GX's memory and paces the progress bar.
+    rows_per_batch: int = Field(250_000, ge=1)
 
 
 class QualityConfig(_Strict):

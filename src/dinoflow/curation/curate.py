@@ -88,14 +88,14 @@ def validate(meta: pd.DataFrame, n_classes: int, cfg: CurationConfig) -> dict:
     if not cfg.validation.enabled:
         return {"skipped": True}
     t0 = time.perf_counter()
-    result = validate_metadata(meta, n_classes, cfg.validation, cfg.quality)
+    result = validate_metadata(meta, n_classes, cfg.validation, cfg.quality, cfg.show_progress)
     return {**result, "timing": {"seconds": round(time.perf_counter() - t0, 3), "workers": 1}}
 
 
 def quality(meta: pd.DataFrame, cfg: CurationConfig) -> pd.DataFrame:
     """Reasons unreadable / too_large / too_small / extreme_aspect / low_information."""
     t0 = time.perf_counter()
-    return _timed(apply_quality(meta, cfg.quality), "quality", t0)
+    return _timed(apply_quality(meta, cfg.quality, cfg.show_progress), "quality", t0)
 
 
 def _pool(meta: pd.DataFrame) -> np.ndarray:

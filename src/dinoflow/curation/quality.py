@@ -1,7 +1,8 @@
 """Quality filters on the ingested metadata, each with its own quarantine reason.
 
 Order of precedence (the first that applies is the reason): unreadable, too_large (both set at
-ingest), too_small, extreme_aspect, low_information.
+ingest), too_small, extreme_aspect, low_information. Each row's reason depends on that row alone,
+so the table is filtered in blocks of ``ROWS_PER_BLOCK`` rows (a progress bar counts the images).
 """
 
 from __future__ import annotations
@@ -11,9 +12,29 @@ import pandas as pd
 
 from dinoflow.curation.config import QualityConfig
 
+# Rows filtered at a time: the per-row detail texts of a block stay small, and the bar moves.
+ROWS_PER_BLOCK = 65_536
 
-def quality_reasons(meta: pd.DataFrame, cfg: QualityConfig) -> tuple[pd.Series, pd.Series]:
+
+def quality_reasons(
+    meta: pd.DataFrame, cfg: QualityConfig, progress: bool = False
+) -> tuple[pd.Series, pd.Series]:
     """(reason, detail) per row; reason "" keeps the row. Ingest reasons are kept as they are."""
+    from tqdm.auto import tqdm
+
+    reasons, details = [], []
+    with tqdm(total=len(meta), desc="quality filters", unit="img", disable=not progress) as bar:
+        for start in range(0, max(len(meta), 1), ROWS_PER_BLOCK):
+            block = meta.iloc[start : start + ROWS_PER_BLOCK]
+            reason, detail = _block_reasons(block, cfg)
+            reasons.append(reason)
+            details.append(detail)
+            bar.update(len(block))
+    return pd.concat(reasons), pd.concat(details)
+
+
+def _block_reasons(meta: pd.DataFrame, cfg: QualityConfig) -> tuple[pd.Series, pd.Series]:
+    """``quality_reasons`` on a block of rows, vectorised."""
     reason = meta["reason"].fillna("").astype(str).copy()
     detail = meta["detail"].fillna("").astype(str).copy()
     w = meta["width"].to_numpy(dtype=np.float64)
@@ -54,8 +75,8 @@ def quality_reasons(meta: pd.DataFrame, cfg: QualityConfig) -> tuple[pd.Series, 
     return reason, detail
 
 
-def apply_quality(meta: pd.DataFrame, cfg: QualityConfig) -> pd.DataFrame:
+def apply_quality(meta: pd.DataFrame, cfg: QualityConfig, progress: bool = False) -> pd.DataFrame:
     """A copy of the table with reason/detail filled by the quality filters."""
     out = meta.copy()
-    out["reason"], out["detail"] = quality_reasons(meta, cfg)
+    out["reason"], out["detail"] = quality_reasons(meta, cfg, progress)
     return out
