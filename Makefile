@@ -65,6 +65,7 @@ bench: data  ## benchmarks -> benchmarks/results/latest.json and latest.md
 	$(PY) -m benchmarks.run_all
 	$(PY) -m benchmarks.bench_curation
 	$(PY) -m benchmarks.bench_curation --ingest
+	$(PY) -m benchmarks.bench_curation_ranks
 
 ui: install  ## the MLflow UI on the runs: http://127.0.0.1:5000 (experiments open on their training runs)
 	@# --app-name dinoflow: MLflow's server whose page starts in the model-training view

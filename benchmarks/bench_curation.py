@@ -21,13 +21,8 @@ tail), 1% of the points replaced by near copies of others (cosine ~ 0.999), L2-n
 Steps timed: near-duplicate search (faiss IVF, k neighbours, threshold), connected components and
 one-per-component selection, hierarchical k-means with resampling, balanced sampling.
 
-Scaling out (what changes beyond one machine): the neighbour search is embarrassingly parallel
-over query shards against a shared (or sharded + merged) IVF/IVF-PQ index, GPU faiss gives ~50x;
-components are a union-find over the edge list (small: edges are only above-threshold pairs), or
-a distributed CC (e.g. Spark GraphFrames) at billions; k-means is the distributed Lloyd of Vo et
-al.'s code (each worker assigns its shard, centroids all-reduced), with level 1 split in two
-(a first k-means, then each cluster split) as their 10M-cluster ImageNet-scale config does.
-Memory is O(N * D) for the vectors plus O(edges): shard the vectors (memory-mapped .npy) beyond RAM.
+Beyond one machine: ``benchmarks.bench_curation_ranks`` runs the same steps as 1 and 2 torchrun
+ranks (the design for 1M, 10M and 142M images: docs/curation.md).
 """
 
 from __future__ import annotations

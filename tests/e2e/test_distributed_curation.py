@@ -61,7 +61,7 @@ def test_two_ranks_curate_like_one_process(tmp_path, real_photo) -> None:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "dinoflow.curation.launch", "--config", str(_spec(tmp_path, "two")),
-           "--output", str(tmp_path / "two" / "out")]  # fmt: skip
+           "--output", str(tmp_path / "two" / "out"), "--mlflow-experiment", "curation-job"]  # fmt: skip
     run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
     assert run.returncode == 0, run.stderr[-4000:]
     one = run_job(_spec(tmp_path, "one"), tmp_path / "one" / "out")
@@ -81,3 +81,13 @@ def test_two_ranks_curate_like_one_process(tmp_path, real_photo) -> None:
             chunks = list((tmp_path / "two" / "work" / "embed").iterdir())
             assert len(chunks) == -(-embedded // 4) >= 4, (len(chunks), embedded)
     assert one["counts"] == two["counts"]
+    # rank 0 tracked the job: one finished run with the counts, each stage's seconds, the report
+    import mlflow
+
+    runs = mlflow.search_runs(experiment_names=["curation-job"], output_format="list")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    metrics, params = runs[0].data.metrics, runs[0].data.params
+    assert metrics["curation_kept"] == two["counts"]["kept"] and metrics["curation_seconds_ingest"] > 0
+    assert params["curation.embedding.kind"] == "dinoflow" and runs[0].data.tags["dinoflow.world_size"] == "2"
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(runs[0].info.run_id, "curation")}
+    assert "curation/curation_report.json" in artifacts

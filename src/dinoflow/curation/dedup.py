@@ -19,7 +19,8 @@ import pandas as pd
 from dinoflow import distributed
 from dinoflow.curation import ranks
 from dinoflow.curation.config import DedupConfig
-from dinoflow.curation.rows import Rows, as_rows
+from dinoflow.curation.rows import BLOCK_ROWS, Rows, as_rows
+from dinoflow.curation.sampling import kmeans
 
 
 def build_index(
@@ -28,7 +29,7 @@ def build_index(
     """A faiss inner-product index over base (N, D): flat, or IVF per cfg.index / cfg.flat_max.
 
     Every rank of a job gets the same index. Flat (up to ``flat_max`` vectors): built in memory
-    by each rank. IVF: rank 0 trains the coarse quantizer on a sample and shares it; with
+    by each rank. IVF: the ranks train the coarse quantizer together (``sampling.kmeans``); with
     ``folder``, each rank adds its block of the vectors to a shard file there, rank 0 merges the
     shards' inverted lists into one file on disk (faiss ``merge_ondisk``), and every rank opens
     it memory-mapped: no process holds the N vectors. Without ``folder`` (one process only): in
@@ -47,15 +48,17 @@ def build_index(
     nlist = cfg.ivf_nlist or max(1, int(4 * np.sqrt(n)))
     nlist = max(1, min(nlist, n // 39))  # faiss wants >= 39 training points per list
 
-    def trained() -> np.ndarray:
-        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
-        rng = np.random.default_rng(seed)
-        n_train = min(n, 40 * nlist)
-        sample = np.sort(rng.choice(n, n_train, replace=False)) if n_train < n else slice(0, n)
-        index.train(base.read(sample))
-        return faiss.serialize_index(index)
-
-    empty = ranks.from_main(trained)
+    # The coarse quantizer: k-means (split over the ranks) on a sample of 40 vectors per list,
+    # its centroids normalised for the inner product, as faiss trains an IVF index for it.
+    rng = np.random.default_rng(seed)
+    n_train = min(n, 40 * nlist)
+    sample = np.sort(rng.choice(n, n_train, replace=False)) if n_train < n else np.arange(n)
+    centroids = kmeans(base.subset(sample), nlist, niter=10, seed=seed, init="random")
+    centroids /= np.maximum(np.linalg.norm(centroids, axis=1, keepdims=True), 1e-12)
+    quantizer = faiss.IndexFlatIP(d)
+    quantizer.add(centroids)
+    ivf = faiss.IndexIVFFlat(quantizer, d, len(centroids), faiss.METRIC_INNER_PRODUCT)
+    empty = faiss.serialize_index(ivf)
     if folder is None:
         ranks.require_shared(None, "an IVF index")
         index = faiss.deserialize_index(empty)
@@ -82,7 +85,7 @@ def _merge_shards(empty: np.ndarray, base: Rows, folder: Path, rank: int, world:
     from faiss.contrib.ondisk import merge_ondisk
 
     shard = faiss.deserialize_index(empty)
-    start, stop = ranks.block(len(base))
+    start, stop = ranks.block(len(base), BLOCK_ROWS)
     for a, block in base.blocks(start, stop):
         shard.add_with_ids(block, np.arange(a, a + len(block), dtype=np.int64))
     shard_path = folder / f"shard-{rank}.index"
@@ -192,7 +195,7 @@ def _knn_edges(
         return empty, empty, np.zeros(0, dtype=np.float32)
     index = make_index(base)
     found_i, found_j, found_s = [empty], [empty], [np.zeros(0, dtype=np.float32)]
-    q0, q1 = ranks.block(len(queries))
+    q0, q1 = ranks.block(len(queries), batch)  # whole batches: the same ones on any ranks
     bar = tqdm(total=q1 - q0, desc="neighbour search", unit="img", disable=not progress)
     for start in range(q0, q1, batch):
         q = queries.read(slice(start, min(q1, start + batch)))

@@ -1,8 +1,9 @@
 """Curation on several processes or machines: ``torchrun -m dinoflow.curation.launch``.
 
 ``torchrun --nproc_per_node=N [--nnodes ...] -m dinoflow.curation.launch --config job.json
---output DIR`` (or the same command in a SLURM job step, one task per process) runs the
-curation pipeline of ``dinoflow.curation.curate`` with the ranks sharing its heavy steps:
+--output DIR [--mlflow-experiment NAME]`` (or the same command in a SLURM job step, one task per
+process) runs the curation pipeline of ``dinoflow.curation.curate`` with the ranks sharing its
+heavy steps:
 
 - ingest and model embedding: rank r of W computes the chunks i with i % W == r into the shared
   ``curation.work_dir`` (which every rank must see); rank 0, the only one holding the work
@@ -10,12 +11,12 @@ curation pipeline of ``dinoflow.curation.curate`` with the ranks sharing its hea
   (a barrier over Gloo) and the others read them. Each rank's ingest pool gets its share of the
   host's cores (``curation.workers: auto``), and its torch threads likewise.
 - quality filters run on every rank (cheap, deterministic: each rank needs the rows to embed).
-- deduplication and the k-means run on every rank, their searches split by rank: each rank
-  indexes its block of the vectors and searches every query against it (the ranks' nearest
-  merged per query), and assigns its block of the points to the centroids rank 0 trained
-  (``dedup._knn_edges``, ``sampling.hierarchical_kmeans``). The vectors are read a block at a
-  time from the memory-mapped embeddings, so no rank holds all of them; every rank ends with
-  the same table.
+- deduplication and the k-means run on every rank, their heavy parts split by rank: each rank
+  searches its share of the queries against the whole index (an IVF index is built by all the
+  ranks on disk), trains and assigns its share of the k-means points (``dedup._knn_edges``,
+  ``dedup.build_index``, ``sampling.kmeans``, ``sampling.assign_rows``). The vectors are read a
+  block at a time from the memory-mapped embeddings, so no rank holds all of them; every rank
+  ends with the same table.
 - the Great Expectations suite and the report run on rank 0 only, which writes ``DIR``:
   ``metadata.parquet``, ``curated_manifest.csv``, ``quarantine.csv``, ``curation_report.json``.
 
@@ -94,9 +95,46 @@ def curate_job(data: DataConfig, cfg: CurationConfig, output: Path) -> dict | No
     return report
 
 
-def run_job(spec_path: str | os.PathLike[str], output: str | os.PathLike[str]) -> dict | None:
+def _start_mlflow(data: DataConfig, cfg: CurationConfig, experiment: str | None) -> bool:
+    """Rank 0 with ``experiment``: a new MLflow run there, with the job's parameters; the report
+    logs its counts, balance and pictures into it (``report.log_to_mlflow``)."""
+    if not experiment:
+        return False
+    import mlflow
+
+    from dinoflow.tracking import flatten, use_experiment
+
+    use_experiment(experiment)
+    mlflow.start_run(run_name="curation (torchrun)")
+    mlflow.log_params(
+        flatten({"data": data.model_dump(mode="json"), "curation": cfg.model_dump(mode="json")})
+    )
+    mlflow.set_tags({"dinoflow.world_size": distributed.world()[1]})
+    return True
+
+
+def _log_timings(report: dict) -> None:
+    """Each stage's seconds as ``curation_seconds_<stage>`` in the active run."""
+    import mlflow
+
+    mlflow.log_metrics(
+        {
+            f"curation_seconds_{stage}": float(t["seconds"])
+            for stage, t in report.get("timings_s", {}).items()
+            if isinstance(t, dict) and "seconds" in t
+        }
+    )
+
+
+def run_job(
+    spec_path: str | os.PathLike[str],
+    output: str | os.PathLike[str],
+    mlflow_experiment: str | None = None,
+) -> dict | None:
     """One process of the job: join the group (Gloo: barriers and small objects only, whatever
-    device embeds), curate, leave. Returns the report on rank 0, None elsewhere."""
+    device embeds), curate, leave. Returns the report on rank 0, None elsewhere. With
+    ``mlflow_experiment``, rank 0 tracks the job as a run of that experiment (the tracking URI
+    from ``MLFLOW_TRACKING_URI``)."""
     data, cfg = read_job_spec(spec_path)
     rank = int(os.environ.get("RANK", 0))
     logging.basicConfig(
@@ -108,9 +146,19 @@ def run_job(spec_path: str | os.PathLike[str], output: str | os.PathLike[str]) -
 
         torch.set_num_threads(local_share_of_cores())  # torchrun sets OMP_NUM_THREADS=1
     joined = distributed.init_from_env("gloo")
+    tracked = distributed.is_main_process() and _start_mlflow(data, cfg, mlflow_experiment)
+    status = "FAILED"
     try:
-        return curate_job(data, cfg, Path(output))
+        report = curate_job(data, cfg, Path(output))
+        if tracked:
+            _log_timings(report)
+        status = "FINISHED"
+        return report
     finally:
+        if tracked:
+            import mlflow
+
+            mlflow.end_run(status=status)
         if joined:
             distributed.leave()
 
@@ -120,8 +168,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="dinoflow.curation.launch", description=main.__doc__)
     parser.add_argument("--config", required=True, help="job spec JSON (data, curation)")
     parser.add_argument("--output", required=True, help="where rank 0 writes the results")
+    parser.add_argument(
+        "--mlflow-experiment", default=None, help="rank 0 tracks the job as a run of it"
+    )
     args = parser.parse_args(argv)
-    run_job(args.config, args.output)
+    run_job(args.config, args.output, args.mlflow_experiment)
 
 
 if __name__ == "__main__":

@@ -59,10 +59,13 @@ def gather_sums(*counts: int) -> list[int]:
     return [sum(values) for values in zip(*distributed.all_gather_objects(counts), strict=True)]
 
 
-def block(n: int) -> tuple[int, int]:
-    """This rank's contiguous share [start, stop) of n rows (rank order: blocks in row order)."""
+def block(n: int, unit: int = 1) -> tuple[int, int]:
+    """This rank's contiguous share [start, stop) of n rows, in whole units of ``unit`` rows
+    (the ranks' shares follow each other in row order). A computation done unit by unit then
+    sees the same units, so gives the same numbers, whatever the number of ranks."""
     rank, world = distributed.world()
-    return n * rank // world, n * (rank + 1) // world
+    units = -(-n // unit)
+    return min(n, units * rank // world * unit), min(n, units * (rank + 1) // world * unit)
 
 
 def from_main(compute: Callable[[], T]) -> T:

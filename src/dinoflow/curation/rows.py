@@ -13,7 +13,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-BLOCK_ROWS = 65_536  # rows read (and searched or assigned) at a time: 32 MB of 128-d float32
+# Rows read, searched or assigned at a time (4 MB of 128-d float32); also the unit in which rows
+# are shared among ranks, so that every block is the same whatever the number of ranks.
+BLOCK_ROWS = 8192
 
 
 @dataclass(frozen=True)
@@ -42,7 +44,8 @@ class Rows:
         return Rows(self.source, positions if self.index is None else self.index[positions])
 
     def blocks(self, start: int = 0, stop: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
-        """(first position, rows) of ``[start, stop)``, ``BLOCK_ROWS`` at a time."""
+        """(first position, rows) of ``[start, stop)``, ``BLOCK_ROWS`` at a time (``start``: a
+        multiple of ``BLOCK_ROWS``, as ``ranks.block(n, BLOCK_ROWS)`` gives)."""
         stop = len(self) if stop is None else stop
         for a in range(start, stop, BLOCK_ROWS):
             yield a, self.read(slice(a, min(stop, a + BLOCK_ROWS)))

@@ -17,8 +17,9 @@ from functools import partial
 
 import numpy as np
 
+from dinoflow import distributed
 from dinoflow.curation import ranks
-from dinoflow.curation.rows import Rows, as_rows
+from dinoflow.curation.rows import BLOCK_ROWS, Rows, as_rows
 
 
 @dataclass
@@ -31,12 +32,13 @@ class Level:
 
 
 def kmeans_pp_init(
-    x: np.ndarray, k: int, rng: np.random.Generator, max_points: int = 100_000
+    x: np.ndarray | Rows, k: int, rng: np.random.Generator, max_points: int = 100_000
 ) -> np.ndarray:
     """k-means++ seeding (Arthur & Vassilvitskii, 2007) on at most max_points rows: (k, D)."""
-    sample = x if len(x) <= max_points else x[rng.choice(len(x), max_points, replace=False)]
-    sample = sample.astype(np.float32)
-    centres = np.empty((k, x.shape[1]), dtype=np.float32)
+    rows = as_rows(x)
+    n = len(rows)
+    sample = rows.read(slice(0, n) if n <= max_points else rng.choice(n, max_points, replace=False))
+    centres = np.empty((k, rows.dim), dtype=np.float32)
     sq = (sample.astype(np.float64) ** 2).sum(1)
 
     def dist2(c: np.ndarray) -> np.ndarray:  # |s - c|^2 by one mat-vec, no (n, D) temporary
@@ -77,7 +79,7 @@ def assign_rows(rows: Rows, centroids: np.ndarray, bar=None) -> tuple[np.ndarray
     progress bar advanced by the rows this rank assigned."""
     index = _nearest_centroid_index(centroids)
     labels, dists = [np.zeros(0, np.int64)], [np.zeros(0, np.float32)]
-    start, stop = ranks.block(len(rows))
+    start, stop = ranks.block(len(rows), BLOCK_ROWS)
     for _, x in rows.blocks(start, stop):
         d, i = index.search(x, 1)
         labels.append(i[:, 0].astype(np.int64))
@@ -85,6 +87,27 @@ def assign_rows(rows: Rows, centroids: np.ndarray, bar=None) -> tuple[np.ndarray
         if bar is not None:
             bar.update(len(x))
     return tuple(ranks.gather_concat(np.concatenate(labels), np.concatenate(dists)))
+
+
+@dataclass
+class _FixedPoint:
+    values: np.ndarray  # (n, D) int64: round(x * scale)
+    scale: float
+
+
+FIXED_POINT_BITS = 32
+
+
+def _fixed_point(x: np.ndarray) -> _FixedPoint:
+    """x as integers ``round(x * 2^e)``, e such that the largest |x| over the ranks maps below
+    2^32: 2^31 rows sum without overflow, and the rounding (2^-32 of the largest value) is far
+    below float32's precision."""
+    local = float(np.abs(x).max()) if x.size else 0.0
+    largest = max(distributed.all_gather_objects(local))
+    exponent = FIXED_POINT_BITS - (int(np.ceil(np.log2(largest))) if largest > 0 else 0)
+    scale = float(2.0**exponent)
+    # x * 2^e is exact in float32 (a power of two), and so is rounding it: no float64 copy
+    return _FixedPoint(np.rint(x * np.float32(scale)).astype(np.int64), scale)
 
 
 def kmeans(
@@ -95,32 +118,61 @@ def kmeans(
     init: str = "kmeans++",
     max_points_per_centroid: int = 256,
 ) -> np.ndarray:
-    """Lloyd's k-means (faiss, L2) on x (N, D): centroids (min(k, N), D). Trained on at most
-    ``max_points_per_centroid * k`` rows (a random sample of them beyond), the only rows read:
-    the memory is the sample's, whatever N."""
-    import faiss
+    """Lloyd's k-means (L2) on x (N, D): centroids (min(k, N), D), float32.
+
+    Trained on at most ``max_points_per_centroid * k`` rows (a random sample beyond: the only
+    rows read, so the memory is the sample's whatever N), as faiss's k-means does, and split
+    over the ranks of a job: rank 0 seeds (k-means++ or k random rows), each rank assigns its
+    block of the training rows to the centroids (faiss, exact), the per-centroid sums and
+    counts are summed over the ranks, and an empty cluster takes half of a large one (faiss's
+    rule, ``faiss.contrib.clustering.reassign_centroids``). The sums are of fixed-point integers
+    (``_fixed_point``): exact, so the same in any order, and the centroids do not depend on the
+    number of ranks. faiss.Kmeans itself runs in one process only, hence this loop.
+    """
+    import torch
+    from faiss.contrib.clustering import reassign_centroids
+    from scipy.sparse import csr_matrix
 
     rows = as_rows(x)
     k = min(k, len(rows))
     rng = np.random.default_rng(seed)
     n_train = max_points_per_centroid * k
+    train = rows
     if len(rows) > n_train:
-        sample = np.sort(np.random.default_rng([seed, 1]).choice(len(rows), n_train, replace=False))
-        train = rows.read(sample)
-    else:
-        train = rows.read(slice(0, len(rows)))
-    km = faiss.Kmeans(
-        train.shape[1],
-        k,
-        niter=niter,
-        seed=seed,
-        verbose=False,
-        max_points_per_centroid=max_points_per_centroid,
-        min_points_per_centroid=1,
-    )
-    init_c = kmeans_pp_init(train, k, rng) if init == "kmeans++" else None
-    km.train(train, init_centroids=init_c)
-    return km.centroids.copy()
+        sample = np.random.default_rng([seed, 1]).choice(len(rows), n_train, replace=False)
+        train = rows.subset(np.sort(sample))
+
+    def seeds() -> np.ndarray:
+        if init == "kmeans++":
+            return kmeans_pp_init(train, k, rng)
+        return train.read(np.sort(rng.choice(len(train), k, replace=False)))
+
+    centroids = ranks.from_main(seeds)
+    start, stop = ranks.block(len(train), BLOCK_ROWS)
+    mine = train.read(slice(start, stop))
+    fixed = _fixed_point(mine)
+    split_rng = np.random.RandomState(seed)
+    for _ in range(niter):
+        index = _nearest_centroid_index(centroids)
+        label = np.concatenate(
+            [np.zeros(0, np.int64)]
+            + [
+                index.search(mine[a : a + BLOCK_ROWS], 1)[1][:, 0]
+                for a in range(0, len(mine), BLOCK_ROWS)
+            ]
+        )
+        onehot = csr_matrix(
+            (np.ones(len(mine), np.int64), (label, np.arange(len(mine)))), shape=(k, len(mine))
+        )
+        sums = torch.from_numpy(np.asarray(onehot @ fixed.values, dtype=np.int64))
+        counts = torch.from_numpy(np.bincount(label, minlength=k).astype(np.int64))
+        distributed.all_reduce_sum(sums)
+        distributed.all_reduce_sum(counts)
+        counts_np = counts.numpy()
+        means = sums.numpy() / fixed.scale / np.maximum(counts_np, 1)[:, None]
+        centroids = np.where(counts_np[:, None] > 0, means, centroids).astype(np.float32)
+        reassign_centroids(counts_np.copy(), centroids, split_rng)
+    return np.ascontiguousarray(centroids)
 
 
 def _compact(centroids: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -144,9 +196,8 @@ def hierarchical_kmeans(
 ) -> list[Level]:
     """Levels finest first. resample_sizes[t] = 0 means half the level's mean cluster size.
 
-    In a torch.distributed job every rank calls it: rank 0 trains each k-means (on its sample)
-    and shares the centroids, each rank assigns its block of the points (``assign_rows``), so
-    every rank returns the same levels. A level's progress bar counts the points assigned."""
+    In a torch.distributed job every rank calls it: the k-means and the assignments of the
+    points (``assign_rows``) are split over the ranks, and every rank returns the same levels. A level's progress bar counts the points assigned."""
     from tqdm.auto import tqdm
 
     levels: list[Level] = []
@@ -156,7 +207,7 @@ def hierarchical_kmeans(
         steps = resampling_steps[t]
         r = resample_sizes[t] or max(1, len(points) // max(min(k, len(points)), 1) // 2)
         steps = steps if r > 1 else 0  # one point per cluster reproduces the centroids
-        share = np.diff(ranks.block(len(points)))[0]
+        share = np.diff(ranks.block(len(points), BLOCK_ROWS))[0]
         bar = tqdm(
             total=int(share) * (steps + 1),
             desc=f"k-means level {t + 1}",
@@ -166,7 +217,7 @@ def hierarchical_kmeans(
         train = partial(
             kmeans, niter=niter, init=init, max_points_per_centroid=max_points_per_centroid
         )
-        cents = ranks.from_main(partial(train, points, k, seed=lvl_seed))
+        cents = train(points, k, seed=lvl_seed)
         labels, dist = assign_rows(points, cents, bar)
         for step in range(steps):
             order = np.lexsort((dist, labels))  # by cluster, closest first
@@ -174,7 +225,7 @@ def hierarchical_kmeans(
             starts = np.searchsorted(sorted_labels, sorted_labels, side="left")
             rank = np.arange(len(order)) - starts
             subset = points.subset(order[rank < r])
-            cents = ranks.from_main(partial(train, subset, len(cents), seed=lvl_seed + step + 1))
+            cents = train(subset, len(cents), seed=lvl_seed + step + 1)
             labels, dist = assign_rows(points, cents, bar)
         bar.close()
         cents, labels = _compact(cents, labels)

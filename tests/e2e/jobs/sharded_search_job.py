@@ -12,7 +12,7 @@ import numpy as np
 from dinoflow import distributed
 from dinoflow.curation import curation_config, ranks
 from dinoflow.curation.dedup import hamming_edges, similarity_edges
-from dinoflow.curation.rows import Rows
+from dinoflow.curation.rows import BLOCK_ROWS, Rows
 from dinoflow.curation.sampling import hierarchical_kmeans, hierarchical_sample
 
 
@@ -30,8 +30,8 @@ def main(vectors: str, out: str) -> None:
     packed = np.packbits(np.asarray(emb[:, :64]) > 0, axis=1)  # (n, 8): a 64-bit code per row
     hi, hj, hd = hamming_edges(packed[: n - 200], 6, 3)
     levels = hierarchical_kmeans(pool, [40, 8], [2, 1], [0, 0], niter=10, seed=3)
-    chosen = hierarchical_sample(levels, 600, "random", seed=3)
-    blocks = distributed.all_gather_objects(ranks.block(len(pool)))
+    chosen = hierarchical_sample(levels, 6000, "random", seed=3)
+    blocks = distributed.all_gather_objects(ranks.block(len(pool), BLOCK_ROWS))
     if distributed.is_main_process():
         np.savez(
             out, i=i, j=j, s=s, vi=vi, vj=vj, vs=vs, ci=ci, cj=cj, cs=cs, hi=hi, hj=hj, hd=hd,

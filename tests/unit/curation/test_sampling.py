@@ -90,3 +90,28 @@ def test_resampling_spreads_centroids_over_sparse_regions() -> None:
         plain = hierarchical_kmeans(x, [10], [0], [0], niter=30, seed=seed)[0].centroids[:, 0]
         resampled = hierarchical_kmeans(x, [10], [5], [5], niter=30, seed=seed)[0].centroids[:, 0]
         assert (resampled > 4).sum() >= (plain > 4).sum() + 2
+
+
+def test_kmeans_reaches_faiss_objective_and_sums_exactly() -> None:
+    """The k-means loop (split over ranks in a job) ends where faiss.Kmeans ends on the same
+    seeds, and its fixed-point sums give the float64 mean to float32 precision."""
+    import faiss
+
+    from dinoflow.curation.sampling import _fixed_point, assign, kmeans, kmeans_pp_init
+
+    rng = np.random.default_rng(1)
+    x = (rng.normal(size=(30, 16)) * 5)[rng.integers(0, 30, 6000)] + rng.normal(size=(6000, 16))
+    x = x.astype(np.float32)
+    ours = kmeans(x, 30, niter=20, seed=2)
+    ref = faiss.Kmeans(16, 30, niter=20, seed=2, max_points_per_centroid=256)
+    ref.train(x, init_centroids=kmeans_pp_init(x, 30, np.random.default_rng(2)))
+
+    def objective(c: np.ndarray) -> float:
+        return float(assign(x, c)[1].sum())
+
+    assert objective(ours) == pytest.approx(objective(ref.centroids), rel=1e-3)
+    fixed = _fixed_point(x[:100])
+    exact = x[:100].astype(np.float64).mean(axis=0)
+    mean = fixed.values.sum(axis=0) / fixed.scale / 100
+    assert np.abs(mean - exact).max() < 1e-7 * np.abs(x).max()
+    assert np.array_equal(fixed.values[:50].sum(0) + fixed.values[50:].sum(0), fixed.values.sum(0))
