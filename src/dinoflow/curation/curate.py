@@ -126,7 +126,9 @@ def _embeddings(
     pool, evals = _pool(meta), _eval_rows(meta)
     use = pool | evals
     if e.kind == "pixels":
-        return pixel_embeddings(thumbs, pool, use, e.pca_dim, e.pca_max_fit, cfg.sampling.seed)
+        return pixel_embeddings(
+            thumbs, pool, use, e.pca_dim, e.pca_max_fit, cfg.sampling.seed, cfg.show_progress
+        )
     if splits is None:
         raise ValueError(f"curation.embedding.kind={e.kind} needs the image splits to re-decode")
     max_px = min(cfg.ingest.max_pixels, cfg.quality.max_pixels)

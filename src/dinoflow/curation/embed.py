@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from dinoflow.curation.config import EmbeddingConfig
+from dinoflow.curation.rows import BLOCK_ROWS
 from dinoflow.distributed import resolve_device
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -32,7 +33,7 @@ def l2_normalise(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
     return (x / np.maximum(norms, eps)).astype(np.float32)
 
 
-BLOCK = 8192  # thumbnails read and projected at a time (8192 x 768 float64: 50 MB)
+BLOCK = BLOCK_ROWS  # thumbnails read and projected at a time (8192 x 768 float64: 50 MB)
 
 
 def pca_fit(
@@ -79,8 +80,10 @@ def pixel_embeddings(
     dim: int,
     max_fit: int,
     seed: int,
+    progress: bool = False,
 ) -> np.ndarray:
     """Thumbnails (N, s, s, 3) uint8 -> (N, k) L2-normalised PCA embeddings; zeros off use_rows.
+    ``progress``: a bar counting the images projected (the fit reads at most ``max_fit``).
 
     ``thumbs`` may be memory-mapped (the ingest's ``thumbnails.npy``): only the PCA's fit sample
     (at most ``max_fit`` rows, drawn as ``pca_fit`` draws them) and the projection are read
@@ -93,11 +96,15 @@ def pixel_embeddings(
     mean, comps = pca_fit_blocks(
         lambda rows: _flat(thumbs, fit[rows]), len(fit), _width(thumbs), dim
     )
+    from tqdm.auto import tqdm
+
     out = np.zeros((len(thumbs), comps.shape[1]), dtype=np.float32)
     idx = np.flatnonzero(use_rows)
-    for start in range(0, len(idx), BLOCK):
-        part = idx[start : start + BLOCK]
-        out[part] = ((_flat(thumbs, part) - mean) @ comps).astype(np.float32)
+    with tqdm(total=len(idx), desc="embed (pixels)", unit="img", disable=not progress) as bar:
+        for start in range(0, len(idx), BLOCK):
+            part = idx[start : start + BLOCK]
+            out[part] = ((_flat(thumbs, part) - mean) @ comps).astype(np.float32)
+            bar.update(len(part))
     return l2_normalise(out)
 
 

@@ -115,3 +115,12 @@ def test_kmeans_reaches_faiss_objective_and_sums_exactly() -> None:
     mean = fixed.values.sum(axis=0) / fixed.scale / 100
     assert np.abs(mean - exact).max() < 1e-7 * np.abs(x).max()
     assert np.array_equal(fixed.values[:50].sum(0) + fixed.values[50:].sum(0), fixed.values.sum(0))
+
+
+def test_kmeans_bars_count_the_points_assigned(blobs, capsys) -> None:
+    """Level 1's bar counts images (each assignment pass over all of them), level 2's centroids."""
+    x, _ = blobs
+    hierarchical_kmeans(x, [20, 4], [0, 3], [0, 0], niter=5, seed=0, progress=True)
+    err = capsys.readouterr().err.replace("\r", "\n")
+    assert "k-means level 1: 100%" in err and f"{len(x)}/{len(x)}" in err and "img/s" in err
+    assert "k-means level 2: 100%" in err and "80/80" in err  # 20 centroids, 1 + 3 passes
