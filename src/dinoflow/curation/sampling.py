@@ -129,9 +129,7 @@ def kmeans(
     (``_fixed_point``): exact, so the same in any order, and the centroids do not depend on the
     number of ranks. faiss.Kmeans itself runs in one process only, hence this loop.
     """
-    import torch
     from faiss.contrib.clustering import reassign_centroids
-    from scipy.sparse import csr_matrix
 
     rows = as_rows(x)
     k = min(k, len(rows))
@@ -153,26 +151,37 @@ def kmeans(
     fixed = _fixed_point(mine)
     split_rng = np.random.RandomState(seed)
     for _ in range(niter):
-        index = _nearest_centroid_index(centroids)
-        label = np.concatenate(
-            [np.zeros(0, np.int64)]
-            + [
-                index.search(mine[a : a + BLOCK_ROWS], 1)[1][:, 0]
-                for a in range(0, len(mine), BLOCK_ROWS)
-            ]
-        )
-        onehot = csr_matrix(
-            (np.ones(len(mine), np.int64), (label, np.arange(len(mine)))), shape=(k, len(mine))
-        )
-        sums = torch.from_numpy(np.asarray(onehot @ fixed.values, dtype=np.int64))
-        counts = torch.from_numpy(np.bincount(label, minlength=k).astype(np.int64))
-        distributed.all_reduce_sum(sums)
-        distributed.all_reduce_sum(counts)
-        counts_np = counts.numpy()
-        means = sums.numpy() / fixed.scale / np.maximum(counts_np, 1)[:, None]
-        centroids = np.where(counts_np[:, None] > 0, means, centroids).astype(np.float32)
-        reassign_centroids(counts_np.copy(), centroids, split_rng)
+        sums, counts = _cluster_sums(mine, fixed, centroids)
+        means = sums / fixed.scale / np.maximum(counts, 1)[:, None]
+        centroids = np.where(counts[:, None] > 0, means, centroids).astype(np.float32)
+        reassign_centroids(counts.copy(), centroids, split_rng)
     return np.ascontiguousarray(centroids)
+
+
+def _cluster_sums(
+    mine: np.ndarray, fixed: _FixedPoint, centroids: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """(per-centroid sums of the fixed-point rows (k, D) int64, counts (k,)) over all ranks, each
+    rank assigning its rows ``mine`` (block by block) to the nearest centroid."""
+    import torch
+    from scipy.sparse import csr_matrix
+
+    k, index = len(centroids), _nearest_centroid_index(centroids)
+    label = np.concatenate(
+        [np.zeros(0, np.int64)]
+        + [
+            index.search(mine[a : a + BLOCK_ROWS], 1)[1][:, 0]
+            for a in range(0, len(mine), BLOCK_ROWS)
+        ]
+    )
+    onehot = csr_matrix(
+        (np.ones(len(mine), np.int64), (label, np.arange(len(mine)))), shape=(k, len(mine))
+    )
+    sums = torch.from_numpy(np.asarray(onehot @ fixed.values, dtype=np.int64))
+    counts = torch.from_numpy(np.bincount(label, minlength=k).astype(np.int64))
+    distributed.all_reduce_sum(sums)
+    distributed.all_reduce_sum(counts)
+    return sums.numpy(), counts.numpy()
 
 
 def _compact(centroids: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -197,7 +206,8 @@ def hierarchical_kmeans(
     """Levels finest first. resample_sizes[t] = 0 means half the level's mean cluster size.
 
     In a torch.distributed job every rank calls it: the k-means and the assignments of the
-    points (``assign_rows``) are split over the ranks, and every rank returns the same levels. A level's progress bar counts the points assigned."""
+    points (``assign_rows``) are split over the ranks, and every rank returns the same levels.
+    A level's progress bar counts the points this rank assigned."""
     from tqdm.auto import tqdm
 
     levels: list[Level] = []
