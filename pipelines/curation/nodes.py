@@ -15,9 +15,8 @@ import pandas as pd
 
 from dinoflow import curation
 from dinoflow.config import DataConfig, validate
-from dinoflow.data import Split, load_data
+from dinoflow.data import Split
 from dinoflow.data.cache import build_for_data
-from dinoflow.data.sources import get_source
 
 
 def build_image_cache(data: dict) -> dict:
@@ -31,20 +30,10 @@ def build_image_cache(data: dict) -> dict:
 
 
 def load_curation_splits(data: dict, image_cache: dict | None = None) -> dict[str, Split]:
-    """The train/val/test splits every pipeline uses; ``root`` is the folder of a source that
-    reads files (its files the source skipped are listed in the quarantine). ``image_cache`` (the
-    report of ``build_image_cache``) only orders this node after the build."""
+    """The train/val/test splits every pipeline uses (``curation.load_splits``). ``image_cache``
+    (the report of ``build_image_cache``) only orders this node after the build."""
     del image_cache
-    cfg = validate(DataConfig, data, "data")
-    splits = load_data(cfg)
-    root = cfg.path if get_source(cfg.source).reads_files else None
-    for split in splits.values():
-        split.extra.update(root=root, follow_out_of_root=cfg.follow_symlinks_out_of_root)
-    return splits
-
-
-def _root(splits: dict[str, Split]) -> str | None:
-    return splits["train"].extra.get("root")
+    return curation.load_splits(validate(DataConfig, data, "data"))
 
 
 def ingest_images(splits: dict[str, Split], params: dict) -> tuple[pd.DataFrame, np.ndarray]:
@@ -87,13 +76,5 @@ def write_outputs(
     embed_timing: dict, params: dict,
 ) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     """Curated manifest, quarantine list and report (PNGs, JSON, MLflow if a run is active)."""
-    from dinoflow.curation.report import build_report
-
     cfg = curation.curation_config(params)
-    stages = {"validate": validation.get("timing"), "embed": embed_timing}
-    timings = {**metadata.attrs.get("timings_s", {}), **{k: v for k, v in stages.items() if v}}
-    manifest = curation.manifest_of(metadata)
-    quarantine = curation.quarantine_of(metadata, _root(splits),
-                                        splits["train"].extra.get("follow_out_of_root", False))
-    report = build_report(metadata, quarantine, validation, balance, splits, cfg, timings=timings)
-    return manifest, quarantine, report
+    return curation.outputs(metadata, validation, balance, splits, embed_timing, cfg)

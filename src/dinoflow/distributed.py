@@ -60,6 +60,16 @@ def visible_gpus() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
+def log_per_rank() -> None:
+    """Logging for a process a launcher started (no Kedro logging there): INFO on rank 0,
+    warnings only elsewhere, each line naming its rank."""
+    rank = int(os.environ.get("RANK", 0))
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format=f"[rank {rank}] %(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
 # --------------------------------------------------------------------------- the group
 def init_from_env(backend: str) -> bool:
     """Join the process group torchrun/submitit describe in the env (RANK, WORLD_SIZE, MASTER_*).

@@ -1,7 +1,7 @@
 """Files that are never half written, and one writer per folder.
 
-- ``atomic_write(path, write)``: write into a temp file in the same folder, fsync, rename over
-  ``path``. A kill leaves the old file or the new one, never a mix; a full disk raises
+- ``atomic_write(path, write)`` / ``atomic_path(path)``: write into a temp file in the same
+  folder, fsync, rename over ``path``. A kill leaves the old file or the new one, never a mix; a full disk raises
   ``DiskFullError`` naming the file and the free space, and the old file stays as it was.
 - ``FolderLock(folder)``: an exclusive ``flock`` on ``<folder>/.dinoflow.lock`` holding the
   owner's pid and command. A second process gets ``LockedError`` naming the holder; the kernel
@@ -19,7 +19,8 @@ import socket
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
@@ -55,20 +56,27 @@ def _is_disk_full(exc: BaseException, folder: Path) -> bool:
     return any(s in text for s in _TORCH_SHORT_WRITE) and free_bytes(folder) < 64 * 2**20
 
 
-def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], Any]) -> Path:
-    """``write(f)`` into a temp file beside ``path``, fsync, then rename it over ``path``."""
+@contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """A temp file's path beside ``path`` to write (by any means: a file object, a memory map);
+    on leaving the block it is fsynced and renamed over ``path``, or removed if the block
+    raised (a full disk: ``DiskFullError`` naming the file; the old one stays as it was). A
+    reader of the old file keeps its (unlinked) copy."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(name)
     try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
+        yield tmp
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except BaseException as exc:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        tmp.unlink(missing_ok=True)
         if isinstance(exc, Exception) and _is_disk_full(exc, path.parent):
             kept = (
                 f"the previous {path.name} is intact" if path.exists() else "nothing was replaced"
@@ -78,7 +86,21 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], Any]
                 f"{path.parent}); {kept}. Free some space and run again."
             ) from exc
         raise
-    return path
+
+
+def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], Any]) -> Path:
+    """``write(f)`` into a temp file beside ``path``, fsync, then rename it over ``path``."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        write(f)
+    return Path(path)
+
+
+def prune(folder: str | os.PathLike[str], keep: set[Path]) -> None:
+    """Delete the files of ``folder`` not in ``keep`` (stale results, temp files of a killed
+    write)."""
+    for path in Path(folder).iterdir():
+        if path.is_file() and path not in keep:
+            path.unlink(missing_ok=True)
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:

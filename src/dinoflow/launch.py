@@ -28,7 +28,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from dinoflow import distributed
+from dinoflow import distributed, tracking
 from dinoflow.config import DataConfig, PretrainConfig, validate
 from dinoflow.files import atomic_write_json
 from dinoflow.jobs.pretrain import run_pretraining
@@ -85,32 +85,6 @@ def read_job_spec(
 
 
 # --------------------------------------------------------------------------- one process
-def _setup_logging(rank: int) -> None:
-    """The children have no Kedro logging: INFO on rank 0, warnings only elsewhere."""
-    logging.basicConfig(
-        level=logging.INFO if rank == 0 else logging.WARNING,
-        format=f"[rank {rank}] %(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-
-
-def _start_mlflow(cfg: PretrainConfig, experiment: str | None) -> bool:
-    """Rank 0: continue the launcher's MLflow run, or open a new one in ``experiment``."""
-    run_id = os.environ.get(MLFLOW_RUN_ENV)
-    if not run_id and not experiment:
-        return False
-    import mlflow
-
-    from dinoflow.tracking import flatten, use_experiment
-
-    if run_id:
-        mlflow.start_run(run_id=run_id)
-    else:
-        use_experiment(experiment)
-        mlflow.start_run(run_name="pretrain (torchrun)")
-        mlflow.log_params(flatten({"pretrain": cfg.model_dump(mode="json")}))
-    return True
-
-
 def run_job(
     spec_path: str | os.PathLike[str],
     summary_path: str | os.PathLike[str] | None,
@@ -121,23 +95,20 @@ def run_job(
     Returns the summary on rank 0, None on the other ranks.
     """
     data, cfg, manifest_ids = read_job_spec(spec_path)
-    _setup_logging(int(os.environ.get("RANK", 0)))
+    distributed.log_per_rank()
     device = distributed.resolve_device(cfg.train.device)
     joined = distributed.init_from_env(distributed.backend_for(cfg.launcher.backend, device))
-    rank = distributed.world()[0]
-    tracked = rank == 0 and _start_mlflow(cfg, mlflow_experiment)
+    params = {"pretrain": cfg.model_dump(mode="json")}
+    run_id = os.environ.get(MLFLOW_RUN_ENV)
     try:
-        summary = run_pretraining(data, cfg, manifest_ids)
-        if rank != 0:
+        with tracking.job_run(mlflow_experiment, "pretrain (torchrun)", params, run_id):
+            summary = run_pretraining(data, cfg, manifest_ids)
+        if not distributed.is_main_process():
             return None
         if summary_path is not None:
             atomic_write_json(Path(summary_path), summary.to_json_dict())
         return summary
     finally:
-        if tracked:
-            import mlflow
-
-            mlflow.end_run()
         if joined:
             distributed.leave()
 

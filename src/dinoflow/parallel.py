@@ -44,6 +44,19 @@ def local_share_of_cores() -> int:
     return cores
 
 
+def use_cores(n: int) -> None:
+    """Run torch's and faiss's thread pools on ``n`` threads: each library loads its own OpenMP,
+    so setting torch's does not reach faiss (nor does OMP_NUM_THREADS once they are loaded)."""
+    import torch
+
+    torch.set_num_threads(n)
+    try:
+        import faiss
+    except ImportError:
+        return
+    faiss.omp_set_num_threads(n)
+
+
 def resolve_workers(setting: int | str, jobs: int) -> int:
     """Worker processes for a ``workers`` setting ("auto" = the usable cores, this process's
     share of them under torchrun) and ``jobs`` jobs."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -119,3 +121,37 @@ def ui_landing_url(base_url: str, tracking_uri: str | None = None, name: str = "
         return base_url
     mark_training_experiment(experiment.experiment_id, client)
     return experiment_runs_url(base_url, experiment.experiment_id)
+
+
+@contextmanager
+def job_run(
+    experiment: str | None,
+    run_name: str,
+    params: dict[str, Any],
+    run_id: str | None = None,
+    training: bool = True,
+) -> Iterator[bool]:
+    """Rank 0 of a torchrun job tracks it: continue run ``run_id`` (the launching Kedro run's),
+    or open ``run_name`` in ``experiment`` with ``params`` (flattened); ended FINISHED, or FAILED
+    when the block raises. Yields whether this process tracks (False: other ranks, or neither
+    ``run_id`` nor ``experiment``). ``training``: tag the experiment as a training one."""
+    if not is_main_process() or not (run_id or experiment):
+        yield False
+        return
+    import mlflow
+
+    if run_id:
+        mlflow.start_run(run_id=run_id)
+    else:
+        if training:
+            use_experiment(experiment)
+        else:
+            mlflow.set_experiment(experiment)
+        mlflow.start_run(run_name=run_name)
+        mlflow.log_params(flatten(params))
+    status = "FAILED"
+    try:
+        yield True
+        status = "FINISHED"
+    finally:
+        mlflow.end_run(status=status)

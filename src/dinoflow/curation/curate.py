@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from dinoflow import distributed
+from dinoflow.config import DataConfig
 from dinoflow.curation import dedup as dd
 from dinoflow.curation.config import CurationConfig
 from dinoflow.curation.decontam import eval_matches, expand_to_components
@@ -34,7 +35,8 @@ from dinoflow.curation.sampling import (
     top_level_labels,
 )
 from dinoflow.curation.validate import validate_metadata
-from dinoflow.data import Split
+from dinoflow.data import Split, load_data
+from dinoflow.data.sources import get_source
 
 log = logging.getLogger(__name__)
 
@@ -375,6 +377,38 @@ def balanced_sampling(
         "seconds": time.perf_counter() - t0,
     }
     return _timed(meta, "sampling", t0, distributed.world()[1]), report
+
+
+def load_splits(data: DataConfig) -> dict[str, Split]:
+    """The train/val/test splits, each carrying the folder (``root``) whose files the source
+    skipped, for the quarantine list; None for a source that reads no files."""
+    splits = load_data(data)
+    root = data.path if get_source(data.source).reads_files else None
+    for split in splits.values():
+        split.extra.update(root=root, follow_out_of_root=data.follow_symlinks_out_of_root)
+    return splits
+
+
+def outputs(
+    meta: pd.DataFrame,
+    validation: dict,
+    balance: dict,
+    splits: dict[str, Split],
+    embed_timing: dict,
+    cfg: CurationConfig,
+) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    """(curated manifest, quarantine list, report): the report's pictures drawn and, with an
+    active MLflow run, logged; ``timings_s`` holds every stage, validation and embedding too."""
+    from dinoflow.curation.report import build_report
+
+    stages = {"validate": validation.get("timing"), "embed": embed_timing}
+    timings = {**meta.attrs.get(TIMINGS, {}), **{k: v for k, v in stages.items() if v}}
+    train = splits["train"]
+    quarantine = quarantine_of(
+        meta, train.extra.get("root"), train.extra.get("follow_out_of_root", False)
+    )
+    report = build_report(meta, quarantine, validation, balance, splits, cfg, timings)
+    return manifest_of(meta), quarantine, report
 
 
 def manifest_of(meta: pd.DataFrame) -> pd.DataFrame:

@@ -21,11 +21,10 @@ from dinoflow.curation import ranks
 from dinoflow.curation.config import DedupConfig
 from dinoflow.curation.rows import BLOCK_ROWS, Rows, as_rows
 from dinoflow.curation.sampling import kmeans
+from dinoflow.files import FolderLock, prune
 
 
-def build_index(
-    base: np.ndarray | Rows, cfg: DedupConfig, seed: int = 0, folder: str | Path | None = None
-):
+def build_index(base: np.ndarray | Rows, cfg: DedupConfig, folder: Path | None = None):
     """A faiss inner-product index over base (N, D): flat, or IVF per cfg.index / cfg.flat_max.
 
     Every rank of a job gets the same index. Flat (up to ``flat_max`` vectors): built in memory
@@ -47,25 +46,22 @@ def build_index(
         return index
     nlist = cfg.ivf_nlist or max(1, int(4 * np.sqrt(n)))
     nlist = max(1, min(nlist, n // 39))  # faiss wants >= 39 training points per list
-
-    # The coarse quantizer: k-means (split over the ranks) on a sample of 40 vectors per list,
-    # its centroids normalised for the inner product, as faiss trains an IVF index for it.
-    rng = np.random.default_rng(seed)
-    n_train = min(n, 40 * nlist)
-    sample = np.sort(rng.choice(n, n_train, replace=False)) if n_train < n else np.arange(n)
-    centroids = kmeans(base.subset(sample), nlist, niter=10, seed=seed, init="random")
+    # The coarse quantizer: k-means (split over the ranks) on 40 vectors per list, its centroids
+    # normalised for the inner product, as faiss trains an IVF index for it.
+    centroids = kmeans(base, nlist, niter=10, init="random", max_points_per_centroid=40)
     centroids /= np.maximum(np.linalg.norm(centroids, axis=1, keepdims=True), 1e-12)
     quantizer = faiss.IndexFlatIP(d)
     quantizer.add(centroids)
-    ivf = faiss.IndexIVFFlat(quantizer, d, len(centroids), faiss.METRIC_INNER_PRODUCT)
-    empty = faiss.serialize_index(ivf)
+    empty = faiss.serialize_index(
+        faiss.IndexIVFFlat(quantizer, d, len(centroids), faiss.METRIC_INNER_PRODUCT)
+    )
     if folder is None:
         ranks.require_shared(None, "an IVF index")
         index = faiss.deserialize_index(empty)
         for a, block in base.blocks():
             index.add_with_ids(block, np.arange(a, a + len(block), dtype=np.int64))
     else:
-        index = _merged_on_disk(empty, base, Path(folder))
+        index = _merged_on_disk(empty, base, folder)
     index.nprobe = min(cfg.ivf_nprobe, nlist)
     return index
 
@@ -73,17 +69,11 @@ def build_index(
 def _merged_on_disk(empty: np.ndarray, base: Rows, folder: Path):
     """The trained, empty IVF index ``empty`` (serialised) filled with ``base``: each rank adds
     its block into ``folder/shard-<rank>.index``, rank 0 merges them into ``folder/lists.ivfdata``
-    (``folder/merged.index`` points to it), every rank reads it memory-mapped."""
-    rank, world = distributed.world()
-    folder.mkdir(parents=True, exist_ok=True)
-    with ranks.work_lock(folder, "curation index"):
-        return _merge_shards(empty, base, folder, rank, world)
-
-
-def _merge_shards(empty: np.ndarray, base: Rows, folder: Path, rank: int, world: int):
+    (``folder/merged.index`` names it by its absolute path), every rank reads it memory-mapped."""
     import faiss
     from faiss.contrib.ondisk import merge_ondisk
 
+    rank, world = distributed.world()
     shard = faiss.deserialize_index(empty)
     start, stop = ranks.block(len(base), BLOCK_ROWS)
     for a, block in base.blocks(start, stop):
@@ -92,13 +82,11 @@ def _merge_shards(empty: np.ndarray, base: Rows, folder: Path, rank: int, world:
     faiss.write_index(shard, str(shard_path))
     del shard
     distributed.barrier()
-    merged = folder / "merged.index"
+    merged, lists = folder / "merged.index", folder / "lists.ivfdata"
     if distributed.is_main_process():
-        for old in (merged, folder / "lists.ivfdata"):
-            old.unlink(missing_ok=True)
         target = faiss.deserialize_index(empty)
         shards = [str(folder / f"shard-{r}.index") for r in range(world)]
-        merge_ondisk(target, shards, str(folder / "lists.ivfdata"))
+        merge_ondisk(target, shards, str(lists))
         faiss.write_index(target, str(merged))
         del target
     distributed.barrier()
@@ -122,16 +110,27 @@ def similarity_edges(
     ``folder``: where an IVF index is built on disk (``build_index``); needed by a job's ranks.
     The ranks of a job split the queries (``_knn_edges``); the pairs are the same on every rank.
     """
-    base_rows = None if base is None else as_rows(base)
-    return _knn_edges(
-        as_rows(queries),
-        base_rows,
-        lambda rows: build_index(rows, cfg, folder=folder),
-        k,
-        lambda s: s >= threshold,
-        batch=cfg.query_batch,
-        progress=progress,
-    )
+
+    def search(index_folder: Path | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return _knn_edges(
+            as_rows(queries),
+            None if base is None else as_rows(base),
+            lambda rows: build_index(rows, cfg, index_folder),
+            k,
+            lambda s: s >= threshold,
+            batch=cfg.query_batch,
+            progress=progress,
+        )
+
+    if folder is None:
+        return search(None)
+    folder = Path(folder).resolve()  # the merged index names its lists by this path
+    folder.mkdir(parents=True, exist_ok=True)
+    with ranks.work_lock(folder, "curation index"):  # held while the lists are searched
+        pairs = search(folder)  # ends with a gather: every rank is done with the index
+        if distributed.is_main_process():  # rebuilt by every run: not kept
+            prune(folder, keep={FolderLock(folder, "").path})  # the held lock stays
+    return pairs
 
 
 def phash_bytes(hex_hashes: list[str] | pd.Series) -> np.ndarray:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,7 +35,7 @@ from dinoflow import distributed
 from dinoflow.curation import ranks
 from dinoflow.curation.config import EmbeddingConfig
 from dinoflow.curation.embed import Embedder, embed_batches, embedder, l2_normalise
-from dinoflow.files import atomic_write
+from dinoflow.files import atomic_path, atomic_write, prune
 
 log = logging.getLogger(__name__)
 
@@ -117,20 +116,12 @@ def _embed_todo(
 def assemble_embeddings(chunks: list[EmbedChunk], out: Path, n_total: int) -> None:
     """Write ``out``: (n_total, D) float32, each chunk's rows in place, zeros elsewhere."""
     dim = np.load(chunks[0].path, mmap_mode="r").shape[1] if chunks else 1
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    emb = np.lib.format.open_memmap(tmp, "w+", np.float32, (n_total, dim))  # zero-filled
-    for c in chunks:
-        emb[c.rows] = np.load(c.path, mmap_mode="r")
-    emb.flush()
-    del emb
-    os.replace(tmp, out)
-
-
-def _prune(folder: Path, chunks: list[EmbedChunk]) -> None:
-    keep = {c.path for c in chunks}
-    for path in folder.iterdir():
-        if path not in keep:
-            path.unlink(missing_ok=True)
+    with atomic_path(out) as tmp:
+        emb = np.lib.format.open_memmap(tmp, "w+", np.float32, (n_total, dim))  # zero-filled
+        for c in chunks:
+            emb[c.rows] = np.load(c.path, mmap_mode="r")
+        emb.flush()
+        del emb
 
 
 def embed_chunks(
@@ -166,7 +157,7 @@ def embed_chunks(
         n_todo, computed = ranks.gather_sums(len(todo), sum(len(c.rows) for c in todo))
         if distributed.is_main_process():
             assemble_embeddings(chunks, out, len(meta))
-            _prune(folder, chunks)
+            prune(folder, {c.path for c in chunks})
         distributed.barrier()
     log.info(
         "curation embedding: %d chunks (%d re-used), %d images embedded",

@@ -30,7 +30,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import tempfile
 import time
 from collections.abc import Callable
@@ -45,7 +44,7 @@ from dinoflow.curation import ranks
 from dinoflow.curation.ingest import COLUMNS, DTYPES, describe_split
 from dinoflow.data import Split
 from dinoflow.data.cache import file_stat
-from dinoflow.files import atomic_write
+from dinoflow.files import atomic_path, atomic_write, prune
 from dinoflow.parallel import resolve_workers, unordered_map
 
 log = logging.getLogger(__name__)
@@ -197,15 +196,14 @@ def _rows(chunks: list[Chunk]) -> pd.DataFrame:
 def assemble(chunks: list[Chunk], out: Path, thumb_size: int) -> tuple[pd.DataFrame, np.ndarray]:
     """The chunks' rows and thumbnails in item order: (table, (N, s, s, 3) memmap of ``out``)."""
     n = sum(len(c.split) for c in chunks)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    thumbs = np.lib.format.open_memmap(tmp, "w+", np.uint8, (n, thumb_size, thumb_size, 3))
-    at = 0
-    for c in chunks:
-        thumbs[at : at + len(c.split)] = np.load(c.npy, mmap_mode="r")
-        at += len(c.split)
-    thumbs.flush()
-    del thumbs
-    os.replace(tmp, out)  # a reader of an earlier thumbnails.npy keeps its (unlinked) file
+    with atomic_path(out) as tmp:
+        thumbs = np.lib.format.open_memmap(tmp, "w+", np.uint8, (n, thumb_size, thumb_size, 3))
+        at = 0
+        for c in chunks:
+            thumbs[at : at + len(c.split)] = np.load(c.npy, mmap_mode="r")
+            at += len(c.split)
+        thumbs.flush()
+        del thumbs
     return _rows(chunks), np.load(out, mmap_mode="r")
 
 
@@ -227,9 +225,7 @@ def _prune(folder: Path, chunks: list[Chunk]) -> None:
     """Delete the chunk files of other keys (stale, or temp files of a killed write)."""
     keep = {p for c in chunks for p in (c.parquet, c.npy)}
     for name in {c.name for c in chunks}:
-        for path in (folder / name).iterdir():
-            if path not in keep:
-                path.unlink(missing_ok=True)
+        prune(folder / name, keep)
 
 
 def ingest_splits(
@@ -246,6 +242,7 @@ def ingest_splits(
     ``<work_dir>/thumbnails.npy``, and what the run did. ``work_dir`` None: a temporary folder,
     removed at the end (no resume; the thumbnails are returned in memory). ``on_chunk``: called
     with each chunk this run computed, when its files are written."""
+    ranks.require_shared(work_dir, "curation ingest")
     if work_dir is None:
         with tempfile.TemporaryDirectory(prefix="dinoflow-ingest-") as tmp:
             meta, thumbs, stats = ingest_splits(
@@ -261,7 +258,6 @@ def ingest_splits(
             thumbs = np.array(thumbs)
         stats.work_dir = ""
         return meta, thumbs, stats
-    ranks.require_shared(work_dir, "curation ingest")
     t0, work_dir = time.perf_counter(), Path(work_dir)
     (work_dir / "ingest").mkdir(parents=True, exist_ok=True)
     with ranks.work_lock(work_dir, "curation ingest"):

@@ -34,14 +34,12 @@ import logging
 import os
 from pathlib import Path
 
-from dinoflow import distributed
+from dinoflow import distributed, tracking
 from dinoflow.config import DataConfig, validate
-from dinoflow.curation import curate
+from dinoflow.curation import curate, ranks
 from dinoflow.curation.config import CurationConfig, curation_config
-from dinoflow.data import Split, load_data
-from dinoflow.data.sources import get_source
 from dinoflow.files import atomic_write, atomic_write_json
-from dinoflow.parallel import local_share_of_cores
+from dinoflow.parallel import local_share_of_cores, use_cores
 
 log = logging.getLogger(__name__)
 
@@ -57,73 +55,28 @@ def read_job_spec(path: str | os.PathLike[str]) -> tuple[DataConfig, CurationCon
     return validate(DataConfig, spec.get("data"), "data"), curation_config(spec.get("curation"))
 
 
-def load_splits(data: DataConfig) -> dict[str, Split]:
-    """The splits, with the folder whose skipped files the quarantine lists (as the pipeline's
-    ``load_curation_splits``)."""
-    splits = load_data(data)
-    root = data.path if get_source(data.source).reads_files else None
-    for split in splits.values():
-        split.extra.update(root=root, follow_out_of_root=data.follow_symlinks_out_of_root)
-    return splits
-
-
 def curate_job(data: DataConfig, cfg: CurationConfig, output: Path) -> dict | None:
     """The pipeline's steps on this rank; rank 0 writes ``output`` and returns the report."""
-    main = distributed.is_main_process()
-    splits = load_splits(data)
+    splits = curate.load_splits(data)
     meta, thumbs = curate.ingest(splits, cfg)
-    validation = curate.validate(meta, len(splits["train"].class_names), cfg) if main else {}
+    n_classes = len(splits["train"].class_names)
+    # rank 0 validates; a must-hold failure stops every rank, not only rank 0
+    validation = ranks.from_main(lambda: curate.validate(meta, n_classes, cfg))
     meta = curate.quality(meta, cfg)
-    emb, _ = curate.embed(meta, thumbs, splits, cfg)
+    emb, embed_timing = curate.embed(meta, thumbs, splits, cfg)
     meta = curate.deduplicate(meta, emb, cfg)
     meta, balance = curate.balanced_sampling(meta, emb, cfg)
-    if not main:
+    if not distributed.is_main_process():
         return None
-    from dinoflow.curation.report import build_report
-
-    manifest = curate.manifest_of(meta)
-    train = splits["train"]
-    quarantine = curate.quarantine_of(
-        meta, train.extra.get("root"), train.extra.get("follow_out_of_root", False)
+    manifest, quarantine, report = curate.outputs(
+        meta, validation, balance, splits, embed_timing, cfg
     )
-    report = build_report(meta, quarantine, validation, balance, splits, cfg)
     output.mkdir(parents=True, exist_ok=True)
     atomic_write(output / "metadata.parquet", lambda f: meta.to_parquet(f, index=False))
     atomic_write(output / "curated_manifest.csv", lambda f: manifest.to_csv(f, index=False))
     atomic_write(output / "quarantine.csv", lambda f: quarantine.to_csv(f, index=False))
     atomic_write_json(output / "curation_report.json", report)
     return report
-
-
-def _start_mlflow(data: DataConfig, cfg: CurationConfig, experiment: str | None) -> bool:
-    """Rank 0 with ``experiment``: a new MLflow run there, with the job's parameters; the report
-    logs its counts, balance and pictures into it (``report.log_to_mlflow``)."""
-    if not experiment:
-        return False
-    import mlflow
-
-    from dinoflow.tracking import flatten, use_experiment
-
-    use_experiment(experiment)
-    mlflow.start_run(run_name="curation (torchrun)")
-    mlflow.log_params(
-        flatten({"data": data.model_dump(mode="json"), "curation": cfg.model_dump(mode="json")})
-    )
-    mlflow.set_tags({"dinoflow.world_size": distributed.world()[1]})
-    return True
-
-
-def _log_timings(report: dict) -> None:
-    """Each stage's seconds as ``curation_seconds_<stage>`` in the active run."""
-    import mlflow
-
-    mlflow.log_metrics(
-        {
-            f"curation_seconds_{stage}": float(t["seconds"])
-            for stage, t in report.get("timings_s", {}).items()
-            if isinstance(t, dict) and "seconds" in t
-        }
-    )
 
 
 def run_job(
@@ -134,31 +87,17 @@ def run_job(
     """One process of the job: join the group (Gloo: barriers and small objects only, whatever
     device embeds), curate, leave. Returns the report on rank 0, None elsewhere. With
     ``mlflow_experiment``, rank 0 tracks the job as a run of that experiment (the tracking URI
-    from ``MLFLOW_TRACKING_URI``)."""
+    from ``MLFLOW_TRACKING_URI``); the report logs its counts, timings and pictures into it."""
     data, cfg = read_job_spec(spec_path)
-    rank = int(os.environ.get("RANK", 0))
-    logging.basicConfig(
-        level=logging.INFO if rank == 0 else logging.WARNING,
-        format=f"[rank {rank}] %(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    if int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > 1:
-        import torch
-
-        torch.set_num_threads(local_share_of_cores())  # torchrun sets OMP_NUM_THREADS=1
+    distributed.log_per_rank()
+    use_cores(local_share_of_cores())  # torchrun sets OMP_NUM_THREADS=1
     joined = distributed.init_from_env("gloo")
-    tracked = distributed.is_main_process() and _start_mlflow(data, cfg, mlflow_experiment)
-    status = "FAILED"
+    params = {"data": data.model_dump(mode="json"), "curation": cfg.model_dump(mode="json")}
     try:
-        report = curate_job(data, cfg, Path(output))
-        if tracked:
-            _log_timings(report)
-        status = "FINISHED"
-        return report
+        with tracking.job_run(mlflow_experiment, "curation (torchrun)", params, training=False):
+            tracking.set_tags({"dinoflow.world_size": distributed.world()[1]})
+            return curate_job(data, cfg, Path(output))
     finally:
-        if tracked:
-            import mlflow
-
-            mlflow.end_run(status=status)
         if joined:
             distributed.leave()
 

@@ -5,8 +5,8 @@ Inside one (``torchrun -m dinoflow.curation.launch``, a SLURM job), rank r of W 
 chunks i with ``i % W == r`` of a step's plan (ingest, model embedding), all ranks writing to the
 shared ``curation.work_dir``; then rank 0 assembles and the others read what it assembled.
 Searches and k-means assignments split rows into one contiguous block per rank (``block``) and
-gather the results on every rank (``gather_concat``); what must not depend on floating-point
-order across processes (a k-means training) is computed by rank 0 and shared (``from_main``).
+gather the results on every rank (``gather_concat``); what only rank 0 computes (the Great
+Expectations suite, a k-means seeding) it shares with the others (``from_main``).
 Only rank 0 takes the work folder's ``FolderLock`` (the other ranks work under it: the lock keeps
 other jobs out, not this job's ranks); every rank waits until it holds it.
 """
@@ -70,13 +70,24 @@ def block(n: int, unit: int = 1) -> tuple[int, int]:
 
 def from_main(compute: Callable[[], T]) -> T:
     """``compute()`` on rank 0, its result on every rank (one process: just ``compute()``).
-    For results that must be the same on every rank whatever the floating-point order
-    (faiss k-means on many threads)."""
+    When it raises on rank 0, every rank raises (the others name rank 0's error) instead of
+    waiting at the next collective for a rank that is gone."""
     if distributed.world()[1] == 1:
         return compute()
-    return distributed.broadcast_object_from_main(
-        compute() if distributed.is_main_process() else None
+    result, error = None, None
+    if distributed.is_main_process():
+        try:
+            result = compute()
+        except Exception as exc:
+            error = exc
+    shared = distributed.broadcast_object_from_main(
+        (result, None if error is None else f"{type(error).__name__}: {error}")
     )
+    if error is not None:
+        raise error
+    if shared[1] is not None:
+        raise RuntimeError(f"rank 0 failed: {shared[1]}")
+    return shared[0]
 
 
 def gather_concat(*parts: np.ndarray) -> list[np.ndarray]:

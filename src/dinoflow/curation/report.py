@@ -258,10 +258,11 @@ def build_report(
     balance: dict,
     splits: dict[str, Split] | None,
     cfg: CurationConfig,
+    timings: dict,
     report_dir: str | Path | None = None,
-    timings: dict | None = None,
 ) -> dict:
-    """Write the report files and return the JSON content (also logged to an active MLflow run)."""
+    """Write the report files and return the JSON content (also logged to an active MLflow run).
+    ``timings``: each stage's seconds and workers (``curate.outputs`` gathers them)."""
     out = Path(report_dir or cfg.report.dir)
     out.mkdir(parents=True, exist_ok=True)
     train = meta[meta["split"] == "train"]
@@ -282,8 +283,7 @@ def build_report(
         "funnel": stages,
         "balance": balance,
         "validation": validation,
-        # per stage: seconds and worker processes (``curate._timed``, carried in meta.attrs)
-        "timings_s": timings or meta.attrs.get("timings_s", {}),
+        "timings_s": timings,
         "config": cfg.model_dump(),
     }
     report = _json_safe(report)
@@ -293,7 +293,8 @@ def build_report(
 
 
 def log_to_mlflow(report: dict, out: Path) -> bool:
-    """Log counts, balance and the report folder to the active MLflow run, if any."""
+    """Log counts, balance, each stage's seconds and the report folder to the active MLflow
+    run, if any."""
     mlflow = sys.modules.get("mlflow")  # no run can be active if mlflow was never imported
     if mlflow is None or not mlflow.active_run():
         return False
@@ -303,6 +304,13 @@ def log_to_mlflow(report: dict, out: Path) -> bool:
         "curation_removed_as_eval_duplicates": report["removed_as_eval_duplicates"],
     }
     metrics.update({f"curation_removed_{k}": v for k, v in report["counts"]["per_reason"].items()})
+    metrics.update(
+        {
+            f"curation_seconds_{stage}": t["seconds"]
+            for stage, t in report.get("timings_s", {}).items()
+            if isinstance(t, dict) and "seconds" in t
+        }
+    )
     for when in ("before", "after"):
         for key, value in (report["balance"].get(when) or {}).items():
             if value is not None:

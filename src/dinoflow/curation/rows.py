@@ -20,7 +20,8 @@ BLOCK_ROWS = 8192
 
 @dataclass(frozen=True)
 class Rows:
-    """Rows ``index`` (sorted positions, or None: all) of ``source`` (M, D)."""
+    """Rows ``index`` (positions, or None: all) of ``source`` (M, D); sorted positions read a
+    memory map in file order."""
 
     source: np.ndarray
     index: np.ndarray | None = None

@@ -67,15 +67,10 @@ def _nearest_centroid_index(centroids: np.ndarray):
     return index
 
 
-def assign(x: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(nearest centroid (N,) int64, squared L2 distance (N,)) by exact faiss search."""
-    d, i = _nearest_centroid_index(centroids).search(np.ascontiguousarray(x, dtype=np.float32), 1)
-    return i[:, 0].astype(np.int64), d[:, 0]
-
-
 def assign_rows(rows: Rows, centroids: np.ndarray, bar=None) -> tuple[np.ndarray, np.ndarray]:
-    """``assign`` of every row, a block at a time, each rank of a job assigning its block
-    (``ranks.block``); every rank gets the whole (N,) labels and distances. ``bar``: a
+    """(nearest centroid (N,) int64, squared L2 distance (N,)) of every row by exact faiss
+    search, a block at a time, each rank of a job assigning its block (``ranks.block``); every
+    rank gets the whole labels and distances. ``bar``: a
     progress bar advanced by the rows this rank assigned."""
     index = _nearest_centroid_index(centroids)
     labels, dists = [np.zeros(0, np.int64)], [np.zeros(0, np.float32)]
@@ -89,25 +84,16 @@ def assign_rows(rows: Rows, centroids: np.ndarray, bar=None) -> tuple[np.ndarray
     return tuple(ranks.gather_concat(np.concatenate(labels), np.concatenate(dists)))
 
 
-@dataclass
-class _FixedPoint:
-    values: np.ndarray  # (n, D) int64: round(x * scale)
-    scale: float
-
-
 FIXED_POINT_BITS = 32
 
 
-def _fixed_point(x: np.ndarray) -> _FixedPoint:
-    """x as integers ``round(x * 2^e)``, e such that the largest |x| over the ranks maps below
-    2^32: 2^31 rows sum without overflow, and the rounding (2^-32 of the largest value) is far
-    below float32's precision."""
+def _fixed_point_scale(x: np.ndarray) -> float:
+    """2^e such that the largest |x| over the ranks maps below 2^32: ``round(x * scale)`` as
+    int64 sums 2^31 rows without overflow, and the rounding (2^-32 of the largest value) is far
+    below float32's precision. x * 2^e is exact in float32, and so is rounding it."""
     local = float(np.abs(x).max()) if x.size else 0.0
     largest = max(distributed.all_gather_objects(local))
-    exponent = FIXED_POINT_BITS - (int(np.ceil(np.log2(largest))) if largest > 0 else 0)
-    scale = float(2.0**exponent)
-    # x * 2^e is exact in float32 (a power of two), and so is rounding it: no float64 copy
-    return _FixedPoint(np.rint(x * np.float32(scale)).astype(np.int64), scale)
+    return float(2.0 ** (FIXED_POINT_BITS - (int(np.ceil(np.log2(largest))) if largest > 0 else 0)))
 
 
 def kmeans(
@@ -148,40 +134,36 @@ def kmeans(
     centroids = ranks.from_main(seeds)
     start, stop = ranks.block(len(train), BLOCK_ROWS)
     mine = train.read(slice(start, stop))
-    fixed = _fixed_point(mine)
+    scale = _fixed_point_scale(mine)
     split_rng = np.random.RandomState(seed)
     for _ in range(niter):
-        sums, counts = _cluster_sums(mine, fixed, centroids)
-        means = sums / fixed.scale / np.maximum(counts, 1)[:, None]
+        sums, counts = _cluster_sums(mine, scale, centroids)
+        means = sums / scale / np.maximum(counts, 1)[:, None]
         centroids = np.where(counts[:, None] > 0, means, centroids).astype(np.float32)
         reassign_centroids(counts.copy(), centroids, split_rng)
     return np.ascontiguousarray(centroids)
 
 
 def _cluster_sums(
-    mine: np.ndarray, fixed: _FixedPoint, centroids: np.ndarray
+    mine: np.ndarray, scale: float, centroids: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(per-centroid sums of the fixed-point rows (k, D) int64, counts (k,)) over all ranks, each
-    rank assigning its rows ``mine`` (block by block) to the nearest centroid."""
+    """(per-centroid sums of the rows as fixed-point integers ``round(x * scale)`` (k, D) int64,
+    counts (k,)) over all ranks, each rank assigning its rows ``mine`` block by block to the
+    nearest centroid. Integer sums are exact: the same in any order, on any number of ranks."""
     import torch
     from scipy.sparse import csr_matrix
 
     k, index = len(centroids), _nearest_centroid_index(centroids)
-    label = np.concatenate(
-        [np.zeros(0, np.int64)]
-        + [
-            index.search(mine[a : a + BLOCK_ROWS], 1)[1][:, 0]
-            for a in range(0, len(mine), BLOCK_ROWS)
-        ]
-    )
-    onehot = csr_matrix(
-        (np.ones(len(mine), np.int64), (label, np.arange(len(mine)))), shape=(k, len(mine))
-    )
-    sums = torch.from_numpy(np.asarray(onehot @ fixed.values, dtype=np.int64))
-    counts = torch.from_numpy(np.bincount(label, minlength=k).astype(np.int64))
-    distributed.all_reduce_sum(sums)
-    distributed.all_reduce_sum(counts)
-    return sums.numpy(), counts.numpy()
+    totals = torch.zeros((k, mine.shape[1] + 1), dtype=torch.int64)  # sums, then the count
+    for a in range(0, len(mine), BLOCK_ROWS):
+        x = mine[a : a + BLOCK_ROWS]
+        label = index.search(x, 1)[1][:, 0]
+        onehot = csr_matrix((np.ones(len(x), np.int64), (label, np.arange(len(x)))), (k, len(x)))
+        fixed = np.rint(x * np.float32(scale)).astype(np.int64)
+        totals[:, :-1] += torch.from_numpy(np.asarray(onehot @ fixed, dtype=np.int64))
+        totals[:, -1] += torch.from_numpy(np.bincount(label, minlength=k).astype(np.int64))
+    distributed.all_reduce_sum(totals)
+    return totals[:, :-1].numpy(), totals[:, -1].numpy()
 
 
 def _compact(centroids: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -210,6 +192,7 @@ def hierarchical_kmeans(
     A level's progress bar counts the points this rank assigned."""
     from tqdm.auto import tqdm
 
+    train = partial(kmeans, niter=niter, init=init, max_points_per_centroid=max_points_per_centroid)
     levels: list[Level] = []
     points = as_rows(x)
     for t, k in enumerate(n_clusters):
@@ -224,9 +207,6 @@ def hierarchical_kmeans(
             unit="img" if t == 0 else "centroid",
             disable=not progress,
         )
-        train = partial(
-            kmeans, niter=niter, init=init, max_points_per_centroid=max_points_per_centroid
-        )
         cents = train(points, k, seed=lvl_seed)
         labels, dist = assign_rows(points, cents, bar)
         for step in range(steps):
@@ -234,7 +214,7 @@ def hierarchical_kmeans(
             sorted_labels = labels[order]
             starts = np.searchsorted(sorted_labels, sorted_labels, side="left")
             rank = np.arange(len(order)) - starts
-            subset = points.subset(order[rank < r])
+            subset = points.subset(order[rank < r])  # by cluster: k-means++ seeds by order
             cents = train(subset, len(cents), seed=lvl_seed + step + 1)
             labels, dist = assign_rows(points, cents, bar)
         bar.close()

@@ -97,7 +97,8 @@ def test_kmeans_reaches_faiss_objective_and_sums_exactly() -> None:
     seeds, and its fixed-point sums give the float64 mean to float32 precision."""
     import faiss
 
-    from dinoflow.curation.sampling import _fixed_point, assign, kmeans, kmeans_pp_init
+    from dinoflow.curation.rows import Rows
+    from dinoflow.curation.sampling import _fixed_point_scale, assign_rows, kmeans, kmeans_pp_init
 
     rng = np.random.default_rng(1)
     x = (rng.normal(size=(30, 16)) * 5)[rng.integers(0, 30, 6000)] + rng.normal(size=(6000, 16))
@@ -107,14 +108,15 @@ def test_kmeans_reaches_faiss_objective_and_sums_exactly() -> None:
     ref.train(x, init_centroids=kmeans_pp_init(x, 30, np.random.default_rng(2)))
 
     def objective(c: np.ndarray) -> float:
-        return float(assign(x, c)[1].sum())
+        return float(assign_rows(Rows(x), c)[1].sum())
 
     assert objective(ours) == pytest.approx(objective(ref.centroids), rel=1e-3)
-    fixed = _fixed_point(x[:100])
+    scale = _fixed_point_scale(x[:100])
+    fixed = np.rint(x[:100] * np.float32(scale)).astype(np.int64)
     exact = x[:100].astype(np.float64).mean(axis=0)
-    mean = fixed.values.sum(axis=0) / fixed.scale / 100
+    mean = fixed.sum(axis=0) / scale / 100
     assert np.abs(mean - exact).max() < 1e-7 * np.abs(x).max()
-    assert np.array_equal(fixed.values[:50].sum(0) + fixed.values[50:].sum(0), fixed.values.sum(0))
+    assert np.array_equal(fixed[:50].sum(0) + fixed[50:].sum(0), fixed.sum(0))
 
 
 def test_kmeans_bars_count_the_points_assigned(blobs, capsys) -> None:
