@@ -2,9 +2,10 @@
 
 40 crops of real photos in two class folders, ingested in chunks of 4 files (about 10 chunks) and
 embedded by a tiny dinoflow ViT (32 px) in chunks of 4 rows: rank r computes chunks i with
-i % 2 == r of both steps into the shared work folder, rank 0 assembles and alone runs
-deduplication, sampling and the report. The metadata (final table), thumbnails, embeddings and
-manifest equal those of the same job run in this process, exactly.
+i % 2 == r of both steps into the shared work folder and rank 0 assembles; the searches and
+k-means of deduplication and sampling are split between the ranks; rank 0 alone validates and
+writes the report. The metadata (final table), thumbnails, embeddings and manifest equal those
+of the same job run in this process, exactly; rank 0 tracked the job in MLflow.
 """
 
 from __future__ import annotations

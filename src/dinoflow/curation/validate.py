@@ -5,10 +5,10 @@ present, labels in the known set (-1 = unlabelled), and at least ``min_readable_
 files readable. Warning expectations are logged and reported only: every file readable, minimum
 side, aspect ratio, channel count (the quality filters then remove the offenders with a reason).
 
-The two expectations that judge the whole table (ids unique: a duplicate may straddle two blocks;
-the readable mean: a block's is not the table's) run first, once, on a frame of just their
-columns. Those that judge each row alone then run block by block (``rows_per_batch`` rows; the
-progress bar counts the images), their per-block outcomes adding up to the table's. The summary
+The expectations that judge the whole table (ids unique: a duplicate may straddle two blocks;
+the readable mean: a block's is not the table's; any but a per-row verdict) run first, once.
+Those that judge each row alone then run block by block (``rows_per_batch`` rows; the progress
+bar counts the images), their per-block outcomes adding up to the table's. The summary
 and Data Docs are those of a single run on the whole table.
 """
 
@@ -39,22 +39,15 @@ class CurationValidationError(DataError):
     """The ingested metadata breaks an expectation that must hold."""
 
 
-def _whole_table_columns(meta: pd.DataFrame) -> dict[str, pd.Series]:
-    """The columns the table-wide expectations need: the (split, item_id) key and readable."""
-    return {
-        "split": meta["split"].astype(str),
-        "item_id": meta["item_id"].astype(str),
-        "readable": meta["readable"].astype(int),
-    }
-
-
 def _table(meta: pd.DataFrame) -> pd.DataFrame:
     """The columns the suite looks at; unreadable rows carry no sizes."""
     short = meta[["width", "height"]].min(axis=1)
     long_ = meta[["width", "height"]].max(axis=1)
     return pd.DataFrame(
         {
-            **_whole_table_columns(meta),
+            "split": meta["split"].astype(str),
+            "item_id": meta["item_id"].astype(str),
+            "readable": meta["readable"].astype(int),
             "label": meta["label"].astype(int),
             "min_side": short.where(meta["readable"], other=None).astype("float64"),
             "aspect": (long_ / short.clip(lower=1)).where(meta["readable"]).astype("float64"),
@@ -85,15 +78,16 @@ def validate_metadata(
         total=len(meta), desc="validate (Great Expectations)", unit="img", disable=not progress
     ) as bar:
         bar.set_postfix_str("whole-table checks")
+        table = _table(meta)  # built once; the blocks are slices of it
         table_result = table_def.run(
-            batch_parameters={"dataframe": pd.DataFrame(_whole_table_columns(meta))},
+            batch_parameters={"dataframe": table},
             result_format=_RESULT_FORMAT,
             run_id=run_id,
         )
         bar.set_postfix_str("", refresh=False)
         bar.reset()  # the rate and ETA are those of the blocks, all that is left
         rows_result, n_blocks = _validate_rows_in_blocks(
-            rows_def, meta, cfg.rows_per_batch, run_id, bar
+            rows_def, table, cfg.rows_per_batch, run_id, bar
         )
     _write_data_docs(ctx, [rows_result, table_result], run_id)
 
@@ -147,16 +141,16 @@ def _validation_definitions(ctx, expectations: list) -> tuple:
     return tuple(definitions)
 
 
-def _validate_rows_in_blocks(rows_def, meta: pd.DataFrame, step: int, run_id, bar) -> tuple:
+def _validate_rows_in_blocks(rows_def, table: pd.DataFrame, step: int, run_id, bar) -> tuple:
     """(the row-wise suite's result on the whole table, number of blocks): one GX run per block
     of ``step`` rows (its result replacing the previous block's in the store), ``bar`` counting
     the images, and the per-block outcomes added up."""
     tallies: dict[str, _RowTally] = {}
     result, n_blocks = None, 0
-    for start in range(0, max(len(meta), 1), step):
-        block = meta.iloc[start : start + step]
+    for start in range(0, max(len(table), 1), step):
+        block = table.iloc[start : start + step]
         result = rows_def.run(
-            batch_parameters={"dataframe": _table(block)},
+            batch_parameters={"dataframe": block},
             result_format=_RESULT_FORMAT,
             run_id=run_id,
         )
@@ -322,12 +316,13 @@ def _expectations(n_classes: int, cfg: ValidationConfig, quality: QualityConfig)
 
 
 def _judges_whole_table(expectation) -> bool:
-    """Whether the expectation's outcome depends on rows together (not on each row alone)."""
-    import great_expectations.expectations as gxe
+    """Whether the expectation's outcome depends on rows together. Only a column-map
+    expectation (a verdict per row) that is not about uniqueness adds up over blocks; anything
+    else (aggregates, uniqueness, multi-column) runs once on the whole table."""
+    from great_expectations.expectations.expectation import ColumnMapExpectation
 
-    return isinstance(
-        expectation, (gxe.ExpectCompoundColumnsToBeUnique, gxe.ExpectColumnMeanToBeBetween)
-    )
+    row_by_row = isinstance(expectation, ColumnMapExpectation)
+    return not row_by_row or "unique" in type(expectation).__name__.lower()
 
 
 def _checks(results: list) -> tuple[list[dict], list[str]]:

@@ -213,7 +213,9 @@ def build_for_data(data: DataConfig, progress: bool = True) -> CacheReport | Non
         return None
     source = get_source(data.source)
     if not source.reads_files:
-        log.info("data.cache: %s is held in memory, nothing to cache", data.source)
+        log.info(
+            "data.cache: %s reads no files (in memory or tar shards), nothing to cache", data.source
+        )
         return None
     return build_image_cache(
         source.files(data),

@@ -17,7 +17,6 @@ by the one decoder (``dinoflow.data.decode``).
 
 from __future__ import annotations
 
-import functools
 import json
 import tarfile
 from dataclasses import dataclass
@@ -60,9 +59,10 @@ def shard_urls(pattern: str | None) -> list[str]:
     return urls
 
 
-@functools.lru_cache(maxsize=256)
 def _fs(url: str):
-    """(filesystem, path) of a local path, a ``file://`` or any other fsspec URL."""
+    """(filesystem, path) of a local path, a ``file://`` or any other fsspec URL. Not cached
+    here: fsspec caches its instances per process, and a remote one must not cross a fork into
+    the loader's workers."""
     import fsspec
 
     return fsspec.core.url_to_fs(url)
@@ -226,7 +226,7 @@ class ShardMembers:
 
 @dataclass
 class ShardListing:
-    """Every sample of ``data.path``: ids ``<shard file name>/<key>``, label names (or ""),
+    """Every sample of ``data.path``: ids ``<shard name>/<key>`` (``_shard_names``), label names (or ""),
     the sorted class names and the members to read."""
 
     ids: list[str]
@@ -261,5 +261,16 @@ def list_shards(pattern: str | None) -> ShardListing:
         [s.offset for _, s in samples],
         [s.size for _, s in samples],
     )
-    ids = [f"{urls[u].rstrip('/').rsplit('/', 1)[-1]}/{s.key}" for u, s in samples]
+    names = _shard_names(urls)
+    ids = [f"{names[u]}/{s.key}" for u, s in samples]
     return ShardListing(ids, label_names, class_names, members)
+
+
+def _shard_names(urls: list[str]) -> list[str]:
+    """Each shard's path below the folder all of them share: the file name when they lie in one
+    folder, ``a/shard-0.tar`` and ``b/shard-0.tar`` when two folders hold same-named shards."""
+    parts = [u.rstrip("/").split("/") for u in urls]
+    common = 0
+    while all(len(p) > common + 1 and p[common] == parts[0][common] for p in parts):
+        common += 1
+    return ["/".join(p[common:]) for p in parts]

@@ -66,13 +66,8 @@ def split_data(data: DataConfig) -> dict[str, Split]:
 def load_data(data: DataConfig) -> dict[str, Split]:
     """``params:data`` -> the train/val/test splits (every pipeline loads them this way)."""
     splits = split_data(data)
-    if data.cache.short_side is None:
-        return splits
-    if get_source(data.source).reads_files:
+    if data.cache.short_side is not None and get_source(data.source).reads_files:
         use_image_cache(splits, data)
-    for split in splits.values():
-        if split.members is not None:  # shards: no cache, each read decoded reduced
-            split.short_side = data.cache.short_side
     return splits
 
 

@@ -159,6 +159,11 @@ def test_several_patterns_and_bad_or_missing_shards(shards, tmp_path) -> None:
     assert len(urls) == 3 and urls[0].endswith("shard-000000.tar")
     joined = list_shards(f"{urls[2]}::{urls[0]}")  # webdataset's "::" joins patterns, in order
     assert len(joined.ids) == 4 + 10 and joined.ids[0].startswith("shard-000002.tar/")
+    # the same shard name in two folders: ids keep the folder, so they stay unique
+    (tmp_path / "copy").mkdir()
+    (tmp_path / "copy" / "shard-000000.tar").write_bytes(Path(urls[0]).read_bytes())
+    two = list_shards(f"{urls[0]}::{tmp_path / 'copy' / 'shard-000000.tar'}")
+    assert len(set(two.ids)) == len(two.ids) == 20 and "/copy/shard-000000.tar/" in two.ids[-1]
     missing = shards.replace("000002}", "000004}")
     with pytest.raises(DataError, match=r"data.path: 2 of the 5 shards .* not found: .*000003"):
         list_shards(missing)

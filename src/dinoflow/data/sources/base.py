@@ -146,7 +146,7 @@ class ImageSource(Protocol):
 
     name: str  # the value of ``data.source``
     # the images are files under ``data.path``: the image cache (``data.cache``) and the
-    # quarantine of unreadable files apply to them. False: the images are held in memory
+    # quarantine of unreadable files apply to them. False: held in memory or in tar shards
     reads_files: bool
     # ``data.path`` must be set (``dinoflow.config.SOURCE_NEEDS_PATH`` holds the same answer)
     needs_path: bool

@@ -36,6 +36,7 @@ class ShardsSource:
             class_names=listing.class_names,
             channels=data.channels or 3,
             members=listing.members,
+            short_side=data.cache.short_side,  # no image cache: each member decoded reduced
         )
         return carve_test(everything, data)
 
