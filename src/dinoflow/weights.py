@@ -43,6 +43,7 @@ from dinoflow.models.vit import BACKBONE_FORMAT, DinoVisionTransformer, interpol
 
 __all__ = [
     "LoadReport",
+    "hash_tensors",
     "load_released_weights",
     "official_state_dict",
     "resize_pos_embed_official",
@@ -357,3 +358,14 @@ def save_official_layout(
     """Write the backbone as an official-layout state dict (atomic), e.g. to make test/demo
     checkpoints. block_chunks > 0 writes the chunked ``blocks.{chunk}.{i}`` layout."""
     atomic_torch_save(official_state_dict(backbone, block_chunks), path)
+
+
+def hash_tensors(digest: Any, state: dict[str, torch.Tensor]) -> Any:
+    """Feed every tensor of ``state`` to ``digest`` (a hashlib object), sorted by name: its
+    name, then its bytes (any dtype, bf16 included). Returns ``digest``. The identity of weights
+    wherever one is needed (a registered model, a frozen teacher, curation's embedder)."""
+    for name, value in sorted(state.items()):
+        digest.update(name.encode())
+        tensor = value.detach().cpu().contiguous().reshape(-1)
+        digest.update(tensor.view(torch.uint8).numpy().tobytes())
+    return digest

@@ -40,9 +40,15 @@ def pca_fit(
     x: np.ndarray, dim: int, max_fit: int = 100_000, seed: int = 0
 ) -> tuple[np.ndarray, np.ndarray]:
     """PCA of x (N, D): (mean (D,), components (D, k)), k = min(dim, D, N), largest first."""
-    rng = np.random.default_rng(seed)
-    fit = x if len(x) <= max_fit else x[np.sort(rng.choice(len(x), max_fit, replace=False))]
+    fit = x[_fit_sample(len(x), max_fit, seed)]
     return pca_fit_blocks(lambda rows: fit[rows], len(fit), x.shape[1], dim)
+
+
+def _fit_sample(n: int, max_fit: int, seed: int) -> np.ndarray:
+    """The positions the PCA is fitted on: all n, or ``max_fit`` of them drawn with ``seed``."""
+    if n <= max_fit:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, max_fit, replace=False))
 
 
 def pca_fit_blocks(
@@ -86,13 +92,12 @@ def pixel_embeddings(
     ``progress``: a bar counting the images projected (the fit reads at most ``max_fit``).
 
     ``thumbs`` may be memory-mapped (the ingest's ``thumbnails.npy``): only the PCA's fit sample
-    (at most ``max_fit`` rows, drawn as ``pca_fit`` draws them) and the projection are read
+    (at most ``max_fit`` rows, ``_fit_sample``) and the projection are read
     ``BLOCK`` rows at a time, as float32: never all N, nor the whole sample."""
     if not fit_rows.any():
         return np.zeros((len(thumbs), 1), dtype=np.float32)
     fit = np.flatnonzero(fit_rows)
-    if len(fit) > max_fit:  # pca_fit's own subsample, drawn here to read only those rows
-        fit = fit[np.sort(np.random.default_rng(seed).choice(len(fit), max_fit, replace=False))]
+    fit = fit[_fit_sample(len(fit), max_fit, seed)]  # only those rows are read
     mean, comps = pca_fit_blocks(
         lambda rows: _flat(thumbs, fit[rows]), len(fit), _width(thumbs), dim
     )

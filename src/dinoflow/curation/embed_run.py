@@ -56,16 +56,11 @@ class EmbedChunk:
 
 
 def weights_identity(model) -> str:
-    """sha256 (hex) of the module's structure (its repr) and every state-dict tensor's name,
-    dtype, shape and bytes."""
-    import torch
+    """sha256 (hex) of the module's structure (its repr: layers, shapes) and its tensors
+    (``dinoflow.weights.hash_tensors``)."""
+    from dinoflow.weights import hash_tensors
 
-    h = hashlib.sha256(repr(model).encode())
-    for name, tensor in model.state_dict().items():
-        t = tensor.detach().cpu().contiguous().reshape(-1)
-        h.update(f"{name}|{t.dtype}|{tuple(tensor.shape)}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
+    return hash_tensors(hashlib.sha256(repr(model).encode()), model.state_dict()).hexdigest()
 
 
 def embedder_key(cfg: EmbeddingConfig, emb: Embedder) -> str:

@@ -7,7 +7,7 @@ item (``pixel_size`` square) is returned beside the table for the pixel embedder
 
 ``describe_split`` describes the items of a split (or of one chunk of it) in this process;
 ``dinoflow.curation.ingest_run`` runs it over chunks in worker processes, on disk, resumable
-(the pipeline's ingest); ``ingest_split`` is the one-process, in-memory form.
+(the pipeline's ingest).
 
 Decoding is ``dinoflow.data.decode`` (the one decoder training and the registered model use too),
 which survives what real folders hold: truncated and empty files, decompression bombs, EXIF
@@ -261,49 +261,6 @@ def describe_split(
             info, thumbs[i] = describe(decoded.rgb, thumb_size, want_phash)
             row.update(info, readable=True)
     return pd.DataFrame(rows, columns=COLUMNS).astype(DTYPES), thumbs
-
-
-def ingest_split(
-    split: Split,
-    name: str,
-    thumb_size: int,
-    max_pixels: int,
-    compute_phash: bool = True,
-    progress: bool = True,
-    phash_min_side: int = 0,
-    chunk: int = 4096,
-    decode_min_side: int | None = None,
-) -> tuple[pd.DataFrame, np.ndarray]:
-    """Metadata rows (COLUMNS) and thumbnails (N, s, s, 3) uint8 for every item of a split, in
-    this process and in memory (``dinoflow.curation.ingest_run`` is the pipeline's ingest: worker
-    processes, chunks on disk, resumable).
-
-    pHash is computed only for images whose short side is at least phash_min_side (dedup ignores
-    it below; skipping it saves a third of the ingest time on Fashion-MNIST). Items are described
-    ``chunk`` at a time; ``decode_min_side`` as in ``describe_split``.
-    """
-    from tqdm.auto import tqdm
-
-    n = len(split)
-    frames, thumbs = [], np.zeros((n, thumb_size, thumb_size, 3), dtype=np.uint8)
-    with tqdm(total=n, desc=f"ingest {name}", disable=not progress, mininterval=1.0) as bar:
-        for start in range(0, n, chunk):
-            stop = min(n, start + chunk)
-            frame, thumbs[start:stop] = describe_split(
-                split.subset(np.arange(start, stop)),
-                name,
-                thumb_size,
-                max_pixels,
-                compute_phash,
-                phash_min_side,
-                start,
-                decode_min_side,
-            )
-            frames.append(frame)
-            bar.update(stop - start)
-    if not frames:
-        return pd.DataFrame(columns=COLUMNS).astype(DTYPES), thumbs
-    return pd.concat(frames, ignore_index=True), thumbs
 
 
 def list_skipped_files(

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from dinoflow.models.heads import DINOHead
+from dinoflow.weights import hash_tensors
 
 __all__ = ["FrozenTeacher", "backbone_flops", "heads_from_state"]
 
@@ -69,11 +70,7 @@ class FrozenTeacher(nn.Module):
 
     def digest(self) -> str:
         """Hash of every tensor of the teacher (its identity in the run's fingerprint)."""
-        h = hashlib.sha256()
-        for name, value in sorted(self.state_dict().items()):
-            h.update(name.encode())
-            h.update(value.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-        return h.hexdigest()[:16]
+        return hash_tensors(hashlib.sha256(), self.state_dict()).hexdigest()[:16]
 
 
 def _head_from_state(state: Mapping[str, torch.Tensor], in_dim: int, name: str) -> DINOHead:

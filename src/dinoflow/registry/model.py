@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from dinoflow.data.transforms import DEFAULT_CROP_RATIO
+from dinoflow.weights import hash_tensors
 
 __all__ = ["PREPROCESSING", "RegisteredBackbone", "weights_sha256"]
 
@@ -144,7 +145,4 @@ def weights_sha256(model: RegisteredBackbone) -> str:
     if model.crop_ratio != DEFAULT_CROP_RATIO:
         preprocessing.append(model.crop_ratio)
     digest = hashlib.sha256(json.dumps(preprocessing).encode())
-    for name, tensor in sorted(model.backbone.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()[:32]
+    return hash_tensors(digest, model.backbone.state_dict()).hexdigest()[:32]

@@ -12,10 +12,10 @@ from dinoflow.curation.ingest import (
     box_thumbnails,
     describe,
     grey_stats,
-    ingest_split,
     pil_to_rgb,
     to_uint8_grey,
 )
+from dinoflow.curation.ingest_run import IngestSettings, ingest_splits
 from dinoflow.data import Split
 
 
@@ -37,8 +37,9 @@ def test_in_memory_ingest_is_the_per_image_description(shape) -> None:
     images[1] = images[2]  # an exact duplicate
     split = Split(ids=[f"i{j}" for j in range(20)], labels=np.arange(20) % 3, class_names=list("abc"),
                   channels=1, images=images)
-    frame, thumbs = ingest_split(split, "train", 16, 10**8, compute_phash=True, progress=False,
-                                 phash_min_side=0, chunk=7)
+    settings = IngestSettings(16, 10**8, compute_phash=True, phash_min_side=0)
+    frame, thumbs, _ = ingest_splits({"train": split}, settings, None, 1, arrays_per_chunk=7,
+                                     progress=False)
     for j, image in enumerate(images):
         info, thumb = describe(array_to_rgb(image), 16, compute_phash=True)
         row = frame.iloc[j]

@@ -21,7 +21,7 @@ import pandas as pd
 import pytest
 
 import dinoflow
-from dinoflow.curation.ingest import ingest_split
+from dinoflow.curation.ingest import describe_split
 from dinoflow.curation.ingest_run import IngestSettings, ingest_splits, plan_chunks
 from dinoflow.data import Split
 
@@ -90,9 +90,9 @@ def test_one_and_two_workers_give_the_same_result(data, reference) -> None:
     assert meta1.equals(meta2) and list(meta1.columns) == list(meta2.columns)
     assert np.array_equal(thumbs1, thumbs2) and thumbs1.shape == (len(meta1), 16, 16, 3)
     assert isinstance(thumbs2, np.memmap) and Path(thumbs2.filename) == tmp / "work_two" / "thumbnails.npy"
-    # the same rows as the in-process, in-memory ingest of each split, in item order
+    # the same rows as each split described in this process at once, in item order
     for name, split in splits.items():
-        frame, thumbs = ingest_split(split, name, 16, SETTINGS.max_pixels, True, False, 64)
+        frame, thumbs = describe_split(split, name, 16, SETTINGS.max_pixels, True, 64)
         rows = (meta2["split"] == name).to_numpy()
         assert frame.equals(meta2[rows].reset_index(drop=True))
         assert np.array_equal(thumbs, thumbs2[rows])
