@@ -120,23 +120,21 @@ def _group(tar: tarfile.TarFile) -> list[ShardSample]:
     return samples
 
 
-_SCANNED: dict[tuple, list[ShardSample]] = {}
+_SCANNED: dict[tuple[str, str], list[ShardSample]] = {}
 
 
-def scan_shard(url: str) -> list[ShardSample]:
-    """The samples of one shard (its tar headers and label members read, no image decoded)."""
+def _stamp(info: dict) -> str:
+    """What says a shard changed: its size and modification time (object stores: ETag)."""
+    return f"{info.get('size')}:{info.get('mtime') or info.get('LastModified') or info.get('ETag')}"
+
+
+def scan_shard(url: str, info: dict) -> list[ShardSample]:
+    """The samples of one shard (its tar headers and label members read, no image decoded);
+    ``info``: its fsspec ``info``. Scanned once per process while the shard is unchanged."""
+    key = (url, _stamp(info))
+    if key in _SCANNED:
+        return _SCANNED[key]
     fs, path = _fs(url)
-    try:
-        info = fs.info(path)
-    except FileNotFoundError:
-        raise DataError(f"data.path: shard {url} not found") from None
-    stamp = (
-        url,
-        info.get("size"),
-        info.get("mtime") or info.get("LastModified") or info.get("ETag"),
-    )
-    if stamp in _SCANNED:
-        return _SCANNED[stamp]
     try:
         with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
             samples = _group(tar)
@@ -144,18 +142,21 @@ def scan_shard(url: str) -> list[ShardSample]:
         raise DataError(
             f"data.path: cannot read shard {url}: {type(exc).__name__}: {exc}"
         ) from None
-    _SCANNED[stamp] = samples
+    _SCANNED[key] = samples
     return samples
 
 
-def scan_shards(pattern: str | None) -> list[tuple[str, list[ShardSample]]]:
-    """Every shard of ``data.path`` with its samples, in pattern order; one ``DataError`` naming
-    ``data.path`` and the missing shards when some are not there."""
+def scan_shards(pattern: str | None) -> list[tuple[str, str, list[ShardSample]]]:
+    """Every shard of ``data.path`` as (url, stamp, samples), in pattern order (one stat per
+    shard); one ``DataError`` naming ``data.path`` and the missing shards when some are not
+    there."""
     urls = shard_urls(pattern)
-    missing = []
+    infos, missing = {}, []
     for url in urls:
         fs, path = _fs(url)
-        if not fs.exists(path):
+        try:
+            infos[url] = fs.info(path)
+        except FileNotFoundError:
             missing.append(url)
     if missing:
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
@@ -163,19 +164,26 @@ def scan_shards(pattern: str | None) -> list[tuple[str, list[ShardSample]]]:
             f"data.path: {len(missing)} of the {len(urls)} shards of {pattern!r} not found: "
             f"{', '.join(missing[:5])}{more}"
         )
-    return [(url, scan_shard(url)) for url in urls]
+    return [(url, _stamp(infos[url]), scan_shard(url, infos[url])) for url in urls]
 
 
 class ShardMembers:
     """Random access to the image members of a split: ``read(i)`` -> the member's bytes (a range
     read), ``name(i)`` -> ``<shard>#<member>`` (errors, curation's table); picklable."""
 
-    def __init__(self, urls: list[str], shard: np.ndarray, members: list[str], offset, size):
-        self.urls, self.members = urls, members
+    def __init__(
+        self,
+        urls: list[str],
+        stamps: list[str],
+        shard: np.ndarray,
+        members: list[str],
+        offset,
+        size,
+    ):
+        self.urls, self.stamps, self.members = urls, stamps, members  # stamps: per shard, listed
         self.shard = np.asarray(shard, dtype=np.int64)
         self.offset = np.asarray(offset, dtype=np.int64)
         self.size = np.asarray(size, dtype=np.int64)
-        self._stamps: dict[int, str] = {}
 
     def __len__(self) -> int:
         return len(self.members)
@@ -184,17 +192,10 @@ class ShardMembers:
         return f"{self.urls[self.shard[i]]}#{self.members[i]}"
 
     def identity(self, i: int) -> str:
-        shard = int(self.shard[i])
-        if shard not in self._stamps:  # one stat per shard, not per member
-            fs, path = _fs(self.urls[shard])
-            try:
-                info = fs.info(path)
-            except (OSError, ValueError):
-                info = {}
-            self._stamps[shard] = (
-                f"{info.get('size')}:{info.get('mtime') or info.get('LastModified')}"
-            )
-        return f"{self.name(i)}@{int(self.offset[i])}+{int(self.size[i])}|{self._stamps[shard]}"
+        """The member and its shard as listed (size, modification time): a changed shard
+        changes it."""
+        stamp = self.stamps[self.shard[i]]
+        return f"{self.name(i)}@{int(self.offset[i])}+{int(self.size[i])}|{stamp}"
 
     def read(self, i: int) -> bytes:
         """The bytes of member i; a ``DataError`` naming it when the shard cannot give them."""
@@ -217,6 +218,7 @@ class ShardMembers:
         indices = np.asarray(indices, dtype=np.int64)
         return ShardMembers(
             self.urls,
+            self.stamps,
             self.shard[indices],
             [self.members[i] for i in indices],
             self.offset[indices],
@@ -243,7 +245,7 @@ def list_shards(pattern: str | None) -> ShardListing:
     """``data.path`` -> its ``ShardListing``. Labels: the class names when any sample has one
     (sorted, as image_folder's sub-folders), else the ``.cls`` integers (as text, sorted by value)."""
     scanned = scan_shards(pattern)
-    samples = [(u, s) for u, shard in enumerate(scanned) for s in shard[1]]
+    samples = [(u, s) for u, (_, _, found) in enumerate(scanned) for s in found]
     if not samples:
         raise DataError(f"data.path: no images in the {len(scanned)} shard(s) of {pattern!r}")
     named = any(s.label is not None for _, s in samples)
@@ -253,9 +255,10 @@ def list_shards(pattern: str | None) -> ShardListing:
     else:
         label_names = ["" if s.cls is None else str(s.cls) for _, s in samples]
         class_names = [str(c) for c in sorted({s.cls for _, s in samples if s.cls is not None})]
-    urls = [url for url, _ in scanned]
+    urls = [url for url, _, _ in scanned]
     members = ShardMembers(
         urls,
+        [stamp for _, stamp, _ in scanned],
         np.array([u for u, _ in samples]),
         [s.member for _, s in samples],
         [s.offset for _, s in samples],
