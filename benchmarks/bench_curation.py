@@ -342,10 +342,10 @@ def run_model_embedding(tmp: Path, n: int = 96) -> dict:
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 256, (256, 256, 3), dtype=np.uint8) for _ in range(8)]
     rows = np.arange(n)
-    model_embeddings(cfg, lambda r: images[r % 8], rows[: cfg.batch_size], n, [0.5] * 3, [0.25] * 3,
+    model_embeddings(cfg, lambda r: images[r % 8], rows[: cfg.batch_size], n, lambda: ([0.5] * 3, [0.25] * 3),
                      progress=False)  # fmt: skip  (warm-up)
     t0 = time.perf_counter()
-    model_embeddings(cfg, lambda r: images[r % 8], rows, n, [0.5] * 3, [0.25] * 3, progress=False)
+    model_embeddings(cfg, lambda r: images[r % 8], rows, n, lambda: ([0.5] * 3, [0.25] * 3), progress=False)
     seconds = time.perf_counter() - t0
     model = build_backbone("vit_small", patch_size=14, img_size=224)
     return {"model": "ViT-S/14, 224 px", "images": n, "batch_size": cfg.batch_size,

@@ -20,6 +20,7 @@ import pandas as pd
 from dinoflow import distributed
 from dinoflow.config import DataConfig
 from dinoflow.curation import dedup as dd
+from dinoflow.curation import ranks
 from dinoflow.curation.config import CurationConfig
 from dinoflow.curation.decontam import eval_matches, expand_to_components
 from dinoflow.curation.embed import pixel_embeddings, thumbnail_mean_std
@@ -142,9 +143,11 @@ def _embeddings(
             raise ValueError(f"curation: {meta['item_id'].iat[row]} can no longer be decoded")
         return rgb
 
-    mean, std = thumbnail_mean_std(thumbs, pool)
+    def dataset_stats() -> tuple[list[float], list[float]]:  # rank 0 reads the thumbnails
+        return ranks.from_main(lambda: thumbnail_mean_std(thumbs, pool))
+
     rows = np.flatnonzero(use)
-    return embed_chunks(e, load, meta, rows, mean, std, cfg.work_dir, cfg.show_progress)
+    return embed_chunks(e, load, meta, rows, dataset_stats, cfg.work_dir, cfg.show_progress)
 
 
 def _phash_ok(meta: pd.DataFrame, cfg: CurationConfig) -> list[str]:

@@ -194,13 +194,16 @@ class Embedder:
     precision: str
 
 
-def embedder(cfg: EmbeddingConfig, dataset_mean: list[float], dataset_std: list[float]) -> Embedder:
+DatasetStats = Callable[[], tuple[list[float], list[float]]]  # () -> (mean, std) per channel
+
+
+def embedder(cfg: EmbeddingConfig, dataset_stats: DatasetStats) -> Embedder:
     """The dinoflow / timm model of ``cfg`` on its device, with the normalisation it gets (the
-    config's mean/std, else the model's own for timm, else the dataset's for dinoflow) and the
-    precision of its forward."""
+    config's mean/std, else the model's own, else the dataset's: ``dataset_stats()``, called
+    only then, since it reads every thumbnail) and the precision of its forward."""
     model, in_chans, mean, std = load_model(cfg)
     if mean is None or std is None:
-        mean, std = dataset_mean, dataset_std
+        mean, std = dataset_stats()
     if in_chans == 1:
         mean, std = [float(np.mean(mean))], [float(np.mean(std))]
     device = next(model.parameters()).device
@@ -260,8 +263,7 @@ def model_embeddings(
     load: Callable[[int], np.ndarray | None],
     rows: np.ndarray,
     n_total: int,
-    dataset_mean: list[float],
-    dataset_std: list[float],
+    dataset_stats: DatasetStats,
     progress: bool = True,
 ) -> np.ndarray:
     """(n_total, D) L2-normalised model embeddings of ``rows`` (others zero), in memory.
@@ -273,7 +275,7 @@ def model_embeddings(
     """
     from tqdm.auto import tqdm
 
-    emb = embedder(cfg, dataset_mean, dataset_std)
+    emb = embedder(cfg, dataset_stats)
     with tqdm(total=len(rows), desc=f"embed ({cfg.kind})", disable=not progress) as bar:
         feats = embed_batches(emb, load, rows, bar)
     if feats is None:

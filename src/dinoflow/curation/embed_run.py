@@ -34,7 +34,13 @@ import pandas as pd
 from dinoflow import distributed
 from dinoflow.curation import ranks
 from dinoflow.curation.config import EmbeddingConfig
-from dinoflow.curation.embed import Embedder, embed_batches, embedder, l2_normalise
+from dinoflow.curation.embed import (
+    DatasetStats,
+    Embedder,
+    embed_batches,
+    embedder,
+    l2_normalise,
+)
 from dinoflow.files import atomic_path, atomic_write, prune
 
 log = logging.getLogger(__name__)
@@ -124,8 +130,7 @@ def embed_chunks(
     load: Callable[[int], np.ndarray],
     meta: pd.DataFrame,
     rows: np.ndarray,
-    dataset_mean: list[float],
-    dataset_std: list[float],
+    dataset_stats: DatasetStats,
     work_dir: str | Path | None = None,
     progress: bool = True,
     on_chunk: Callable[[EmbedChunk], None] | None = None,
@@ -136,15 +141,13 @@ def embed_chunks(
     if work_dir is None:
         ranks.require_shared(work_dir, "curation embedding")
         with tempfile.TemporaryDirectory(prefix="dinoflow-embed-") as tmp:
-            out = embed_chunks(
-                cfg, load, meta, rows, dataset_mean, dataset_std, tmp, progress, on_chunk
-            )
+            out = embed_chunks(cfg, load, meta, rows, dataset_stats, tmp, progress, on_chunk)
             return np.array(out)
     work_dir = Path(work_dir)
     folder, out = work_dir / "embed", work_dir / "embeddings.npy"
     folder.mkdir(parents=True, exist_ok=True)
     with ranks.work_lock(work_dir, "curation embedding"):
-        emb = embedder(cfg, dataset_mean, dataset_std)
+        emb = embedder(cfg, dataset_stats)
         chunks = plan_embed_chunks(meta, rows, embedder_key(cfg, emb), folder, cfg.rows_per_chunk)
         mine = ranks.share(chunks)
         todo = [c for c in mine if not c.done()]

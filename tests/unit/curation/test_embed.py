@@ -53,7 +53,7 @@ def test_dinoflow_checkpoint_embedder(tmp_path) -> None:
     cfg = EmbeddingConfig(kind="dinoflow", checkpoint=str(tmp_path / "teacher.pt"), image_size=32,
                           batch_size=2, mean=[0.5, 0.5, 0.5], std=[0.25, 0.25, 0.25])  # fmt: skip
     rows = np.array([0, 2, 3])
-    emb = model_embeddings(cfg, lambda r: imgs[r], rows, 5, [0.0] * 3, [1.0] * 3, progress=False)
+    emb = model_embeddings(cfg, lambda r: imgs[r], rows, 5, lambda: ([0.0] * 3, [1.0] * 3), progress=False)
     assert emb.shape == (5, 32) and not emb[1].any() and not emb[4].any()
     model.eval()
     for r in rows:
@@ -70,14 +70,14 @@ def test_timm_local_weights_embedder(tmp_path) -> None:
     imgs = _images(3)
     cfg = EmbeddingConfig(kind="timm", timm_name="vit_tiny_patch16_224", timm_weights=str(tmp_path / "w.pth"),
                           timm_kwargs=kwargs, image_size=32, batch_size=4)  # fmt: skip
-    emb = model_embeddings(cfg, lambda r: imgs[r], np.arange(3), 3, [0.0] * 3, [1.0] * 3, progress=False)
+    emb = model_embeddings(cfg, lambda r: imgs[r], np.arange(3), 3, lambda: ([0.0] * 3, [1.0] * 3), progress=False)
     model.eval()
     mean, std = model.pretrained_cfg["mean"], model.pretrained_cfg["std"]
     assert np.allclose(emb[1], _direct(model, imgs[1], 32, mean, std), atol=1e-5)
     torch.save({"not": torch.zeros(1)}, tmp_path / "bad.pth")
     bad = cfg.model_copy(update={"timm_weights": str(tmp_path / "bad.pth")})
     with pytest.raises(ValueError, match="lacks"):
-        model_embeddings(bad, lambda r: imgs[r], np.arange(1), 1, [0.0] * 3, [1.0] * 3, progress=False)
+        model_embeddings(bad, lambda r: imgs[r], np.arange(1), 1, lambda: ([0.0] * 3, [1.0] * 3), progress=False)
 
 
 def test_embeddings_take_the_precision_rule_of_training(tmp_path, monkeypatch) -> None:
@@ -96,9 +96,9 @@ def test_embeddings_take_the_precision_rule_of_training(tmp_path, monkeypatch) -
                           batch_size=4, mean=[0.5] * 3, std=[0.25] * 3)  # fmt: skip
     rows = np.arange(len(imgs))
     fp32 = model_embeddings(cfg.model_copy(update={"precision": "fp32"}), lambda r: imgs[r], rows,
-                            len(imgs), [0.0] * 3, [1.0] * 3, progress=False)  # fmt: skip
+                            len(imgs), lambda: ([0.0] * 3, [1.0] * 3), progress=False)  # fmt: skip
     bf16 = model_embeddings(cfg.model_copy(update={"precision": "bf16"}), lambda r: imgs[r], rows,
-                            len(imgs), [0.0] * 3, [1.0] * 3, progress=False)  # fmt: skip
+                            len(imgs), lambda: ([0.0] * 3, [1.0] * 3), progress=False)  # fmt: skip
     assert not np.array_equal(fp32, bf16)  # bf16 did run
     assert (fp32 * bf16).sum(axis=1).min() > 0.99
     assert embedding_precision(cfg, model, torch.device("cpu"))[0] == "fp32"  # 68 x 32 @ 32 x 128

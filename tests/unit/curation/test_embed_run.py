@@ -29,6 +29,11 @@ ROWS_PER_CHUNK, N = 5, 40
 MEAN, STD = [0.5] * 3, [0.25] * 3
 
 
+def _stats() -> tuple[list[float], list[float]]:
+    """The dataset's mean/std, as curation hands them to the embedder."""
+    return MEAN, STD
+
+
 def _photo_folder(root: Path, real_photo) -> Path:
     photo = real_photo(640, 480)
     root.mkdir(parents=True)
@@ -71,7 +76,7 @@ def _embed(tmp: Path, work: Path, on_chunk=None, cfg=None, meta=None):
     def load(r: int) -> np.ndarray:
         return load_rgb(split, int(meta["index"].iat[r]), 40_000_000)
 
-    emb = embed_chunks(cfg.embedding, load, meta, rows, MEAN, STD, work, False, on_chunk)
+    emb = embed_chunks(cfg.embedding, load, meta, rows, _stats, work, False, on_chunk)
     return meta, emb, load, rows, cfg
 
 
@@ -98,7 +103,7 @@ def test_chunks_give_the_in_memory_embeddings_and_are_reused(data, reference) ->
     assert isinstance(emb, np.memmap) and Path(emb.filename) == data / "work_reference" / "embeddings.npy"
     assert emb.shape == (N, 32) and emb.dtype == np.float32 and len(rows) == N
     assert len(_chunks(data / "work_reference")) == N // ROWS_PER_CHUNK
-    in_memory = model_embeddings(cfg.embedding, load, rows, N, MEAN, STD, progress=False)
+    in_memory = model_embeddings(cfg.embedding, load, rows, N, _stats, progress=False)
     assert np.allclose(emb, in_memory, atol=1e-5)  # other batches: equal to float rounding
     before, computed = _chunks(data / "work_reference"), []
     again = _embed(data, data / "work_reference", computed.append)[1]
