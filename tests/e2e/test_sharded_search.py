@@ -5,7 +5,8 @@ searches its share of the queries (flat index; IVF index whose quantizer the ran
 together, whose lists they add by shares and rank 0 merges on disk), and trains and assigns its
 share of the k-means points. The pairs found, the evaluation matches, the pHash pairs, every
 level's centroids, assignments and distances and the balanced sample equal those of the same
-calls in one process, exactly; the on-disk IVF index finds what one built in memory finds.
+calls in one process, exactly (one faiss thread per process in both: BLAS's float sums depend
+on its thread count); the on-disk IVF index finds what one built in memory finds.
 """
 
 from __future__ import annotations

@@ -17,6 +17,17 @@ from dinoflow.curation.sampling import hierarchical_kmeans, hierarchical_sample
 
 
 def main(vectors: str, out: str) -> None:
+    import faiss
+
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)  # as each rank runs: BLAS's sums depend on its thread count
+    try:
+        _run(vectors, out)
+    finally:
+        faiss.omp_set_num_threads(threads)
+
+
+def _run(vectors: str, out: str) -> None:
     joined = distributed.init_from_env("gloo")
     emb = np.load(vectors, mmap_mode="r")
     n = len(emb)
